@@ -1,0 +1,255 @@
+"""Typed, validated configuration for every daemon, loaded from YAML with line numbers.
+
+Errors read ``file:line: field: problem (got X)`` so a user can fix them without a traceback.
+Values may reference secrets in other files (``*_file`` fields); secrets are never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cwsnet.errors import ConfigError
+from cwsnet.topics import check_name
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSClient(Model):
+    ca_file: Path = Field(description="CA certificate used to verify the broker")
+    insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+
+class BrokerEndpoint(Model):
+    """An MQTT broker this daemon connects to as a client."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password_file: Path | None = Field(None, description="file holding the broker password (mode 0600)")
+    tls: TLSClient | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{self.password_file}: cannot read broker password: {exc.strerror}") from None
+
+
+class EmbeddedBroker(Model):
+    """The amqtt broker this daemon runs in-process ."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    tls_port: int | None = Field(None, ge=1, le=65535)
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    ws_port: int | None = Field(None, ge=1, le=65535)
+    credentials_file: Path | None = Field(
+        None, description="broker users and topic ACLs (JSON); None allows anonymous on loopback only"
+    )
+
+
+class Reconnect(Model):
+    min_delay: float = Field(0.5, gt=0, le=60)
+    max_delay: float = Field(30.0, gt=0, le=3600)
+
+
+class SensorConfig(Model):
+    type: Literal["system", "simulated"]
+    stream: str = Field(description="stream name: the last topic level of telemetry/{stream}")
+    interval: float = Field(5.0, gt=0, le=86400, description="seconds between readings")
+    pattern: Literal["sine", "ramp", "random", "constant"] = "sine"
+    fields: list[str] = Field(default_factory=lambda: ["value"])
+    amplitude: float = 10.0
+    offset: float = 20.0
+    period: float = Field(60.0, gt=0)
+    seed: int | None = None
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_name(cls, v: str) -> str:
+        return check_name(v, "stream")
+
+
+class Batching(Model):
+    max_readings: int = Field(10, ge=1, le=1000, description="readings per sealed telemetry message")
+    max_delay: float = Field(1.0, ge=0, le=3600, description="seconds a reading may wait for its batch")
+
+
+class AgentConfig(Model):
+    identity_file: Path = Field(description="provisioning bundle: node, site, keys (mode 0600)")
+    broker: BrokerEndpoint = Field(default_factory=BrokerEndpoint)
+    data_dir: Path = Path("./agent-data")
+    status_interval: float = Field(10.0, gt=0, le=86400)
+    sensors: list[SensorConfig] = Field(
+        default_factory=lambda: [SensorConfig(type="system", stream="system", interval=10.0)]
+    )
+    batching: Batching = Field(default_factory=Batching)
+    reconnect: Reconnect = Field(default_factory=Reconnect)
+    handlers: list[str] = Field(
+        default_factory=lambda: ["echo", "sha256", "sleep"], description="task handlers this agent runs"
+    )
+    max_task_seconds: float = Field(300.0, gt=0)
+
+
+class GatewayConfig(Model):
+    identity_file: Path
+    broker: EmbeddedBroker | None = Field(
+        default_factory=EmbeddedBroker,
+        description="the embedded amqtt site broker; null when the site uses an existing broker (e.g. Mosquitto)",
+    )
+    site_client: BrokerEndpoint = Field(
+        default_factory=BrokerEndpoint, description="how the gateway's bridge connects to the site broker"
+    )
+    uplink: BrokerEndpoint = Field(description="the cloud broker")
+    data_dir: Path = Path("./gateway-data")
+    status_interval: float = Field(10.0, gt=0, le=86400)
+    retransmit_after: float = Field(5.0, gt=0, le=3600, description="seconds before an unacked uplink message is sent again")
+    max_inflight: int = Field(200, ge=1, le=100000)
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    reconnect: Reconnect = Field(default_factory=Reconnect)
+
+
+class HttpConfig(Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+
+
+class CloudConfig(Model):
+    identity_file: Path
+    broker: EmbeddedBroker | None = Field(
+        default_factory=EmbeddedBroker,
+        description="the embedded amqtt cloud broker; null when using an existing broker (e.g. Mosquitto)",
+    )
+    client: BrokerEndpoint = Field(
+        default_factory=BrokerEndpoint, description="how the cloud's ingest connects to the cloud broker"
+    )
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    database: Path = Path("./cloud-data/cloud.db")
+    offline_after: float = Field(
+        60.0, gt=0, description="seconds without any message after which a device is shown offline"
+    )
+    ack_interval: float = Field(0.2, gt=0, le=60, description="seconds between cumulative acks to a gateway")
+    reconnect: Reconnect = Field(default_factory=Reconnect)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line/column of every mapping key and value."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    lines: dict[Any, tuple[int, int]] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise ConfigError(
+                f"{loader.name}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}: "
+                f"duplicate key {key!r}"
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+        lines[key] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+    loader.positions[id(result)] = lines  # type: ignore[attr-defined]
+    return _PosDict(result, lines)
+
+
+class _PosDict(dict[Any, Any]):
+    def __init__(self, data: dict[Any, Any], lines: dict[Any, tuple[int, int]]) -> None:
+        super().__init__(data)
+        self.lines = lines
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _position(data: Any, loc: tuple[Any, ...]) -> tuple[int, int] | None:
+    pos = None
+    cur = data
+    for part in loc:
+        if isinstance(cur, _PosDict) and part in cur.lines:
+            pos = cur.lines[part]
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            cur = cur[part]
+        else:
+            break
+    return pos
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    return f"{loc}: {msg} (got {shown})"
+
+
+def load_config(path: str | os.PathLike[str], model: type[M]) -> M:
+    """Load and validate a YAML config file; relative paths inside resolve against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+    loader = _LineLoader(text)
+    loader.name = str(p)
+    loader.positions = {}  # type: ignore[attr-defined]
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}:1: the config must be a mapping of keys to values")
+    try:
+        cfg = model.model_validate(data, context={"base": p.parent})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            pos = _position(data, tuple(err["loc"]))
+            where = f"{p}:{pos[0]}" if pos else f"{p}"
+            problems.append(f"{where}: {_describe(err)}")
+        raise ConfigError("\n".join(dict.fromkeys(problems))) from None
+    return _resolve_paths(cfg, p.parent)
+
+
+def _resolve_paths(cfg: M, base: Path) -> M:
+    updates: dict[str, Any] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = (base / value).resolve()
+        elif isinstance(value, BaseModel):
+            updates[name] = _resolve_paths(value, base)
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            updates[name] = [_resolve_paths(v, base) for v in value]
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)

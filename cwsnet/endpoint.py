@@ -1,0 +1,65 @@
+"""A node's sealing endpoint: its identity, its ``seq`` counter and its clock, in one place.
+
+Sans-I/O: the clock and the peer-key lookup are injected; persistence of the counter is the
+:class:`~cwsnet.replay.SeqCounter`'s callback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nacl.public
+
+from cwsnet import envelope
+from cwsnet.envelope import Header, Opened
+from cwsnet.errors import UnknownSender
+from cwsnet.identity import Identity
+from cwsnet.replay import SeqCounter
+
+
+class Endpoint:
+    def __init__(
+        self,
+        identity: Identity,
+        seq: SeqCounter,
+        peer_key: Callable[[str], nacl.public.PublicKey | None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.seq = seq
+        self.peer_key = peer_key
+        self.clock = clock
+
+    @property
+    def node(self) -> str:
+        return self.identity.node
+
+    def header(self, kind: str, to: str, trace: str | None = None, seq: int | None = None) -> Header:
+        return Header(
+            id=envelope.new_message_id(),
+            sender=self.identity.node,
+            recipient=to,
+            seq=self.seq.next() if seq is None else seq,
+            ts=int(self.clock() * 1000),
+            kind=kind,
+            trace=trace,
+        )
+
+    def seal(
+        self, topic: str, kind: str, body: Any, *, to: str, trace: str | None = None, seq: int | None = None
+    ) -> tuple[bytes, Header]:
+        key = self.peer_key(to)
+        if key is None:
+            raise UnknownSender(f"no public key for recipient {to!r}")
+        header = self.header(kind, to, trace, seq)
+        payload = envelope.seal(
+            topic=topic, header=header, body=body, sender_key=self.identity.secret_key, recipient_key=key
+        )
+        return payload, header
+
+    def open(self, payload: bytes, topic: str) -> Opened:
+        return envelope.open_envelope(
+            payload, topic=topic, me=self.identity.node, my_key=self.identity.secret_key, sender_key=self.peer_key
+        )

@@ -1,0 +1,231 @@
+"""The CWSNet v1 envelope: CBOR framing and NaCl ``Box`` sealing. Sans-I/O: no sockets, no clock.
+
+Wire form (``docs/protocol.md`` is normative)::
+
+    payload = CBOR map {"h": bstr header, "n": bstr(24) nonce, "c": bstr box ciphertext}
+    header  = CBOR map {"v": 1, "id": bstr(16), "from": tstr, "to": tstr, "seq": uint,
+                        "ts": uint ms, "kind": tstr, ? "tc": tstr traceparent, ? "kv": uint}
+    sealed  = crypto_box(CBOR [topic, SHA-256(header bytes), body], n, sender_sk, receiver_pk)
+
+The header travels in clear so gateways can route, count and acknowledge by ``from``/``seq``
+without being able to read bodies; the sealed part binds it (by hash, over the exact bytes) and
+the topic, so a changed header, a swapped topic or a re-addressed message fails to open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import nacl.exceptions
+import nacl.public
+
+from cwsnet.errors import (
+    ForgedEnvelope,
+    MalformedEnvelope,
+    NotForMe,
+    TopicMismatch,
+    UnknownSender,
+    UnsupportedVersion,
+)
+
+PROTOCOL_VERSION = 1
+NONCE_SIZE = nacl.public.Box.NONCE_SIZE  # 24
+MAX_PAYLOAD = 256 * 1024
+
+#: Message kinds and the channel they travel on.
+KINDS = {
+    "birth": "status",
+    "status": "status",
+    "death": "status",
+    "telemetry": "telemetry",
+    "event": "event",
+    "task_cmd": "task/cmd",
+    "task_result": "task/result",
+    "ack": "ack",
+    "config": "config",
+}
+
+_REQUIRED = {"v": int, "id": bytes, "from": str, "to": str, "seq": int, "ts": int, "kind": str}
+_OPTIONAL = {"tc": str, "kv": int}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The clear, bound part of an envelope."""
+
+    id: bytes
+    sender: str
+    recipient: str
+    seq: int
+    ts: int
+    kind: str
+    trace: str | None = None
+    key_version: int | None = None
+    version: int = PROTOCOL_VERSION
+
+    def to_map(self) -> dict[str, Any]:
+        m: dict[str, Any] = {
+            "v": self.version,
+            "id": self.id,
+            "from": self.sender,
+            "to": self.recipient,
+            "seq": self.seq,
+            "ts": self.ts,
+            "kind": self.kind,
+        }
+        if self.trace is not None:
+            m["tc"] = self.trace
+        if self.key_version is not None:
+            m["kv"] = self.key_version
+        return m
+
+    @property
+    def msg_id(self) -> str:
+        return self.id.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A message that authenticated: its header, the topic it was sealed for, and its body."""
+
+    header: Header
+    topic: str
+    body: Any
+    size: int = field(default=0)
+
+
+def encode_header(header: Header) -> bytes:
+    return cbor2.dumps(header.to_map())
+
+
+def peek_header(payload: bytes) -> Header:
+    """Decode the clear header without opening the box (what a gateway may know)."""
+    header, _h, _n, _c = _split(payload)
+    return header
+
+
+def _split(payload: bytes) -> tuple[Header, bytes, bytes, bytes]:
+    if not isinstance(payload, bytes | bytearray) or not payload:
+        raise MalformedEnvelope("payload is empty or not bytes")
+    if len(payload) > MAX_PAYLOAD:
+        raise MalformedEnvelope(f"payload is {len(payload)} bytes; the limit is {MAX_PAYLOAD}")
+    try:
+        outer = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types; all mean "not CBOR"
+        raise MalformedEnvelope(f"payload is not CBOR: {exc}") from None
+    if not isinstance(outer, dict) or set(outer) != {"h", "n", "c"}:
+        raise MalformedEnvelope("payload is not an envelope map with exactly the keys h, n, c")
+    h, n, c = outer["h"], outer["n"], outer["c"]
+    if not isinstance(h, bytes) or not isinstance(n, bytes) or not isinstance(c, bytes):
+        raise MalformedEnvelope("envelope fields h, n and c must be byte strings")
+    if len(n) != NONCE_SIZE:
+        raise MalformedEnvelope(f"nonce is {len(n)} bytes, expected {NONCE_SIZE}")
+    try:
+        hm = cbor2.loads(h)
+    except Exception as exc:
+        raise MalformedEnvelope(f"header is not CBOR: {exc}") from None
+    if not isinstance(hm, dict):
+        raise MalformedEnvelope("header is not a map")
+    sender = hm.get("from") if isinstance(hm.get("from"), str) else None
+    seq = hm.get("seq") if isinstance(hm.get("seq"), int) else None
+    if hm.get("v") != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {hm.get('v')!r}; this node speaks {PROTOCOL_VERSION}", sender=sender, seq=seq
+        )
+    for key, typ in _REQUIRED.items():
+        if key not in hm:
+            raise MalformedEnvelope(f"header field {key!r} is missing", sender=sender, seq=seq)
+        if not isinstance(hm[key], typ) or isinstance(hm[key], bool):
+            raise MalformedEnvelope(
+                f"header field {key!r} must be {typ.__name__}, got {type(hm[key]).__name__}",
+                sender=sender,
+                seq=seq,
+            )
+    for key, typ in _OPTIONAL.items():
+        if key in hm and (not isinstance(hm[key], typ) or isinstance(hm[key], bool)):
+            raise MalformedEnvelope(f"header field {key!r} must be {typ.__name__}", sender=sender, seq=seq)
+    if len(hm["id"]) != 16:
+        raise MalformedEnvelope("header field 'id' must be 16 bytes", sender=sender, seq=seq)
+    if hm["seq"] < 0 or hm["seq"] >= 2**63 or hm["ts"] < 0:
+        raise MalformedEnvelope("header fields 'seq' and 'ts' must be non-negative 63-bit", sender=sender, seq=seq)
+    if hm["kind"] not in KINDS:
+        raise MalformedEnvelope(f"unknown message kind {hm['kind']!r}", sender=sender, seq=seq)
+    header = Header(
+        id=hm["id"],
+        sender=hm["from"],
+        recipient=hm["to"],
+        seq=hm["seq"],
+        ts=hm["ts"],
+        kind=hm["kind"],
+        trace=hm.get("tc"),
+        key_version=hm.get("kv"),
+    )
+    return header, h, n, c
+
+
+def seal(
+    *,
+    topic: str,
+    header: Header,
+    body: Any,
+    sender_key: nacl.public.PrivateKey,
+    recipient_key: nacl.public.PublicKey,
+    nonce: bytes | None = None,
+) -> bytes:
+    """Seal ``body`` from ``header.sender`` to ``header.recipient`` for ``topic``; return the payload."""
+    if header.kind not in KINDS:
+        raise ValueError(f"unknown message kind {header.kind!r}")
+    h = encode_header(header)
+    inner = cbor2.dumps([topic, hashlib.sha256(h).digest(), body])
+    n = nonce if nonce is not None else os.urandom(NONCE_SIZE)
+    ct = nacl.public.Box(sender_key, recipient_key).encrypt(inner, n).ciphertext
+    return cbor2.dumps({"h": h, "n": n, "c": ct})
+
+
+def open_envelope(
+    payload: bytes,
+    *,
+    topic: str,
+    me: str,
+    my_key: nacl.public.PrivateKey,
+    sender_key: Callable[[str], nacl.public.PublicKey | None],
+) -> Opened:
+    """Authenticate and open ``payload`` received on ``topic``.
+
+    ``sender_key(node_id)`` returns the sender's public key or None if unknown. Raises a subclass
+    of :class:`~cwsnet.errors.EnvelopeError`. Replay is the caller's to check (it needs state).
+    """
+    header, h, n, c = _split(payload)
+    kw = {"sender": header.sender, "seq": header.seq}
+    if header.recipient != me:
+        raise NotForMe(f"envelope is addressed to {header.recipient!r}, not {me!r}", **kw)
+    pk = sender_key(header.sender)
+    if pk is None:
+        raise UnknownSender(f"sender {header.sender!r} is not registered", **kw)
+    try:
+        inner_raw = nacl.public.Box(my_key, pk).decrypt(c, n)
+    except nacl.exceptions.CryptoError:
+        raise ForgedEnvelope(
+            f"box from {header.sender!r} seq {header.seq} did not authenticate", **kw
+        ) from None
+    try:
+        inner = cbor2.loads(inner_raw)
+    except Exception:
+        raise MalformedEnvelope("sealed part is not CBOR", **kw) from None
+    if not isinstance(inner, list) or len(inner) != 3 or not isinstance(inner[0], str):
+        raise MalformedEnvelope("sealed part is not [topic, header hash, body]", **kw)
+    sealed_topic, digest, body = inner
+    if digest != hashlib.sha256(h).digest():
+        raise ForgedEnvelope("header does not match the one that was sealed", **kw)
+    if sealed_topic != topic:
+        raise TopicMismatch(f"sealed for topic {sealed_topic!r}, received on {topic!r}", **kw)
+    return Opened(header=header, topic=topic, body=body, size=len(payload))
+
+
+def new_message_id() -> bytes:
+    return os.urandom(16)
