@@ -136,6 +136,9 @@ class CloudConfig(Model):
     )
     http: HttpConfig = Field(default_factory=HttpConfig)
     database: Path = Path("./cloud-data/cloud.db")
+    registry_file: Path | None = Field(
+        None, description="JSON list of nodes (id, site, role, public_key) imported into the registry at start"
+    )
     offline_after: float = Field(
         60.0, gt=0, description="seconds without any message after which a device is shown offline"
     )

@@ -1,0 +1,5 @@
+import sys
+
+from cwsnet.cli import main
+
+sys.exit(main())

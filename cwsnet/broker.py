@@ -1,0 +1,1100 @@
+"""CWSNet's embedded MQTT broker: amqtt 0.12.1 plus our fixes, authentication and topic ACL.
+
+Public API
+----------
+``BrokerSettings``            plain dataclass: listeners, credentials file, offline queue bound.
+``start_broker(settings)``    build and start a :class:`CwsBroker`; stop it with ``await broker.shutdown()``.
+``serve(settings)``           run a broker until SIGTERM/SIGINT (``python -m cwsnet.broker --help``).
+``CwsBroker``                 ``amqtt.broker.Broker`` subclass fixing amqtt 0.12.1 defects (listed below).
+``CwsAccessPlugin``           one amqtt plugin doing both authentication and the topic ACL, fed from a
+                              hot-reloaded JSON credentials file (``load_credentials`` parses one).
+``topic_matches`` / ``filter_covers``  the MQTT wildcard algebra the ACL uses.
+
+The amqtt defects, what we do about them and the tests that cover them are listed in
+``docs/broker.md``.  Every override in :class:`CwsBroker` is a copy of the amqtt 0.12.1 method
+with the changed lines marked ``# CWS:``; re-review them when amqtt is upgraded (a warning is
+logged when the installed amqtt is not 0.12.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+from pathlib import Path
+from typing import Any
+
+from amqtt.broker import Broker, Server
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+from amqtt.utils import format_client_message, gen_client_id
+from transitions import MachineError
+
+from cwsnet.errors import ConfigError
+
+__all__ = [
+    "BrokerSettings",
+    "Credentials",
+    "CwsAccessPlugin",
+    "CwsBroker",
+    "DEFAULT_MAX_OFFLINE_QUEUE",
+    "broker_config",
+    "filter_covers",
+    "is_loopback_host",
+    "load_credentials",
+    "main",
+    "serve",
+    "start_broker",
+    "topic_matches",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OFFLINE_QUEUE = 10_000
+AMQTT_VERSION_REVIEWED = "0.12.1"
+
+#: Name of the listener the current connection arrived on (set per connection task by
+#: ``CwsBroker._client_connected``; asyncio tasks copy the context, so plugin calls see it too).
+_CURRENT_LISTENER: contextvars.ContextVar[str | None] = contextvars.ContextVar("cws_listener", default=None)
+
+#: ``Session.attributes`` key holding the ``bind`` string of the listener a session connected on.
+LISTENER_BIND_ATTR = "cwsnet.listener_bind"
+#: ``Session.attributes`` key counting offline-queue messages dropped for that session.
+DROPPED_ATTR = "cwsnet.offline_dropped"
+
+
+# ----------------------------------------------------------------------------------------------
+# MQTT wildcard algebra
+# ----------------------------------------------------------------------------------------------
+
+
+def _valid_filter_levels(levels: Sequence[str]) -> bool:
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+        if "\x00" in level:
+            return False
+    return True
+
+
+def is_valid_filter(a_filter: str) -> bool:
+    """True if ``a_filter`` is a syntactically valid MQTT topic filter."""
+    return bool(a_filter) and _valid_filter_levels(a_filter.split("/"))
+
+
+def _matches_levels(flt: Sequence[str], topic: Sequence[str]) -> bool:
+    if topic and topic[0].startswith("$") and flt and flt[0] in ("+", "#"):
+        return False  # [MQTT-4.7.2-1]
+    for i, level in enumerate(flt):
+        if level == "#":
+            return True  # also matches the parent level ("a/#" matches "a")
+        if i >= len(topic):
+            return False
+        if level != "+" and level != topic[i]:
+            return False
+    return len(flt) == len(topic)
+
+
+def topic_matches(a_filter: str, topic: str) -> bool:
+    """True if the topic name ``topic`` matches the MQTT filter ``a_filter`` (``+``/``#``/``$`` rules)."""
+    return _matches_levels(a_filter.split("/"), topic.split("/"))
+
+
+def _covers_levels(pattern: Sequence[str], flt: Sequence[str]) -> bool:
+    if flt and flt[0].startswith("$") and pattern and pattern[0] in ("+", "#"):
+        return False  # the pattern can never match a $-topic
+    if flt and flt[0] in ("+", "#") and pattern and pattern[0].startswith("$"):
+        return False
+    for i, p_level in enumerate(pattern):
+        if p_level == "#":
+            return True  # everything at and below this level (and the parent itself) is allowed
+        if i >= len(flt):
+            return False  # the filter matches a shorter topic the pattern does not
+        f_level = flt[i]
+        if f_level == "#":
+            return False  # the filter reaches deeper / shallower than this pattern allows
+        if p_level == "+":
+            continue  # any single level, including a '+' in the filter
+        if f_level != p_level:
+            return False  # a '+' in the filter against a literal, or two different literals
+    return len(pattern) == len(flt)
+
+
+def filter_covers(pattern: str, a_filter: str) -> bool:
+    """True if every topic the filter ``a_filter`` can match is also matched by ``pattern``.
+
+    ``filter_covers("a/+/c", "a/b/c")`` and ``filter_covers("a/#", "a/+/c")`` are true;
+    ``filter_covers("a/b/c", "a/+/c")`` and ``filter_covers("a/+", "a/#")`` are false.
+    """
+    flt = a_filter.split("/")
+    if not _valid_filter_levels(flt):
+        return False
+    return _covers_levels(pattern.split("/"), flt)
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 (with or without brackets) and ``localhost``."""
+    if not host:
+        return False
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_is_loopback(bind: str | None) -> bool:
+    if not bind:
+        return False
+    try:
+        address, _port = Broker._split_bindaddr_port(bind, 1883)
+    except ValueError:
+        return False
+    return is_loopback_host(address)
+
+
+def _format_bind(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Credentials file
+# ----------------------------------------------------------------------------------------------
+
+_USERNAME_PLACEHOLDER = "{username}"
+_FORBIDDEN_IN_USERNAME = ("/", "+", "#", "\x00", "{", "}")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Compiled topic rules of one user: lists of split filter levels."""
+
+    publish: tuple[tuple[str, ...], ...] = ()
+    subscribe: tuple[tuple[str, ...], ...] = ()
+
+    def may_publish(self, topic: str) -> bool:
+        levels = topic.split("/")
+        return any(_matches_levels(p, levels) for p in self.publish)
+
+    def may_receive(self, topic: str) -> bool:
+        levels = topic.split("/")
+        return any(_matches_levels(p, levels) for p in self.subscribe)
+
+    def may_subscribe(self, a_filter: str) -> bool:
+        levels = a_filter.split("/")
+        if not _valid_filter_levels(levels):
+            return False
+        return any(_covers_levels(p, levels) for p in self.subscribe)
+
+
+@dataclass(frozen=True)
+class User:
+    token_sha256: bytes
+    rules: Rules
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A parsed credentials file."""
+
+    users: dict[str, User]
+    anonymous: bool = False
+    anonymous_rules: Rules = Rules()
+    source: str = "<memory>"
+
+
+def _compile_patterns(raw: Any, where: str, username: str | None) -> tuple[tuple[str, ...], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise ConfigError(f"{where}: must be a list of topic patterns (strings)")
+    out: list[tuple[str, ...]] = []
+    for pattern in raw:
+        if _USERNAME_PLACEHOLDER in pattern:
+            if username is None:
+                raise ConfigError(f"{where}: {pattern!r}: {{username}} cannot be used in anonymous_rules")
+            pattern_text = pattern.replace(_USERNAME_PLACEHOLDER, username)
+        else:
+            pattern_text = pattern
+        if "{" in pattern_text or "}" in pattern_text:
+            raise ConfigError(f"{where}: {pattern!r}: unknown placeholder (only {{username}} is supported)")
+        levels = pattern_text.split("/")
+        if not pattern_text or not _valid_filter_levels(levels):
+            raise ConfigError(f"{where}: {pattern!r} is not a valid MQTT topic filter")
+        out.append(tuple(levels))
+    return tuple(out)
+
+
+def _compile_rules(raw: Any, where: str, username: str | None) -> Rules:
+    if raw is None:
+        return Rules()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be an object with 'publish' and 'subscribe' lists")
+    return Rules(
+        publish=_compile_patterns(raw.get("publish"), f"{where}.publish", username),
+        subscribe=_compile_patterns(raw.get("subscribe"), f"{where}.subscribe", username),
+    )
+
+
+def parse_credentials(data: Any, source: str = "<memory>") -> Credentials:
+    """Validate and compile the JSON document of a credentials file (see ``docs/broker.md``).
+
+    Raises :class:`cwsnet.errors.ConfigError` naming ``source`` and the offending entry.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a JSON object")
+    users_raw = data.get("users", {})
+    if not isinstance(users_raw, dict):
+        raise ConfigError(f"{source}: 'users' must be an object mapping username -> entry")
+    anonymous = data.get("anonymous", False)
+    if not isinstance(anonymous, bool):
+        raise ConfigError(f"{source}: 'anonymous' must be true or false")
+    users: dict[str, User] = {}
+    for username, entry in users_raw.items():
+        where = f"{source}: users.{username}"
+        if not username or any(c in username for c in _FORBIDDEN_IN_USERNAME):
+            raise ConfigError(f"{where}: username must be non-empty and contain none of / + # {{ }} NUL")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be an object")
+        token_hex = entry.get("token_sha256")
+        try:
+            if not isinstance(token_hex, str) or len(token_hex) != 64:
+                raise ValueError
+            digest = bytes.fromhex(token_hex)
+        except ValueError:
+            raise ConfigError(f"{where}.token_sha256: must be 64 hex characters (sha256 of the token)") from None
+        users[username] = User(token_sha256=digest, rules=_compile_rules(entry, where, username))
+    anonymous_rules = _compile_rules(data.get("anonymous_rules"), f"{source}: anonymous_rules", None)
+    return Credentials(users=users, anonymous=anonymous, anonymous_rules=anonymous_rules, source=source)
+
+
+def load_credentials(path: str | os.PathLike[str]) -> Credentials:
+    """Read and parse a credentials file; raises :class:`ConfigError` with the file name on any problem."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read credentials file: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    return parse_credentials(data, source=path)
+
+
+def hash_token(token: str | bytes) -> str:
+    """The ``token_sha256`` value for ``token`` (hex sha256 of its UTF-8 bytes)."""
+    raw = token.encode("utf-8") if isinstance(token, str) else token
+    return hashlib.sha256(raw).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The plugin
+# ----------------------------------------------------------------------------------------------
+
+
+class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
+    """Authentication + topic ACL from a hot-reloaded JSON credentials file.
+
+    amqtt's ``PluginManager`` puts a plugin in its auth list if it ``isinstance`` ``BaseAuthPlugin``
+    and in its topic list if it ``isinstance`` ``BaseTopicPlugin``; one object can be both, so the
+    two checks share one copy of the rules.  The broker accepts a client only if every auth plugin
+    that answers says yes, and allows a topic action only if every topic plugin says yes, so do
+    not combine this plugin with ``AnonymousAuthPlugin``.
+
+    ``credentials_file=None`` is "open mode": every client is accepted with no ACL, but only on a
+    listener bound to loopback (``start_broker`` refuses any other host in that mode).
+
+    Existing connections are not disconnected when the file changes: a removed user is refused
+    on its next CONNECT, and because PUBLISH, SUBSCRIBE and every delivery (RECEIVE) are checked
+    against the *current* rules, a removed user can no longer publish or receive anything on the
+    connection it still holds.  A changed token only takes effect on the next CONNECT.
+    """
+
+    @dataclass
+    class Config:
+        credentials_file: str | None = None
+        """JSON credentials file; None = open mode (loopback only)."""
+        reload_interval: float = 1.0
+        """Check the file's mtime/size at most this often (seconds), on the next auth/ACL call."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        cfg = self.config
+        self._path: str | None = os.fspath(cfg.credentials_file) if cfg.credentials_file else None
+        self._interval = float(cfg.reload_interval)
+        self._creds: Credentials | None = None
+        self._signature: tuple[int, ...] | str | None = None
+        self._last_check = time.monotonic()
+        if self._path is not None:
+            self._signature = self._stat_signature()
+            # raises ConfigError naming the file: a broker must not start with a broken file
+            self._creds = load_credentials(self._path)
+            log.info("credentials: %d user(s) loaded from %s", len(self._creds.users), self._path)
+
+    # -- hot reload ------------------------------------------------------------------------------
+
+    def _stat_signature(self) -> tuple[int, ...] | str:
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or exc}"
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _maybe_reload(self) -> None:
+        if self._path is None:
+            return
+        now = time.monotonic()
+        if now - self._last_check < self._interval:
+            return
+        self._last_check = now
+        signature = self._stat_signature()
+        if signature == self._signature:
+            return
+        self._signature = signature
+        if isinstance(signature, str):
+            log.error("credentials file %s is %s; keeping the previous rules", self._path, signature)
+            return
+        try:
+            creds = load_credentials(self._path)
+        except ConfigError as exc:
+            # logged once per file version (the signature is remembered)
+            log.error("credentials file rejected, keeping the previous rules: %s", exc)
+            return
+        self._creds = creds
+        log.info("credentials: reloaded %s (%d user(s))", self._path, len(creds.users))
+
+    def reload_now(self) -> None:
+        """Force a check of the file on the next call (for tools and tests)."""
+        self._last_check = float("-inf")
+        self._maybe_reload()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _listener_is_loopback(self, session: Session | None) -> bool:
+        bind = session.attributes.get(LISTENER_BIND_ATTR) if session is not None else None
+        if bind is not None:
+            return _bind_is_loopback(bind)
+        # Not started by CwsBroker (no listener recorded): require every listener to be loopback.
+        broker = getattr(self.context, "_broker_instance", None)
+        listeners = getattr(broker, "listeners_config", None)
+        if not listeners:
+            return False
+        bound = [lc.get("bind", None) for lc in listeners.values() if "bind" in lc]
+        return bool(bound) and all(_bind_is_loopback(b) for b in bound)
+
+    def _rules_for(self, session: Session | None) -> Rules | None:
+        """Current rules of ``session``'s user; None = nothing allowed."""
+        creds = self._creds
+        if creds is None:
+            return None
+        username = session.username if session is not None else None
+        if username is None:
+            return creds.anonymous_rules if creds.anonymous else None
+        user = creds.users.get(username)
+        return user.rules if user is not None else None
+
+    # -- amqtt plugin API ------------------------------------------------------------------------
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        self._maybe_reload()
+        client = f"client {session.client_id!r} from {session.remote_address}"
+        if self._path is None:  # open mode
+            if self._listener_is_loopback(session):
+                return True
+            log.warning("auth: refused %s: no credentials file and the listener is not loopback", client)
+            return False
+
+        creds = self._creds
+        assert creds is not None
+        username = session.username
+        if username is None:
+            if not creds.anonymous:
+                log.info("auth: refused %s: anonymous access is disabled", client)
+                return False
+            if not self._listener_is_loopback(session):
+                log.warning("auth: refused anonymous %s: listener is not bound to loopback", client)
+                return False
+            rules = creds.anonymous_rules
+        else:
+            user = creds.users.get(username)
+            password = session.password
+            if isinstance(password, str):
+                password = password.encode("utf-8")
+            if user is None:
+                log.info("auth: refused %s: unknown user %r", client, username)
+                return False
+            if password is None or not hmac.compare_digest(hashlib.sha256(password).digest(), user.token_sha256):
+                log.info("auth: refused %s: bad token for user %r", client, username)
+                return False
+            rules = user.rules
+
+        # amqtt publishes the will without a PUBLISH check: check its topic at CONNECT instead.
+        if session.will_flag and session.will_topic is not None and not rules.may_publish(session.will_topic):
+            log.info("auth: refused %s: will topic %r is not allowed for publish", client, session.will_topic)
+            return False
+        return True
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        self._maybe_reload()
+        if self._path is None:
+            return True
+        if not topic:
+            return False
+        rules = self._rules_for(session)
+        if rules is None:
+            allowed = False
+        elif action == Action.PUBLISH:
+            allowed = rules.may_publish(topic)
+        elif action == Action.SUBSCRIBE:
+            allowed = rules.may_subscribe(topic)
+        elif action == Action.RECEIVE:
+            allowed = rules.may_receive(topic)
+        else:
+            allowed = False
+        if not allowed and log.isEnabledFor(logging.DEBUG):
+            who = session.username if session is not None else None
+            log.debug("acl: denied %s %r for user %r", action, topic, who)
+        return allowed
+
+
+# ----------------------------------------------------------------------------------------------
+# The broker
+# ----------------------------------------------------------------------------------------------
+
+
+class CwsBroker(Broker):
+    """``amqtt.broker.Broker`` with the amqtt 0.12.1 defects below fixed.
+
+    1. QoS upgrade: a QoS 0 publish was delivered at the subscription's QoS.  Now delivered at
+       min(publish QoS, granted QoS) [MQTT-3.8.4-6]; internal broadcasts keep ``force_qos``.
+    2. Retained messages bypassed the RECEIVE ACL, and on every CONNECT a client was sent the
+       retained messages matching *every* client's subscriptions.  Now each retained message is
+       checked against RECEIVE, and nothing is replayed on CONNECT (MQTT 3.1.1 sends retained
+       messages only when a subscription is made; Mosquitto does the same).
+    3. A persistent session's offline queue was delivered with RETAIN=1; now RETAIN=0
+       [MQTT-3.3.1-9], and each queued message is re-checked against the current RECEIVE ACL.
+    4. Offline queues were unbounded: bounded to ``max_offline_queue`` per session, oldest dropped
+       (counted in ``offline_messages_dropped`` and ``session.attributes["cwsnet.offline_dropped"]``).
+    5. An unauthenticated CONNECT could delete (clean session) or take over (and disconnect) the
+       session of any client id, and overwrite its will.  Now CONNECT is authenticated before an
+       existing session is touched.
+    6. ``_run_broadcast`` iterated the live subscription dict across awaits (ACL plugin calls):
+       a SUBSCRIBE to a new filter during a broadcast raised and silently dropped that message.
+       Now iterates a snapshot.
+    7. IPv6 listener binds (``[::1]:1883``) failed: the brackets were passed to the resolver.
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        plugin_namespace: str | None = None,
+        *,
+        max_offline_queue: int | None = None,
+    ) -> None:
+        if isinstance(config, dict):
+            config = dict(config)
+            for key in ("max_offline_queue", "max-offline-queue"):
+                if key in config:
+                    value = config.pop(key)
+                    if max_offline_queue is None:
+                        max_offline_queue = value
+        if max_offline_queue is None:
+            max_offline_queue = DEFAULT_MAX_OFFLINE_QUEUE
+        if not isinstance(max_offline_queue, int) or isinstance(max_offline_queue, bool) or max_offline_queue < 1:
+            raise ConfigError(f"max_offline_queue must be an integer >= 1 (got {max_offline_queue!r})")
+        self.max_offline_queue: int = max_offline_queue
+        #: messages dropped from offline queues because a queue was full (all sessions, since start)
+        self.offline_messages_dropped: int = 0
+        super().__init__(config, loop, plugin_namespace)
+        try:
+            installed = _dist_version("amqtt")
+        except PackageNotFoundError:  # pragma: no cover - vendored amqtt
+            installed = "unknown"
+        if installed != AMQTT_VERSION_REVIEWED:
+            log.warning(
+                "CwsBroker overrides were written against amqtt %s but %s is installed; re-review them",
+                AMQTT_VERSION_REVIEWED, installed,
+            )
+
+    # -- 7. IPv6 binds ---------------------------------------------------------------------------
+
+    @classmethod
+    def _split_bindaddr_port(cls, port_str: str, default_port: int) -> tuple[str | None, int]:
+        # CWS: amqtt 0.12.1 returns "[::1]" with its brackets, which getaddrinfo rejects.
+        address, port = super()._split_bindaddr_port(port_str, default_port)
+        if address and address.startswith("[") and address.endswith("]"):
+            address = address[1:-1]
+        return address, port
+
+    # -- 5. authenticate before touching an existing session ---------------------------------------
+
+    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        # CWS: remember which listener this connection came in on (for the early auth below).
+        token = _CURRENT_LISTENER.set(listener_name)
+        try:
+            await super()._client_connected(listener_name, reader, writer)
+        finally:
+            _CURRENT_LISTENER.reset(token)
+
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        # CWS: record the listener's bind address so auth plugins can tell loopback listeners.
+        if listener is not None:
+            session.attributes[LISTENER_BIND_ATTR] = listener.get("bind", None)
+        return await super()._authenticate(session, listener)
+
+    async def _initialize_client_session(
+        self,
+        reader: Any,
+        writer: Any,
+        remote_address: str,
+        remote_port: int,
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # CWS: copy of amqtt 0.12.1 with one block added (marked) -- defect 5: upstream deletes the
+        # old session (clean session) or merges the new CONNECT's will/credentials into it *before*
+        # authenticating; the later failed authentication then still takes the session over.
+        try:
+            handler, client_session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except AMQTTError as exc:
+            self.logger.warning(
+                f"[MQTT-3.1.0-1] {format_client_message(address=remote_address, port=remote_port)}:"
+                f" Can't read first packet as CONNECT: {exc}",
+            )
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            self.logger.warning(
+                f"Invalid connection from {format_client_message(address=remote_address, port=remote_port)}",
+            )
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            self.logger.error(
+                f"No data from {format_client_message(address=remote_address, port=remote_port)} : {exc}",
+            )
+            raise AMQTTError(exc) from exc
+
+        # CWS: begin -- authenticate the incoming CONNECT before any existing session is touched.
+        listener_name = _CURRENT_LISTENER.get()
+        if listener_name is not None and listener_name in self.listeners_config:
+            if not await self._authenticate(client_session, self.listeners_config[listener_name]):
+                connack = ConnackPacket.build(0, NOT_AUTHORIZED)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_SENT, packet=connack)
+                await connack.to_stream(writer)
+                await writer.close()
+                msg = f"client {client_session.client_id!r} from {remote_address}:{remote_port} not authorised"
+                raise MQTTError(msg)
+        # CWS: end
+
+        if client_session.clean_session:
+            # Delete existing session and create a new one
+            if client_session.client_id is not None and client_session.client_id != "":
+                await self._delete_session(client_session.client_id)
+            else:
+                client_session.client_id = gen_client_id()
+
+            client_session.parent = 0
+        # Get session from cache
+        elif client_session.client_id in self._sessions:
+            self.logger.debug(f"Found old session {self._sessions[client_session.client_id]!r}")
+
+            existing_client_session, _ = self._sessions[client_session.client_id]
+            existing_client_session.will_flag = client_session.will_flag
+            existing_client_session.will_message = client_session.will_message
+            existing_client_session.will_topic = client_session.will_topic
+            existing_client_session.will_qos = client_session.will_qos
+            existing_client_session.will_retain = client_session.will_retain  # CWS: upstream forgot this one
+            existing_client_session.keep_alive = client_session.keep_alive
+            existing_client_session.username = client_session.username
+            existing_client_session.password = client_session.password
+            existing_client_session.remote_address = client_session.remote_address  # CWS: for logs
+            existing_client_session.remote_port = client_session.remote_port  # CWS: for logs
+            client_session = existing_client_session
+            client_session.parent = 1
+        else:
+            client_session.parent = 0
+
+        timeout_disconnect_delay = self.config.get("timeout-disconnect-delay", 0)
+        if client_session.keep_alive > 0 and isinstance(timeout_disconnect_delay, int):
+            client_session.keep_alive += timeout_disconnect_delay
+
+        self.logger.debug(f"Keep-alive timeout={client_session.keep_alive}")
+        return handler, client_session
+
+    async def _handle_client_session(
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,
+        listener_name: str,
+    ) -> None:
+        # CWS: copy of amqtt 0.12.1 with the final "publish retained messages to a pre-existing
+        # session's subscriptions" loop removed (defect 2): it iterated *all* clients' filters, so
+        # every CONNECT received retained messages for other clients' subscriptions, unchecked by
+        # the RECEIVE ACL, at QoS 0; and it iterated the live dict across awaits.  MQTT 3.1.1 sends
+        # retained messages only when a subscription is made [MQTT-3.3.1-6]; so does Mosquitto.
+        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+
+        if client_session.client_id is None:
+            msg = "Client ID was not correctly created/set."
+            raise AMQTTError(msg)
+
+        while True:
+            try:
+                client_session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if client_session.transitions.is_connected():
+                    self.logger.warning(f"Client {client_session.client_id} is already connected, performing take-over.")
+                    old_session = self._sessions[client_session.client_id]
+                    await old_session[1].handle_connection_closed()
+                    await old_session[1].stop()
+                    break
+                self.logger.warning(f"Client {client_session.client_id} is reconnecting too quickly, make it wait")
+                await asyncio.sleep(1)
+
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
+
+        await handler.mqtt_connack_authorize(authenticated)
+
+        if not authenticated:
+            await writer.close()
+            return
+
+        await self.plugins_manager.fire_event(BrokerEvents.CLIENT_CONNECTED,
+                                              client_id=client_session.client_id,
+                                              client_session=client_session)
+
+        self.logger.debug(f"{client_session.client_id} Start messages handling")
+        await handler.start()
+
+        # publish messages that were retained because the client session was disconnected
+        self.logger.debug(f"Retained messages queue size: {client_session.retained_messages.qsize()}")
+        await self._publish_session_retained_messages(client_session)
+
+        # CWS: upstream's replay of retained messages for all subscriptions removed (see above).
+
+        await self._client_message_loop(client_session, handler)
+
+    # -- 1. QoS: min(publish QoS, granted QoS) -----------------------------------------------------
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+        *,
+        publish_qos: int | None = None,
+    ) -> None:
+        # CWS: upstream only carries a QoS for forced (internal) broadcasts, so client publishes
+        # were delivered at the subscription's QoS.  We carry the publish QoS as "publish_qos".
+        # A client-originated broadcast with force_qos is the will message (upstream passes
+        # will_qos as force_qos): it is capped like a publish too.  session=None (internal, e.g.
+        # BrokerContext.broadcast_message) keeps force_qos semantics.
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            if session is None:
+                broadcast["qos"] = force_qos
+            else:
+                broadcast["publish_qos"] = force_qos
+        if publish_qos is not None:
+            broadcast["publish_qos"] = publish_qos
+        await self._broadcast_queue.put(broadcast)
+
+    async def _handle_message_delivery(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        # CWS: copy of amqtt 0.12.1; only change: pass the publish QoS to _broadcast_message.
+        self.logger.debug(f"{client_session.client_id} handling message delivery")
+        app_message = wait_deliver.result()
+
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_RECEIVED,
+            client_id=client_session.client_id,
+            message=app_message,
+        )
+
+        if app_message is None:
+            self.logger.debug("app_message was empty!")
+            return True
+        if not app_message.topic:
+            self.logger.warning(
+                f"[MQTT-4.7.3-1] - {client_session.client_id} invalid TOPIC sent in PUBLISH message, closing connection",
+            )
+            return False
+        if "#" in app_message.topic or "+" in app_message.topic:
+            self.logger.warning(
+                f"[MQTT-3.3.2-2] - {client_session.client_id} invalid TOPIC sent in PUBLISH message, closing connection",
+            )
+            return False
+        if app_message.topic.startswith("$"):
+            self.logger.warning(
+                f"[MQTT-4.7.2-1] - {client_session.client_id} cannot use a topic with a leading $ character."
+            )
+            return False
+
+        permitted = await self._topic_filtering(client_session, topic=app_message.topic, action=Action.PUBLISH)
+        if not permitted:
+            self.logger.info(f"{client_session.client_id} not allowed to publish to TOPIC {app_message.topic}.")
+        else:
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_BROADCAST,
+                client_id=client_session.client_id,
+                message=app_message,
+            )
+            await self._broadcast_message(
+                client_session, app_message.topic, app_message.data, publish_qos=app_message.qos  # CWS
+            )
+            if app_message.publish_packet and app_message.publish_packet.retain_flag:
+                await self.retain_message(client_session, app_message.topic, app_message.data, app_message.qos)
+        return True
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        # CWS: copy of amqtt 0.12.1; changes: (defect 1) delivery QoS = min(publish, granted) unless
+        # forced; (defect 6) iterate snapshots of the subscription dict/lists, since the loop awaits.
+        broadcast = await self._broadcast_queue.get()
+
+        self.logger.debug(f"Processing broadcast message: {broadcast}")
+
+        for k_filter, subscriptions in list(self._subscriptions.items()):  # CWS: snapshot
+
+            if not self._matches(broadcast["topic"], k_filter):
+                continue
+
+            for target_session, sub_qos in list(subscriptions):  # CWS: snapshot
+                # CWS: begin
+                if "qos" in broadcast:  # forced (internal broadcast)
+                    qos = broadcast["qos"]
+                elif broadcast.get("publish_qos") is not None:
+                    qos = min(broadcast["publish_qos"], sub_qos)
+                else:
+                    qos = sub_qos
+                # CWS: end
+
+                sendable = await self._topic_filtering(target_session, topic=broadcast["topic"], action=Action.RECEIVE)
+                if not sendable:
+                    self.logger.info(
+                        f"{target_session.client_id} not allowed to receive messages from TOPIC {broadcast['topic']}.")
+                    continue
+
+                if (target_session.transitions.state != "connected"
+                        and not target_session.clean_session
+                        and qos in (QOS_1, QOS_2)
+                        and not target_session.is_anonymous):
+                    self.logger.debug(f"Session {target_session.client_id} is not connected, retaining message.")
+                    await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+
+                if target_session.transitions.state != "connected":
+                    continue
+
+                handler = self._get_handler(target_session)
+                if handler:
+                    task = asyncio.ensure_future(
+                        handler.mqtt_publish(
+                            broadcast["topic"],
+                            broadcast["data"],
+                            qos,
+                            retain=False,
+                        ),
+                    )
+                    running_tasks.append(task)
+
+    # -- 4. bounded offline queue --------------------------------------------------------------
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Session) -> None:
+        # CWS: wraps amqtt 0.12.1 (whose per-session queue is unbounded): drop the oldest first.
+        queue = target_session.retained_messages
+        while queue.qsize() >= self.max_offline_queue:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:  # pragma: no cover - cannot happen with qsize() > 0
+                break
+            self.offline_messages_dropped += 1
+            dropped = target_session.attributes.get(DROPPED_ATTR, 0) + 1
+            target_session.attributes[DROPPED_ATTR] = dropped
+            if dropped == 1 or dropped % 1000 == 0:
+                log.warning(
+                    "offline queue of client %r is full (%d messages): dropped the oldest (%d dropped so far)",
+                    target_session.client_id, self.max_offline_queue, dropped,
+                )
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    # -- 3. offline queue delivered with RETAIN=0, re-checked against the ACL -------------------
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # CWS: copy of amqtt 0.12.1; changes: retain=False [MQTT-3.3.1-9] and a RECEIVE check of
+        # each queued message against the current rules (they may have changed while offline).
+        self.logger.debug(
+            f"Publishing {session.retained_messages.qsize()}"
+            f" messages retained for session {format_client_message(session=session)}",
+        )
+        publish_tasks = []
+        handler = self._get_handler(session)
+        if handler:
+            while not session.retained_messages.empty():
+                retained = await session.retained_messages.get()
+                if not await self._topic_filtering(session, topic=retained.topic, action=Action.RECEIVE):  # CWS
+                    self.logger.info(f"{session.client_id} no longer allowed to receive {retained.topic}; dropped")
+                    continue
+                publish_tasks.append(
+                    asyncio.ensure_future(
+                        handler.mqtt_publish(retained.topic, retained.data, retained.qos, retain=False),  # CWS
+                    ),
+                )
+        if publish_tasks:
+            await asyncio.wait(publish_tasks)
+
+    # -- 2. retained messages on SUBSCRIBE checked against RECEIVE ------------------------------
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
+        # CWS: copy of amqtt 0.12.1; changes: RECEIVE ACL check per retained message, and iterate
+        # a snapshot of the retained dict (the ACL check awaits; a concurrent retain would raise).
+        self.logger.debug(
+            f"Begin broadcasting messages retained due to subscription on '{subscription[0]}'"
+            f" from {format_client_message(session=session)}",
+        )
+        publish_tasks = []
+
+        topic_filter, qos = subscription
+        for topic, retained in list(self._retained_messages.items()):  # CWS: snapshot
+            if self._matches(topic, topic_filter):
+                if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):  # CWS
+                    self.logger.info(f"{session.client_id} not allowed to receive retained message on {topic}")
+                    continue
+                handler = self._get_handler(session)
+                if handler:
+                    publish_tasks.append(
+                        asyncio.Task(
+                            handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True),
+                        ),
+                    )
+        if publish_tasks:
+            await asyncio.wait(publish_tasks)
+        self.logger.debug(
+            f"End broadcasting messages retained due to subscription on '{subscription[0]}'"
+            f" from {format_client_message(session=session)}",
+        )
+
+    # -- introspection -----------------------------------------------------------------------------
+
+    def offline_queue_size(self, client_id: str) -> int:
+        """Messages queued for the (disconnected) session ``client_id``; 0 if unknown."""
+        session = self._sessions.get(client_id, (None, None))[0]
+        return session.retained_messages.qsize() if session is not None else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings, start, serve
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BrokerSettings:
+    """Where and how the embedded broker listens (mirrors ``cwsnet.config.EmbeddedBroker``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls_port: int | None = None
+    certfile: str | os.PathLike[str] | None = None
+    keyfile: str | os.PathLike[str] | None = None
+    cafile: str | os.PathLike[str] | None = None
+    ws_port: int | None = None
+    credentials_file: str | os.PathLike[str] | None = None
+    max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE
+    session_expiry_interval: int | None = None
+    """Seconds after which a disconnected persistent session is discarded (None = never)."""
+
+    @classmethod
+    def coerce(cls, obj: Any) -> BrokerSettings:
+        """Accept a ``BrokerSettings`` or any object with the same attribute names (e.g. EmbeddedBroker)."""
+        if isinstance(obj, cls):
+            return obj
+        kwargs = {name: getattr(obj, name) for name in cls.__dataclass_fields__ if hasattr(obj, name)}
+        return cls(**kwargs)
+
+
+def broker_config(settings: BrokerSettings) -> dict[str, Any]:
+    """The amqtt config dict for ``settings`` (validated; raises :class:`ConfigError`)."""
+    settings = BrokerSettings.coerce(settings)
+    if settings.credentials_file is None and not is_loopback_host(settings.host):
+        raise ConfigError(
+            f"broker: refusing to listen on {settings.host!r} without a credentials file: anonymous access "
+            "is only allowed on loopback (set credentials_file, or host: 127.0.0.1)"
+        )
+    for name in ("port", "tls_port", "ws_port"):
+        value = getattr(settings, name)
+        if value is not None and (not isinstance(value, int) or not 0 < value < 65536):
+            raise ConfigError(f"broker: {name} must be a TCP port 1-65535 (got {value!r})")
+    listeners: dict[str, Any] = {
+        "default": {"type": "tcp", "bind": _format_bind(settings.host, settings.port)},
+    }
+    if settings.tls_port is not None:
+        if not settings.certfile or not settings.keyfile:
+            raise ConfigError("broker: tls_port needs both certfile and keyfile")
+        for name in ("certfile", "keyfile", "cafile"):
+            value = getattr(settings, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"broker: {name} {os.fspath(value)!r} does not exist")
+        tls: dict[str, Any] = {
+            "type": "tcp",
+            "bind": _format_bind(settings.host, settings.tls_port),
+            "ssl": True,
+            "certfile": os.fspath(settings.certfile),
+            "keyfile": os.fspath(settings.keyfile),
+        }
+        if settings.cafile is not None:
+            tls["cafile"] = os.fspath(settings.cafile)
+        listeners["tls"] = tls
+    elif settings.certfile or settings.keyfile:
+        raise ConfigError("broker: certfile/keyfile given but no tls_port")
+    if settings.ws_port is not None:
+        listeners["ws"] = {"type": "ws", "bind": _format_bind(settings.host, settings.ws_port)}
+
+    plugin_cfg: dict[str, Any] = {}
+    if settings.credentials_file is not None:
+        path = os.fspath(settings.credentials_file)
+        load_credentials(path)  # fail here, with the file name, rather than inside amqtt's loader
+        plugin_cfg["credentials_file"] = path
+    return {
+        "listeners": listeners,
+        "session_expiry_interval": settings.session_expiry_interval,
+        # Only our plugin: no $SYS (BrokerSysPlugin), no PacketLoggerPlugin (which would also log
+        # CONNECT packets, passwords included, at DEBUG) and no EventLoggerPlugin.
+        "plugins": {f"{CwsAccessPlugin.__module__}.{CwsAccessPlugin.__qualname__}": plugin_cfg},
+    }
+
+
+async def start_broker(settings: BrokerSettings) -> CwsBroker:
+    """Create and start a :class:`CwsBroker` for ``settings``; stop it with ``await broker.shutdown()``.
+
+    Raises :class:`ConfigError` for bad settings or credentials file, ``amqtt.errors.BrokerError``
+    if a listener cannot be bound.
+    """
+    settings = BrokerSettings.coerce(settings)
+    config = broker_config(settings)
+    broker = CwsBroker(config, max_offline_queue=settings.max_offline_queue)
+    await broker.start()
+    log.info(
+        "broker listening on %s (%s)",
+        ", ".join(f"{name}={lc['bind']}" for name, lc in config["listeners"].items()),
+        f"credentials {os.fspath(settings.credentials_file)}" if settings.credentials_file else "anonymous, loopback",
+    )
+    return broker
+
+
+async def _serve(settings: BrokerSettings) -> None:
+    broker = await start_broker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("broker: stopping on signal")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await broker.shutdown()
+
+
+def serve(settings: BrokerSettings) -> None:
+    """Run a broker for ``settings`` until SIGTERM or SIGINT (blocking; owns the event loop)."""
+    asyncio.run(_serve(settings))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cwsnet.broker",
+        description="Run CWSNet's embedded MQTT broker (amqtt with CWSNet fixes, auth and topic ACL).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=1883, help="MQTT/TCP port (default 1883)")
+    p.add_argument("--tls-port", type=int, help="MQTT/TLS port (needs --certfile and --keyfile)")
+    p.add_argument("--certfile", help="server certificate (PEM)")
+    p.add_argument("--keyfile", help="server private key (PEM)")
+    p.add_argument("--cafile", help="CA bundle for optional client certificates")
+    p.add_argument("--ws-port", type=int, help="MQTT over WebSocket port")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="JSON credentials/ACL file; without it only loopback hosts are allowed (anonymous)")
+    p.add_argument("--max-offline-queue", type=int, default=DEFAULT_MAX_OFFLINE_QUEUE,
+                   help=f"messages kept per offline persistent session (default {DEFAULT_MAX_OFFLINE_QUEUE})")
+    p.add_argument("--session-expiry", type=int, help="seconds to keep disconnected persistent sessions")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = BrokerSettings(
+        host=args.host,
+        port=args.port,
+        tls_port=args.tls_port,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        cafile=args.cafile,
+        ws_port=args.ws_port,
+        credentials_file=args.credentials,
+        max_offline_queue=args.max_offline_queue,
+        session_expiry_interval=args.session_expiry,
+    )
+    try:
+        serve(settings)
+    except ConfigError as exc:
+        print(f"cwsnet.broker: {exc}", file=sys.stderr)
+        return 2
+    except AMQTTError as exc:
+        print(f"cwsnet.broker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run from the canonical module so the plugin path "cwsnet.broker.CwsAccessPlugin" and this
+    # code are one module, not two copies (__main__ and cwsnet.broker).
+    from cwsnet import broker as _canonical
+
+    sys.exit(_canonical.main())

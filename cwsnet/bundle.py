@@ -1,0 +1,45 @@
+"""Provisioning bundles: everything one node needs to join, in one 0600 JSON file.
+
+``{"node", "site", "role", "secret_key", "public_key", "cloud_public_key", "mqtt_username",
+"mqtt_password"}`` — the CPython agent, the gateway and the firmware all load this format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.public
+
+from cwsnet.identity import Identity, load_json_file, public_key_from_b64, write_secret_file
+
+
+@dataclass(frozen=True)
+class Bundle:
+    identity: Identity
+    cloud_public_key: nacl.public.PublicKey | None
+    mqtt_username: str
+    mqtt_password: str | None
+
+    @classmethod
+    def load(cls, path: Path) -> Bundle:
+        d = load_json_file(path, "provisioning bundle")
+        ident = Identity.from_dict(d, str(path))
+        cpk = d.get("cloud_public_key")
+        return cls(
+            identity=ident,
+            cloud_public_key=public_key_from_b64(cpk, f"{path}: cloud_public_key") if cpk else None,
+            mqtt_username=str(d.get("mqtt_username") or ident.node),
+            mqtt_password=d.get("mqtt_password"),
+        )
+
+    def save(self, path: Path) -> None:
+        d = self.identity.to_dict()
+        if self.cloud_public_key is not None:
+            from cwsnet.identity import b64
+
+            d["cloud_public_key"] = b64(bytes(self.cloud_public_key))
+        d["mqtt_username"] = self.mqtt_username
+        if self.mqtt_password is not None:
+            d["mqtt_password"] = self.mqtt_password
+        write_secret_file(path, d)

@@ -1,0 +1,283 @@
+"""The ``cwsnet`` command line: a thin layer over the library. Errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import cwsnet
+from cwsnet.errors import ConfigError, CwsError
+
+log = logging.getLogger("cwsnet")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("amqtt", "transitions", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_daemon(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run ``main(stop)`` until it returns; SIGTERM/SIGINT set ``stop``, a second one cancels."""
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        task = asyncio.current_task()
+        hits = 0
+
+        def on_signal() -> None:
+            nonlocal hits
+            hits += 1
+            if hits == 1:
+                log.info("stopping (signal received)")
+                stop.set()
+            elif task is not None:
+                task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except asyncio.CancelledError:
+        return 1
+    return 0
+
+
+# ---- daemons --------------------------------------------------------------------------------
+def cmd_agent(args: argparse.Namespace) -> int:
+    from cwsnet.config import AgentConfig, load_config
+
+    cfg = load_config(args.config, AgentConfig)
+    from edge_agent.agent import Agent
+
+    async def main(stop: asyncio.Event) -> None:
+        await Agent(cfg).run(stop)
+
+    return run_daemon(main)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from cwsnet.config import GatewayConfig, load_config
+
+    cfg = load_config(args.config, GatewayConfig)
+    from gateway.bridge import Gateway
+
+    async def main(stop: asyncio.Event) -> None:
+        await Gateway(cfg).run(stop)
+
+    return run_daemon(main)
+
+
+def cmd_cloud(args: argparse.Namespace) -> int:
+    from cwsnet.config import CloudConfig, load_config
+
+    cfg = load_config(args.config, CloudConfig)
+    from cloud.daemon import run_cloud
+
+    async def main(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(run_cloud(cfg))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()
+                return
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        finally:
+            stopper.cancel()
+
+    return run_daemon(main)
+
+
+# ---- home lab -------------------------------------------------------------------------------
+def _topology(args: argparse.Namespace):  # noqa: ANN202
+    from cwsnet.homelab import Topology
+
+    n = args.devices
+    if n < 0 or n > 1000:
+        raise ConfigError(f"--devices: expected 0..1000, got {n}")
+    return Topology(
+        site=args.site,
+        gateway=f"gw-{args.site}",
+        devices=[f"dev-{i}" for i in range(1, n + 1)],
+        host=args.host,
+        cloud_mqtt_port=args.cloud_port,
+        gateway_mqtt_port=args.gateway_port,
+        http_port=args.http_port,
+        telemetry_interval=args.telemetry_interval,
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from cwsnet.homelab import HomeLab
+
+    lab = HomeLab(Path(args.data_dir))
+    topo = lab.init(_topology(args))
+    print(f"home lab ready in {lab.dir}: site {topo.site}, gateway {topo.gateway}, devices {', '.join(topo.devices)}")
+    return 0
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback URL we built
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cwsnet.homelab import HomeLab
+    from cwsnet.supervisor import Child, Supervisor, daemon_argv
+
+    lab = HomeLab(Path(args.data_dir))
+    topo = lab.init(_topology(args))
+    eps = lab.endpoints(topo)
+    local = "127.0.0.1" if topo.host in ("0.0.0.0", "::") else topo.host
+    extra = ["--log-level", args.log_level, "--log-format", args.log_format]
+
+    def child(name: str, kind: str, ready: Callable[[], bool] | None) -> Child:
+        return Child(name, daemon_argv(kind, lab.config_path(name), extra), lab.path("logs", f"{name}.log"),
+                     lab.path("run", f"{name}.pid"), ready)
+
+    children = [
+        child("cloud", "cloud", lambda: _http_ok(f"http://{local}:{topo.http_port}/healthz")),
+        child(topo.gateway, "gateway", lambda: _port_open(local, topo.gateway_mqtt_port)),
+    ] + [child(d, "agent", None) for d in topo.devices]
+
+    sup = Supervisor(children)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, sup.stop)
+
+    def announce() -> None:
+        (lab.path("endpoints.json")).write_text(json.dumps(eps, indent=2) + "\n")
+        print(f"CWSNet is up: console {eps['console']}", flush=True)
+        print(f"  cloud broker {eps['brokers']['cloud']}, site broker {eps['brokers'][topo.gateway]}", flush=True)
+        print(f"  data dir {lab.dir} (logs in {lab.path('logs')}); Ctrl-C stops everything", flush=True)
+
+    started = time.monotonic()
+    code = sup.run(on_ready=announce)
+    log.info("up ran for %.0f s", time.monotonic() - started)
+    return code
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"cwsnet {cwsnet.__version__} (wire protocol v1)")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cwsnet",
+        description="CWSNet: sealed device data over MQTT, through site gateways, to a cloud tier.",
+        epilog="Quick start: `cwsnet up` runs a cloud, a gateway and 3 simulated devices on this machine.",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: info)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format (default: text)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def lab_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", default="./cwsnet-data",
+                        help="keys, databases, configs and logs (default: ./cwsnet-data); reused by later runs")
+        sp.add_argument("--devices", type=int, default=3, help="number of simulated CPython agents (default: 3)")
+        sp.add_argument("--site", default="home", help="site name (default: home)")
+        sp.add_argument("--host", default="127.0.0.1",
+                        help="address the brokers and console listen on (default: 127.0.0.1; "
+                             "0.0.0.0 to let boards on your LAN connect)")
+        sp.add_argument("--http-port", type=int, default=8080, help="console and REST API port (default: 8080)")
+        sp.add_argument("--cloud-port", type=int, default=1884, help="cloud MQTT broker port (default: 1884)")
+        sp.add_argument("--gateway-port", type=int, default=1883, help="site MQTT broker port (default: 1883)")
+        sp.add_argument("--telemetry-interval", type=float, default=2.0,
+                        help="seconds between simulated sensor readings (default: 2)")
+
+    sp = sub.add_parser("up", help="run the whole home lab: cloud, one gateway, N simulated devices, console",
+                        description="Start the cloud, a gateway and --devices simulated agents as supervised "
+                                    "processes on this machine. First run creates keys and configs in --data-dir; "
+                                    "later runs reuse them. Writes {data-dir}/endpoints.json. Ctrl-C stops all.")
+    lab_args(sp)
+    sp.set_defaults(func=cmd_up)
+
+    sp = sub.add_parser("init", help="create the home-lab data dir (keys, broker users, configs) without starting",
+                        description="Create or complete --data-dir: identities (0600), broker users and ACLs, "
+                                    "one config per daemon. Existing keys are kept.")
+    lab_args(sp)
+    sp.set_defaults(func=cmd_init)
+
+    for name, fn, what in (
+        ("cloud", cmd_cloud, "the cloud tier: broker, ingest, registry, REST API and console"),
+        ("gateway", cmd_gateway, "a site gateway: site broker and the bridge to the cloud"),
+        ("agent", cmd_agent, "a CPython edge agent"),
+    ):
+        sp = sub.add_parser(name, help=f"run {what}", description=f"Run {what} from a YAML config file "
+                            "(see docs/operations.md for every key). Stops cleanly on SIGTERM.")
+        sp.add_argument("--config", required=True, help="YAML config file")
+        sp.set_defaults(func=fn)
+
+    sp = sub.add_parser("version", help="print the version and wire protocol")
+    sp.set_defaults(func=cmd_version)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"cwsnet: error: {exc}", file=sys.stderr)
+        return 2
+    except CwsError as exc:
+        print(f"cwsnet: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""A node's small durable state (seq reservation mark, replay windows, recent task ids) in SQLite.
+
+WAL mode; each write commits before returning, so a SIGKILL never rolls a ``seq`` back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from cwsnet.replay import ReplayWindow, SeqCounter
+
+
+class NodeState:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite_utils.Database(path)
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous=FULL")
+        if "kv" not in self.db.table_names():
+            self.db["kv"].create({"key": str, "value": str}, pk="key")
+        if "seen_tasks" not in self.db.table_names():
+            self.db["seen_tasks"].create({"task_id": str, "ts": float}, pk="task_id")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return json.loads(self.db["kv"].get(key)["value"])
+        except sqlite_utils.db.NotFoundError:
+            return default
+
+    def put(self, key: str, value: Any) -> None:
+        with self.db.conn:
+            self.db["kv"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+
+    def seq_counter(self, block: int = 1000) -> SeqCounter:
+        start = int(self.get("seq_mark", 0))
+        return SeqCounter(start, lambda mark: self.put("seq_mark", mark), block=block)
+
+    def replay_window(self, peer: str) -> ReplayWindow:
+        return ReplayWindow.from_state(self.get(f"replay:{peer}"))
+
+    def save_replay_window(self, peer: str, window: ReplayWindow) -> None:
+        self.put(f"replay:{peer}", window.to_state())
+
+    def task_seen(self, task_id: str) -> bool:
+        return self.db.execute("select 1 from seen_tasks where task_id = ?", [task_id]).fetchone() is not None
+
+    def mark_task(self, task_id: str, keep: int = 10000) -> None:
+        with self.db.conn:
+            self.db.execute("insert or ignore into seen_tasks values (?, ?)", [task_id, time.time()])
+            self.db.execute(
+                "delete from seen_tasks where task_id not in "
+                "(select task_id from seen_tasks order by ts desc limit ?)",
+                [keep],
+            )
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,131 @@
+"""``cwsnet up``: run the home-lab daemons as supervised child processes.
+
+Each daemon is a separate process (``python -m cwsnet <daemon> --config ...``) in its own process
+group, with its pid in ``{data-dir}/run/{name}.pid`` and its output in ``{data-dir}/logs/{name}.log``.
+A daemon that dies is restarted with exponential backoff (1 s doubling to 30 s, reset after it has
+run 60 s) and the restart is logged. SIGTERM/SIGINT stops everything: SIGTERM to every child, then
+SIGKILL to what is left after a grace period, all within 10 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("cwsnet.up")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    pid_path: Path
+    ready: Callable[[], bool] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = 1.0
+    next_start: float = 0.0
+    _log_file: object = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - owned by the child's lifetime
+        self.proc = subprocess.Popen(
+            self.argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        f.close()
+        self.started_at = time.monotonic()
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_path.write_text(f"{self.proc.pid}\n")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], *, grace: float = 7.0) -> None:
+        self.children = children
+        self.grace = grace
+        self._stop = threading.Event()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self, on_ready: Callable[[], None] | None = None, ready_timeout: float = 60.0) -> int:
+        """Start children in order (each waits for the previous one's readiness), then supervise."""
+        for child in self.children:
+            if self._stop.is_set():
+                break
+            child.start()
+            log.info("started %s (pid %d); log: %s", child.name, child.proc.pid, child.log_path)  # type: ignore[union-attr]
+            if child.ready is not None:
+                deadline = time.monotonic() + ready_timeout
+                while not self._stop.is_set() and not child.ready():
+                    if not child.alive():
+                        log.error("%s exited during start-up with code %s; see %s", child.name,
+                                  child.proc.returncode, child.log_path)  # type: ignore[union-attr]
+                        break
+                    if time.monotonic() > deadline:
+                        log.error("%s not ready after %.0f s; see %s", child.name, ready_timeout, child.log_path)
+                        break
+                    self._stop.wait(0.1)
+        if on_ready is not None and not self._stop.is_set():
+            on_ready()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for child in self.children:
+                if child.proc is not None and not child.alive():
+                    code = child.proc.returncode
+                    ran = now - child.started_at
+                    if ran > 60:
+                        child.backoff = 1.0
+                    child.next_start = now + child.backoff
+                    log.warning("%s (pid %d) exited with code %s after %.1f s; restarting in %.0f s",
+                                child.name, child.proc.pid, code, ran, child.backoff)
+                    child.backoff = min(child.backoff * 2, 30.0)
+                    child.proc = None
+                if child.proc is None and now >= child.next_start:
+                    child.restarts += 1
+                    child.start()
+                    log.warning("restarted %s (pid %d, restart #%d)", child.name, child.proc.pid,  # type: ignore[union-attr]
+                                child.restarts)
+            self._stop.wait(0.2)
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        log.info("stopping %d daemons", len(self.children))
+        # agents first, cloud last, so goodbyes can still reach it
+        for child in reversed(self.children):
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline and any(c.alive() for c in self.children):
+            time.sleep(0.05)
+        for child in self.children:
+            if child.alive():
+                log.warning("%s did not stop within %.0f s; killing it", child.name, self.grace)
+                child.signal(signal.SIGKILL)
+                child.proc.wait(2)  # type: ignore[union-attr]
+            child.pid_path.unlink(missing_ok=True)
+        log.info("all daemons stopped")
+        return 0
+
+
+def daemon_argv(kind: str, config: Path, extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "cwsnet", *(extra or []), kind, "--config", str(config)]

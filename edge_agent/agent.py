@@ -1,0 +1,302 @@
+"""The CPython edge agent: birth/status/death, batched sealed telemetry, sealed task commands.
+
+One asyncio TaskGroup per agent: the MQTT link, one loop per sensor, the batch flusher, the status
+loop and the running tasks. Cancelling :meth:`Agent.run` (the CLI does it on SIGTERM) stops them
+all, publishes nothing more and disconnects cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import platform
+import ssl
+import time
+from typing import Any
+
+import cwsnet
+from cwsnet import topics
+from cwsnet.bundle import Bundle
+from cwsnet.config import AgentConfig, BrokerEndpoint
+from cwsnet.endpoint import Endpoint
+from cwsnet.errors import ConfigError, EnvelopeError
+from cwsnet.mqtt import LinkDown, Message, MqttLink, Will
+from cwsnet.nodestate import NodeState
+from edge_agent.handlers import TaskFailed, registry
+from edge_agent.sensors import Sensor, build_sensor, system_snapshot
+
+log = logging.getLogger("cwsnet.agent")
+
+#: Sealed messages waiting for the link, oldest first (bounded; the SQLite outbox with custody
+#: acks replaces this with the store-and-forward work).
+PENDING_LIMIT = 10000
+
+
+def tls_context(ep: BrokerEndpoint) -> ssl.SSLContext | None:
+    if ep.tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(ep.tls.ca_file))
+    if ep.tls.insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, clock: Any = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        bundle = Bundle.load(cfg.identity_file)
+        if bundle.cloud_public_key is None:
+            raise ConfigError(f"{cfg.identity_file}: cloud_public_key is missing from the bundle")
+        self.bundle = bundle
+        self.node = bundle.identity.node
+        self.site = bundle.identity.site
+        self.state = NodeState(cfg.data_dir / "agent.db")
+        keys = {"cloud": bundle.cloud_public_key}
+        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), keys.get, clock)
+        self.cloud_window = self.state.replay_window("cloud")
+        self.handlers = registry(cfg.handlers)
+        self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
+        self.started = clock()
+        self.pending: collections.deque[tuple[str, bytes, bool]] = collections.deque()
+        self.dropped = 0
+        self.batches: dict[str, list[dict[str, Any]]] = {}
+        self.batch_started: dict[str, float] = {}
+        self.will_seq: int | None = None
+        self.running_tasks = 0
+        self._wake_flush = asyncio.Event()
+        self._task_slots = asyncio.Semaphore(4)
+        self._tg: asyncio.TaskGroup | None = None
+        self._task_runs: set[asyncio.Task[None]] = set()
+        password = cfg.broker.password() or bundle.mqtt_password
+        self.link = MqttLink(
+            client_id=self.node,
+            host=cfg.broker.host,
+            port=cfg.broker.port,
+            username=cfg.broker.username or bundle.mqtt_username,
+            password=password,
+            tls=tls_context(cfg.broker),
+            keepalive=cfg.broker.keepalive,
+            will_factory=self._make_will,
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+            backoff_min=cfg.reconnect.min_delay,
+            backoff_max=cfg.reconnect.max_delay,
+            name=f"agent:{self.node}",
+        )
+        self.link.subscribe(topics.task_cmd(self.site, self.node), qos=1)
+
+    # ---- status -------------------------------------------------------------------------
+    def status_body(self, state: str = "online") -> dict[str, Any]:
+        snap = system_snapshot(str(self.cfg.data_dir))
+        return {
+            "state": state,
+            "uptime": round(self.clock() - self.started, 1),
+            **snap,
+            "outbox": len(self.pending),
+            "dropped": self.dropped,
+            "link": "up" if self.link.connected.is_set() else "down",
+            "tasks_running": self.running_tasks,
+            "agent": {"version": cwsnet.__version__, "platform": platform.platform(), "kind": "cpython"},
+            "handlers": sorted(self.handlers),
+        }
+
+    def _make_will(self) -> Will:
+        topic = topics.status(self.site, self.node)
+        body = {"state": "offline", "uptime": round(self.clock() - self.started, 1), "reason": "connection lost"}
+        payload, header = self.endpoint.seal(topic, "death", body, to="cloud")
+        self.will_seq = header.seq
+        return Will(topic=topic, payload=payload, qos=1, retain=True)
+
+    async def _on_connect(self) -> None:
+        topic = topics.status(self.site, self.node)
+        body = self.status_body() | {"will_seq": self.will_seq}
+        payload, _ = self.endpoint.seal(topic, "birth", body, to="cloud")
+        log.info("connected to %s:%s; birth sent", self.cfg.broker.host, self.cfg.broker.port)
+        try:
+            await self.link.publish(topic, payload, qos=1, retain=True)
+        except LinkDown:
+            return
+        self._wake_flush.set()
+
+    # ---- sending ------------------------------------------------------------------------
+    async def send(self, topic: str, kind: str, body: Any, *, retain: bool = False) -> None:
+        """Seal and publish; while the link is down, keep it (bounded) and send it on reconnect."""
+        payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
+        self.pending.append((topic, payload, retain))
+        while len(self.pending) > PENDING_LIMIT:
+            self.pending.popleft()
+            self.dropped += 1
+        await self._drain()
+
+    async def _drain(self) -> None:
+        while self.pending and self.link.connected.is_set():
+            topic, payload, retain = self.pending[0]
+            try:
+                await self.link.publish(topic, payload, qos=1, retain=retain)
+            except LinkDown:
+                return
+            if self.pending and self.pending[0][1] is payload:
+                self.pending.popleft()
+
+    async def _sensor_loop(self, sensor: Sensor) -> None:
+        while True:
+            now = self.clock()
+            try:
+                values = sensor.read(now)
+            except Exception:
+                log.exception("sensor %s failed to read; will retry", sensor.stream)
+            else:
+                batch = self.batches.setdefault(sensor.stream, [])
+                if not batch:
+                    self.batch_started[sensor.stream] = now
+                batch.append({"ts": int(now * 1000), "values": values})
+                if len(batch) >= self.cfg.batching.max_readings or self.cfg.batching.max_delay == 0:
+                    await self._flush(sensor.stream)
+                else:
+                    self._wake_flush.set()
+            await asyncio.sleep(sensor.interval)
+
+    async def _flush(self, stream: str) -> None:
+        readings = self.batches.pop(stream, [])
+        self.batch_started.pop(stream, None)
+        if readings:
+            body = {"stream": stream, "readings": readings}
+            await self.send(topics.telemetry(self.site, self.node, stream), "telemetry", body)
+
+    async def _flusher(self) -> None:
+        """Flush batches older than ``max_delay``, and drain held messages after a reconnect."""
+        while True:
+            delay = self.cfg.batching.max_delay
+            if self.batch_started:
+                oldest = min(self.batch_started.values())
+                timeout = max(0.0, oldest + delay - self.clock())
+            else:
+                timeout = None
+            try:
+                await asyncio.wait_for(self._wake_flush.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._wake_flush.clear()
+            now = self.clock()
+            for stream, started in list(self.batch_started.items()):
+                if now - started >= delay:
+                    await self._flush(stream)
+            await self._drain()
+
+    async def _status_loop(self) -> None:
+        topic = topics.status(self.site, self.node)
+        while True:
+            await asyncio.sleep(self.cfg.status_interval)
+            await self.send(topic, "status", self.status_body(), retain=True)
+
+    # ---- tasks --------------------------------------------------------------------------
+    async def _on_message(self, msg: Message) -> None:
+        try:
+            opened = self.endpoint.open(msg.payload, msg.topic)
+        except EnvelopeError as exc:
+            log.warning("rejected message on %s: %s (%s)", msg.topic, exc, exc.reason)
+            return
+        if opened.header.sender != "cloud":
+            log.warning("rejected %s on %s: only the cloud sends commands", opened.header.kind, msg.topic)
+            return
+        verdict = self.cloud_window.check(opened.header.seq)
+        if verdict != "new":
+            log.warning("rejected %s seq %d from cloud: %s", opened.header.kind, opened.header.seq, verdict)
+            return
+        self.cloud_window.accept(opened.header.seq)
+        self.state.save_replay_window("cloud", self.cloud_window)
+        if opened.header.kind == "task_cmd":
+            body = opened.body if isinstance(opened.body, dict) else {}
+            task_id = body.get("task_id")
+            if not isinstance(task_id, str) or not task_id:
+                log.warning("task command without task_id on %s; ignored", msg.topic)
+                return
+            if self.state.task_seen(task_id):
+                log.info("task %s already run here; ignoring the repeat", task_id)
+                return
+            self.state.mark_task(task_id)
+            assert self._tg is not None
+            run = self._tg.create_task(self._run_task(task_id, body, opened.header.trace))
+            self._task_runs.add(run)
+            run.add_done_callback(self._task_runs.discard)
+
+    async def _result(self, task_id: str, state: str, trace: str | None, **fields: Any) -> None:
+        body = {"task_id": task_id, "state": state, "result": None, "error": None} | fields
+        topic = topics.task_result(self.site, self.node)
+        payload, _ = self.endpoint.seal(topic, "task_result", body, to="cloud", trace=trace)
+        self.pending.append((topic, payload, False))
+        await self._drain()
+
+    async def _run_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
+        handler_name = body.get("handler")
+        args = body.get("args") or {}
+        deadline = body.get("deadline")
+        if isinstance(deadline, int) and deadline < self.clock() * 1000:
+            await self._result(task_id, "expired", trace, error="deadline passed before the task started")
+            return
+        handler = self.handlers.get(handler_name) if isinstance(handler_name, str) else None
+        if handler is None:
+            await self._result(
+                task_id, "failed", trace, error=f"no handler {handler_name!r} on {self.node}; has {sorted(self.handlers)}"
+            )
+            return
+        if not isinstance(args, dict):
+            await self._result(task_id, "failed", trace, error="args must be a map")
+            return
+        async with self._task_slots:
+            started = int(self.clock() * 1000)
+            self.running_tasks += 1
+            await self._result(task_id, "running", trace, started=started)
+            log.info("task %s: running %s trace=%s", task_id, handler_name, trace)
+            try:
+                timeout = self.cfg.max_task_seconds
+                if isinstance(deadline, int):
+                    timeout = min(timeout, max(0.0, deadline / 1000 - self.clock()))
+                result = await asyncio.wait_for(handler(args), timeout)
+            except TaskFailed as exc:
+                state, fields = "failed", {"error": str(exc)}
+            except TimeoutError:
+                state, fields = "failed", {"error": "handler timed out"}
+            except Exception as exc:
+                log.exception("task %s: handler %s raised", task_id, handler_name)
+                state, fields = "failed", {"error": f"{type(exc).__name__}: {exc}"}
+            else:
+                state, fields = "succeeded", {"result": result}
+            finally:
+                self.running_tasks -= 1
+            await self._result(
+                task_id, state, trace, started=started, finished=int(self.clock() * 1000), **fields
+            )
+            log.info("task %s: %s", task_id, state)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def _goodbye(self) -> None:
+        """A clean stop sends no MQTT will, so say offline ourselves (bounded: 2 s)."""
+        topic = topics.status(self.site, self.node)
+        body = {"state": "offline", "uptime": round(self.clock() - self.started, 1), "reason": "shutdown"}
+        payload, _ = self.endpoint.seal(topic, "death", body, to="cloud")
+        try:
+            await asyncio.wait_for(self.link.publish(topic, payload, qos=1, retain=True), 2.0)
+        except (LinkDown, TimeoutError):
+            log.info("could not announce shutdown (link down)")
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (then say goodbye and return) or until cancelled."""
+        log.info("agent %s (site %s) starting; broker %s:%s", self.node, self.site, self.cfg.broker.host,
+                 self.cfg.broker.port)
+        stop = stop or asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tasks = [tg.create_task(self.link.run()), tg.create_task(self._flusher()),
+                         tg.create_task(self._status_loop())]
+                tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
+                await stop.wait()
+                await self._goodbye()
+                for t in [*tasks, *self._task_runs]:
+                    t.cancel()
+        finally:
+            self.state.close()
+            log.info("agent %s stopped", self.node)

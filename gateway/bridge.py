@@ -1,0 +1,307 @@
+"""The site gateway: the site's broker (embedded amqtt or an existing one), and the bridge to the cloud.
+
+Up: the bridge subscribes to its site's uplink topics on the site broker, stores each message in
+the durable :class:`UplinkOutbox` (committed before the MQTT PUBACK), and a pump sends the outbox
+to the cloud broker in order, re-sending until the cloud's sealed ack frees it.
+Down: the cloud's commands and acks for the site's nodes are forwarded to the site broker.
+
+The gateway opens nothing but the acks and commands addressed to itself: device payloads are
+sealed for the cloud. It reads the clear header (``from``, ``seq``, ``kind``) to store, dedupe
+and count them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+from typing import Any
+
+import cwsnet
+from cwsnet import envelope, topics
+from cwsnet.bundle import Bundle
+from cwsnet.config import GatewayConfig
+from cwsnet.endpoint import Endpoint
+from cwsnet.errors import ConfigError, EnvelopeError, TopicError
+from cwsnet.mqtt import LinkDown, Message, MqttLink, Will
+from cwsnet.nodestate import NodeState
+from edge_agent.agent import tls_context
+from edge_agent.sensors import system_snapshot
+from gateway.outbox import UplinkOutbox
+
+log = logging.getLogger("cwsnet.gateway")
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, *, clock: Any = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        bundle = Bundle.load(cfg.identity_file)
+        if bundle.cloud_public_key is None:
+            raise ConfigError(f"{cfg.identity_file}: cloud_public_key is missing from the bundle")
+        self.node = bundle.identity.node
+        self.site = bundle.identity.site
+        self.state = NodeState(cfg.data_dir / "gateway-state.db")
+        self.outbox = UplinkOutbox(cfg.data_dir / "uplink-outbox.db")
+        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), {"cloud": bundle.cloud_public_key}.get,
+                                 clock)
+        self.cloud_window = self.state.replay_window("cloud")
+        self.started = clock()
+        self.devices_online: set[str] = set()
+        self.stats = {"received": 0, "duplicates": 0, "malformed": 0, "forwarded_up": 0, "forwarded_down": 0,
+                      "acked": 0}
+        self.broker: Any = None
+        self._pump_wake = asyncio.Event()
+        self.will_seq: int | None = None
+
+        site_pw = cfg.site_client.password() or bundle.mqtt_password
+        self.site_link = MqttLink(
+            client_id=f"{self.node}-bridge",
+            host=cfg.site_client.host,
+            port=cfg.site_client.port,
+            username=cfg.site_client.username or bundle.mqtt_username,
+            password=site_pw,
+            tls=tls_context(cfg.site_client),
+            keepalive=cfg.site_client.keepalive,
+            on_message=self._from_site,
+            manual_ack=True,
+            backoff_min=cfg.reconnect.min_delay,
+            backoff_max=cfg.reconnect.max_delay,
+            name=f"gateway:{self.node}:site",
+        )
+        for channel in topics.UPLINK_CHANNELS:
+            self.site_link.subscribe(topics.site_filter(self.site, channel), qos=1)
+
+        up_pw = cfg.uplink.password() or bundle.mqtt_password
+        self.uplink = MqttLink(
+            client_id=self.node,
+            host=cfg.uplink.host,
+            port=cfg.uplink.port,
+            username=cfg.uplink.username or bundle.mqtt_username,
+            password=up_pw,
+            tls=tls_context(cfg.uplink),
+            keepalive=cfg.uplink.keepalive,
+            will_factory=self._make_will,
+            on_connect=self._on_uplink_connect,
+            on_message=self._from_cloud,
+            backoff_min=cfg.reconnect.min_delay,
+            backoff_max=cfg.reconnect.max_delay,
+            name=f"gateway:{self.node}:uplink",
+        )
+        for channel in topics.DOWNLINK_CHANNELS:
+            self.uplink.subscribe(topics.site_filter(self.site, channel), qos=1)
+
+    # ---- up: site -> outbox -> cloud ------------------------------------------------------
+    async def _from_site(self, msg: Message) -> None:
+        try:
+            parts = topics.parse(msg.topic)
+            header = envelope.peek_header(msg.payload)
+            if parts.node != header.sender or parts.site != self.site:
+                raise TopicError(f"{header.sender!r} may not publish on {msg.topic!r}")
+        except (EnvelopeError, TopicError) as exc:
+            # Not an envelope this gateway may forward: never stored, never forwarded.
+            self.stats["malformed"] += 1
+            log.warning("dropped message on %s (%d bytes): %s", msg.topic, len(msg.payload), exc)
+            self.site_link.ack(msg)
+            return
+        if header.kind == "birth":
+            self.devices_online.add(header.sender)
+        elif header.kind == "death":
+            self.devices_online.discard(header.sender)
+        retain = parts.channel == "status"
+        added = await asyncio.to_thread(
+            self.outbox.add, header.sender, header.seq, msg.topic, msg.payload, retain, self.clock()
+        )
+        self.stats["received"] += 1
+        if not added:
+            self.stats["duplicates"] += 1
+        self.site_link.ack(msg)  # only now: the message is committed to the outbox
+        if header.trace:
+            log.info("stored %s seq=%d from %s trace=%s", header.kind, header.seq, header.sender, header.trace)
+        self._pump_wake.set()
+
+    async def _pump(self) -> None:
+        """Send due outbox messages to the cloud, in order, at most ``max_inflight`` per round."""
+        while True:
+            await self.uplink.connected.wait()
+            items = await asyncio.to_thread(
+                self.outbox.due, self.clock(), self.cfg.retransmit_after, self.cfg.max_inflight
+            )
+            sent: list[int] = []
+            try:
+                for item in items:
+                    await self.uplink.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                    sent.append(item.id)
+            except LinkDown:
+                log.info("uplink down; %d messages held in the outbox", self.outbox.depth())
+            finally:
+                if sent:
+                    self.stats["forwarded_up"] += len(sent)
+                    await asyncio.to_thread(self.outbox.mark_sent, sent, self.clock())
+            if len(items) < self.cfg.max_inflight or not sent:
+                self._pump_wake.clear()
+                try:
+                    await asyncio.wait_for(self._pump_wake.wait(), min(1.0, self.cfg.retransmit_after))
+                except TimeoutError:
+                    pass
+
+    # ---- down: cloud -> site --------------------------------------------------------------
+    async def _from_cloud(self, msg: Message) -> None:
+        try:
+            parts = topics.parse(msg.topic)
+        except TopicError as exc:
+            log.warning("ignored cloud message: %s", exc)
+            return
+        if parts.node == self.node:
+            await self._own_message(msg)
+            return
+        try:
+            await self.site_link.publish(msg.topic, msg.payload, qos=1, retain=False)
+            self.stats["forwarded_down"] += 1
+        except LinkDown:
+            log.warning("site broker down: command for %s on %s not delivered", parts.node, msg.topic)
+
+    async def _own_message(self, msg: Message) -> None:
+        try:
+            opened = self.endpoint.open(msg.payload, msg.topic)
+        except EnvelopeError as exc:
+            log.warning("rejected message on %s: %s (%s)", msg.topic, exc, exc.reason)
+            return
+        if opened.header.sender != "cloud":
+            log.warning("rejected %s from %s: only the cloud addresses the gateway", opened.header.kind,
+                        opened.header.sender)
+            return
+        if self.cloud_window.check(opened.header.seq) != "new":
+            log.warning("rejected replayed %s seq %d from cloud", opened.header.kind, opened.header.seq)
+            return
+        self.cloud_window.accept(opened.header.seq)
+        self.state.save_replay_window("cloud", self.cloud_window)
+        if opened.header.kind == "ack":
+            acks = opened.body.get("acks", []) if isinstance(opened.body, dict) else []
+            ranges = [
+                (a[0], a[1], a[2]) for a in acks
+                if isinstance(a, list) and len(a) == 3 and isinstance(a[0], str)
+                and isinstance(a[1], int) and isinstance(a[2], int)
+            ]
+            freed = await asyncio.to_thread(self.outbox.ack, ranges)
+            self.stats["acked"] += freed
+
+    # ---- gateway's own status -------------------------------------------------------------
+    def status_body(self, state: str = "online") -> dict[str, Any]:
+        return {
+            "state": state,
+            "uptime": round(self.clock() - self.started, 1),
+            **system_snapshot(str(self.cfg.data_dir)),
+            "devices": self._device_count(),
+            "queue": self.outbox.depth(),
+            "outbox": self.outbox.depth(),
+            "uplink": "up" if self.uplink.connected.is_set() else "down",
+            "link": "up" if self.uplink.connected.is_set() else "down",
+            "site_link": "up" if self.site_link.connected.is_set() else "down",
+            "stats": dict(self.stats),
+            "agent": {"version": cwsnet.__version__, "platform": platform.platform(), "kind": "gateway"},
+            "handlers": [],
+        }
+
+    def _device_count(self) -> int:
+        if self.broker is not None:
+            try:
+                sessions = self.broker.sessions
+                return sum(
+                    1 for s, _h in sessions.values()
+                    if s.transitions.state == "connected" and s.client_id != f"{self.node}-bridge"
+                )
+            except Exception:
+                pass
+        return len(self.devices_online)
+
+    def _make_will(self) -> Will:
+        topic = topics.status(self.site, self.node)
+        payload, header = self.endpoint.seal(topic, "death", {"state": "offline", "reason": "connection lost"},
+                                             to="cloud")
+        self.will_seq = header.seq
+        return Will(topic=topic, payload=payload, qos=1, retain=True)
+
+    async def _publish_status(self, kind: str, extra: dict[str, Any] | None = None) -> None:
+        topic = topics.status(self.site, self.node)
+        payload, _ = self.endpoint.seal(topic, kind, self.status_body() | (extra or {}), to="cloud")
+        try:
+            await self.uplink.publish(topic, payload, qos=1, retain=True)
+        except LinkDown:
+            pass
+
+    async def _on_uplink_connect(self) -> None:
+        log.info("uplink connected to %s:%s; %d messages waiting", self.cfg.uplink.host, self.cfg.uplink.port,
+                 self.outbox.depth())
+        await self._publish_status("birth", {"will_seq": self.will_seq})
+        self._pump_wake.set()
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.status_interval)
+            await self._publish_status("status")
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        if self.cfg.broker is not None:
+            from cwsnet.broker import BrokerSettings, start_broker
+
+            b = self.cfg.broker
+            self.broker = await start_broker(BrokerSettings(
+                host=b.host, port=b.port, tls_port=b.tls_port, certfile=b.certfile, keyfile=b.keyfile,
+                ws_port=b.ws_port, credentials_file=b.credentials_file,
+            ))
+            log.info("site broker (amqtt) listening on %s:%s", b.host, b.port)
+        metrics_server = None
+        if self.cfg.metrics_port:
+            metrics_server = self._start_metrics()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.site_link.run()),
+                    tg.create_task(self.uplink.run()),
+                    tg.create_task(self._pump()),
+                    tg.create_task(self._status_loop()),
+                ]
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
+                await asyncio.wait_for(self._publish_status("death", {"state": "offline", "reason": "shutdown"}),
+                                       2.0)
+                for t in tasks:
+                    t.cancel()
+        finally:
+            if self.broker is not None:
+                await self.broker.shutdown()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            self.outbox.close()
+            self.state.close()
+            log.info("gateway %s stopped", self.node)
+
+    def _start_metrics(self) -> Any:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        gw = self
+
+        class Collector:
+            def collect(self) -> Any:
+                yield GaugeMetricFamily("cwsnet_gateway_outbox_depth", "messages held for the cloud",
+                                        value=gw.outbox.depth())
+                yield GaugeMetricFamily("cwsnet_gateway_devices_connected", "devices connected to the site broker",
+                                        value=gw._device_count())
+                yield GaugeMetricFamily("cwsnet_gateway_uplink_up", "1 if connected to the cloud broker",
+                                        value=int(gw.uplink.connected.is_set()))
+                c = CounterMetricFamily("cwsnet_gateway_messages_total", "messages by direction and outcome",
+                                        labels=["outcome"])
+                for k, v in gw.stats.items():
+                    c.add_metric([k], v)
+                yield c
+
+        registry = CollectorRegistry()
+        registry.register(Collector())
+        server, _thread = start_http_server(self.cfg.metrics_port, addr="127.0.0.1", registry=registry)
+        return server
