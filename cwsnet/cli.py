@@ -141,6 +141,8 @@ def _topology(args: argparse.Namespace):  # noqa: ANN202
         gateway_mqtt_port=args.gateway_port,
         http_port=args.http_port,
         telemetry_interval=args.telemetry_interval,
+        cloud_host=args.cloud_host,
+        gateway_host=args.gateway_host,
     )
 
 
@@ -232,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--http-port", type=int, default=8080, help="console and REST API port (default: 8080)")
         sp.add_argument("--cloud-port", type=int, default=1884, help="cloud MQTT broker port (default: 1884)")
         sp.add_argument("--gateway-port", type=int, default=1883, help="site MQTT broker port (default: 1883)")
+        sp.add_argument("--cloud-host", default=None,
+                        help="host name the gateway uses to reach the cloud broker (default: the local address; "
+                             "'cloud' in docker-compose)")
+        sp.add_argument("--gateway-host", default=None,
+                        help="host name devices use to reach the site broker (default: the local address; "
+                             "'gateway' in docker-compose)")
         sp.add_argument("--telemetry-interval", type=float, default=2.0,
                         help="seconds between simulated sensor readings (default: 2)")
 

@@ -21,7 +21,7 @@ from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig, BrokerEndpoint
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, EnvelopeError
-from cwsnet.mqtt import LinkDown, Message, MqttLink, Will
+from cwsnet.mqtt import LinkError, Message, MqttLink, Will
 from cwsnet.nodestate import NodeState
 from edge_agent.handlers import TaskFailed, registry
 from edge_agent.sensors import Sensor, build_sensor, system_snapshot
@@ -116,7 +116,7 @@ class Agent:
         log.info("connected to %s:%s; birth sent", self.cfg.broker.host, self.cfg.broker.port)
         try:
             await self.link.publish(topic, payload, qos=1, retain=True)
-        except LinkDown:
+        except LinkError:
             return
         self._wake_flush.set()
 
@@ -135,7 +135,7 @@ class Agent:
             topic, payload, retain = self.pending[0]
             try:
                 await self.link.publish(topic, payload, qos=1, retain=retain)
-            except LinkDown:
+            except LinkError:
                 return
             if self.pending and self.pending[0][1] is payload:
                 self.pending.popleft()
@@ -279,7 +279,7 @@ class Agent:
         payload, _ = self.endpoint.seal(topic, "death", body, to="cloud")
         try:
             await asyncio.wait_for(self.link.publish(topic, payload, qos=1, retain=True), 2.0)
-        except (LinkDown, TimeoutError):
+        except (LinkError, TimeoutError):
             log.info("could not announce shutdown (link down)")
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

@@ -24,7 +24,7 @@ from cwsnet.bundle import Bundle
 from cwsnet.config import GatewayConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, EnvelopeError, TopicError
-from cwsnet.mqtt import LinkDown, Message, MqttLink, Will
+from cwsnet.mqtt import LinkError, Message, MqttLink, Will
 from cwsnet.nodestate import NodeState
 from edge_agent.agent import tls_context
 from edge_agent.sensors import system_snapshot
@@ -66,6 +66,7 @@ class Gateway:
             keepalive=cfg.site_client.keepalive,
             on_message=self._from_site,
             manual_ack=True,
+            clean_session=False,  # a message PUBACKed by the site broker but not yet in our outbox is redelivered
             backoff_min=cfg.reconnect.min_delay,
             backoff_max=cfg.reconnect.max_delay,
             name=f"gateway:{self.node}:site",
@@ -133,7 +134,7 @@ class Gateway:
                 for item in items:
                     await self.uplink.publish(item.topic, item.payload, qos=1, retain=item.retain)
                     sent.append(item.id)
-            except LinkDown:
+            except LinkError:
                 log.info("uplink down; %d messages held in the outbox", self.outbox.depth())
             finally:
                 if sent:
@@ -159,7 +160,7 @@ class Gateway:
         try:
             await self.site_link.publish(msg.topic, msg.payload, qos=1, retain=False)
             self.stats["forwarded_down"] += 1
-        except LinkDown:
+        except LinkError:
             log.warning("site broker down: command for %s on %s not delivered", parts.node, msg.topic)
 
     async def _own_message(self, msg: Message) -> None:
@@ -228,7 +229,7 @@ class Gateway:
         payload, _ = self.endpoint.seal(topic, kind, self.status_body() | (extra or {}), to="cloud")
         try:
             await self.uplink.publish(topic, payload, qos=1, retain=True)
-        except LinkDown:
+        except LinkError:
             pass
 
     async def _on_uplink_connect(self) -> None:
