@@ -1,0 +1,522 @@
+"""The cloud daemon: broker, ingest, acks, tasks, sweeper and HTTP in one ``asyncio.TaskGroup``.
+
+``run_cloud(cfg)`` runs until cancelled and then shuts down within a few seconds: the ingest
+link says DISCONNECT, the live streams end, uvicorn stops, the embedded broker shuts down and the
+store closes. Signal handling is the caller's (the CLI cancels the task on SIGTERM).
+
+Data path::
+
+    cloud broker --QoS1, manual ack--> MqttLink --> bounded queue --> batch (<= 200)
+        --> Ingest.handle_batch in a worker thread (one SQLite transaction, committed)
+        --> MQTT PUBACK for each message --> AckCoalescer --> every ack_interval a sealed
+            {"acks": [[sender, first, last], ...]} to each gateway of the site on cws/v1/{site}/{gw}/ack
+
+MQTT acks go out only after the commit, and the end-to-end acks to gateways only after that: a
+crash at any point loses nothing, it only causes redelivery, which ingest absorbs exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import uvicorn
+from amqtt.errors import AMQTTError, BrokerError
+
+from cloud.api import CloudState, create_app
+from cloud.fanout import Fanout
+from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
+from cloud.metrics import CloudMetrics
+from cloud.store import SqliteStore, Store, Task, import_registry
+from cloud.views import change, task_view
+from cwsnet import topics
+from cwsnet.broker import BrokerSettings, start_broker
+from cwsnet.config import BrokerEndpoint, CloudConfig
+from cwsnet.endpoint import Endpoint
+from cwsnet.errors import ConfigError, CwsError
+from cwsnet.identity import Identity, load_json_file
+from cwsnet.mqtt import LinkError, Message, MqttLink
+from cwsnet.replay import SeqCounter
+
+log = logging.getLogger("cwsnet.cloud")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+CLIENT_ID = "cloud-ingest"
+SEQ_COUNTER = "cloud.seq_mark"
+#: uplink subscriptions of the ingest link (QoS 1)
+SUBSCRIPTIONS = tuple(topics.all_sites_filter(ch) for ch in ("status", "telemetry", "event", "task/result"))
+BATCH_MAX = 200
+QUEUE_MAX = 2000
+EXPIRED_ERROR = "deadline passed before the device could run it"
+EVENTS_KEPT = 100_000
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Set up the daemon's log format (for the CLI; ``run_cloud`` itself never touches logging config)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def load_cloud_identity(cfg: CloudConfig) -> Identity:
+    ident = Identity.from_dict(load_json_file(cfg.identity_file, "cloud identity"), str(cfg.identity_file))
+    if ident.role != "cloud" or ident.node != "cloud":
+        raise ConfigError(
+            f"{cfg.identity_file}: the cloud identity must have node 'cloud' and role 'cloud' "
+            f"(got node {ident.node!r}, role {ident.role!r})"
+        )
+    return ident
+
+
+def client_tls(endpoint: BrokerEndpoint) -> ssl.SSLContext | None:
+    if endpoint.tls is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(endpoint.tls.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{endpoint.tls.ca_file}: cannot load the broker CA: {exc}") from None
+    if endpoint.tls.insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+def new_traceparent() -> str:
+    """A fresh W3C ``traceparent`` (version 00, sampled)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+
+
+class TaskDispatcher:
+    """Sends queued tasks to their devices as sealed ``task_cmd`` messages.
+
+    ``request(task_id)`` (thread-safe, never blocks) asks for one task to be sent; ``on_birth(node)``
+    for every queued task of a node that just connected; ``on_connect()`` (cloud link back up) for
+    every queued task of every online node. A task is sent only while its device is online and the
+    link is up; otherwise it stays ``queued`` until the next birth. Tasks past their deadline are
+    marked ``expired``. The command is idempotent on the device (it runs each task id once), so
+    sending it again on every birth is safe.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        endpoint: Endpoint,
+        link: MqttLink,
+        metrics: CloudMetrics,
+        fanout: Fanout,
+        *,
+        clock: Callable[[], float] = time.time,
+        publish_timeout: float = 10.0,
+        expire_every: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.endpoint = endpoint
+        self.link = link
+        self.metrics = metrics
+        self.fanout = fanout
+        self.clock = clock
+        self.publish_timeout = publish_timeout
+        self.expire_every = expire_every
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[str] | None = None
+        self._pending: set[str] = set()
+        self._early: list[str] = []
+
+    # thread-safe entry points -------------------------------------------------------------------
+
+    def request(self, task_id: str) -> None:
+        loop = self._loop
+        if loop is None:
+            self._early.append(task_id)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._enqueue(task_id)
+        else:
+            loop.call_soon_threadsafe(self._enqueue, task_id)
+
+    def on_birth(self, node: str) -> None:
+        for task in self.store.queued_tasks_for(node):
+            self.request(task.id)
+
+    def on_connect(self) -> None:
+        for task in self.store.list_tasks(state="queued", limit=100_000).items:
+            self.request(task.id)
+
+    def _enqueue(self, task_id: str) -> None:
+        if self._queue is not None and task_id not in self._pending:
+            self._pending.add(task_id)
+            self._queue.put_nowait(task_id)
+
+    # the loop -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        for task_id in self._early:
+            self._enqueue(task_id)
+        self._early.clear()
+        last_expire = 0.0
+        while True:
+            task_id: str | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.expire_every):
+                    task_id = await self._queue.get()
+            now = self._loop.time()
+            if now - last_expire >= self.expire_every:
+                last_expire = now
+                await asyncio.to_thread(self.expire_overdue)
+            if task_id is not None:
+                self._pending.discard(task_id)
+                try:
+                    await self.dispatch(task_id)
+                except (LinkError, CwsError, TimeoutError) as exc:
+                    log.warning("task %s stays queued: %s", task_id, exc)
+                except Exception:
+                    log.exception("task %s: dispatch failed; it stays queued", task_id)
+
+    def expire_overdue(self) -> list[Task]:
+        now_ms = int(self.clock() * 1000)
+        expired = []
+        for task in self.store.overdue_tasks(now_ms):
+            updated, moved = self.store.update_task(task.id, "expired", error=EXPIRED_ERROR, now=now_ms)
+            if moved and updated is not None:
+                expired.append(updated)
+                self.metrics.tasks.labels(state="expired").inc()
+                self.fanout.publish(change("task", task_view(updated)))
+                log.info("task %s expired: %s", task.id, EXPIRED_ERROR)
+        return expired
+
+    def _ready_to_send(self, task_id: str) -> tuple[Task, str] | None:
+        task = self.store.get_task(task_id)
+        if task is None or task.state != "queued":
+            return None
+        now_ms = int(self.clock() * 1000)
+        if task.deadline is not None and task.deadline < now_ms:
+            self.expire_overdue()
+            return None
+        node = self.store.get_node(task.target)
+        if node is None:
+            log.warning("task %s: target %s is no longer registered; it stays queued", task.id, task.target)
+            return None
+        if not node.online:
+            log.info("task %s: %s is offline; queued until its next birth", task.id, task.target)
+            return None
+        return task, node.site
+
+    async def dispatch(self, task_id: str) -> bool:
+        """Send one task if it is queued and its device online; True if the broker acknowledged it."""
+        ready = await asyncio.to_thread(self._ready_to_send, task_id)
+        if ready is None:
+            return False
+        task, site = ready
+        if not self.link.connected.is_set():
+            log.info("task %s: cloud broker link is down; queued until it is back", task.id)
+            return False
+        topic = topics.task_cmd(site, task.target)
+        body = {"task_id": task.id, "handler": task.handler, "args": task.args, "deadline": task.deadline}
+        trace = new_traceparent()
+        payload, header = self.endpoint.seal(topic, "task_cmd", body, to=task.target, trace=trace)
+        await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
+        await asyncio.to_thread(self.store.mark_dispatched, task.id, now=int(self.clock() * 1000))
+        log.info("task %s sent to %s (%s) seq=%d trace=%s", task.id, task.target, task.handler, header.seq, trace)
+        return True
+
+
+# -- the daemon ---------------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: shutdown belongs to our task group."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"http.host: cannot resolve {host!r}: {exc.strerror}") from None
+    family, type_, proto, _name, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"http: cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class CloudDaemon:
+    """The cloud's long-running parts, wired together. Use :func:`run_cloud`."""
+
+    def __init__(self, cfg: CloudConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.identity = load_cloud_identity(cfg)
+        self.store: SqliteStore = SqliteStore(cfg.database)
+        try:
+            self.store.upsert_node(
+                self.identity.node, site=self.identity.site, role="cloud", public_key=self.identity.public_b64
+            )
+            registry_file = getattr(cfg, "registry_file", None)  # written by `cwsnet init`; optional
+            if registry_file is not None:
+                imported = import_registry(self.store, registry_file)
+                log.info("registry: %d nodes from %s", len(imported), registry_file)
+            start = self.store.get_counter(SEQ_COUNTER) or 0
+            self.seq = SeqCounter(start, lambda mark: self.store.set_counter(SEQ_COUNTER, mark))
+            self.directory = NodeDirectory(self.store)
+            self.endpoint = Endpoint(self.identity, self.seq, self.directory.public_key, clock)
+            self.metrics = CloudMetrics()
+            self.fanout = Fanout()
+            self.ingest = Ingest(
+                self.endpoint,
+                self.store,
+                self.metrics,
+                directory=self.directory,
+                clock=clock,
+                offline_after=cfg.offline_after,
+            )
+            self.ingest.update_gauges()
+            self.coalescer = AckCoalescer()
+            self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=QUEUE_MAX)
+            self.link = MqttLink(
+                client_id=CLIENT_ID,
+                host=cfg.client.host,
+                port=cfg.client.port,
+                username=cfg.client.username,
+                password=cfg.client.password(),
+                tls=client_tls(cfg.client),
+                keepalive=cfg.client.keepalive,
+                on_connect=self._on_connect,
+                on_disconnect=self._on_disconnect,
+                on_message=self._on_message,
+                manual_ack=True,
+                backoff_min=cfg.reconnect.min_delay,
+                backoff_max=cfg.reconnect.max_delay,
+                name="cloud-ingest",
+                clean_session=False,
+            )
+            for flt in SUBSCRIPTIONS:
+                self.link.subscribe(flt, qos=1)
+            self.dispatcher = TaskDispatcher(
+                self.store, self.endpoint, self.link, self.metrics, self.fanout, clock=clock
+            )
+            self.state = CloudState(
+                store=self.store,
+                metrics=self.metrics,
+                fanout=self.fanout,
+                dispatcher=self.dispatcher,
+                broker_connected=self.link.connected.is_set,
+                clock=clock,
+            )
+            self.app = create_app(self.state)
+        except BaseException:
+            self.store.close()
+            raise
+
+    # link callbacks ----------------------------------------------------------------------------
+
+    async def _on_connect(self) -> None:
+        self.metrics.broker_connected.set(1)
+        log.info("ingest connected to the cloud broker at %s", self.link.endpoint)
+        await asyncio.to_thread(self.dispatcher.on_connect)
+
+    async def _on_disconnect(self) -> None:
+        self.metrics.broker_connected.set(0)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            log.info("ingest disconnected from the cloud broker (shutting down)")
+        else:
+            log.warning("ingest lost the cloud broker at %s", self.link.endpoint)
+
+    async def _on_message(self, msg: Message) -> None:
+        await self.queue.put(msg)  # bounded: a full queue holds the link's reader (back-pressure)
+
+    # services ----------------------------------------------------------------------------------
+
+    async def consume(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            result = await self._store_batch(batch)
+            for msg in batch:
+                self.link.ack(msg)
+            for site, sender, seq in result.acks:
+                self.coalescer.add(site, sender, seq)
+            self.fanout.publish_many(result.changes)
+            for node in result.births:
+                await asyncio.to_thread(self.dispatcher.on_birth, node)
+
+    async def _store_batch(self, batch: Sequence[Message]) -> BatchResult:
+        """Commit a batch, retrying with backoff while the store fails (nothing is acked meanwhile)."""
+        items = [(m.topic, m.payload) for m in batch]
+        delay = 0.1
+        while True:
+            fut = asyncio.ensure_future(asyncio.to_thread(self.ingest.handle_batch, items))
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                # let the worker thread finish its transaction before the store is closed
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(fut), 5.0)
+                raise
+            except Exception:
+                log.exception("storing a batch of %d messages failed; retrying in %.1f s", len(batch), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def flush_acks(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ack_interval)
+            if self.coalescer and self.link.connected.is_set():
+                await self.send_acks()
+
+    async def send_acks(self) -> None:
+        for site, bodies in self.coalescer.drain().items():
+            gateways = self.directory.gateways(site)
+            if not gateways:
+                self.directory.refresh()
+                gateways = self.directory.gateways(site)
+            if not gateways:
+                log.debug("no gateway registered for site %s; %d ack bodies dropped", site, len(bodies))
+                continue
+            for body in bodies:
+                for gw in gateways:
+                    topic = topics.ack(site, gw)
+                    try:
+                        payload, header = self.endpoint.seal(topic, "ack", body, to=gw)
+                        await self.link.publish(topic, payload, qos=1)
+                    except (LinkError, CwsError) as exc:
+                        log.warning("ack to %s failed (%s); will resend", gw, exc)
+                        self.coalescer.add_ranges(site, body)
+                        continue
+                    self.metrics.acks_sent.inc()
+                    log.debug("acked to %s seq=%d: %s", gw, header.seq, body["acks"])
+
+    async def sweep(self) -> None:
+        interval = min(5.0, self.cfg.offline_after / 4)
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.fanout.publish_many(await asyncio.to_thread(self.ingest.sweep))
+                if time.monotonic() - last_prune > 600:
+                    last_prune = time.monotonic()
+                    await asyncio.to_thread(self.store.prune_events, EVENTS_KEPT)
+            except Exception:
+                log.exception("offline sweep failed")
+
+    async def serve_http(self, sock: socket.socket, started: asyncio.Event) -> None:
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        server = _Server(config)
+        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        try:
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                    raise RuntimeError("the HTTP server stopped while starting")
+                await asyncio.sleep(0.02)
+            log.info("HTTP API and console on %s:%d", self.cfg.http.host, sock.getsockname()[1])
+            started.set()
+            await asyncio.shield(serving)
+        except asyncio.CancelledError:
+            self.fanout.close()  # end the live streams so uvicorn need not wait for them
+            server.should_exit = True
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(serving), 5.0)
+            if not serving.done():
+                serving.cancel()
+            raise
+        finally:
+            sock.close()
+
+    async def announce_ready(self, http_started: asyncio.Event, ready: asyncio.Event | None) -> None:
+        await http_started.wait()
+        await self.link.connected.wait()
+        await asyncio.to_thread(
+            self.store.add_event, "cloud.started", f"cloud ready: API on port {self.cfg.http.port}", source="cloud"
+        )
+        log.info("cloud ready (pid %d)", os.getpid())
+        if ready is not None:
+            ready.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        broker = None
+        sock: socket.socket | None = None
+        try:
+            sock = _listen_socket(self.cfg.http.host, self.cfg.http.port)  # fail fast on a taken port
+            if self.cfg.broker is not None:
+                b = self.cfg.broker
+                try:
+                    broker = await start_broker(BrokerSettings.coerce(b))
+                except (AMQTTError, BrokerError, OSError) as exc:
+                    raise ConfigError(f"broker: cannot start the embedded broker on {b.host}:{b.port}: {exc}") from None
+            http_started = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(), name="cloud-link")
+                tg.create_task(self.consume(), name="cloud-ingest")
+                tg.create_task(self.flush_acks(), name="cloud-acks")
+                tg.create_task(self.sweep(), name="cloud-sweep")
+                tg.create_task(self.dispatcher.run(), name="cloud-tasks")
+                tg.create_task(self.serve_http(sock, http_started), name="cloud-http")
+                tg.create_task(self.announce_ready(http_started, ready), name="cloud-ready")
+        except ExceptionGroup as eg:
+            errors = _leaves(eg)
+            for exc in errors[1:]:
+                log.error("cloud service failed too: %s: %s", type(exc).__name__, exc)
+            raise errors[0] from None
+        finally:
+            self.fanout.close()
+            if sock is not None:
+                sock.close()
+            if broker is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(broker.shutdown()), 5.0)
+            self.store.close()
+            log.info("cloud stopped")
+
+
+def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out
+
+
+async def run_cloud(cfg: CloudConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the cloud tier until cancelled. ``ready`` is set once HTTP serves and ingest is connected.
+
+    Raises :class:`~cwsnet.errors.ConfigError` for a bad identity, database path or HTTP address,
+    :class:`~cwsnet.mqtt.AuthRefused` if the broker refuses the ingest credentials.
+    """
+    daemon = CloudDaemon(cfg)
+    await daemon.run(ready)

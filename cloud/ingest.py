@@ -1,0 +1,671 @@
+"""Cloud ingest, sans-I/O: payloads in, stored rows, acks and change notifications out.
+
+No sockets and no sleeps: the clock is injected and the daemon (``cloud/daemon.py``) does the
+MQTT side. ``Ingest.handle_batch`` opens each message with the cloud's
+:class:`~cwsnet.endpoint.Endpoint`, checks the protocol's acceptance rules (``docs/protocol.md``
+§2), stores the whole batch in one transaction and says which ``(site, sender, seq)`` may be
+acknowledged to the site's gateway. A rejected message is counted, recorded as a coalesced
+``message.rejected`` event and dropped; nothing a sender puts on the wire makes it raise.
+
+Ack rule: only messages whose ``(sender, seq)`` is now in the store are acknowledged (stored now,
+or stored earlier: a replay). A message rejected before it authenticated carries a ``(from, seq)``
+nobody vouches for, and acking it could make a gateway free a real message the cloud never got.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import nacl.public
+
+from cloud.metrics import CloudMetrics
+from cloud.store import (
+    IngestItem,
+    NewEvent,
+    NodeKey,
+    Reading,
+    StatusUpdate,
+    Store,
+    TaskReport,
+    to_json,
+)
+from cloud.views import change, event_view, node_view, task_view
+from cwsnet import topics
+from cwsnet.endpoint import Endpoint
+from cwsnet.envelope import KINDS, Opened
+from cwsnet.errors import (
+    EnvelopeError,
+    ForgedEnvelope,
+    MalformedEnvelope,
+    TopicError,
+    TopicMismatch,
+    UnknownSender,
+)
+from cwsnet.identity import public_key_from_b64
+
+log = logging.getLogger("cwsnet.cloud.ingest")
+
+UPLINK_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
+SEVERITIES = ("info", "warning", "error", "critical")
+REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired")
+
+
+# -- the node directory (peer keys and sites) ----------------------------------------------------
+
+
+class NodeDirectory:
+    """Cache of the registry's ``{node: (site, role, public key)}``, refreshed on a miss.
+
+    A miss (an unknown node) refreshes from the store at most once per ``min_refresh`` seconds,
+    so a flood of messages from unregistered senders costs one query a second, while a node
+    registered by the CLI a moment ago is known within a second. Pass :meth:`public_key` to the
+    :class:`~cwsnet.endpoint.Endpoint` as its ``peer_key``.
+    """
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.monotonic, min_refresh: float = 1.0):
+        self._store = store
+        self._clock = clock
+        self._min_refresh = min_refresh
+        self._entries: dict[str, NodeKey] = {}
+        self._keys: dict[str, nacl.public.PublicKey] = {}
+        self._last_refresh: float | None = None
+        self._lock = threading.Lock()
+        self.refresh(force=True)
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Reload from the store unless it was reloaded less than ``min_refresh`` ago; True if reloaded."""
+        with self._lock:
+            now = self._clock()
+            if not force and self._last_refresh is not None and now - self._last_refresh < self._min_refresh:
+                return False
+            self._last_refresh = now
+            entries = self._store.node_directory()
+            keys: dict[str, nacl.public.PublicKey] = {}
+            for node, entry in entries.items():
+                try:
+                    keys[node] = public_key_from_b64(entry.public_key, f"registry: node {node!r} public_key")
+                except Exception as exc:  # a corrupt row must not hide every other node
+                    log.error("ignoring node %s: %s", node, exc)
+            self._entries, self._keys = entries, keys
+            return True
+
+    def get(self, node: str) -> NodeKey | None:
+        entry = self._entries.get(node)
+        if entry is None and self.refresh():
+            entry = self._entries.get(node)
+        return entry
+
+    def public_key(self, node: str) -> nacl.public.PublicKey | None:
+        key = self._keys.get(node)
+        if key is None and self.refresh():
+            key = self._keys.get(node)
+        return key
+
+    def known(self, node: str) -> bool:
+        return node in self._entries
+
+    def gateways(self, site: str) -> list[str]:
+        return sorted(n for n, e in self._entries.items() if e.role == "gateway" and e.site == site)
+
+
+# -- rejection events, coalesced -----------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    last_emit: float
+    suppressed: int = 0
+    topic: str = ""
+    detail: str = ""
+
+
+class RejectionLog:
+    """Turns rejections into ``message.rejected`` events, at most one per (source, reason) per interval.
+
+    The first rejection of a (source, reason) is recorded at once; further ones within
+    ``interval`` seconds are only counted, and the count goes out with the next event for that key
+    (or from :meth:`flush` once the interval has passed). ``source`` is the sender only if it is a
+    registered node, so a flood of invented sender names shares one key and one event a window.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._windows: dict[tuple[str | None, str], _Window] = {}
+
+    def record(
+        self, now: float, *, source: str | None, reason: str, topic: str, detail: str, seq: int | None = None
+    ) -> NewEvent | None:
+        key = (source, reason)
+        w = self._windows.get(key)
+        if w is not None and now - w.last_emit < self.interval:
+            w.suppressed += 1
+            w.topic, w.detail = topic, detail
+            return None
+        count = 1 + (w.suppressed if w is not None else 0)
+        self._windows[key] = _Window(last_emit=now)
+        return self._event(now, source, reason, topic, detail, count, seq)
+
+    def flush(self, now: float) -> list[NewEvent]:
+        out = []
+        for key, w in list(self._windows.items()):
+            if now - w.last_emit < self.interval:
+                continue
+            if w.suppressed:
+                out.append(self._event(now, key[0], key[1], w.topic, w.detail, w.suppressed, None))
+                self._windows[key] = _Window(last_emit=now)
+            else:
+                del self._windows[key]
+        return out
+
+    @staticmethod
+    def _event(
+        now: float, source: str | None, reason: str, topic: str, detail: str, count: int, seq: int | None
+    ) -> NewEvent:
+        times = f" ({count} times)" if count > 1 else ""
+        topic, detail = topic[:200], detail[:300]  # both may carry attacker-chosen text: bounded
+        data: dict[str, Any] = {"reason": reason, "topic": topic, "detail": detail, "count": count}
+        if seq is not None:
+            data["seq"] = seq
+        return NewEvent(
+            ts=int(now * 1000),
+            source=source,
+            type="message.rejected",
+            severity="info" if reason == "replay" else "warning",
+            message=f"rejected message on {topic}: {reason}{times}: {detail}",
+            data=data,
+        )
+
+
+# -- acks ------------------------------------------------------------------------------------------
+
+
+class AckCoalescer:
+    """Collects ``(sender, seq)`` per site and renders ``{"acks": [[sender, first, last], ...]}`` bodies.
+
+    Consecutive sequence numbers of a sender collapse into one range; a body holds at most
+    ``max_ranges`` ranges (further ranges go into further bodies).
+    """
+
+    def __init__(self, max_ranges: int = 1000) -> None:
+        self.max_ranges = max_ranges
+        self._pending: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+
+    def add(self, site: str, sender: str, seq: int) -> None:
+        self._pending[site][sender].add(seq)
+
+    def add_ranges(self, site: str, body: dict[str, Any]) -> None:
+        """Put the contents of an unsent body back (e.g. the publish failed)."""
+        for sender, first, last in body.get("acks", []):
+            self._pending[site][sender].update(range(first, last + 1))
+
+    def __bool__(self) -> bool:
+        return any(self._pending.values())
+
+    @staticmethod
+    def ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for s in sorted(set(seqs)):
+            if out and s == out[-1][1] + 1:
+                out[-1] = (out[-1][0], s)
+            else:
+                out.append((s, s))
+        return out
+
+    def drain(self) -> dict[str, list[dict[str, Any]]]:
+        """Take everything pending: ``{site: [ack body, ...]}``."""
+        pending, self._pending = self._pending, defaultdict(lambda: defaultdict(set))
+        bodies: dict[str, list[dict[str, Any]]] = {}
+        for site, senders in pending.items():
+            flat = [
+                [sender, first, last] for sender in sorted(senders) for first, last in self.ranges(senders[sender])
+            ]
+            if flat:
+                bodies[site] = [
+                    {"acks": flat[i : i + self.max_ranges]} for i in range(0, len(flat), self.max_ranges)
+                ]
+        return bodies
+
+
+# -- ingest ----------------------------------------------------------------------------------------
+
+
+class BodyError(Exception):
+    """An authenticated message whose body does not follow docs/protocol.md §3."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What happened to one message. ``ack`` says ``(site, sender, seq)`` may be acknowledged."""
+
+    status: Literal["stored", "duplicate", "rejected"]
+    topic: str
+    reason: str | None = None
+    detail: str | None = None
+    sender: str | None = None
+    seq: int | None = None
+    kind: str | None = None
+    site: str | None = None
+    trace: str | None = None
+    ack: bool = False
+
+
+@dataclass
+class BatchResult:
+    results: list[IngestResult]
+    acks: list[tuple[str, str, int]] = field(default_factory=list)  # (topic site, sender, seq)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # live-stream notifications
+    births: list[str] = field(default_factory=list)  # nodes whose birth was applied: dispatch their tasks
+
+
+@dataclass
+class _Prepared:
+    index: int
+    item: IngestItem
+    site: str
+    invalid: str | None  # body problem: stored (the seq is used) but without effects, reason malformed
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return True
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+class Ingest:
+    """Sans-I/O cloud ingest. Thread-safe (one batch at a time)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        store: Store,
+        metrics: CloudMetrics,
+        *,
+        directory: NodeDirectory | None = None,
+        clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
+        offline_after: float = 60.0,
+        reject_event_interval: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.store = store
+        self.metrics = metrics
+        self.directory = directory if directory is not None else NodeDirectory(store)
+        self.clock = clock
+        self.timer = timer
+        self.offline_after = offline_after
+        self.rejections = RejectionLog(reject_event_interval)
+        self._lock = threading.Lock()
+
+    # public ------------------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> IngestResult:
+        """Handle one message (a batch of one)."""
+        return self.handle_batch([(topic, payload)]).results[0]
+
+    def handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> BatchResult:
+        """Open, check and store ``messages`` in one transaction; return results, acks and changes.
+
+        Raises only if the store itself fails (then nothing was stored and nothing may be acked).
+        """
+        with self._lock:
+            return self._handle_batch(messages)
+
+    def sweep(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Mark nodes offline that sent nothing for ``offline_after`` s; flush rejection counts.
+
+        Returns live-stream changes.
+        """
+        with self._lock:
+            now = self.clock() if now is None else now
+            cutoff = int((now - self.offline_after) * 1000)
+            gone = self.store.mark_offline(seen_before=cutoff)
+            events = [
+                NewEvent(
+                    ts=int(now * 1000),
+                    source=node,
+                    type="node.offline",
+                    severity="warning",
+                    message=f"{node} sent nothing for {self.offline_after:g} s; shown offline",
+                    data={"reason": "timeout"},
+                )
+                for node in gone
+            ]
+            events.extend(self.rejections.flush(now))
+            changes = [change("event", event_view(e)) for e in self.store.add_events(events)]
+            for node_id in gone:
+                node = self.store.get_node(node_id)
+                if node is not None:
+                    changes.append(change("device", node_view(node)))
+            if gone:
+                self._update_online_gauge()
+            return changes
+
+    def update_gauges(self) -> None:
+        self._update_online_gauge()
+
+    # internals ---------------------------------------------------------------------------------
+
+    def _update_online_gauge(self) -> None:
+        self.metrics.devices_online.set(self.store.count_nodes(role="device", online=True))
+
+    def _handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> BatchResult:
+        now = self.clock()
+        received = int(now * 1000)
+        results: list[IngestResult | None] = [None] * len(messages)
+        prepared: list[_Prepared] = []
+        events: list[NewEvent] = []
+
+        rejected: list[IngestResult] = []  # counted and recorded only once the batch has committed
+
+        def reject(i: int, topic: str, exc: EnvelopeError | None, reason: str, detail: str) -> None:
+            sender = exc.sender if exc is not None else None
+            seq = exc.seq if exc is not None else None
+            r = IngestResult("rejected", topic, reason=reason, detail=detail, sender=sender, seq=seq)
+            results[i] = r
+            rejected.append(r)
+
+        for i, (topic, payload) in enumerate(messages):
+            try:
+                prepared.append(self._prepare(i, topic, payload, received))
+            except EnvelopeError as exc:
+                reject(i, topic, exc, exc.reason, str(exc))
+            except Exception as exc:  # a bug must not stop ingest; the message is dropped and recorded
+                log.exception("unexpected error ingesting a message on %s", topic)
+                reject(i, topic, None, "malformed", f"internal error: {type(exc).__name__}")
+
+        t0 = self.timer()
+        outcomes = self.store.ingest_batch([p.item for p in prepared])  # raises: nothing happened
+        self.metrics.ingest_seconds.observe(self.timer() - t0)
+
+        for r in rejected:
+            assert r.reason is not None
+            self.metrics.rejected.labels(reason=r.reason).inc()
+            source = r.sender if r.sender is not None and self.directory.known(r.sender) else None
+            ev = self.rejections.record(
+                now, source=source, reason=r.reason, topic=r.topic, detail=r.detail or "", seq=r.seq
+            )
+            # logged like the events: once per (source, reason) window at INFO, the rest at DEBUG
+            log.log(
+                logging.INFO if ev is not None else logging.DEBUG,
+                "rejected %s from=%.80s seq=%s reason=%s: %.300s",
+                r.topic[:200], r.sender, r.seq, r.reason, r.detail,
+            )
+            if ev is not None:
+                events.append(ev)
+
+        batch = BatchResult(results=[])
+        changed_nodes: list[str] = []
+        changed_tasks: list[str] = []
+        for p, out in zip(prepared, outcomes, strict=True):
+            item = p.item
+            self.metrics.received.labels(kind=item.kind).inc()
+            batch.acks.append((p.site, item.sender, item.seq))
+            base = {
+                "topic": item.topic,
+                "sender": item.sender,
+                "seq": item.seq,
+                "kind": item.kind,
+                "site": p.site,
+                "trace": item.trace,
+                "ack": True,
+            }
+            trace = f" trace={item.trace}" if item.trace else ""
+            if out.outcome == "duplicate":
+                self.metrics.duplicates.inc()
+                self.metrics.rejected.labels(reason="replay").inc()
+                detail = f"({item.sender}, {item.seq}) is already stored"
+                ev = self.rejections.record(
+                    now, source=item.sender, reason="replay", topic=item.topic, detail=detail, seq=item.seq
+                )
+                if ev is not None:
+                    events.append(ev)
+                log.debug("duplicate %s from=%s seq=%d%s", item.topic, item.sender, item.seq, trace)
+                results[p.index] = IngestResult("duplicate", reason="replay", detail=detail, **base)
+                continue
+            if p.invalid is not None:
+                self.metrics.rejected.labels(reason="malformed").inc()
+                ev = self.rejections.record(
+                    now, source=item.sender, reason="malformed", topic=item.topic, detail=p.invalid, seq=item.seq
+                )
+                if ev is not None:
+                    events.append(ev)
+                log.info("malformed body %s from=%s seq=%d%s: %s", item.topic, item.sender, item.seq, trace, p.invalid)
+                results[p.index] = IngestResult("rejected", reason="malformed", detail=p.invalid, **base)
+                continue
+            log.debug("stored %s from=%s seq=%d kind=%s%s", item.topic, item.sender, item.seq, item.kind, trace)
+            results[p.index] = IngestResult("stored", **base)
+            if item.readings:
+                self.metrics.readings.inc(len(item.readings))
+                batch.changes.append(
+                    change(
+                        "telemetry",
+                        {
+                            "node": item.sender,
+                            "stream": item.stream,
+                            "seq": item.seq,
+                            "items": [
+                                {"ts": r.ts, "seq": item.seq, "idx": i, "stream": item.stream, "values": r.values}
+                                for i, r in enumerate(item.readings)
+                            ],
+                        },
+                    )
+                )
+            if item.event is not None:
+                batch.changes.append(change("event", {"id": None, **_new_event_view(item.event)}))
+            if out.node_changed:
+                changed_nodes.append(item.sender)
+                st = item.status
+                if st is not None and st.kind == "birth":
+                    batch.births.append(item.sender)
+                    agent = st.agent or {}
+                    events.append(
+                        NewEvent(
+                            ts=received,
+                            source=item.sender,
+                            type="node.online",
+                            severity="info",
+                            message=f"{item.sender} connected"
+                            + (f" ({agent.get('kind')} agent {agent.get('version')})" if agent else ""),
+                            data={"seq": item.seq, "will_seq": st.will_seq},
+                        )
+                    )
+                elif st is not None and st.kind == "death":
+                    events.append(
+                        NewEvent(
+                            ts=received,
+                            source=item.sender,
+                            type="node.offline",
+                            severity="warning",
+                            message=f"{item.sender} disconnected",
+                            data={"reason": "death", "seq": item.seq},
+                        )
+                    )
+            if out.task_state is not None and item.task is not None:
+                self.metrics.tasks.labels(state=out.task_state).inc()
+                changed_tasks.append(item.task.task_id)
+            elif item.task is not None:
+                log.info(
+                    "task report %s -> %s from %s ignored (unknown task, other target or not allowed now)",
+                    item.task.task_id,
+                    item.task.state,
+                    item.sender,
+                )
+
+        for ev in self.store.add_events(events):
+            batch.changes.append(change("event", event_view(ev)))
+        for node_id in dict.fromkeys(changed_nodes):
+            node = self.store.get_node(node_id)
+            if node is not None:
+                batch.changes.append(change("device", node_view(node)))
+        for task_id in dict.fromkeys(changed_tasks):
+            task = self.store.get_task(task_id)
+            if task is not None:
+                batch.changes.append(change("task", task_view(task)))
+        if changed_nodes:
+            self._update_online_gauge()
+        batch.results = [r for r in results if r is not None]
+        return batch
+
+    def _open(self, topic: str, payload: bytes) -> Opened:
+        try:
+            return self.endpoint.open(payload, topic)
+        except ForgedEnvelope as exc:
+            # The sender's key may have been rotated since the cache was filled: reload and retry once.
+            if exc.sender is not None and self.directory.refresh():
+                return self.endpoint.open(payload, topic)
+            raise
+
+    def _prepare(self, index: int, topic: str, payload: bytes, received: int) -> _Prepared:
+        if not isinstance(payload, bytes | bytearray):
+            raise MalformedEnvelope("payload is not bytes")
+        opened = self._open(topic, bytes(payload))
+        h = opened.header
+        kw = {"sender": h.sender, "seq": h.seq}
+        # rule 7: uplink topic names the sender, on the sender's registered site, on the kind's channel
+        try:
+            parts = topics.parse(topic)
+        except TopicError as exc:
+            raise TopicMismatch(str(exc), **kw) from None
+        if not parts.uplink:
+            raise TopicMismatch(f"{topic!r} is not an uplink topic", **kw)
+        if parts.node != h.sender:
+            raise TopicMismatch(f"topic node {parts.node!r} is not the sender {h.sender!r}", **kw)
+        entry = self.directory.get(h.sender)
+        if entry is None:  # it opened, so it was registered a moment ago; removed since
+            raise UnknownSender(f"sender {h.sender!r} is not registered", **kw)
+        if parts.site != entry.site:
+            raise TopicMismatch(
+                f"topic site {parts.site!r} is not {h.sender!r}'s registered site {entry.site!r}", **kw
+            )
+        if h.kind not in UPLINK_KINDS or KINDS[h.kind] != parts.channel:
+            raise TopicMismatch(f"a {h.kind!r} message does not belong on channel {parts.channel!r}", **kw)
+
+        item = IngestItem(
+            sender=h.sender,
+            seq=h.seq,
+            msg_id=h.msg_id,
+            kind=h.kind,
+            topic=topic,
+            ts=h.ts,
+            received=received,
+            trace=h.trace,
+        )
+        invalid = None
+        try:
+            item = self._effects(item, parts, opened.body, received)
+        except BodyError as exc:
+            invalid = str(exc)
+        return _Prepared(index, item, parts.site, invalid)
+
+    def _effects(self, item: IngestItem, parts: topics.TopicParts, body: Any, received: int) -> IngestItem:
+        if not _is_map(body):
+            raise BodyError(f"{item.kind} body must be a map with text keys, got {type(body).__name__}")
+        if item.kind in ("birth", "status", "death"):
+            state = body.get("state", "offline" if item.kind == "death" else "online")
+            if state not in ("online", "offline"):
+                raise BodyError(f"status field 'state' must be 'online' or 'offline', got {state!r}")
+            will_seq = body.get("will_seq")
+            if will_seq is not None and not _uint(will_seq):
+                raise BodyError("status field 'will_seq' must be an unsigned integer")
+            agent = body.get("agent")
+            if agent is not None and not _is_map(agent):
+                raise BodyError("status field 'agent' must be a map")
+            online = item.kind != "death" and state == "online"
+            update = StatusUpdate(
+                kind=item.kind,  # type: ignore[arg-type]
+                online=online,
+                body=body,
+                will_seq=will_seq if item.kind == "birth" else None,
+                agent=agent,
+            )
+            return replace(item, status=update)
+        if item.kind == "telemetry":
+            stream = body.get("stream")
+            if stream != parts.sub:
+                raise BodyError(f"telemetry stream {stream!r} is not the topic's stream {parts.sub!r}")
+            readings = body.get("readings")
+            if not isinstance(readings, list):
+                raise BodyError("telemetry field 'readings' must be an array")
+            out = []
+            for n, r in enumerate(readings):
+                if not _is_map(r) or not _uint(r.get("ts")) or not _is_map(r.get("values")):
+                    raise BodyError(f"reading {n} must be a map with 'ts' (uint ms) and 'values' (map)")
+                for name, v in r["values"].items():
+                    if not (_is_number(v) or isinstance(v, str)):
+                        raise BodyError(
+                            f"reading {n} value {name!r} must be a finite number, text or bool, got {type(v).__name__}"
+                        )
+                out.append(Reading(ts=r["ts"], values=r["values"]))
+            return replace(item, stream=stream, readings=tuple(out))
+        if item.kind == "event":
+            etype, severity, message = body.get("type"), body.get("severity", "info"), body.get("message", "")
+            data = body.get("data", {})
+            if etype != parts.sub:
+                raise BodyError(f"event type {etype!r} is not the topic's event type {parts.sub!r}")
+            if severity not in SEVERITIES:
+                raise BodyError(f"event severity must be one of {SEVERITIES}, got {severity!r}")
+            if not isinstance(message, str):
+                raise BodyError("event field 'message' must be text")
+            if data is None:
+                data = {}
+            if not _is_map(data):
+                raise BodyError("event field 'data' must be a map")
+            data = json.loads(to_json(data) or "{}")  # bytes become base64: JSON-safe for the API
+            ts = item.ts if item.ts > 0 else received
+            return replace(
+                item,
+                event=NewEvent(ts=ts, source=item.sender, type=etype, severity=severity, message=message, data=data),
+            )
+        if item.kind == "task_result":
+            task_id, state = body.get("task_id"), body.get("state")
+            if not isinstance(task_id, str) or not task_id:
+                raise BodyError("task_result field 'task_id' must be non-empty text")
+            if state not in REPORTED_TASK_STATES:
+                raise BodyError(f"task_result state must be one of {REPORTED_TASK_STATES}, got {state!r}")
+            error = body.get("error")
+            if error is not None and not isinstance(error, str):
+                raise BodyError("task_result field 'error' must be text or null")
+            for name in ("started", "finished"):
+                if body.get(name) is not None and not _uint(body[name]):
+                    raise BodyError(f"task_result field {name!r} must be uint ms or null")
+            return replace(
+                item,
+                task=TaskReport(
+                    task_id=task_id,
+                    state=state,
+                    result=body.get("result"),
+                    error=error,
+                    started=body.get("started"),
+                    finished=body.get("finished"),
+                ),
+            )
+        raise BodyError(f"kind {item.kind!r} is not an uplink kind")  # unreachable: rule 7 checked it
+
+
+def _new_event_view(e: NewEvent) -> dict[str, Any]:
+    return {
+        "ts": e.ts,
+        "source": e.source,
+        "type": e.type,
+        "severity": e.severity,
+        "message": e.message,
+        "data": e.data,
+    }

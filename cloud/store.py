@@ -1,0 +1,944 @@
+"""The cloud's storage: one repository interface (:class:`Store`) and its SQLite implementation.
+
+Ingest and the REST API talk only to :class:`Store`, so a server database can replace SQLite
+without touching them. :class:`SqliteStore` keeps everything in one WAL-mode file written with
+sqlite-utils; every write method commits before it returns, and :meth:`Store.ingest_batch`
+writes a whole batch of opened messages in one transaction. ``messages`` has the primary key
+``(sender, seq)``: that key is what makes ingest exactly-once however often a gateway redelivers.
+
+All timestamps are integer milliseconds since the Unix epoch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import sqlite_utils
+
+from cwsnet.identity import public_key_from_b64
+from cwsnet.topics import check_name
+
+ROLES = ("device", "gateway", "cloud", "app")
+TASK_STATES = ("queued", "running", "succeeded", "failed", "expired", "cancelled")
+TERMINAL_TASK_STATES = frozenset({"succeeded", "failed", "expired", "cancelled"})
+
+#: Allowed task transitions: new state -> the states it may be entered from. A report that is not
+#: allowed (a late ``running`` after ``succeeded``, a second result) leaves the task as it is.
+TASK_TRANSITIONS: dict[str, frozenset[str]] = {
+    "running": frozenset({"queued"}),
+    "succeeded": frozenset({"queued", "running"}),
+    "failed": frozenset({"queued", "running"}),
+    "expired": frozenset({"queued", "running"}),
+    "cancelled": frozenset({"queued"}),
+}
+
+Outcome = Literal["stored", "duplicate"]
+T = TypeVar("T")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return repr(value)
+
+
+def to_json(value: Any) -> str | None:
+    """Encode a CBOR-decoded value as JSON text (bytes become base64); ``None`` stays NULL."""
+    if value is None:
+        return None
+    return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False)
+
+
+def _from_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A registered node (device, gateway, the cloud itself, an app) and its latest known state."""
+
+    id: str
+    site: str
+    role: str
+    public_key: str
+    created: int
+    online: bool = False
+    last_seen: int | None = None
+    last_status: dict[str, Any] | None = None
+    birth_seq: int | None = None
+    will_seq: int | None = None
+    status_seq: int | None = None
+    agent: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKey:
+    """What a receiver needs to authenticate a node: its site, role and public key (base64)."""
+
+    site: str
+    role: str
+    public_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryRow:
+    sender: str
+    seq: int
+    idx: int
+    stream: str
+    ts: int
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    ts: int
+    source: str | None
+    type: str
+    severity: str
+    message: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to be recorded (the store assigns its id)."""
+
+    ts: int
+    source: str | None
+    type: str
+    severity: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: str
+    target: str
+    handler: str
+    args: dict[str, Any]
+    state: str
+    created: int
+    updated: int
+    result: Any = None
+    error: str | None = None
+    started: int | None = None
+    finished: int | None = None
+    deadline: int | None = None
+    dispatched: int | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    total: int
+
+
+# -- what ingest hands the store ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """Effect of a ``birth``/``status``/``death`` message on the sender's registry row.
+
+    A birth or status applies only if its ``seq`` is newer than the last applied status; a death
+    applies if its ``seq`` is the ``will_seq`` announced by the node's latest birth or newer than the
+    last applied status (a stale will from an earlier connection is stored but changes nothing).
+    """
+
+    kind: Literal["birth", "status", "death"]
+    online: bool
+    body: dict[str, Any]
+    will_seq: int | None = None
+    agent: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    ts: int
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReport:
+    task_id: str
+    state: str
+    result: Any = None
+    error: str | None = None
+    started: int | None = None
+    finished: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestItem:
+    """One authenticated message and what storing it changes. Effects apply only if it is new."""
+
+    sender: str
+    seq: int
+    msg_id: str
+    kind: str
+    topic: str
+    ts: int
+    received: int
+    trace: str | None = None
+    status: StatusUpdate | None = None
+    stream: str | None = None
+    readings: tuple[Reading, ...] = ()
+    event: NewEvent | None = None
+    task: TaskReport | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOutcome:
+    """What :meth:`Store.ingest_batch` did with one item.
+
+    ``outcome`` is ``"stored"`` or ``"duplicate"`` (``(sender, seq)`` was already stored);
+    ``node_changed`` says a status effect changed the registry row; ``task_state`` is the task's
+    new state when a task report moved it.
+    """
+
+    outcome: Outcome
+    node_changed: bool = False
+    task_state: str | None = None
+
+
+# -- the interface ------------------------------------------------------------------------------
+
+
+class Store(Protocol):
+    """Every storage operation the cloud's ingest, API, dispatcher and CLI use."""
+
+    def close(self) -> None: ...
+
+    def ping(self) -> None:
+        """Raise if the database cannot answer a trivial query."""
+        ...
+
+    # registry
+    def upsert_node(self, node_id: str, *, site: str, role: str, public_key: str) -> Node:
+        """Register a node or update its site, role and public key (base64 X25519); its state is kept.
+
+        Raises ``TopicError`` (a ``ValueError``) for a bad node or site name, ``ValueError`` for an
+        unknown role, ``ConfigError`` for a public key that is not 32 bytes of base64.
+        """
+        ...
+
+    def delete_node(self, node_id: str) -> bool: ...
+
+    def get_node(self, node_id: str) -> Node | None: ...
+
+    def list_nodes(
+        self,
+        *,
+        role: str | None = None,
+        site: str | None = None,
+        online: bool | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Page[Node]: ...
+
+    def count_nodes(self, *, role: str | None = None, online: bool | None = None) -> int: ...
+
+    def node_keys(self) -> dict[str, str]:
+        """``{node id: base64 public key}`` for every registered node."""
+        ...
+
+    def node_directory(self) -> dict[str, NodeKey]: ...
+
+    def mark_offline(self, *, seen_before: int, roles: Sequence[str] = ("device", "gateway")) -> list[str]:
+        """Mark online nodes whose ``last_seen`` is older than ``seen_before`` offline; return their ids."""
+        ...
+
+    # ingest
+    def ingest_batch(self, items: Sequence[IngestItem]) -> list[IngestOutcome]:
+        """Store a batch in one transaction, skipping ``(sender, seq)`` already present; commit."""
+        ...
+
+    def telemetry(self, node: str, *, limit: int = 100, stream: str | None = None) -> list[TelemetryRow]: ...
+
+    def message_count(self, sender: str | None = None) -> int: ...
+
+    # events
+    def add_event(
+        self,
+        type: str,
+        message: str,
+        *,
+        source: str | None = None,
+        severity: str = "info",
+        data: dict[str, Any] | None = None,
+        ts: int | None = None,
+    ) -> Event: ...
+
+    def add_events(self, events: Sequence[NewEvent]) -> list[Event]: ...
+
+    def list_events(self, *, limit: int = 100, offset: int = 0, since: int | None = None) -> Page[Event]: ...
+
+    def prune_events(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` events; return how many were deleted."""
+        ...
+
+    # tasks
+    def create_task(
+        self,
+        *,
+        target: str,
+        handler: str,
+        args: dict[str, Any],
+        deadline: int | None = None,
+        task_id: str | None = None,
+        now: int | None = None,
+    ) -> Task: ...
+
+    def get_task(self, task_id: str) -> Task | None: ...
+
+    def update_task(
+        self,
+        task_id: str,
+        state: str,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        started: int | None = None,
+        finished: int | None = None,
+        target: str | None = None,
+        now: int | None = None,
+    ) -> tuple[Task | None, bool]:
+        """Move a task to ``state`` if :data:`TASK_TRANSITIONS` allows it; return (task, moved)."""
+        ...
+
+    def mark_dispatched(self, task_id: str, *, now: int | None = None) -> None: ...
+
+    def list_tasks(
+        self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None
+    ) -> Page[Task]: ...
+
+    def queued_tasks_for(self, node: str) -> list[Task]: ...
+
+    def overdue_tasks(self, now: int) -> list[Task]:
+        """Queued tasks whose deadline has passed."""
+        ...
+
+    # counters
+    def get_counter(self, name: str) -> int | None: ...
+
+    def set_counter(self, name: str, value: int) -> None:
+        """Durably store ``value`` (committed before returning)."""
+        ...
+
+
+# -- SQLite ---------------------------------------------------------------------------------------
+
+
+class SqliteStore(Store):
+    """:class:`Store` on one SQLite file (WAL, ``synchronous=FULL``), via sqlite-utils.
+
+    ``synchronous=FULL`` because the cloud acknowledges a message to its gateway as soon as the
+    batch commits, and the gateway then deletes its copy: a commit must survive a power cut, not
+    only a process crash. Batching (up to a few hundred messages per commit) pays for the fsync.
+
+    Thread-safe: one connection guarded by a lock, so the event loop, ``asyncio.to_thread``
+    workers and a TestClient thread may share a store.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=busy_timeout_ms / 1000)
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        if str(path) != ":memory:":
+            self.db.enable_wal()
+        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        self._create_schema()
+
+    # schema ------------------------------------------------------------------------------------
+
+    def _create_schema(self) -> None:
+        db = self.db
+        with self._lock, db.atomic():
+            db["nodes"].create(
+                {
+                    "id": str,
+                    "site": str,
+                    "role": str,
+                    "public_key": str,
+                    "created": int,
+                    "online": int,
+                    "last_seen": int,
+                    "last_status": str,
+                    "birth_seq": int,
+                    "will_seq": int,
+                    "status_seq": int,
+                    "agent": str,
+                },
+                pk="id",
+                not_null=["site", "role", "public_key", "created", "online"],
+                defaults={"online": 0},
+                if_not_exists=True,
+            )
+            db["nodes"].create_index(["site"], if_not_exists=True)
+            db["nodes"].create_index(["role", "online"], if_not_exists=True)
+            db["messages"].create(
+                {
+                    "sender": str,
+                    "seq": int,
+                    "msg_id": str,
+                    "kind": str,
+                    "topic": str,
+                    "ts": int,
+                    "received": int,
+                    "trace": str,
+                },
+                pk=("sender", "seq"),  # the exactly-once key: UNIQUE(sender, seq)
+                not_null=["msg_id", "kind", "topic", "ts", "received"],
+                if_not_exists=True,
+            )
+            db["telemetry"].create(
+                {"sender": str, "seq": int, "idx": int, "stream": str, "ts": int, "values": str},
+                pk=("sender", "seq", "idx"),
+                not_null=["stream", "ts", "values"],
+                if_not_exists=True,
+            )
+            db["telemetry"].create_index(["sender", "ts"], if_not_exists=True)
+            db["events"].create(
+                {
+                    "id": int,
+                    "ts": int,
+                    "source": str,
+                    "type": str,
+                    "severity": str,
+                    "message": str,
+                    "data": str,
+                },
+                pk="id",
+                not_null=["ts", "type", "severity", "message"],
+                if_not_exists=True,
+            )
+            db["events"].create_index(["ts"], if_not_exists=True)
+            db["tasks"].create(
+                {
+                    "id": str,
+                    "target": str,
+                    "handler": str,
+                    "args": str,
+                    "state": str,
+                    "result": str,
+                    "error": str,
+                    "created": int,
+                    "updated": int,
+                    "started": int,
+                    "finished": int,
+                    "deadline": int,
+                    "dispatched": int,
+                    "attempts": int,
+                },
+                pk="id",
+                not_null=["target", "handler", "args", "state", "created", "updated", "attempts"],
+                defaults={"attempts": 0},
+                if_not_exists=True,
+            )
+            db["tasks"].create_index(["target", "state"], if_not_exists=True)
+            db["tasks"].create_index(["created"], if_not_exists=True)
+            db["counters"].create({"name": str, "value": int}, pk="name", not_null=["value"], if_not_exists=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def ping(self) -> None:
+        with self._lock:
+            self.db.conn.execute("select count(*) from nodes").fetchone()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self.db.conn.execute(sql, list(params))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self._lock:
+            row = self.db.conn.execute(sql, list(params)).fetchone()
+            return None if row is None else row[0]
+
+    # registry ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _node(row: dict[str, Any]) -> Node:
+        return Node(
+            id=row["id"],
+            site=row["site"],
+            role=row["role"],
+            public_key=row["public_key"],
+            created=row["created"],
+            online=bool(row["online"]),
+            last_seen=row["last_seen"],
+            last_status=_from_json(row["last_status"]),
+            birth_seq=row["birth_seq"],
+            will_seq=row["will_seq"],
+            status_seq=row["status_seq"],
+            agent=_from_json(row["agent"]),
+        )
+
+    def upsert_node(self, node_id: str, *, site: str, role: str, public_key: str) -> Node:
+        check_name(node_id, "node id")
+        check_name(site, "site")
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {ROLES}")
+        public_key_from_b64(public_key, f"node {node_id!r}: public_key")  # ConfigError if not 32 bytes b64
+        with self._lock, self.db.atomic():
+            self.db.conn.execute(
+                "insert into nodes (id, site, role, public_key, created, online) values (?, ?, ?, ?, ?, 0) "
+                "on conflict(id) do update set site = excluded.site, role = excluded.role, "
+                "public_key = excluded.public_key",
+                [node_id, site, role, public_key, now_ms()],
+            )
+        node = self.get_node(node_id)
+        assert node is not None
+        return node
+
+    def delete_node(self, node_id: str) -> bool:
+        with self._lock, self.db.atomic():
+            return self.db.conn.execute("delete from nodes where id = ?", [node_id]).rowcount > 0
+
+    def get_node(self, node_id: str) -> Node | None:
+        rows = self._rows("select * from nodes where id = ?", [node_id])
+        return self._node(rows[0]) if rows else None
+
+    @staticmethod
+    def _node_filter(role: str | None, site: str | None, online: bool | None) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if role is not None:
+            clauses.append("role = ?")
+            params.append(role)
+        if site is not None:
+            clauses.append("site = ?")
+            params.append(site)
+        if online is not None:
+            clauses.append("online = ?")
+            params.append(1 if online else 0)
+        return (" where " + " and ".join(clauses) if clauses else ""), params
+
+    def list_nodes(
+        self,
+        *,
+        role: str | None = None,
+        site: str | None = None,
+        online: bool | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Page[Node]:
+        where, params = self._node_filter(role, site, online)
+        with self._lock:
+            total = self._scalar(f"select count(*) from nodes{where}", params)
+            rows = self._rows(f"select * from nodes{where} order by id limit ? offset ?", [*params, limit, offset])
+        return Page([self._node(r) for r in rows], int(total))
+
+    def count_nodes(self, *, role: str | None = None, online: bool | None = None) -> int:
+        where, params = self._node_filter(role, None, online)
+        return int(self._scalar(f"select count(*) from nodes{where}", params))
+
+    def node_keys(self) -> dict[str, str]:
+        return {r["id"]: r["public_key"] for r in self._rows("select id, public_key from nodes")}
+
+    def node_directory(self) -> dict[str, NodeKey]:
+        return {
+            r["id"]: NodeKey(r["site"], r["role"], r["public_key"])
+            for r in self._rows("select id, site, role, public_key from nodes")
+        }
+
+    def mark_offline(self, *, seen_before: int, roles: Sequence[str] = ("device", "gateway")) -> list[str]:
+        marks = ",".join("?" for _ in roles)
+        with self._lock, self.db.atomic():
+            rows = self.db.conn.execute(
+                f"update nodes set online = 0 where online = 1 and role in ({marks}) "
+                "and (last_seen is null or last_seen < ?) returning id",
+                [*roles, seen_before],
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    # ingest ------------------------------------------------------------------------------------
+
+    def ingest_batch(self, items: Sequence[IngestItem]) -> list[IngestOutcome]:
+        outcomes: list[IngestOutcome] = []
+        if not items:
+            return outcomes
+        with self._lock, self.db.atomic():
+            conn = self.db.conn
+            telemetry_rows: list[dict[str, Any]] = []
+            for item in items:
+                cur = conn.execute(
+                    "insert or ignore into messages (sender, seq, msg_id, kind, topic, ts, received, trace) "
+                    "values (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [item.sender, item.seq, item.msg_id, item.kind, item.topic, item.ts, item.received, item.trace],
+                )
+                if cur.rowcount == 0:
+                    outcomes.append(IngestOutcome("duplicate"))
+                    continue
+                conn.execute(
+                    "update nodes set last_seen = max(coalesce(last_seen, 0), ?) where id = ?",
+                    [item.received, item.sender],
+                )
+                node_changed = False
+                task_state = None
+                if item.status is not None:
+                    node_changed = self._apply_status(conn, item)
+                for idx, reading in enumerate(item.readings):
+                    telemetry_rows.append(
+                        {
+                            "sender": item.sender,
+                            "seq": item.seq,
+                            "idx": idx,
+                            "stream": item.stream or "",
+                            "ts": reading.ts,
+                            "values": to_json(reading.values),
+                        }
+                    )
+                if item.event is not None:
+                    self._insert_events(conn, [item.event])
+                if item.task is not None:
+                    t = item.task
+                    moved = self._transition(
+                        conn,
+                        t.task_id,
+                        t.state,
+                        result=t.result,
+                        error=t.error,
+                        started=t.started,
+                        finished=t.finished,
+                        target=item.sender,
+                        now=item.received,
+                    )
+                    task_state = t.state if moved else None
+                outcomes.append(IngestOutcome("stored", node_changed=node_changed, task_state=task_state))
+            if telemetry_rows:
+                self.db["telemetry"].insert_all(telemetry_rows, ignore=True, batch_size=500)
+        return outcomes
+
+    @staticmethod
+    def _apply_status(conn: sqlite3.Connection, item: IngestItem) -> bool:
+        st = item.status
+        assert st is not None
+        body = to_json(st.body)
+        agent = to_json(st.agent)
+        if st.kind == "death":
+            cur = conn.execute(
+                "update nodes set online = 0, last_status = ?, status_seq = max(coalesce(status_seq, -1), ?) "
+                "where id = ? and (will_seq = ? or status_seq is null or status_seq < ?)",
+                [body, item.seq, item.sender, item.seq, item.seq],
+            )
+        elif st.kind == "birth":
+            cur = conn.execute(
+                "update nodes set online = ?, last_status = ?, status_seq = ?, birth_seq = ?, "
+                "will_seq = ?, agent = coalesce(?, agent) "
+                "where id = ? and (status_seq is null or status_seq < ?)",
+                [int(st.online), body, item.seq, item.seq, st.will_seq, agent, item.sender, item.seq],
+            )
+        else:
+            cur = conn.execute(
+                "update nodes set online = ?, last_status = ?, status_seq = ?, agent = coalesce(?, agent) "
+                "where id = ? and (status_seq is null or status_seq < ?)",
+                [int(st.online), body, item.seq, agent, item.sender, item.seq],
+            )
+        return cur.rowcount > 0
+
+    @staticmethod
+    def _insert_events(conn: sqlite3.Connection, events: Iterable[NewEvent]) -> list[int]:
+        ids = []
+        for e in events:
+            cur = conn.execute(
+                "insert into events (ts, source, type, severity, message, data) values (?, ?, ?, ?, ?, ?)",
+                [e.ts, e.source, e.type, e.severity, e.message, to_json(e.data or {})],
+            )
+            ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def telemetry(self, node: str, *, limit: int = 100, stream: str | None = None) -> list[TelemetryRow]:
+        sql = "select * from telemetry where sender = ?"
+        params: list[Any] = [node]
+        if stream is not None:
+            sql += " and stream = ?"
+            params.append(stream)
+        sql += " order by ts desc, seq desc, idx desc limit ?"
+        params.append(limit)
+        return [
+            TelemetryRow(r["sender"], r["seq"], r["idx"], r["stream"], r["ts"], json.loads(r["values"]))
+            for r in self._rows(sql, params)
+        ]
+
+    def message_count(self, sender: str | None = None) -> int:
+        if sender is None:
+            return int(self._scalar("select count(*) from messages"))
+        return int(self._scalar("select count(*) from messages where sender = ?", [sender]))
+
+    # events ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _event(row: dict[str, Any]) -> Event:
+        return Event(
+            id=row["id"],
+            ts=row["ts"],
+            source=row["source"],
+            type=row["type"],
+            severity=row["severity"],
+            message=row["message"],
+            data=_from_json(row["data"]) or {},
+        )
+
+    def add_event(
+        self,
+        type: str,
+        message: str,
+        *,
+        source: str | None = None,
+        severity: str = "info",
+        data: dict[str, Any] | None = None,
+        ts: int | None = None,
+    ) -> Event:
+        ev = NewEvent(ts if ts is not None else now_ms(), source, type, severity, message, data or {})
+        return self.add_events([ev])[0]
+
+    def add_events(self, events: Sequence[NewEvent]) -> list[Event]:
+        if not events:
+            return []
+        with self._lock, self.db.atomic():
+            ids = self._insert_events(self.db.conn, events)
+        return [
+            Event(i, e.ts, e.source, e.type, e.severity, e.message, json.loads(to_json(e.data or {}) or "{}"))
+            for i, e in zip(ids, events, strict=True)
+        ]
+
+    def list_events(self, *, limit: int = 100, offset: int = 0, since: int | None = None) -> Page[Event]:
+        where, params = ("", []) if since is None else (" where ts >= ?", [since])
+        with self._lock:
+            total = self._scalar(f"select count(*) from events{where}", params)
+            rows = self._rows(
+                f"select * from events{where} order by ts desc, id desc limit ? offset ?", [*params, limit, offset]
+            )
+        return Page([self._event(r) for r in rows], int(total))
+
+    def prune_events(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` events; return how many were deleted."""
+        with self._lock, self.db.atomic():
+            return self.db.conn.execute(
+                "delete from events where id <= coalesce((select id from events order by id desc "
+                "limit 1 offset ?), -1)",
+                [keep],
+            ).rowcount
+
+    # tasks -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _task(row: dict[str, Any]) -> Task:
+        return Task(
+            id=row["id"],
+            target=row["target"],
+            handler=row["handler"],
+            args=_from_json(row["args"]) or {},
+            state=row["state"],
+            created=row["created"],
+            updated=row["updated"],
+            result=_from_json(row["result"]),
+            error=row["error"],
+            started=row["started"],
+            finished=row["finished"],
+            deadline=row["deadline"],
+            dispatched=row["dispatched"],
+            attempts=row["attempts"] or 0,
+        )
+
+    def create_task(
+        self,
+        *,
+        target: str,
+        handler: str,
+        args: dict[str, Any],
+        deadline: int | None = None,
+        task_id: str | None = None,
+        now: int | None = None,
+    ) -> Task:
+        ts = now if now is not None else now_ms()
+        tid = task_id or uuid.uuid4().hex
+        with self._lock, self.db.atomic():
+            self.db["tasks"].insert(
+                {
+                    "id": tid,
+                    "target": target,
+                    "handler": handler,
+                    "args": to_json(args),
+                    "state": "queued",
+                    "created": ts,
+                    "updated": ts,
+                    "deadline": deadline,
+                    "attempts": 0,
+                }
+            )
+        task = self.get_task(tid)
+        assert task is not None
+        return task
+
+    def get_task(self, task_id: str) -> Task | None:
+        rows = self._rows("select * from tasks where id = ?", [task_id])
+        return self._task(rows[0]) if rows else None
+
+    @staticmethod
+    def _transition(
+        conn: sqlite3.Connection,
+        task_id: str,
+        state: str,
+        *,
+        result: Any,
+        error: str | None,
+        started: int | None,
+        finished: int | None,
+        target: str | None,
+        now: int,
+    ) -> bool:
+        if state not in TASK_TRANSITIONS:
+            raise ValueError(f"task state {state!r} is not one of {tuple(TASK_TRANSITIONS)}")
+        sources = sorted(TASK_TRANSITIONS[state])
+        marks = ",".join("?" for _ in sources)
+        sql = (
+            "update tasks set state = ?, result = coalesce(?, result), error = coalesce(?, error), "
+            "started = coalesce(?, started), finished = coalesce(?, finished), updated = ? "
+            f"where id = ? and state in ({marks})"
+        )
+        params: list[Any] = [state, to_json(result), error, started, finished, now, task_id, *sources]
+        if target is not None:
+            sql += " and target = ?"
+            params.append(target)
+        return conn.execute(sql, params).rowcount > 0
+
+    def update_task(
+        self,
+        task_id: str,
+        state: str,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        started: int | None = None,
+        finished: int | None = None,
+        target: str | None = None,
+        now: int | None = None,
+    ) -> tuple[Task | None, bool]:
+        with self._lock:
+            with self.db.atomic():
+                moved = self._transition(
+                    self.db.conn,
+                    task_id,
+                    state,
+                    result=result,
+                    error=error,
+                    started=started,
+                    finished=finished,
+                    target=target,
+                    now=now if now is not None else now_ms(),
+                )
+            return self.get_task(task_id), moved
+
+    def mark_dispatched(self, task_id: str, *, now: int | None = None) -> None:
+        with self._lock, self.db.atomic():
+            self.db.conn.execute(
+                "update tasks set dispatched = ?, attempts = attempts + 1 where id = ?",
+                [now if now is not None else now_ms(), task_id],
+            )
+
+    def list_tasks(
+        self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None
+    ) -> Page[Task]:
+        clauses, params = [], []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)
+        if target is not None:
+            clauses.append("target = ?")
+            params.append(target)
+        where = " where " + " and ".join(clauses) if clauses else ""
+        with self._lock:
+            total = self._scalar(f"select count(*) from tasks{where}", params)
+            rows = self._rows(
+                f"select * from tasks{where} order by created desc, id limit ? offset ?", [*params, limit, offset]
+            )
+        return Page([self._task(r) for r in rows], int(total))
+
+    def queued_tasks_for(self, node: str) -> list[Task]:
+        rows = self._rows("select * from tasks where target = ? and state = 'queued' order by created, id", [node])
+        return [self._task(r) for r in rows]
+
+    def overdue_tasks(self, now: int) -> list[Task]:
+        rows = self._rows(
+            "select * from tasks where state = 'queued' and deadline is not null and deadline < ? order by created",
+            [now],
+        )
+        return [self._task(r) for r in rows]
+
+    # counters ----------------------------------------------------------------------------------
+
+    def get_counter(self, name: str) -> int | None:
+        value = self._scalar("select value from counters where name = ?", [name])
+        return None if value is None else int(value)
+
+    def set_counter(self, name: str, value: int) -> None:
+        with self._lock, self.db.atomic():
+            self.db["counters"].upsert({"name": name, "value": int(value)}, pk="name")
+
+
+def import_registry(store: Store, path: str | Path) -> list[Node]:
+    """Register every node listed in a registry file (as written by ``cwsnet init``).
+
+    The file is a JSON array of ``{"id", "site", "role", "public_key"}`` objects; each is passed to
+    :meth:`Store.upsert_node`, so importing the same file again is harmless and a rotated key
+    replaces the old one. Raises ``ConfigError`` naming the file and the entry at fault.
+    """
+    from cwsnet.errors import ConfigError, CwsError
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: registry file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the registry file: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: registry is not valid JSON: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{p}: the registry must be a JSON array of nodes")
+    nodes = []
+    for i, entry in enumerate(data):
+        where = f"{p}: entry {i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be an object with id, site, role and public_key")
+        missing = [k for k in ("id", "site", "role", "public_key") if not isinstance(entry.get(k), str)]
+        if missing:
+            raise ConfigError(f"{where}: missing or non-text field(s) {', '.join(missing)}")
+        try:
+            nodes.append(
+                store.upsert_node(entry["id"], site=entry["site"], role=entry["role"], public_key=entry["public_key"])
+            )
+        except (CwsError, ValueError) as exc:
+            raise ConfigError(f"{where} ({entry['id']!r}): {exc}") from None
+    return nodes
+

@@ -1,0 +1,64 @@
+"""The JSON shapes the cloud shows the outside world: REST responses and live-stream changes.
+
+One function per record, used by both the API (whose pydantic models mirror these shapes) and the
+change notifications ingest produces, so the console sees the same object from either path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cloud.store import Event, Node, Task, TelemetryRow
+
+
+def node_view(node: Node) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "site": node.site,
+        "role": node.role,
+        "online": node.online,
+        "last_seen": node.last_seen,
+        "created": node.created,
+        "status": node.last_status or {},
+        "agent": node.agent,
+    }
+
+
+def telemetry_view(row: TelemetryRow) -> dict[str, Any]:
+    return {"ts": row.ts, "seq": row.seq, "idx": row.idx, "stream": row.stream, "values": row.values}
+
+
+def event_view(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "ts": event.ts,
+        "source": event.source,
+        "type": event.type,
+        "severity": event.severity,
+        "message": event.message,
+        "data": event.data,
+    }
+
+
+def task_view(task: Task) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "target": task.target,
+        "handler": task.handler,
+        "args": task.args,
+        "state": task.state,
+        "result": task.result,
+        "error": task.error,
+        "created": task.created,
+        "updated": task.updated,
+        "started": task.started,
+        "finished": task.finished,
+        "deadline": task.deadline,
+        "dispatched": task.dispatched,
+        "attempts": task.attempts,
+    }
+
+
+def change(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A live-stream change: ``{"type": kind, kind: payload}``, e.g. ``{"type": "device", "device": {...}}``."""
+    return {"type": kind, kind: payload}

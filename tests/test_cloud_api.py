@@ -1,0 +1,295 @@
+"""cloud.api in-process through ``httpx.ASGITransport`` (no sockets); cloud.fanout in memory.
+
+(``starlette.testclient`` with httpx is deprecated in this Starlette, so a small synchronous
+wrapper around an ``httpx.AsyncClient`` on a private event loop stands in for it.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloud.api import CloudState, create_app
+from cloud.fanout import Fanout
+from cloud.metrics import REJECT_REASONS, CloudMetrics
+from cloud.store import IngestItem, Reading, SqliteStore, StatusUpdate
+
+KEY = "A" * 43 + "="
+
+
+class SyncClient:
+    """``TestClient``-like: ``client.get(...)`` runs an ``httpx.AsyncClient`` request to completion."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self._loop = asyncio.new_event_loop()
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        self._client = httpx.AsyncClient(transport=transport, base_url="http://cloud.test")
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        return self._loop.run_until_complete(self._client.request(method, url, **kw))
+
+    def get(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def delete(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kw)
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+
+class FakeDispatcher:
+    def __init__(self) -> None:
+        self.requested: list[str] = []
+
+    def request(self, task_id: str) -> None:
+        self.requested.append(task_id)
+
+
+class Env:
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = SqliteStore(tmp_path / "cloud.db")
+        self.dispatcher = FakeDispatcher()
+        self.broker_up = True
+        self.state = CloudState(
+            store=self.store,
+            metrics=CloudMetrics(),
+            fanout=Fanout(),
+            dispatcher=self.dispatcher,
+            broker_connected=lambda: self.broker_up,
+            clock=lambda: 1_767_225_600.0,
+        )
+        self.client = SyncClient(create_app(self.state))
+        for i in range(5):
+            self.store.upsert_node(f"dev-{i}", site="home" if i < 3 else "lab", role="device", public_key=KEY)
+        self.store.upsert_node("gw-1", site="home", role="gateway", public_key=KEY)
+        self.store.ingest_batch(
+            [
+                IngestItem(
+                    sender="dev-0", seq=2, msg_id="0" * 32, kind="birth", topic="cws/v1/home/dev-0/status",
+                    ts=1, received=1_767_225_600_000,
+                    status=StatusUpdate(
+                        kind="birth", online=True, body={"state": "online", "uptime": 12.5, "cpu": 4.0, "will_seq": 1},
+                        will_seq=1, agent={"version": "0.1.0", "platform": "linux", "kind": "cpython"},
+                    ),
+                ),
+                *(
+                    IngestItem(
+                        sender="dev-0", seq=10 + k, msg_id=f"{k:032x}", kind="telemetry",
+                        topic=f"cws/v1/home/dev-0/telemetry/{stream}", ts=1, received=1, stream=stream,
+                        readings=(Reading(ts=1000 + k, values={"v": k}),),
+                    )
+                    for k, stream in enumerate(["env", "env", "power", "env"])
+                ),
+            ]
+        )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    e = Env(tmp_path)
+    yield e
+    e.client.close()
+    e.store.close()
+
+
+def assert_error(resp: Any, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+    return body["error"]
+
+
+def test_healthz(env: Env) -> None:
+    assert env.client.get("/healthz").json() == {"status": "ok", "broker": "up", "db": "ok"}
+    env.broker_up = False
+    assert env.client.get("/healthz").json()["broker"] == "down"
+    env.store.close()
+    r = env.client.get("/healthz")
+    assert r.status_code == 503 and r.json()["db"] == "error"
+
+
+def test_devices_list_filters_and_paging(env: Env) -> None:
+    r = env.client.get("/api/v1/devices")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["total"] == 5 and body["limit"] == 100 and body["offset"] == 0
+    assert [d["id"] for d in body["items"]] == [f"dev-{i}" for i in range(5)]
+    d0 = body["items"][0]
+    assert d0["online"] is True and d0["site"] == "home" and d0["status"]["uptime"] == 12.5
+    assert d0["agent"]["kind"] == "cpython" and d0["last_seen"] == 1_767_225_600_000
+    assert body["items"][1]["status"] == {} and body["items"][1]["online"] is False
+    page = env.client.get("/api/v1/devices", params={"limit": 2, "offset": 2}).json()
+    assert [d["id"] for d in page["items"]] == ["dev-2", "dev-3"] and page["total"] == 5
+    assert env.client.get("/api/v1/devices", params={"site": "lab"}).json()["total"] == 2
+    assert [d["id"] for d in env.client.get("/api/v1/devices", params={"online": "true"}).json()["items"]] == ["dev-0"]
+    err = assert_error(env.client.get("/api/v1/devices", params={"limit": 0}), 422, "invalid_request")
+    assert err["message"].startswith("query.limit:")
+
+
+def test_device_detail_and_404(env: Env) -> None:
+    assert env.client.get("/api/v1/devices/dev-3").json()["site"] == "lab"
+    err = assert_error(env.client.get("/api/v1/devices/nope"), 404, "not_found")
+    assert "nope" in err["message"]
+    assert_error(env.client.get("/api/v1/devices/gw-1"), 404, "not_found")  # a gateway is not a device
+    assert_error(env.client.get("/api/v1/no/such/route"), 404, "not_found")
+    assert_error(env.client.delete("/api/v1/devices"), 405, "method_not_allowed")
+
+
+def test_gateways(env: Env) -> None:
+    body = env.client.get("/api/v1/gateways").json()
+    assert body["total"] == 1 and body["items"][0]["id"] == "gw-1" and body["items"][0]["role"] == "gateway"
+    assert env.client.get("/api/v1/gateways/gw-1").status_code == 200
+
+
+def test_telemetry(env: Env) -> None:
+    items = env.client.get("/api/v1/devices/dev-0/telemetry").json()["items"]
+    assert [i["seq"] for i in items] == [13, 12, 11, 10]
+    assert set(items[0]) == {"ts", "seq", "idx", "stream", "values"} and items[0]["values"] == {"v": 3}
+    assert len(env.client.get("/api/v1/devices/dev-0/telemetry", params={"limit": 2}).json()["items"]) == 2
+    power = env.client.get("/api/v1/devices/dev-0/telemetry", params={"stream": "power"}).json()["items"]
+    assert [i["stream"] for i in power] == ["power"]
+    assert env.client.get("/api/v1/devices/dev-1/telemetry").json() == {"items": []}
+    assert_error(env.client.get("/api/v1/devices/nope/telemetry"), 404, "not_found")
+
+
+def test_task_create_get_list_cancel(env: Env) -> None:
+    r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": {"x": 1}, "timeout": 30})
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["state"] == "queued" and set(created) == {"id", "state"}
+    assert r.headers["location"] == f"/api/v1/tasks/{created['id']}"
+    assert env.dispatcher.requested == [created["id"]]
+    task = env.client.get(f"/api/v1/tasks/{created['id']}").json()
+    assert {k: task[k] for k in ("id", "target", "handler", "args", "state", "result", "error")} == {
+        "id": created["id"], "target": "dev-1", "handler": "echo", "args": {"x": 1}, "state": "queued",
+        "result": None, "error": None,
+    }
+    assert task["deadline"] == 1_767_225_600_000 + 30_000 and task["created"] == task["updated"]
+    env.client.post("/api/v1/tasks", json={"target": "gw-1", "handler": "sha256"})
+    listing = env.client.get("/api/v1/tasks", params={"limit": 1}).json()
+    assert listing["total"] == 2 and len(listing["items"]) == 1
+    assert env.client.get("/api/v1/tasks", params={"target": "dev-1"}).json()["total"] == 1
+    cancelled = env.client.post(f"/api/v1/tasks/{created['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    assert_error(env.client.post(f"/api/v1/tasks/{created['id']}/cancel"), 409, "conflict")
+    assert_error(env.client.get("/api/v1/tasks/nope"), 404, "not_found")
+    queued = env.state.metrics.registry.get_sample_value("cwsnet_cloud_tasks_total", {"state": "queued"})
+    assert queued == 2
+
+
+def test_task_validation_errors(env: Env) -> None:
+    err = assert_error(env.client.post("/api/v1/tasks", json={"handler": "echo"}), 422, "invalid_request")
+    assert err["message"] == "body.target: field required"
+    assert err["details"][0]["loc"] == ["body", "target"]
+    err = assert_error(
+        env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "timeout": -1}), 422, "invalid_request"
+    )
+    assert err["message"].startswith("body.timeout:")
+    err = assert_error(
+        env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "x", "colour": "red"}), 422, "invalid_request"
+    )
+    assert "body.colour" in err["message"]
+    assert_error(env.client.post("/api/v1/tasks", json={"target": "a/b", "handler": "echo"}), 422, "invalid_request")
+    assert_error(
+        env.client.post("/api/v1/tasks", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+        "invalid_request",
+    )
+    err = assert_error(env.client.post("/api/v1/tasks", json={"target": "ghost", "handler": "echo"}), 404, "not_found")
+    assert "ghost" in err["message"]
+    assert env.dispatcher.requested == []
+
+
+def test_events(env: Env) -> None:
+    for i in range(5):
+        env.store.add_event("node.online", f"dev-{i} connected", source=f"dev-{i}", ts=1000 + i)
+    body = env.client.get("/api/v1/events", params={"limit": 2, "offset": 1}).json()
+    assert body["total"] == 5 and [e["message"] for e in body["items"]] == ["dev-3 connected", "dev-2 connected"]
+    assert set(body["items"][0]) == {"id", "ts", "source", "type", "severity", "message", "data"}
+    assert env.client.get("/api/v1/events", params={"since": 1003}).json()["total"] == 2
+
+
+def test_metrics_parse(env: Env) -> None:
+    env.state.metrics.rejected.labels(reason="forged").inc(3)
+    r = env.client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in (
+        "cwsnet_cloud_messages_received",
+        "cwsnet_cloud_messages_rejected",
+        "cwsnet_cloud_messages_duplicate",
+        "cwsnet_cloud_telemetry_readings",
+        "cwsnet_cloud_ingest_seconds",
+        "cwsnet_cloud_acks_sent",
+        "cwsnet_cloud_devices_online",
+        "cwsnet_cloud_tasks",
+        "cwsnet_cloud_broker_connected",
+    ):
+        assert name in families, name
+    rejected = {
+        s.labels["reason"]: s.value for s in families["cwsnet_cloud_messages_rejected"].samples if s.name.endswith("_total")
+    }
+    assert set(rejected) == set(REJECT_REASONS)
+    assert rejected["forged"] == 3 and rejected["replay"] == 0
+
+
+def test_openapi_documents_every_route_and_field(env: Env) -> None:
+    spec = env.client.get("/openapi.json").json()
+    ops = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
+    assert len(ops) >= 13
+    for path, method, op in ops:
+        assert op.get("description"), f"{method.upper()} {path} has no description"
+        for param in op.get("parameters", []):
+            assert param.get("description") or param["in"] == "path", f"{method.upper()} {path}: {param['name']}"
+    for name, schema in spec["components"]["schemas"].items():
+        if name in ("HTTPValidationError", "ValidationError"):
+            continue
+        for field, prop in schema.get("properties", {}).items():
+            assert prop.get("description"), f"schema {name}.{field} has no description"
+
+
+def test_console_is_self_contained(env: Env) -> None:
+    r = env.client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "<table" in html and "/api/v1/stream" in html and "EventSource" in html
+    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html, re.I), "external resource in console"
+    assert "http://" not in html and "https://" not in html
+    assert "<link" not in html.lower()
+
+
+def test_fanout_drops_oldest_for_slow_subscriber() -> None:
+    async def main() -> None:
+        hub = Fanout(maxsize=3)
+        fast, slow = hub.subscribe(), hub.subscribe()
+        got = []
+        for i in range(5):
+            hub.publish({"type": "event", "n": i})
+            got.append(await fast.get(wait=1))
+        assert [g["n"] for g in got] == [0, 1, 2, 3, 4]
+        first = await slow.get(wait=1)
+        assert first == {"type": "resync", "dropped": 2}
+        assert [(await slow.get(wait=1))["n"] for _ in range(3)] == [2, 3, 4]
+        assert await slow.get(wait=0.01) is None
+        # publish from another thread wakes the subscriber's loop
+        threading.Timer(0.05, hub.publish, args=({"type": "device", "n": 9},)).start()
+        assert (await fast.get(wait=2))["n"] == 9
+        hub.close()
+        assert await fast.get(wait=1) is None and hub.subscribers == 0
+        assert hub.subscribe().closed
+
+    asyncio.run(main())

@@ -1,0 +1,371 @@
+"""cloud.ingest, in memory: no broker, no sockets; the clock is a variable."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+
+from cloud.ingest import AckCoalescer, Ingest, NodeDirectory, RejectionLog
+from cloud.metrics import REJECT_REASONS, CloudMetrics
+from cloud.store import SqliteStore
+from cwsnet import topics
+from cwsnet.endpoint import Endpoint
+from cwsnet.identity import Identity
+from cwsnet.replay import SeqCounter
+
+
+class Clock:
+    def __init__(self, t: float = 1_767_225_600.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Node:
+    """A device (or gateway) that seals messages to the cloud, as an agent would."""
+
+    def __init__(self, ident: Identity, cloud: Identity, clock: Clock) -> None:
+        self.ident = ident
+        self.ep = Endpoint(ident, SeqCounter(1, lambda m: None), lambda n: cloud.public_key if n == "cloud" else None, clock)
+
+    def seal(self, topic: str, kind: str, body: Any, *, seq: int | None = None, to: str = "cloud") -> bytes:
+        payload, _h = self.ep.seal(topic, kind, body, to=to, seq=seq, trace="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+        return payload
+
+    def telemetry(self, values: list[dict[str, Any]], stream: str = "env", **kw: Any) -> tuple[str, bytes]:
+        topic = topics.telemetry(self.ident.site, self.ident.node, stream)
+        readings = [{"ts": 1_767_225_600_000 + i, "values": v} for i, v in enumerate(values)]
+        return topic, self.seal(topic, "telemetry", {"stream": stream, "readings": readings}, **kw)
+
+    def status(self, kind: str, *, seq: int | None = None, will_seq: int | None = None) -> tuple[str, bytes]:
+        body: dict[str, Any] = {"state": "offline" if kind == "death" else "online", "uptime": 1.0, "cpu": 3.5}
+        if will_seq is not None:
+            body["will_seq"] = will_seq
+            body["agent"] = {"version": "0.1.0", "platform": "linux", "kind": "cpython"}
+        topic = topics.status(self.ident.site, self.ident.node)
+        return topic, self.seal(topic, kind, body, seq=seq)
+
+
+class World:
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = Clock()
+        self.mono = Clock(1000.0)
+        self.cloud = Identity.generate("cloud", "cloud", "cloud")
+        self.store = SqliteStore(tmp_path / "cloud.db")
+        self.nodes: dict[str, Node] = {}
+        for node, site, role in (("dev-1", "home", "device"), ("dev-2", "home", "device"), ("gw-1", "home", "gateway")):
+            ident = Identity.generate(node, site, role)
+            self.store.upsert_node(node, site=site, role=role, public_key=ident.public_b64)
+            self.nodes[node] = Node(ident, self.cloud, self.clock)
+        self.directory = NodeDirectory(self.store, clock=self.mono)
+        self.endpoint = Endpoint(self.cloud, SeqCounter(0, lambda m: None), self.directory.public_key, self.clock)
+        self.metrics = CloudMetrics()
+        self.ingest = Ingest(
+            self.endpoint, self.store, self.metrics, directory=self.directory, clock=self.clock, offline_after=60
+        )
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def rejected(self, reason: str) -> float:
+        return self.metric("cwsnet_cloud_messages_rejected_total", reason=reason)
+
+    def rejection_events(self) -> list[Any]:
+        return [e for e in self.store.list_events(limit=1000).items if e.type == "message.rejected"]
+
+
+@pytest.fixture
+def w(tmp_path: Path) -> World:
+    world = World(tmp_path)
+    yield world
+    world.store.close()
+
+
+def test_valid_telemetry_batch_stored_and_acked(w: World) -> None:
+    dev = w.nodes["dev-1"]
+    msgs = [dev.telemetry([{"t": 20.5 + i, "unit": "C"}, {"t": 21.0, "ok": True}]) for i in range(3)]
+    batch = w.ingest.handle_batch(msgs)
+    assert [r.status for r in batch.results] == ["stored"] * 3
+    seqs = [r.seq for r in batch.results]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    assert batch.acks == [("home", "dev-1", s) for s in seqs]
+    assert all(r.trace and r.trace.startswith("00-") for r in batch.results)
+    rows = w.store.telemetry("dev-1", limit=100)
+    assert len(rows) == 6 and rows[0].seq == seqs[-1]
+    assert w.metric("cwsnet_cloud_telemetry_readings_total") == 6
+    assert w.metric("cwsnet_cloud_messages_received_total", kind="telemetry") == 3
+    assert w.metric("cwsnet_cloud_ingest_seconds_count") == 1
+    assert [c["type"] for c in batch.changes] == ["telemetry"] * 3
+    assert batch.changes[0]["telemetry"]["items"][0]["values"] == {"t": 20.5, "unit": "C"}
+    node = w.store.get_node("dev-1")
+    assert node is not None and node.last_seen == int(w.clock.t * 1000)
+
+
+def test_flipped_byte_is_forged(w: World) -> None:
+    topic, payload = w.nodes["dev-1"].telemetry([{"t": 1}])
+    bad = bytearray(payload)
+    bad[-1] ^= 0x01  # last byte of the ciphertext
+    r = w.ingest.handle(topic, bytes(bad))
+    assert r.status == "rejected" and r.reason == "forged" and not r.ack
+    assert w.store.message_count() == 0
+    assert w.rejected("forged") == 1
+    (ev,) = w.rejection_events()
+    assert ev.source == "dev-1" and topic in ev.message and "forged" in ev.message
+    assert ev.data["reason"] == "forged" and ev.data["count"] == 1
+
+
+def test_replay_not_stored_twice_but_acked(w: World) -> None:
+    topic, payload = w.nodes["dev-1"].telemetry([{"t": 1}, {"t": 2}])
+    first = w.ingest.handle(topic, payload)
+    assert first.status == "stored"
+    batch = w.ingest.handle_batch([(topic, payload), (topic, payload)])
+    assert [r.status for r in batch.results] == ["duplicate", "duplicate"]
+    assert all(r.reason == "replay" and r.ack for r in batch.results)
+    assert batch.acks == [("home", "dev-1", first.seq)] * 2
+    assert len(w.store.telemetry("dev-1")) == 2 and w.store.message_count() == 1
+    assert w.rejected("replay") == 2
+    assert w.metric("cwsnet_cloud_messages_duplicate_total") == 2
+    # coalesced: two replays within 10 s make one event
+    assert [e.data["reason"] for e in w.rejection_events()] == ["replay"]
+
+
+def test_republished_on_another_devices_topic(w: World) -> None:
+    topic, payload = w.nodes["dev-1"].telemetry([{"t": 1}])
+    other = topics.telemetry("home", "dev-2", "env")
+    r = w.ingest.handle(other, payload)
+    assert r.status == "rejected" and r.reason == "topic_mismatch" and not r.ack
+    assert w.store.message_count() == 0 and w.rejected("topic_mismatch") == 1
+    # the genuine one still goes through afterwards
+    assert w.ingest.handle(topic, payload).status == "stored"
+
+
+def test_rule7_sender_and_site_checked(w: World) -> None:
+    dev1 = w.nodes["dev-1"]
+    # sealed by dev-1 for dev-2's topic: the box opens, but the topic names another node
+    t2 = topics.telemetry("home", "dev-2", "env")
+    r = w.ingest.handle(t2, dev1.seal(t2, "telemetry", {"stream": "env", "readings": []}))
+    assert r.reason == "topic_mismatch" and "not the sender" in (r.detail or "")
+    # sealed for the right node on a site it is not registered in
+    t3 = topics.telemetry("lab", "dev-1", "env")
+    r = w.ingest.handle(t3, dev1.seal(t3, "telemetry", {"stream": "env", "readings": []}))
+    assert r.reason == "topic_mismatch" and "registered site" in (r.detail or "")
+    # a telemetry kind on the status channel
+    ts = topics.status("home", "dev-1")
+    r = w.ingest.handle(ts, dev1.seal(ts, "telemetry", {"stream": "env", "readings": []}))
+    assert r.reason == "topic_mismatch"
+    # a downlink topic
+    tc = topics.task_cmd("home", "dev-1")
+    r = w.ingest.handle(tc, dev1.seal(tc, "task_cmd", {}))
+    assert r.reason == "topic_mismatch"
+    assert w.rejected("topic_mismatch") == 4 and w.store.message_count() == 0
+
+
+def test_non_cbor_is_malformed(w: World) -> None:
+    for payload in (b"\xff\xfe not cbor", b"", b"{\"json\": true}", cbor2.dumps([1, 2, 3])):
+        r = w.ingest.handle("cws/v1/home/dev-1/telemetry/env", payload)
+        assert r.status == "rejected" and r.reason == "malformed", payload
+    assert w.rejected("malformed") == 4
+    (ev,) = w.rejection_events()  # coalesced: one (unknown source, malformed) window
+    assert ev.source is None and ev.data["count"] == 1
+
+
+def test_unknown_sender(w: World) -> None:
+    stranger = Node(Identity.generate("dev-x", "home", "device"), w.cloud, w.clock)
+    topic, payload = stranger.telemetry([{"t": 1}])
+    r = w.ingest.handle(topic, payload)
+    assert r.reason == "unknown_sender" and r.sender == "dev-x" and not r.ack
+    assert w.rejected("unknown_sender") == 1
+    (ev,) = w.rejection_events()
+    assert ev.source is None  # not a registered node: never used as an event source
+    # registered a moment later (the CLI writes the store): known after the directory's 1 s refresh limit
+    w.store.upsert_node("dev-x", site="home", role="device", public_key=stranger.ident.public_b64)
+    assert w.ingest.handle(topic, payload).reason == "unknown_sender"
+    w.mono.t += 1.5
+    assert w.ingest.handle(topic, payload).status == "stored"
+
+
+def test_wrong_recipient_and_version(w: World) -> None:
+    dev = w.nodes["dev-1"]
+    topic = topics.telemetry("home", "dev-1", "env")
+    payload, _ = dev.ep.seal(topic, "telemetry", {"stream": "env", "readings": []}, to="cloud")
+    outer = cbor2.loads(payload)
+    header = cbor2.loads(outer["h"])
+    header["to"] = "gw-1"
+    r = w.ingest.handle(topic, cbor2.dumps({**outer, "h": cbor2.dumps(header)}))
+    assert r.reason == "wrong_recipient"
+    header["to"], header["v"] = "cloud", 2
+    r = w.ingest.handle(topic, cbor2.dumps({**outer, "h": cbor2.dumps(header)}))
+    assert r.reason == "version"
+    header["v"] = 1
+    header["seq"] += 1  # a changed header no longer matches the sealed hash
+    r = w.ingest.handle(topic, cbor2.dumps({**outer, "h": cbor2.dumps(header)}))
+    assert r.reason == "forged"
+
+
+def test_death_with_announced_will_seq_after_later_seqs(w: World) -> None:
+    dev = w.nodes["dev-1"]
+    will_seq = dev.ep.seq.next()  # reserved before connecting
+    death = dev.status("death", seq=will_seq)
+    birth = dev.status("birth", will_seq=will_seq)
+    batch = w.ingest.handle_batch([birth, dev.telemetry([{"t": 1}]), dev.status("status")])
+    assert [r.status for r in batch.results] == ["stored"] * 3
+    assert batch.births == ["dev-1"]
+    node = w.store.get_node("dev-1")
+    assert node is not None and node.online and node.will_seq == will_seq
+    assert node.agent == {"version": "0.1.0", "platform": "linux", "kind": "cpython"}
+    assert w.metric("cwsnet_cloud_devices_online") == 1
+    r = w.ingest.handle(*death)
+    assert r.status == "stored" and r.ack and r.seq == will_seq
+    node = w.store.get_node("dev-1")
+    assert node is not None and not node.online
+    assert w.metric("cwsnet_cloud_devices_online") == 0
+    # once
+    assert w.ingest.handle(*death).status == "duplicate"
+    types = [e.type for e in w.store.list_events(limit=100).items]
+    assert "node.online" in types and "node.offline" in types
+
+
+def test_event_and_task_result(w: World) -> None:
+    dev, dev2 = w.nodes["dev-1"], w.nodes["dev-2"]
+    et = topics.event("home", "dev-1", "door")
+    r = w.ingest.handle(et, dev.seal(et, "event", {"type": "door", "severity": "warning", "message": "open", "data": {"raw": b"\x01"}}))
+    assert r.status == "stored"
+    ev = next(e for e in w.store.list_events().items if e.type == "door")
+    assert ev.source == "dev-1" and ev.severity == "warning" and ev.data == {"raw": "AQ=="}
+
+    task = w.store.create_task(target="dev-1", handler="echo", args={"x": 1})
+    rt = topics.task_result("home", "dev-1")
+
+    def report(node: Node, state: str, **extra: Any) -> Any:
+        topic = topics.task_result(node.ident.site, node.ident.node)
+        return w.ingest.handle_batch([(topic, node.seal(topic, "task_result", {"task_id": task.id, "state": state, **extra}))])
+
+    b = report(dev, "running", started=5)
+    assert [c["task"]["state"] for c in b.changes if c["type"] == "task"] == ["running"]
+    report(dev2, "succeeded", result={"forged": True})  # not its task: ignored
+    assert w.store.get_task(task.id).state == "running"  # type: ignore[union-attr]
+    report(dev, "succeeded", result={"x": 1}, finished=9)
+    report(dev, "running")  # late: ignored
+    t = w.store.get_task(task.id)
+    assert t is not None and t.state == "succeeded" and t.result == {"x": 1} and t.started == 5 and t.finished == 9
+    assert w.metric("cwsnet_cloud_tasks_total", state="succeeded") == 1
+    assert rt  # topic helper used above
+
+
+def test_malformed_body_is_stored_acked_and_counted(w: World) -> None:
+    dev = w.nodes["dev-1"]
+    topic = topics.telemetry("home", "dev-1", "env")
+    bodies = [
+        {"stream": "env", "readings": "lots"},
+        {"stream": "other", "readings": []},
+        {"stream": "env", "readings": [{"ts": 1, "values": {"x": float("nan")}}]},
+        {"stream": "env", "readings": [{"ts": -1, "values": {}}]},
+        ["not", "a", "map"],
+    ]
+    batch = w.ingest.handle_batch([(topic, dev.seal(topic, "telemetry", b)) for b in bodies])
+    assert [r.reason for r in batch.results] == ["malformed"] * 5
+    assert all(r.ack for r in batch.results), "authenticated: the seq is used up, the gateway may free it"
+    assert len(batch.acks) == 5 and w.store.message_count() == 5 and w.store.telemetry("dev-1") == []
+    assert w.rejected("malformed") == 5
+
+
+def test_no_input_raises_and_everything_is_counted(w: World) -> None:
+    rng = random.Random(7)
+    dev = w.nodes["dev-1"]
+    good_topic, good = dev.telemetry([{"t": 1}])
+    inputs: list[tuple[str, Any]] = [
+        ("cws/v1/home/dev-1/telemetry/env", os.urandom(rng.randint(0, 300))) for _ in range(200)
+    ]
+    for _ in range(200):  # mutate genuine messages at random positions
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        inputs.append((good_topic, bytes(b)))
+    inputs += [
+        ("not/a/cws/topic", good),
+        ("cws/v1/home/dev-1/telemetry/env/extra", good),
+        (good_topic, "text, not bytes"),
+        (good_topic, b"\x00" * 300_000),
+        (good_topic, cbor2.dumps({"h": b"x", "n": b"y", "c": b"z"})),
+        (good_topic, cbor2.dumps({"h": cbor2.dumps({"v": 1}), "n": b"\x00" * 24, "c": b""})),
+    ]
+    batch = w.ingest.handle_batch(inputs)
+    assert len(batch.results) == len(inputs)
+    rejected = sum(1 for r in batch.results if r.status == "rejected")
+    total = sum(w.rejected(reason) for reason in REJECT_REASONS)
+    assert rejected == total - w.rejected("replay")
+    assert all(r.reason in REJECT_REASONS for r in batch.results if r.status == "rejected")
+    assert len(w.rejection_events()) <= 2 * len(REJECT_REASONS)  # coalesced per (source, reason)
+
+
+def test_rejection_events_coalesced_then_flushed(w: World) -> None:
+    topic, payload = w.nodes["dev-1"].telemetry([{"t": 1}])
+    bad = payload[:-1] + bytes([payload[-1] ^ 1])
+    for _ in range(50):
+        w.ingest.handle(topic, bad)
+    assert w.rejected("forged") == 50
+    assert [e.data["count"] for e in w.rejection_events()] == [1]
+    w.clock.t += 11
+    w.ingest.sweep()
+    counts = sorted(e.data["count"] for e in w.rejection_events())
+    assert counts == [1, 49]
+    assert "49 times" in w.rejection_events()[0].message
+
+
+def test_sweep_marks_silent_nodes_offline(w: World) -> None:
+    dev = w.nodes["dev-1"]
+    will = dev.ep.seq.next()
+    w.ingest.handle(*dev.status("birth", will_seq=will))
+    w.clock.t += 30
+    assert w.ingest.sweep() == []
+    w.clock.t += 31
+    changes = w.ingest.sweep()
+    assert {c["type"] for c in changes} == {"device", "event"}
+    assert next(c for c in changes if c["type"] == "device")["device"]["online"] is False
+    assert w.metric("cwsnet_cloud_devices_online") == 0
+
+
+def test_key_rotation_refreshes_directory(w: World) -> None:
+    new = Identity.generate("dev-1", "home", "device")
+    w.store.upsert_node("dev-1", site="home", role="device", public_key=new.public_b64)
+    rotated = Node(new, w.cloud, w.clock)
+    topic, payload = rotated.telemetry([{"t": 1}])
+    w.mono.t += 2  # past the refresh limit: a forged result triggers one reload and a retry
+    assert w.ingest.handle(topic, payload).status == "stored"
+
+
+def test_ack_coalescer_ranges() -> None:
+    c = AckCoalescer(max_ranges=3)
+    assert not c
+    for s in (3, 1, 2, 5, 7, 8, 2):
+        c.add("home", "dev-1", s)
+    c.add("home", "dev-2", 10)
+    c.add("lab", "dev-9", 4)
+    assert c
+    out = c.drain()
+    assert out == {
+        "home": [{"acks": [["dev-1", 1, 3], ["dev-1", 5, 5], ["dev-1", 7, 8]]}, {"acks": [["dev-2", 10, 10]]}],
+        "lab": [{"acks": [["dev-9", 4, 4]]}],
+    }
+    assert not c and c.drain() == {}
+    c.add_ranges("home", {"acks": [["dev-1", 4, 6]]})
+    c.add("home", "dev-1", 7)
+    assert c.drain() == {"home": [{"acks": [["dev-1", 4, 7]]}]}
+
+
+def test_rejection_log_bounded_by_key() -> None:
+    log = RejectionLog(interval=10)
+    assert log.record(0, source=None, reason="forged", topic="t", detail="d") is not None
+    for i in range(1000):
+        assert log.record(1 + i / 1000, source=None, reason="forged", topic=f"t{i}", detail="d") is None
+    assert len(log._windows) == 1
+    (summary,) = log.flush(20)
+    assert summary.data["count"] == 1000 and summary.data["topic"] == "t999"
+    assert log.flush(40) == [] and log._windows == {}
