@@ -127,12 +127,26 @@ class HomeLab:
         for b in devs:
             site_users[b.identity.node] = {"token_sha256": _token_sha(b.mqtt_password or ""),
                                            **_device_rules(s, b.identity.node)}
+        # a read-only debugging user on both brokers: sees every (sealed) payload, may publish nothing
+        admin = self._admin_credential()
+        admin_rules = {"token_sha256": _token_sha(admin["password"]), "publish": [], "subscribe": ["cws/v1/#"]}
+        cloud_users[admin["username"]] = admin_rules
+        site_users[admin["username"]] = admin_rules
         write_secret_file(self.path("brokers", "cloud-users.json"), {"users": cloud_users, "anonymous": False})
         write_secret_file(self.path("brokers", f"site-{s}-users.json"), {"users": site_users, "anonymous": False})
 
         self._write_configs(topo)
         self.topology_file.write_text(json.dumps(asdict(topo), indent=2) + "\n")
         return topo
+
+    def _admin_credential(self) -> dict[str, Any]:
+        path = self.path("admin-mqtt.json")
+        if path.exists():
+            return load_json_file(path, "admin MQTT credential")
+        cred = {"username": "admin", "password": new_token(),
+                "note": "read-only MQTT user on every broker of this home lab (subscribe cws/v1/#), for debugging"}
+        write_secret_file(path, cred)
+        return cred
 
     def _bundle(self, node: str, site: str, role: str, cloud_pk: Any) -> Bundle:
         path = self.bundle_path(node)

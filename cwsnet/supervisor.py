@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,21 +62,28 @@ class Supervisor:
     def __init__(self, children: list[Child], *, grace: float = 7.0) -> None:
         self.children = children
         self.grace = grace
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: stop() runs in a signal handler, and an Event's lock
+        # may be held by the very frame the handler interrupted (a deadlock seen in practice).
+        self._stopping = False
 
     def stop(self, *_: object) -> None:
-        self._stop.set()
+        self._stopping = True
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, seconds))
 
     def run(self, on_ready: Callable[[], None] | None = None, ready_timeout: float = 60.0) -> int:
         """Start children in order (each waits for the previous one's readiness), then supervise."""
         for child in self.children:
-            if self._stop.is_set():
+            if self._stopping:
                 break
             child.start()
             log.info("started %s (pid %d); log: %s", child.name, child.proc.pid, child.log_path)  # type: ignore[union-attr]
             if child.ready is not None:
                 deadline = time.monotonic() + ready_timeout
-                while not self._stop.is_set() and not child.ready():
+                while not self._stopping and not child.ready():
                     if not child.alive():
                         log.error("%s exited during start-up with code %s; see %s", child.name,
                                   child.proc.returncode, child.log_path)  # type: ignore[union-attr]
@@ -85,10 +91,10 @@ class Supervisor:
                     if time.monotonic() > deadline:
                         log.error("%s not ready after %.0f s; see %s", child.name, ready_timeout, child.log_path)
                         break
-                    self._stop.wait(0.1)
-        if on_ready is not None and not self._stop.is_set():
+                    self._sleep(0.1)
+        if on_ready is not None and not self._stopping:
             on_ready()
-        while not self._stop.is_set():
+        while not self._stopping:
             now = time.monotonic()
             for child in self.children:
                 if child.proc is not None and not child.alive():
@@ -106,7 +112,7 @@ class Supervisor:
                     child.start()
                     log.warning("restarted %s (pid %d, restart #%d)", child.name, child.proc.pid,  # type: ignore[union-attr]
                                 child.restarts)
-            self._stop.wait(0.2)
+            self._sleep(0.2)
         return self.shutdown()
 
     def shutdown(self) -> int:

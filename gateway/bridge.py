@@ -13,6 +13,8 @@ and count them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import platform
 import time
@@ -53,6 +55,9 @@ class Gateway:
                       "acked": 0}
         self.broker: Any = None
         self._pump_wake = asyncio.Event()
+        # every outbox call runs on this one thread, so SQLite is used from one thread only
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.node}-outbox")
+        self._incoming: asyncio.Queue[tuple[Message, Any, bool]] = asyncio.Queue(maxsize=10000)
         self.will_seq: int | None = None
 
         site_pw = cfg.site_client.password() or bundle.mqtt_password
@@ -89,6 +94,7 @@ class Gateway:
             backoff_min=cfg.reconnect.min_delay,
             backoff_max=cfg.reconnect.max_delay,
             name=f"gateway:{self.node}:uplink",
+            max_inflight=100,
         )
         for channel in topics.DOWNLINK_CHANNELS:
             self.uplink.subscribe(topics.site_filter(self.site, channel), qos=1)
@@ -110,36 +116,49 @@ class Gateway:
             self.devices_online.add(header.sender)
         elif header.kind == "death":
             self.devices_online.discard(header.sender)
-        retain = parts.channel == "status"
-        added = await asyncio.to_thread(
-            self.outbox.add, header.sender, header.seq, msg.topic, msg.payload, retain, self.clock()
-        )
-        self.stats["received"] += 1
-        if not added:
-            self.stats["duplicates"] += 1
-        self.site_link.ack(msg)  # only now: the message is committed to the outbox
-        if header.trace:
-            log.info("stored %s seq=%d from %s trace=%s", header.kind, header.seq, header.sender, header.trace)
-        self._pump_wake.set()
+        await self._incoming.put((msg, header, parts.channel == "status"))
+
+    async def _db_call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._db, functools.partial(fn, *args))
+
+    async def _committer(self) -> None:
+        """Group commit: store everything received so far in one transaction, then PUBACK it all."""
+        while True:
+            batch = [await self._incoming.get()]
+            while len(batch) < 500 and not self._incoming.empty():
+                batch.append(self._incoming.get_nowait())
+            rows = [(h.sender, h.seq, m.topic, m.payload, retain) for m, h, retain in batch]
+            added = await self._db_call(self.outbox.add_many, rows, self.clock())
+            for (msg, header, _r), new in zip(batch, added, strict=True):
+                self.site_link.ack(msg)  # only now: the message is committed to the outbox
+                self.stats["received"] += 1
+                self.stats["duplicates"] += int(not new)
+                if header.trace:
+                    log.info("stored %s seq=%d from %s trace=%s", header.kind, header.seq, header.sender,
+                             header.trace)
+            self._pump_wake.set()
 
     async def _pump(self) -> None:
         """Send due outbox messages to the cloud, in order, at most ``max_inflight`` per round."""
         while True:
             await self.uplink.connected.wait()
-            items = await asyncio.to_thread(
-                self.outbox.due, self.clock(), self.cfg.retransmit_after, self.cfg.max_inflight
+            items = await self._db_call(self.outbox.due, self.clock(), self.cfg.retransmit_after,
+                                        self.cfg.max_inflight)
+            # publish the round pipelined (paho sends in call order), then wait for the PUBACKs
+            results = await asyncio.gather(
+                *(self.uplink.publish(i.topic, i.payload, qos=1, retain=i.retain) for i in items),
+                return_exceptions=True,
             )
-            sent: list[int] = []
-            try:
-                for item in items:
-                    await self.uplink.publish(item.topic, item.payload, qos=1, retain=item.retain)
-                    sent.append(item.id)
-            except LinkError:
+            sent = [i.id for i, r in zip(items, results, strict=True) if r is None]
+            failed = [r for r in results if r is not None]
+            for r in failed:
+                if not isinstance(r, LinkError):
+                    raise r
+            if failed:
                 log.info("uplink down; %d messages held in the outbox", self.outbox.depth())
-            finally:
-                if sent:
-                    self.stats["forwarded_up"] += len(sent)
-                    await asyncio.to_thread(self.outbox.mark_sent, sent, self.clock())
+            if sent:
+                self.stats["forwarded_up"] += len(sent)
+                await self._db_call(self.outbox.mark_sent, sent, self.clock())
             if len(items) < self.cfg.max_inflight or not sent:
                 self._pump_wake.clear()
                 try:
@@ -185,7 +204,7 @@ class Gateway:
                 if isinstance(a, list) and len(a) == 3 and isinstance(a[0], str)
                 and isinstance(a[1], int) and isinstance(a[2], int)
             ]
-            freed = await asyncio.to_thread(self.outbox.ack, ranges)
+            freed = await self._db_call(self.outbox.ack, ranges)
             self.stats["acked"] += freed
 
     # ---- gateway's own status -------------------------------------------------------------
@@ -264,6 +283,7 @@ class Gateway:
                     tg.create_task(self.site_link.run()),
                     tg.create_task(self.uplink.run()),
                     tg.create_task(self._pump()),
+                    tg.create_task(self._committer()),
                     tg.create_task(self._status_loop()),
                 ]
                 if ready is not None:
@@ -278,7 +298,8 @@ class Gateway:
                 await self.broker.shutdown()
             if metrics_server is not None:
                 metrics_server.shutdown()
-            self.outbox.close()
+            self._db.submit(self.outbox.close).result()
+            self._db.shutdown()
             self.state.close()
             log.info("gateway %s stopped", self.node)
 

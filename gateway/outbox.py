@@ -8,7 +8,9 @@ a redelivered message (MQTT DUP, a retained status seen again) is stored once.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +29,11 @@ class OutboxItem:
 
 
 class UplinkOutbox:
+    """Not thread-safe: the gateway calls it from one dedicated thread (or the event loop)."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(path)
+        self.db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False, isolation_level=None))
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous=FULL")
         if "outbox" not in self.db.table_names():
@@ -53,15 +57,34 @@ class UplinkOutbox:
 
     def add(self, sender: str, seq: int, topic: str, payload: bytes, retain: bool, now: float | None = None) -> bool:
         """Store one message durably; False if ``(sender, seq)`` was already held."""
-        with self.db.conn:
-            cur = self.db.execute(
-                "insert or ignore into outbox (sender, seq, topic, payload, retain, received, sent_at, attempts) "
-                "values (?, ?, ?, ?, ?, ?, 0, 0)",
-                [sender, seq, topic, payload, int(retain), time.time() if now is None else now],
-            )
-        added = cur.rowcount == 1
-        self._depth += int(added)
-        return added
+        return self.add_many([(sender, seq, topic, payload, retain)], now)[0]
+
+    def add_many(self, items: Sequence[tuple[str, int, str, bytes, bool]], now: float | None = None) -> list[bool]:
+        """Store messages in one transaction (one fsync); per item, False if it was already held."""
+        ts = time.time() if now is None else now
+        out: list[bool] = []
+        with self._tx():
+            for sender, seq, topic, payload, retain in items:
+                cur = self.db.conn.execute(
+                    "insert or ignore into outbox (sender, seq, topic, payload, retain, received, sent_at, attempts)"
+                    " values (?, ?, ?, ?, ?, ?, 0, 0)",
+                    [sender, seq, topic, payload, int(retain), ts],
+                )
+                out.append(cur.rowcount == 1)
+        self._depth += sum(out)
+        return out
+
+    def _tx(self):  # noqa: ANN202 - a context manager over an explicit BEGIN/COMMIT
+        conn = self.db.conn
+
+        class Tx:
+            def __enter__(self) -> None:
+                conn.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, *_: object) -> None:  # noqa: ANN001
+                conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return Tx()
 
     def due(self, now: float, retransmit_after: float, limit: int) -> list[OutboxItem]:
         """Messages never sent, or sent longer than ``retransmit_after`` ago, in arrival order."""
@@ -75,7 +98,7 @@ class UplinkOutbox:
     def mark_sent(self, ids: list[int], now: float) -> None:
         if not ids:
             return
-        with self.db.conn:
+        with self._tx():
             self.db.conn.executemany(
                 "update outbox set sent_at = ?, attempts = attempts + 1 where id = ?", [(now, i) for i in ids]
             )
@@ -83,7 +106,7 @@ class UplinkOutbox:
     def ack(self, ranges: list[tuple[str, int, int]]) -> int:
         """Delete what the cloud has committed; returns how many messages were freed."""
         freed = 0
-        with self.db.conn:
+        with self._tx():
             for sender, first, last in ranges:
                 cur = self.db.execute(
                     "delete from outbox where sender = ? and seq between ? and ?", [sender, first, last]
