@@ -142,6 +142,7 @@ class Gateway:
         """Send due outbox messages to the cloud, in order, at most ``max_inflight`` per round."""
         while True:
             await self.uplink.connected.wait()
+            self._pump_wake.clear()  # before reading the outbox: a wake during this round is kept
             items = await self._db_call(self.outbox.due, self.clock(), self.cfg.retransmit_after,
                                         self.cfg.max_inflight)
             # publish the round pipelined (paho sends in call order), then wait for the PUBACKs
@@ -160,7 +161,6 @@ class Gateway:
                 self.stats["forwarded_up"] += len(sent)
                 await self._db_call(self.outbox.mark_sent, sent, self.clock())
             if len(items) < self.cfg.max_inflight or not sent:
-                self._pump_wake.clear()
                 try:
                     await asyncio.wait_for(self._pump_wake.wait(), min(1.0, self.cfg.retransmit_after))
                 except TimeoutError:

@@ -1,0 +1,23 @@
+"""The benchmark must keep working: a tiny run prints every figure (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
+
+
+def test_e2e_benchmark_runs_and_reports_ratios() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "e2e.py"
+    r = subprocess.run([sys.executable, str(bench), "--devices", "2", "--messages", "20", "--batch", "5", "--json"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("cwsnet_sealed_readings_per_s", "baseline_mosquitto_qos1_per_s", "ratio_single_vs_baseline",
+                "cwsnet_latency_ms_p50", "cwsnet_latency_ms_p99", "baseline_latency_ms_p50"):
+        assert out[key] is not None and out[key] > 0, key
