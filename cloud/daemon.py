@@ -48,7 +48,6 @@ from cwsnet.replay import SeqCounter
 
 log = logging.getLogger("cwsnet.cloud")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 CLIENT_ID = "cloud-ingest"
 SEQ_COUNTER = "cloud.seq_mark"
 #: uplink subscriptions of the ingest link (QoS 1)
@@ -57,11 +56,6 @@ BATCH_MAX = 200
 QUEUE_MAX = 2000
 EXPIRED_ERROR = "deadline passed before the device could run it"
 EVENTS_KEPT = 100_000
-
-
-def configure_logging(level: int | str = logging.INFO) -> None:
-    """Set up the daemon's log format (for the CLI; ``run_cloud`` itself never touches logging config)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def load_cloud_identity(cfg: CloudConfig) -> Identity:

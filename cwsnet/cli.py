@@ -33,8 +33,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class _ProbeNoise(logging.Filter):
+    """amqtt logs an ERROR for every TCP connection that closes before CONNECT: exactly what a
+    health check (docker-compose, `cwsnet up`'s readiness probe) does. Those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "amqtt.broker" and "No data to decode" in record.getMessage():
+            return False
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ProbeNoise())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
