@@ -39,7 +39,7 @@ from typing import Any
 
 from amqtt.broker import Broker, Server
 from amqtt.contexts import Action, ListenerConfig
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError, PluginError
 from amqtt.events import BrokerEvents, MQTTEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
@@ -52,16 +52,21 @@ from transitions import MachineError
 from cwsnet.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_MAX_OFFLINE_QUEUE",
     "BrokerSettings",
     "Credentials",
     "CwsAccessPlugin",
     "CwsBroker",
-    "DEFAULT_MAX_OFFLINE_QUEUE",
+    "Rules",
+    "User",
     "broker_config",
     "filter_covers",
+    "hash_token",
     "is_loopback_host",
+    "is_valid_filter",
     "load_credentials",
     "main",
+    "parse_credentials",
     "serve",
     "start_broker",
     "topic_matches",
@@ -394,7 +399,7 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         log.info("credentials: reloaded %s (%d user(s))", self._path, len(creds.users))
 
     def reload_now(self) -> None:
-        """Force a check of the file on the next call (for tools and tests)."""
+        """Check the file now, ignoring the once-per-interval throttle (for tools and tests)."""
         self._last_check = float("-inf")
         self._maybe_reload()
 
@@ -514,6 +519,7 @@ class CwsBroker(Broker):
        a SUBSCRIBE to a new filter during a broadcast raised and silently dropped that message.
        Now iterates a snapshot.
     7. IPv6 listener binds (``[::1]:1883``) failed: the brackets were passed to the resolver.
+    8. When a listener failed to bind, the listeners bound before it stayed open.
     """
 
     def __init__(
@@ -548,6 +554,19 @@ class CwsBroker(Broker):
                 "CwsBroker overrides were written against amqtt %s but %s is installed; re-review them",
                 AMQTT_VERSION_REVIEWED, installed,
             )
+
+    # -- 8. failed start --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # CWS: wraps amqtt 0.12.1, which leaves the listeners that did bind open (the port stays
+        # taken for the life of the process) when a later listener fails to bind.
+        try:
+            await super().start()
+        except BaseException:
+            for server in list(self._servers.values()):
+                await server.close_instance()
+            self._servers.clear()
+            raise
 
     # -- 7. IPv6 binds ---------------------------------------------------------------------------
 
@@ -1069,6 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # amqtt's state machines log every step
     settings = BrokerSettings(
         host=args.host,
         port=args.port,
@@ -1086,7 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cwsnet.broker: {exc}", file=sys.stderr)
         return 2
-    except AMQTTError as exc:
+    except (BrokerError, AMQTTError, PluginError, OSError) as exc:
         print(f"cwsnet.broker: {exc}", file=sys.stderr)
         return 1
     return 0
