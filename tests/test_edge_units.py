@@ -1,0 +1,93 @@
+"""Agent and gateway pieces in memory: handlers, sensors, the uplink outbox, the CLI's docs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+
+from cwsnet.cli import build_parser
+from cwsnet.config import SensorConfig
+from cwsnet.errors import ConfigError
+from edge_agent import handlers
+from edge_agent.sensors import SimulatedSensor, SystemSensor, system_snapshot
+from gateway.outbox import UplinkOutbox
+
+
+def run(coro):  # noqa: ANN001, ANN201
+    return asyncio.run(coro)
+
+
+def test_builtin_handlers() -> None:
+    assert run(handlers.echo({"a": [1, 2]})) == {"a": [1, 2]}
+    data = b"hello"
+    out = run(handlers.sha256({"data": base64.b64encode(data).decode()}))
+    assert out == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": 5}
+    assert run(handlers.sleep({"seconds": 0})) == {"slept": 0}
+
+
+@pytest.mark.parametrize(("handler", "args", "msg"), [
+    ("sha256", {}, "needs args"), ("sha256", {"data": "!!notbase64"}, "not valid base64"),
+    ("sleep", {"seconds": "1"}, "needs args"), ("sleep", {"seconds": -1}, "between 0"),
+    ("sleep", {"seconds": True}, "needs args"),
+])
+def test_handlers_refuse_bad_args_clearly(handler: str, args: dict, msg: str) -> None:
+    with pytest.raises(handlers.TaskFailed, match=msg):
+        run(handlers.BUILTIN[handler](args))
+
+
+def test_unknown_handler_in_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown handler"):
+        handlers.registry(["echo", "rm-rf"])
+
+
+def test_simulated_patterns_are_deterministic_and_bounded() -> None:
+    for pattern in ("sine", "ramp", "random", "constant"):
+        cfg = SensorConfig(type="simulated", stream="s", pattern=pattern, fields=["a", "b"], amplitude=5,
+                           offset=10, period=10, seed=1)
+        s1, s2 = SimulatedSensor(cfg, start=0), SimulatedSensor(cfg, start=0)
+        r1 = [s1.read(t) for t in range(20)]
+        assert r1 == [s2.read(t) for t in range(20)]
+        for r in r1:
+            assert set(r) == {"a", "b"} and all(5 - 1e-9 <= v <= 15 + 1e-9 for v in r.values()), (pattern, r)
+    sine = SimulatedSensor(SensorConfig(type="simulated", stream="s", period=4, amplitude=1, offset=0), start=0)
+    assert sine.read(1)["value"] == pytest.approx(1.0)
+
+
+def test_system_sensor_reads_host() -> None:
+    snap = system_snapshot()
+    assert 0 <= snap["mem"] <= 100 and len(snap["load"]) == 3 and 0 <= snap["disk"] <= 100
+    values = SystemSensor(SensorConfig(type="system", stream="system")).read(0)
+    assert {"cpu", "mem", "load1", "disk"} <= set(values)
+
+
+def test_outbox_dedupes_retransmits_and_frees_on_ack(tmp_path: Path) -> None:
+    ob = UplinkOutbox(tmp_path / "o.db")
+    assert ob.add_many([("d1", 1, "t", b"a", False), ("d1", 2, "t", b"b", True), ("d1", 1, "t", b"a", False)],
+                       now=100.0) == [True, True, False]
+    assert ob.depth() == 2
+    due = ob.due(now=100.0, retransmit_after=5, limit=10)
+    assert [(i.seq, i.payload, i.retain) for i in due] == [(1, b"a", False), (2, b"b", True)]
+    ob.mark_sent([i.id for i in due], now=100.0)
+    assert ob.due(now=104.0, retransmit_after=5, limit=10) == []  # in flight
+    assert len(ob.due(now=105.0, retransmit_after=5, limit=10)) == 2  # retransmit
+    assert ob.ack([("d1", 1, 1), ("d9", 0, 99)]) == 1
+    ob.close()
+    reopened = UplinkOutbox(tmp_path / "o.db")  # durable across a restart
+    assert reopened.depth() == 1 and reopened.due(1e9, 5, 10)[0].seq == 2
+
+
+def test_every_cli_command_is_in_the_readme_and_has_help() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sp in sub.choices.items():
+        assert re.search(rf"`cwsnet {name}\b", readme), f"`cwsnet {name}` is not documented in README.md"
+        assert sp.description or sp.format_help(), name
+        for action in sp._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"cwsnet {name} {action.option_strings[0]} has no help text"
