@@ -7,7 +7,9 @@ exactly once in SQLite and acks the gateway. Throughput counts readings committe
 latency is the cloud's commit time minus the device's seal time.
 
 Baseline, measured in the same run: the same number of readings, as payloads of the same size,
-published QoS 1 with paho through Mosquitto to one paho subscriber (no sealing, no storage).
+published QoS 1 with paho through Mosquitto to one paho subscriber (no sealing, no storage). The
+same plain run through CWSNet's embedded amqtt broker is printed too: the CWSNet path crosses two
+such brokers, so it shows how much of the gap is the broker.
 
     python bench/e2e.py [--devices 10] [--messages 300] [--batch 10]
 
@@ -221,15 +223,25 @@ def run_latency_probe(devices: int, workdir: Path, count: int = 200) -> list[flo
             p.wait(10)
 
 
-def run_baseline(devices: int, messages: int, payload_bytes: int, workdir: Path, latency_count: int = 200
-                 ) -> dict[str, float]:
-    mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+def start_plain_broker(kind: str, workdir: Path) -> tuple[subprocess.Popen, int, Path]:
+    """Mosquitto (the baseline) or CWSNet's embedded amqtt broker, anonymous on loopback."""
     port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 50\n"
-                    "max_queued_messages 0\n")
-    log = workdir / "mosquitto.log"
-    p = subprocess.Popen([mosq, "-c", str(conf)], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    log = workdir / f"{kind}.log"
+    if kind == "mosquitto":
+        mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 50\n"
+                        "max_queued_messages 0\n")
+        argv = [mosq, "-c", str(conf)]
+    else:
+        argv = [sys.executable, "-m", "cwsnet.broker", "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "warning"]
+    return subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT), port, log
+
+
+def run_baseline(devices: int, messages: int, payload_bytes: int, workdir: Path, latency_count: int = 200,
+                 broker: str = "mosquitto") -> dict[str, float]:
+    p, port, log = start_plain_broker(broker, workdir)
     try:
         wait_port(port, p, log)
         total = devices * messages
@@ -300,6 +312,7 @@ def main() -> None:
         batched = run_cwsnet(args.devices, max(1, args.messages // args.batch), args.batch, work)
         lat = run_latency_probe(1, work)
         base = run_baseline(args.devices, args.messages, int(single["payload_bytes"]), work)
+        amqtt = run_baseline(args.devices, args.messages, int(single["payload_bytes"]), work, broker="amqtt")
     c_rate = single["readings"] / single["seconds"]
     b_rate = batched["readings"] / batched["seconds"]
     m_rate = base["readings"] / base["seconds"]
@@ -309,6 +322,8 @@ def main() -> None:
         "cwsnet_batched_readings_per_s": round(b_rate, 1),
         "batch": args.batch,
         "baseline_mosquitto_qos1_per_s": round(m_rate, 1),
+        "plain_amqtt_qos1_per_s": round(amqtt["readings"] / amqtt["seconds"], 1),
+        "ratio_amqtt_vs_baseline": round(amqtt["readings"] / amqtt["seconds"] / m_rate, 3),
         "ratio_single_vs_baseline": round(c_rate / m_rate, 3),
         "ratio_batched_vs_baseline": round(b_rate / m_rate, 3),
         "cwsnet_latency_ms_p50": round(statistics.median(lat), 2) if lat else None,

@@ -450,7 +450,9 @@ class Ingest:
                 log.info("malformed body %s from=%s seq=%d%s: %s", item.topic, item.sender, item.seq, trace, p.invalid)
                 results[p.index] = IngestResult("rejected", reason="malformed", detail=p.invalid, **base)
                 continue
-            log.debug("stored %s from=%s seq=%d kind=%s%s", item.topic, item.sender, item.seq, item.kind, trace)
+            # traced messages (task commands and results) are logged at INFO so one id follows them
+            log.log(logging.INFO if item.trace else logging.DEBUG, "stored %s from=%s seq=%d kind=%s%s",
+                    item.topic, item.sender, item.seq, item.kind, trace)
             results[p.index] = IngestResult("stored", **base)
             if item.readings:
                 self.metrics.readings.inc(len(item.readings))

@@ -7,6 +7,7 @@ Sans-I/O: the clock and the peer-key lookup are injected; persistence of the cou
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,21 @@ class Endpoint:
         self.seq = seq
         self.peer_key = peer_key
         self.clock = clock
+        # Box(my_secret, peer_public) precomputes the X25519 shared key: keep the recent ones
+        self._boxes: OrderedDict[bytes, nacl.public.Box] = OrderedDict()
+
+    BOX_CACHE = 4096
+
+    def box(self, peer: nacl.public.PublicKey) -> nacl.public.Box:
+        raw = bytes(peer)
+        box = self._boxes.get(raw)
+        if box is None:
+            box = self._boxes[raw] = nacl.public.Box(self.identity.secret_key, peer)
+            if len(self._boxes) > self.BOX_CACHE:
+                self._boxes.popitem(last=False)
+        else:
+            self._boxes.move_to_end(raw)
+        return box
 
     @property
     def node(self) -> str:
@@ -55,11 +71,13 @@ class Endpoint:
             raise UnknownSender(f"no public key for recipient {to!r}")
         header = self.header(kind, to, trace, seq)
         payload = envelope.seal(
-            topic=topic, header=header, body=body, sender_key=self.identity.secret_key, recipient_key=key
+            topic=topic, header=header, body=body, sender_key=self.identity.secret_key, recipient_key=key,
+            box=self.box(key),
         )
         return payload, header
 
     def open(self, payload: bytes, topic: str) -> Opened:
         return envelope.open_envelope(
-            payload, topic=topic, me=self.identity.node, my_key=self.identity.secret_key, sender_key=self.peer_key
+            payload, topic=topic, me=self.identity.node, my_key=self.identity.secret_key, sender_key=self.peer_key,
+            box_for=self.box,
         )
