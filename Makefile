@@ -16,16 +16,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian packages the tests need (Mosquitto is the interoperability broker); only when root.
+# Debian packages the tests need, only when root: Mosquitto (the interoperability broker and
+# its clients) and Chromium (the console's browser test).
+DEBS = mosquitto mosquitto-clients chromium
 system-deps:
-	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	  if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_sub >/dev/null 2>&1; then \
-	    echo "installing mosquitto and mosquitto-clients (Debian)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
-	    systemctl disable --now mosquitto >/dev/null 2>&1 || service mosquitto stop >/dev/null 2>&1 || true; \
-	  fi; \
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  systemctl disable --now mosquitto >/dev/null 2>&1 || service mosquitto stop >/dev/null 2>&1 || true; \
 	else \
-	  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || echo "warning: mosquitto not installed and not root; interoperability tests will fail"; \
+	  echo "warning: missing Debian packages:$$missing (run as root, or apt-get install them); tests needing them will fail"; \
 	fi
 
 up: install

@@ -192,14 +192,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     local = "127.0.0.1" if topo.host in ("0.0.0.0", "::") else topo.host
     extra = ["--log-level", args.log_level, "--log-format", args.log_format]
 
-    def child(name: str, kind: str, ready: Callable[[], bool] | None) -> Child:
+    def child(name: str, kind: str, ready: Callable[[], bool] | None, tier: int) -> Child:
         return Child(name, daemon_argv(kind, lab.config_path(name), extra), lab.path("logs", f"{name}.log"),
-                     lab.path("run", f"{name}.pid"), ready)
+                     lab.path("run", f"{name}.pid"), ready, tier)
 
     children = [
-        child("cloud", "cloud", lambda: _http_ok(f"http://{local}:{topo.http_port}/healthz")),
-        child(topo.gateway, "gateway", lambda: _port_open(local, topo.gateway_mqtt_port)),
-    ] + [child(d, "agent", None) for d in topo.devices]
+        child("cloud", "cloud", lambda: _http_ok(f"http://{local}:{topo.http_port}/healthz"), 0),
+        child(topo.gateway, "gateway", lambda: _port_open(local, topo.gateway_mqtt_port), 1),
+    ] + [child(d, "agent", None, 2) for d in topo.devices]
 
     sup = Supervisor(children)
     for sig in (signal.SIGTERM, signal.SIGINT):

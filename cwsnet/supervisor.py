@@ -3,8 +3,8 @@
 Each daemon is a separate process (``python -m cwsnet <daemon> --config ...``) in its own process
 group, with its pid in ``{data-dir}/run/{name}.pid`` and its output in ``{data-dir}/logs/{name}.log``.
 A daemon that dies is restarted with exponential backoff (1 s doubling to 30 s, reset after it has
-run 60 s) and the restart is logged. SIGTERM/SIGINT stops everything: SIGTERM to every child, then
-SIGKILL to what is left after a grace period, all within 10 s.
+run 60 s) and the restart is logged. SIGTERM/SIGINT stops everything tier by tier (devices, gateway, cloud), then
+SIGKILLs what is left when the grace period runs out, all within 10 s.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Child:
     log_path: Path
     pid_path: Path
     ready: Callable[[], bool] | None = None
+    tier: int = 0  # shutdown order: higher tiers stop first
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -59,7 +60,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, children: list[Child], *, grace: float = 7.0) -> None:
+    def __init__(self, children: list[Child], *, grace: float = 8.0) -> None:
         self.children = children
         self.grace = grace
         # A plain flag, not a threading.Event: stop() runs in a signal handler, and an Event's lock
@@ -116,13 +117,21 @@ class Supervisor:
         return self.shutdown()
 
     def shutdown(self) -> int:
+        """Stop in reverse start order, tier by tier (devices, then the gateway, then the cloud), so
+        each tier's goodbye can still travel up; SIGKILL whatever is left when ``grace`` runs out."""
         log.info("stopping %d daemons", len(self.children))
-        # agents first, cloud last, so goodbyes can still reach it
-        for child in reversed(self.children):
-            child.signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and any(c.alive() for c in self.children):
-            time.sleep(0.05)
+        tiers: dict[int, list[Child]] = {}
+        for child in self.children:
+            tiers.setdefault(child.tier, []).append(child)
+        final = time.monotonic() + self.grace
+        for n, tier in enumerate(sorted(tiers, reverse=True)):
+            group = tiers[tier]
+            for child in group:
+                child.signal(signal.SIGTERM)
+            left = len(tiers) - n
+            deadline = time.monotonic() + max(0.0, final - time.monotonic()) / left
+            while time.monotonic() < deadline and any(c.alive() for c in group):
+                time.sleep(0.05)
         for child in self.children:
             if child.alive():
                 log.warning("%s did not stop within %.0f s; killing it", child.name, self.grace)

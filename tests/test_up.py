@@ -223,6 +223,12 @@ def test_sigterm_stops_everything_within_10s(lab: Lab) -> None:
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert not list((lab.dir / "run").glob("*.pid"))
+    # devices stopped first and said goodbye through the still-running gateway and cloud
+    import sqlite3
+
+    with sqlite3.connect(f"file:{lab.dir / 'cloud' / 'cloud.db'}?mode=ro", uri=True) as db:
+        states = dict(db.execute("select id, online from nodes where role = 'device'").fetchall())
+    assert states == {"dev-1": 0, "dev-2": 0, "dev-3": 0}, states
 
 
 def test_second_run_reuses_keys(lab: Lab) -> None:
