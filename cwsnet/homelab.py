@@ -129,7 +129,7 @@ class HomeLab:
                                            **_device_rules(s, b.identity.node)}
         # a read-only debugging user on both brokers: sees every (sealed) payload, may publish nothing
         admin = self._admin_credential()
-        admin_rules = {"token_sha256": _token_sha(admin["password"]), "publish": [], "subscribe": ["cws/v1/#"]}
+        admin_rules = {"token_sha256": _token_sha(admin["password"]), "publish": [], "subscribe": ["#"]}
         cloud_users[admin["username"]] = admin_rules
         site_users[admin["username"]] = admin_rules
         write_secret_file(self.path("brokers", "cloud-users.json"), {"users": cloud_users, "anonymous": False})
@@ -144,7 +144,7 @@ class HomeLab:
         if path.exists():
             return load_json_file(path, "admin MQTT credential")
         cred = {"username": "admin", "password": new_token(),
-                "note": "read-only MQTT user on every broker of this home lab (subscribe cws/v1/#), for debugging"}
+                "note": "read-only MQTT user on every broker of this home lab (may subscribe to #), for debugging"}
         write_secret_file(path, cred)
         return cred
 

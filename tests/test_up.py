@@ -153,7 +153,7 @@ def test_brokers_carry_only_sealed_envelopes(lab: Lab) -> None:
     # a sleep task so task commands and results cross both brokers while we listen
     api(lab.base, "/api/v1/tasks", {"target": "dev-3", "handler": "echo", "args": {"secret": "plaintext-marker"}})
     for port in (lab.gw_port, lab.cloud_port):
-        msgs = lab.sub(port, count=15)
+        msgs = lab.sub(port, count=15, topic="#")
         assert len(msgs) == 15, f"saw only {len(msgs)} messages on port {port}"
         for topic, payload in msgs:
             outer = cbor2.loads(payload)
