@@ -202,3 +202,17 @@ def test_box_is_libsodium_crypto_box() -> None:
     a = nacl.public.Box(DEV.secret_key, CLOUD.public_key).encrypt(b"x", n).ciphertext
     b = nacl.bindings.crypto_box(b"x", n, bytes(CLOUD.public_key), bytes(DEV.secret_key))
     assert a == b
+
+
+def test_unknown_header_keys_are_ignored_but_still_bound() -> None:
+    import hashlib
+
+    h = endpoint(DEV).header("telemetry", "cloud")
+    hb = cbor2.dumps({**h.to_map(), "future": 1})
+    inner = cbor2.dumps([TOPIC, hashlib.sha256(hb).digest(), BODY])
+    n = bytes(24)
+    c = nacl.public.Box(DEV.secret_key, CLOUD.public_key).encrypt(inner, n).ciphertext
+    assert open_(cbor2.dumps({"h": hb, "n": n, "c": c})).body == BODY
+    tampered = cbor2.dumps({**h.to_map(), "future": 2})  # changing the unknown key breaks the binding
+    with pytest.raises(ForgedEnvelope):
+        open_(cbor2.dumps({"h": tampered, "n": n, "c": c}))
