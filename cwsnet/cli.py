@@ -143,11 +143,26 @@ def _topology(args: argparse.Namespace):  # noqa: ANN202
     n = args.devices
     if n < 0 or n > 1000:
         raise ConfigError(f"--devices: expected 0..1000, got {n}")
+    ports = {"--http-port": args.http_port, "--cloud-port": args.cloud_port, "--gateway-port": args.gateway_port}
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{flag}: expected a TCP port 1..65535, got {port}")
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"--http-port, --cloud-port and --gateway-port must differ, got {sorted(ports.values())}")
+    if args.telemetry_interval <= 0:
+        raise ConfigError(f"--telemetry-interval: expected seconds > 0, got {args.telemetry_interval}")
+    from cwsnet.topics import check_name
+
+    try:
+        check_name(args.site, "--site")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Topology(
         site=args.site,
         gateway=f"gw-{args.site}",
         devices=[f"dev-{i}" for i in range(1, n + 1)],
         host=args.host,
+        http_host=args.http_host,
         cloud_mqtt_port=args.cloud_port,
         gateway_mqtt_port=args.gateway_port,
         http_port=args.http_port,
@@ -240,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--devices", type=int, default=3, help="number of simulated CPython agents (default: 3)")
         sp.add_argument("--site", default="home", help="site name (default: home)")
         sp.add_argument("--host", default="127.0.0.1",
-                        help="address the brokers and console listen on (default: 127.0.0.1; "
-                             "0.0.0.0 to let boards on your LAN connect)")
+                        help="address the MQTT brokers listen on (default: 127.0.0.1; 0.0.0.0 to let boards "
+                             "on your LAN connect: every client must log in)")
+        sp.add_argument("--http-host", default="127.0.0.1",
+                        help="address the console and REST API listen on (default: 127.0.0.1; they have no "
+                             "login yet, so expose them beyond this machine only on a trusted network)")
         sp.add_argument("--http-port", type=int, default=8080, help="console and REST API port (default: 8080)")
         sp.add_argument("--cloud-port", type=int, default=1884, help="cloud MQTT broker port (default: 1884)")
         sp.add_argument("--gateway-port", type=int, default=1883, help="site MQTT broker port (default: 1883)")
@@ -282,20 +300,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Exit codes. 2 = bad configuration or refused credentials: restarting cannot help, so the
+#: ``cwsnet up`` supervisor does not restart a daemon that exits with it.
+EXIT_CONFIG = 2
+
+
+def _known_error(exc: BaseException) -> BaseException | None:
+    """The first CWSNet or link error inside ``exc`` (a daemon's TaskGroup wraps them in groups)."""
+    from cwsnet.mqtt import LinkError
+
+    if isinstance(exc, CwsError | LinkError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _known_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cwsnet.mqtt import AuthRefused
+
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    where = f"{args.config}: " if getattr(args, "config", None) else ""
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"cwsnet: error: {exc}", file=sys.stderr)
-        return 2
-    except CwsError as exc:
-        print(f"cwsnet: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        err = _known_error(exc)
+        if err is None:
+            raise
+        if isinstance(err, ConfigError):
+            text = str(err) if not where or str(err).startswith(str(args.config)) else where + str(err)
+            print(f"cwsnet: error: {text}", file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(err, AuthRefused):
+            print(f"cwsnet: error: {where}the broker refused our credentials: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"cwsnet: error: {where}{err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

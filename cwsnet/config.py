@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cwsnet.errors import ConfigError
 from cwsnet.topics import check_name
@@ -60,8 +60,14 @@ class EmbeddedBroker(Model):
 
 
 class Reconnect(Model):
-    min_delay: float = Field(0.5, gt=0, le=60)
-    max_delay: float = Field(30.0, gt=0, le=3600)
+    min_delay: float = Field(0.5, gt=0, le=60, description="first reconnect delay, seconds")
+    max_delay: float = Field(30.0, gt=0, le=3600, description="longest reconnect delay, seconds")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Reconnect:
+        if self.min_delay > self.max_delay:
+            raise ValueError(f"min_delay ({self.min_delay}) must not exceed max_delay ({self.max_delay})")
+        return self
 
 
 class SensorConfig(Model):
@@ -115,7 +121,9 @@ class GatewayConfig(Model):
     data_dir: Path = Path("./gateway-data")
     status_interval: float = Field(10.0, gt=0, le=86400)
     retransmit_after: float = Field(5.0, gt=0, le=3600, description="seconds before an unacked uplink message is sent again")
-    max_inflight: int = Field(200, ge=1, le=100000)
+    max_inflight: int = Field(
+        1000, ge=1, le=100000, description="uplink messages sent to the cloud and not yet acked, at most"
+    )
     metrics_port: int | None = Field(None, ge=1, le=65535)
     reconnect: Reconnect = Field(default_factory=Reconnect)
 

@@ -35,7 +35,7 @@ from cwsnet.errors import (
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = nacl.public.Box.NONCE_SIZE  # 24
-MAX_PAYLOAD = 256 * 1024
+MAX_PAYLOAD = 256 * 1024  # bytes; larger payloads are refused as malformed
 
 #: Message kinds and the channel they travel on.
 KINDS = {
@@ -151,7 +151,7 @@ def _split(payload: bytes) -> tuple[Header, bytes, bytes, bytes]:
             raise MalformedEnvelope(f"header field {key!r} must be {typ.__name__}", sender=sender, seq=seq)
     if len(hm["id"]) != 16:
         raise MalformedEnvelope("header field 'id' must be 16 bytes", sender=sender, seq=seq)
-    if hm["seq"] < 0 or hm["seq"] >= 2**63 or hm["ts"] < 0:
+    if not (0 <= hm["seq"] < 2**63 and 0 <= hm["ts"] < 2**63):
         raise MalformedEnvelope("header fields 'seq' and 'ts' must be non-negative 63-bit", sender=sender, seq=seq)
     if hm["kind"] not in KINDS:
         raise MalformedEnvelope(f"unknown message kind {hm['kind']!r}", sender=sender, seq=seq)

@@ -34,6 +34,7 @@ class Topology:
     gateway: str = "gw-home"
     devices: list[str] = field(default_factory=lambda: ["dev-1", "dev-2", "dev-3"])
     host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"  # the console/API has no login yet: loopback unless asked
     cloud_mqtt_port: int = 1884
     gateway_mqtt_port: int = 1883
     http_port: int = 8080
@@ -86,14 +87,14 @@ class HomeLab:
             check_name(name, "node or site")
         if self.exists():
             old = Topology.load(self.topology_file)
-            # keep what was provisioned; add devices if more were asked for
-            for d in topo.devices:
-                if d not in old.devices:
-                    old.devices.append(d)
-            for key in ("cloud_mqtt_port", "gateway_mqtt_port", "http_port", "host", "cloud_host", "gateway_host"):
-                setattr(old, key, getattr(topo, key))
-            topo = old
+            if (old.site, old.gateway) != (topo.site, topo.gateway):
+                raise ConfigError(
+                    f"{self.topology_file}: this data dir holds site {old.site!r} (gateway {old.gateway!r}); "
+                    f"it cannot become site {topo.site!r}: use another --data-dir"
+                )
+            # keys of devices no longer asked for are kept (and stay registered), just not run
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # databases hold opened (decrypted) data
         for sub in ("keys", "brokers", "config", "cloud", "gateway", "agents", "run", "logs"):
             self.path(sub).mkdir(exist_ok=True)
         self.path("keys").chmod(0o700)
@@ -104,10 +105,11 @@ class HomeLab:
         gw = self._bundle(topo.gateway, topo.site, "gateway", cloud_pk)
         devs = [self._bundle(d, topo.site, "device", cloud_pk) for d in topo.devices]
 
+        known = sorted(p.stem for p in self.path("keys").glob("*.json") if p.stem not in ("cloud", topo.gateway))
         registry = [
             {"id": b.identity.node, "site": b.identity.site, "role": b.identity.role,
              "public_key": b.identity.public_b64}
-            for b in [gw, *devs]
+            for b in [gw, *devs, *(Bundle.load(self.bundle_path(n)) for n in known if n not in topo.devices)]
         ]
         self.path("registry.json").write_text(json.dumps(registry, indent=2) + "\n")
 
@@ -129,7 +131,8 @@ class HomeLab:
                                            **_device_rules(s, b.identity.node)}
         # a read-only debugging user on both brokers: sees every (sealed) payload, may publish nothing
         admin = self._admin_credential()
-        admin_rules = {"token_sha256": _token_sha(admin["password"]), "publish": [], "subscribe": ["#"]}
+        admin_rules = {"token_sha256": _token_sha(admin["password"]), "publish": [], "subscribe": ["#"],
+                       "client_ids": ["*"]}  # any id, so mosquitto_sub's random ids work
         cloud_users[admin["username"]] = admin_rules
         site_users[admin["username"]] = admin_rules
         write_secret_file(self.path("brokers", "cloud-users.json"), {"users": cloud_users, "anonymous": False})
@@ -178,7 +181,7 @@ class HomeLab:
                        "credentials_file": "../brokers/cloud-users.json"},
             "client": {"host": "127.0.0.1" if t.host in ("0.0.0.0", "::") else t.host, "port": t.cloud_mqtt_port,
                        "username": "cloud", "password_file": "../keys/cloud.mqtt"},
-            "http": {"host": t.host, "port": t.http_port},
+            "http": {"host": t.http_host, "port": t.http_port},
         })
         cloud_b = Bundle.load(self.bundle_path("cloud"))
         write_secret_file(self.path("keys", "cloud.mqtt"), (cloud_b.mqtt_password or "") + "\n")
@@ -208,9 +211,10 @@ class HomeLab:
 
     def endpoints(self, t: Topology) -> dict[str, Any]:
         host = "127.0.0.1" if t.host in ("0.0.0.0", "::") else t.host
+        http = "127.0.0.1" if t.http_host in ("0.0.0.0", "::") else t.http_host
         return {
-            "console": f"http://{host}:{t.http_port}/",
-            "api": f"http://{host}:{t.http_port}/api/v1",
+            "console": f"http://{http}:{t.http_port}/",
+            "api": f"http://{http}:{t.http_port}/api/v1",
             "brokers": {"cloud": f"{host}:{t.cloud_mqtt_port}", t.gateway: f"{host}:{t.gateway_mqtt_port}"},
             "site": t.site,
             "devices": t.devices,

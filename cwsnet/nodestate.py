@@ -36,8 +36,11 @@ class NodeState:
         with self.db.conn:
             self.db["kv"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
 
-    def seq_counter(self, block: int = 1000) -> SeqCounter:
-        start = int(self.get("seq_mark", 0))
+    def seq_counter(self, block: int = 1000, now: float | None = None) -> SeqCounter:
+        """The node's ``seq`` source: it starts at the durable mark or at the wall clock in
+        milliseconds, whichever is larger, so a node whose state was wiped (re-flashed, new disk)
+        still never reuses a ``seq`` the cloud has seen."""
+        start = max(int(self.get("seq_mark", 0)), int((time.time() if now is None else now) * 1000))
         return SeqCounter(start, lambda mark: self.put("seq_mark", mark), block=block)
 
     def replay_window(self, peer: str) -> ReplayWindow:

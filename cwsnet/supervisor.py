@@ -21,6 +21,9 @@ from pathlib import Path
 
 log = logging.getLogger("cwsnet.up")
 
+#: a daemon exiting with this code has a bad config or refused credentials (see cwsnet.cli)
+FATAL_EXIT = 2
+
 
 @dataclass
 class Child:
@@ -66,6 +69,7 @@ class Supervisor:
         # A plain flag, not a threading.Event: stop() runs in a signal handler, and an Event's lock
         # may be held by the very frame the handler interrupted (a deadlock seen in practice).
         self._stopping = False
+        self.failed = False
 
     def stop(self, *_: object) -> None:
         self._stopping = True
@@ -82,22 +86,21 @@ class Supervisor:
                 break
             child.start()
             log.info("started %s (pid %d); log: %s", child.name, child.proc.pid, child.log_path)  # type: ignore[union-attr]
-            if child.ready is not None:
-                deadline = time.monotonic() + ready_timeout
-                while not self._stopping and not child.ready():
-                    if not child.alive():
-                        log.error("%s exited during start-up with code %s; see %s", child.name,
-                                  child.proc.returncode, child.log_path)  # type: ignore[union-attr]
-                        break
-                    if time.monotonic() > deadline:
-                        log.error("%s not ready after %.0f s; see %s", child.name, ready_timeout, child.log_path)
-                        break
-                    self._sleep(0.1)
+            if child.ready is not None and not self._wait_ready(child, ready_timeout):
+                self.failed = True
+                self.shutdown()
+                return 1
         if on_ready is not None and not self._stopping:
             on_ready()
         while not self._stopping:
             now = time.monotonic()
             for child in self.children:
+                if child.proc is not None and not child.alive() and child.proc.returncode == FATAL_EXIT:
+                    log.error("%s exited with code %d (bad configuration or refused credentials; restarting "
+                              "cannot help): stopping everything; see %s", child.name, FATAL_EXIT, child.log_path)
+                    self.failed = True
+                    self._stopping = True
+                    break
                 if child.proc is not None and not child.alive():
                     code = child.proc.returncode
                     ran = now - child.started_at
@@ -114,7 +117,23 @@ class Supervisor:
                     log.warning("restarted %s (pid %d, restart #%d)", child.name, child.proc.pid,  # type: ignore[union-attr]
                                 child.restarts)
             self._sleep(0.2)
-        return self.shutdown()
+        self.shutdown()
+        return 1 if self.failed else 0
+
+    def _wait_ready(self, child: Child, timeout: float) -> bool:
+        """Wait for ``child`` to become ready; False (with the reason logged) if it died or timed out."""
+        deadline = time.monotonic() + timeout
+        while not self._stopping and not child.ready():  # type: ignore[misc]
+            if not child.alive():
+                tail = child.log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                log.error("%s exited during start-up with code %s: %s (log: %s)", child.name,
+                          child.proc.returncode, tail[0], child.log_path)  # type: ignore[union-attr]
+                return False
+            if time.monotonic() > deadline:
+                log.error("%s not ready after %.0f s; see %s", child.name, timeout, child.log_path)
+                return False
+            self._sleep(0.1)
+        return True
 
     def shutdown(self) -> int:
         """Stop in reverse start order, tier by tier (devices, then the gateway, then the cloud), so

@@ -11,18 +11,18 @@ import asyncio
 import collections
 import logging
 import platform
-import ssl
 import time
 from typing import Any
 
 import cwsnet
 from cwsnet import topics
 from cwsnet.bundle import Bundle
-from cwsnet.config import AgentConfig, BrokerEndpoint
+from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, EnvelopeError
 from cwsnet.mqtt import LinkError, Message, MqttLink, Will
 from cwsnet.nodestate import NodeState
+from cwsnet.tls import client_context
 from edge_agent.handlers import TaskFailed, registry
 from edge_agent.sensors import Sensor, build_sensor, system_snapshot
 
@@ -31,15 +31,6 @@ log = logging.getLogger("cwsnet.agent")
 #: Sealed messages waiting for the link, oldest first (bounded; the SQLite outbox with custody
 #: acks replaces this with the store-and-forward work).
 PENDING_LIMIT = 10000
-
-
-def tls_context(ep: BrokerEndpoint) -> ssl.SSLContext | None:
-    if ep.tls is None:
-        return None
-    ctx = ssl.create_default_context(cafile=str(ep.tls.ca_file))
-    if ep.tls.insecure:
-        ctx.check_hostname = False
-    return ctx
 
 
 class Agent:
@@ -66,6 +57,7 @@ class Agent:
         self.will_seq: int | None = None
         self.running_tasks = 0
         self._wake_flush = asyncio.Event()
+        self._draining = asyncio.Lock()
         self._task_slots = asyncio.Semaphore(4)
         self._tg: asyncio.TaskGroup | None = None
         self._task_runs: set[asyncio.Task[None]] = set()
@@ -76,7 +68,7 @@ class Agent:
             port=cfg.broker.port,
             username=cfg.broker.username or bundle.mqtt_username,
             password=password,
-            tls=tls_context(cfg.broker),
+            tls=client_context(cfg.broker, "broker.tls"),
             keepalive=cfg.broker.keepalive,
             will_factory=self._make_will,
             on_connect=self._on_connect,
@@ -131,14 +123,18 @@ class Agent:
         await self._drain()
 
     async def _drain(self) -> None:
-        while self.pending and self.link.connected.is_set():
-            topic, payload, retain = self.pending[0]
-            try:
-                await self.link.publish(topic, payload, qos=1, retain=retain)
-            except LinkError:
-                return
-            if self.pending and self.pending[0][1] is payload:
-                self.pending.popleft()
+        """Send held messages oldest first; one drainer at a time, so nothing is sent twice."""
+        if self._draining.locked():
+            return  # the running drainer will pick up what was just added
+        async with self._draining:
+            while self.pending and self.link.connected.is_set():
+                topic, payload, retain = self.pending[0]
+                try:
+                    await self.link.publish(topic, payload, qos=1, retain=retain)
+                except LinkError:
+                    return
+                if self.pending and self.pending[0][1] is payload:
+                    self.pending.popleft()
 
     async def _sensor_loop(self, sensor: Sensor) -> None:
         while True:

@@ -28,7 +28,7 @@ from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, EnvelopeError, TopicError
 from cwsnet.mqtt import LinkError, Message, MqttLink, Will
 from cwsnet.nodestate import NodeState
-from edge_agent.agent import tls_context
+from cwsnet.tls import client_context
 from edge_agent.sensors import system_snapshot
 from gateway.outbox import UplinkOutbox
 
@@ -52,7 +52,7 @@ class Gateway:
         self.started = clock()
         self.devices_online: set[str] = set()
         self.stats = {"received": 0, "duplicates": 0, "malformed": 0, "forwarded_up": 0, "forwarded_down": 0,
-                      "acked": 0}
+                      "acked": 0, "rejected_by_cloud": 0, "store_errors": 0}
         self.broker: Any = None
         self._pump_wake = asyncio.Event()
         # every outbox call runs on this one thread, so SQLite is used from one thread only
@@ -67,7 +67,7 @@ class Gateway:
             port=cfg.site_client.port,
             username=cfg.site_client.username or bundle.mqtt_username,
             password=site_pw,
-            tls=tls_context(cfg.site_client),
+            tls=client_context(cfg.site_client, "site_client.tls"),
             keepalive=cfg.site_client.keepalive,
             on_message=self._from_site,
             manual_ack=True,
@@ -86,7 +86,7 @@ class Gateway:
             port=cfg.uplink.port,
             username=cfg.uplink.username or bundle.mqtt_username,
             password=up_pw,
-            tls=tls_context(cfg.uplink),
+            tls=client_context(cfg.uplink, "uplink.tls"),
             keepalive=cfg.uplink.keepalive,
             will_factory=self._make_will,
             on_connect=self._on_uplink_connect,
@@ -122,13 +122,26 @@ class Gateway:
         return await asyncio.get_running_loop().run_in_executor(self._db, functools.partial(fn, *args))
 
     async def _committer(self) -> None:
-        """Group commit: store everything received so far in one transaction, then PUBACK it all."""
+        """Group commit: store everything received so far in one transaction, then PUBACK it all.
+
+        If the store fails (disk full, I/O error) the batch is kept, not acked, and retried with
+        backoff; the site broker holds what arrives meanwhile."""
         while True:
             batch = [await self._incoming.get()]
             while len(batch) < 500 and not self._incoming.empty():
                 batch.append(self._incoming.get_nowait())
             rows = [(h.sender, h.seq, m.topic, m.payload, retain) for m, h, retain in batch]
-            added = await self._db_call(self.outbox.add_many, rows, self.clock())
+            delay = 0.2
+            while True:
+                try:
+                    added = await self._db_call(self.outbox.add_many, rows, self.clock())
+                    break
+                except Exception as exc:
+                    self.stats["store_errors"] += 1
+                    log.error("storing %d messages in the outbox failed (%s); retrying in %.1f s", len(rows),
+                              exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
             for (msg, header, _r), new in zip(batch, added, strict=True):
                 self.site_link.ack(msg)  # only now: the message is committed to the outbox
                 self.stats["received"] += 1
@@ -139,11 +152,20 @@ class Gateway:
             self._pump_wake.set()
 
     async def _pump(self) -> None:
-        """Send due outbox messages to the cloud, in order, at most ``max_inflight`` per round."""
+        """Keep the pump going whatever happens to one round (a failed round is logged and retried)."""
+        while True:
+            try:
+                await self._pump_rounds()
+            except Exception:
+                log.exception("uplink pump failed; restarting it in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def _pump_rounds(self) -> None:
+        """Send due outbox messages to the cloud in order, with at most ``max_inflight`` unacked."""
         while True:
             await self.uplink.connected.wait()
             self._pump_wake.clear()  # before reading the outbox: a wake during this round is kept
-            items = await self._db_call(self.outbox.due, self.clock(), self.cfg.retransmit_after,
+            items = await self._db_call(self.outbox.due, time.monotonic(), self.cfg.retransmit_after,
                                         self.cfg.max_inflight)
             # publish the round pipelined (paho sends in call order), then wait for the PUBACKs
             results = await asyncio.gather(
@@ -159,8 +181,8 @@ class Gateway:
                 log.info("uplink down; %d messages held in the outbox", self.outbox.depth())
             if sent:
                 self.stats["forwarded_up"] += len(sent)
-                await self._db_call(self.outbox.mark_sent, sent, self.clock())
-            if len(items) < self.cfg.max_inflight or not sent:
+                await self._db_call(self.outbox.mark_sent, sent, time.monotonic())
+            if not items or not sent:
                 try:
                     await asyncio.wait_for(self._pump_wake.wait(), min(1.0, self.cfg.retransmit_after))
                 except TimeoutError:
@@ -198,14 +220,24 @@ class Gateway:
         self.cloud_window.accept(opened.header.seq)
         self.state.save_replay_window("cloud", self.cloud_window)
         if opened.header.kind == "ack":
-            acks = opened.body.get("acks", []) if isinstance(opened.body, dict) else []
+            body = opened.body if isinstance(opened.body, dict) else {}
             ranges = [
-                (a[0], a[1], a[2]) for a in acks
+                (a[0], a[1], a[2]) for a in body.get("acks", [])
                 if isinstance(a, list) and len(a) == 3 and isinstance(a[0], str)
                 and isinstance(a[1], int) and isinstance(a[2], int)
             ]
+            rejected = [
+                (r[0], r[1]) for r in body.get("rejected", [])
+                if isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], int)
+            ]
             freed = await self._db_call(self.outbox.ack, ranges)
             self.stats["acked"] += freed
+            if rejected:
+                dropped = await self._db_call(self.outbox.reject, rejected)
+                self.stats["rejected_by_cloud"] += dropped
+                for sender, seq, reason in body["rejected"][:20]:
+                    log.warning("cloud refused %s seq %s (%s); dropped from the outbox", sender, seq, reason)
+            self._pump_wake.set()  # acks open the window
 
     # ---- gateway's own status -------------------------------------------------------------
     def status_body(self, state: str = "online") -> dict[str, Any]:
@@ -269,10 +301,12 @@ class Gateway:
             from cwsnet.broker import BrokerSettings, start_broker
 
             b = self.cfg.broker
-            self.broker = await start_broker(BrokerSettings(
-                host=b.host, port=b.port, tls_port=b.tls_port, certfile=b.certfile, keyfile=b.keyfile,
-                ws_port=b.ws_port, credentials_file=b.credentials_file,
-            ))
+            try:
+                self.broker = await start_broker(BrokerSettings.coerce(b))
+            except ConfigError:
+                raise
+            except Exception as exc:  # amqtt's BrokerError / OSError: port taken, bad certificate...
+                raise ConfigError(f"broker: cannot start the site broker on {b.host}:{b.port}: {exc}") from None
             log.info("site broker (amqtt) listening on %s:%s", b.host, b.port)
         metrics_server = None
         if self.cfg.metrics_port:

@@ -53,6 +53,11 @@ class UplinkOutbox:
                 not_null={"sender", "seq", "topic", "payload"},
             )
             self.db["outbox"].create_index(["sender", "seq"], unique=True)
+        self.db.execute("create index if not exists outbox_inflight on outbox(attempts) where attempts > 0")
+        # Send times are this process's monotonic clock: after a restart everything unacked is due
+        # at once (the cloud dedupes), and a wall clock stepping back cannot stall retransmission.
+        with self._tx():
+            self.db.execute("update outbox set sent_at = -1e9 where attempts > 0")  # "long ago"
         self._depth = self.db.execute("select count(*) from outbox").fetchone()[0]
 
     def add(self, sender: str, seq: int, topic: str, payload: bytes, retain: bool, now: float | None = None) -> bool:
@@ -86,14 +91,39 @@ class UplinkOutbox:
 
         return Tx()
 
-    def due(self, now: float, retransmit_after: float, limit: int) -> list[OutboxItem]:
-        """Messages never sent, or sent longer than ``retransmit_after`` ago, in arrival order."""
-        rows = self.db.execute(
-            "select id, sender, seq, topic, payload, retain, attempts from outbox "
-            "where sent_at <= ? order by id limit ?",
-            [now - retransmit_after, limit],
+    def due(self, now: float, retransmit_after: float, window: int, max_backoff: float = 300.0) -> list[OutboxItem]:
+        """What to send now, in arrival order.
+
+        Unacked messages are sent again after ``retransmit_after`` seconds, doubling with each
+        attempt up to ``max_backoff``. New messages are sent only while fewer than ``window``
+        messages are unacked, so a backlog cannot be pushed out faster than the cloud acks it
+        (which would only multiply retransmissions).
+        """
+        cols = "id, sender, seq, topic, payload, retain, attempts"
+        retx = self.db.execute(
+            f"select {cols} from outbox where attempts > 0 "
+            "and sent_at + min(?, ? * (1 << min(attempts - 1, 16))) <= ? order by id limit ?",
+            [max_backoff, retransmit_after, now, window],
         ).fetchall()
+        inflight = self.db.execute("select count(*) from outbox where attempts > 0").fetchone()[0]
+        room = max(0, window - inflight)
+        fresh = self.db.execute(
+            f"select {cols} from outbox where attempts = 0 order by id limit ?", [room]
+        ).fetchall() if room else []
+        rows = sorted(retx + fresh, key=lambda r: r[0])
         return [OutboxItem(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5]), r[6]) for r in rows]
+
+    def inflight(self) -> int:
+        return self.db.execute("select count(*) from outbox where attempts > 0").fetchone()[0]
+
+    def reject(self, items: Sequence[tuple[str, int]]) -> int:
+        """Delete messages the cloud refused for good (forged, malformed, ...); returns how many."""
+        freed = 0
+        with self._tx():
+            for sender, seq in items:
+                freed += self.db.execute("delete from outbox where sender = ? and seq = ?", [sender, seq]).rowcount
+        self._depth -= freed
+        return freed
 
     def mark_sent(self, ids: list[int], now: float) -> None:
         if not ids:

@@ -36,7 +36,8 @@ def test_init_flags_match_ports_and_service_configs(tmp_path: Path) -> None:
     topo = lab.init(Topology(site=init.site, gateway=f"gw-{init.site}",
                              devices=[f"dev-{i}" for i in range(1, init.devices + 1)], host=init.host,
                              cloud_mqtt_port=init.cloud_port, gateway_mqtt_port=init.gateway_port,
-                             http_port=init.http_port, cloud_host=init.cloud_host, gateway_host=init.gateway_host))
+                             http_port=init.http_port, cloud_host=init.cloud_host, gateway_host=init.gateway_host,
+                             http_host=init.http_host))
     for name, svc in services.items():
         if name == "init":
             continue
@@ -45,14 +46,15 @@ def test_init_flags_match_ports_and_service_configs(tmp_path: Path) -> None:
         assert cfg.startswith("/data/config/")
         assert (tmp_path / cfg.removeprefix("/data/")).exists(), f"{name}: {cfg} is not created by init"
         assert svc.get("volumes", []) or "volumes" in compose()["x-cwsnet"]
-    published = {p.split(":")[1] for s in services.values() for p in s.get("ports", [])}
+    published = {p.split(":")[-1] for s in services.values() for p in s.get("ports", [])}
     assert {str(init.http_port), str(init.cloud_port), str(init.gateway_port)} <= published
     # containers reach each other by service name
     gw_cfg = yaml.safe_load(lab.config_path(topo.gateway).read_text())
     assert gw_cfg["uplink"]["host"] == "cloud"
     dev_cfg = yaml.safe_load(lab.config_path("dev-1").read_text())
     assert dev_cfg["broker"]["host"] == "gateway"
-    assert init.host == "0.0.0.0"
+    assert init.host == "0.0.0.0" and init.http_host == "0.0.0.0"
+    assert "127.0.0.1:8080:8080" in services["cloud"]["ports"], "unauthenticated console only on host loopback"
 
 
 def test_healthchecks_and_dependencies() -> None:

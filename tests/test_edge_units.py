@@ -70,15 +70,32 @@ def test_outbox_dedupes_retransmits_and_frees_on_ack(tmp_path: Path) -> None:
     assert ob.add_many([("d1", 1, "t", b"a", False), ("d1", 2, "t", b"b", True), ("d1", 1, "t", b"a", False)],
                        now=100.0) == [True, True, False]
     assert ob.depth() == 2
-    due = ob.due(now=100.0, retransmit_after=5, limit=10)
+    due = ob.due(now=100.0, retransmit_after=5, window=10)
     assert [(i.seq, i.payload, i.retain) for i in due] == [(1, b"a", False), (2, b"b", True)]
     ob.mark_sent([i.id for i in due], now=100.0)
-    assert ob.due(now=104.0, retransmit_after=5, limit=10) == []  # in flight
-    assert len(ob.due(now=105.0, retransmit_after=5, limit=10)) == 2  # retransmit
+    assert ob.due(now=104.0, retransmit_after=5, window=10) == []  # in flight
+    again = ob.due(now=105.0, retransmit_after=5, window=10)
+    assert len(again) == 2  # first retransmission after retransmit_after
+    ob.mark_sent([i.id for i in again], now=105.0)
+    assert ob.due(now=114.0, retransmit_after=5, window=10) == []  # then the wait doubles
+    assert len(ob.due(now=115.0, retransmit_after=5, window=10)) == 2
     assert ob.ack([("d1", 1, 1), ("d9", 0, 99)]) == 1
     ob.close()
-    reopened = UplinkOutbox(tmp_path / "o.db")  # durable across a restart
-    assert reopened.depth() == 1 and reopened.due(1e9, 5, 10)[0].seq == 2
+    reopened = UplinkOutbox(tmp_path / "o.db")  # durable across a restart, and due again at once
+    assert reopened.depth() == 1 and reopened.due(0.0, 5, 10)[0].seq == 2
+    assert reopened.reject([("d1", 2), ("d1", 3)]) == 1 and reopened.depth() == 0
+
+
+def test_outbox_window_limits_unacked_messages(tmp_path: Path) -> None:
+    ob = UplinkOutbox(tmp_path / "o.db")
+    ob.add_many([("d", i, "t", b"x", False) for i in range(10)], now=0)
+    first = ob.due(now=0.0, retransmit_after=5, window=4)
+    assert [i.seq for i in first] == [0, 1, 2, 3]
+    ob.mark_sent([i.id for i in first], now=0.0)
+    assert ob.due(now=1.0, retransmit_after=5, window=4) == []  # window full until acks arrive
+    ob.ack([("d", 0, 1)])
+    assert [i.seq for i in ob.due(now=1.0, retransmit_after=5, window=4)] == [4, 5]
+    assert ob.inflight() == 2
 
 
 def test_every_cli_command_is_in_the_readme_and_has_help() -> None:
