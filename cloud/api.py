@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import cbor2
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -27,15 +29,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloud.fanout import Fanout
+from cloud.ingest import BodyError, check_storable
 from cloud.metrics import CONTENT_TYPE, CloudMetrics
 from cloud.store import Store
 from cloud.views import change, event_view, node_view, task_view, telemetry_view
+from cwsnet.envelope import MAX_PAYLOAD
 
 log = logging.getLogger("cwsnet.cloud.api")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 STATIC_DIR = Path(__file__).parent / "static"
 API_VERSION = "1"
+#: room the header, the sealed part's topic and hash, the nonce and the box tag take in a task command
+ENVELOPE_HEADROOM = 1024
+#: largest CBOR-encoded task_cmd body that still fits one envelope (cwsnet.envelope.MAX_PAYLOAD)
+MAX_TASK_BODY = MAX_PAYLOAD - ENVELOPE_HEADROOM
 
 
 class TaskSubmitter(Protocol):
@@ -173,7 +181,9 @@ class EventPage(ApiModel):
 
 
 class TaskRequest(ApiModel):
-    target: str = Field(pattern=NAME_PATTERN, description="id of the registered device (or gateway) to run the task")
+    target: str = Field(
+        pattern=NAME_PATTERN, description="id of the registered device to run the task (gateways run no tasks)"
+    )
     handler: str = Field(pattern=NAME_PATTERN, description="task handler name, e.g. echo, sha256, sleep")
     args: dict[str, Any] = Field(default_factory=dict, description="arguments passed to the handler")
     timeout: float | None = Field(
@@ -391,23 +401,51 @@ def create_app(state: CloudState) -> FastAPI:
         description=(
             "Queue a task for a device. The cloud seals a task command to the device and publishes it "
             "on `cws/v1/{site}/{target}/task/cmd`; if the device is offline the task stays queued and is "
-            "sent when the device next connects (its birth). With `timeout`, a task not run by then "
-            "expires. 404 if the target is not registered."
+            "sent when the device next connects (its birth). With `timeout`, a task not finished by then "
+            "expires (also one still running: its result will then be ignored). 404 if the target is not "
+            "registered, 422 if it is not a device, 413 if the command would not fit in one envelope "
+            f"({MAX_TASK_BODY} bytes of CBOR-encoded task command)."
         ),
-        responses=_NOT_FOUND,
+        responses={
+            413: {"model": ErrorResponse, "description": "the args make the task command too large for one message"},
+            **_NOT_FOUND,
+        },
         tags=["tasks"],
     )
     def create_task(req: TaskRequest, response: Response) -> Any:
         node = store.get_node(req.target)
-        if node is None or node.role not in ("device", "gateway"):
+        if node is None:
             raise ApiError(404, f"target {req.target!r} is not a registered device")
+        if node.role != "device":
+            raise ApiError(
+                422,
+                f"target {req.target!r} is a {node.role}, not a device: only devices run tasks",
+                code="invalid_request",
+            )
         try:
-            json.dumps(req.args, allow_nan=False)
-        except ValueError:
-            raise ApiError(422, "body.args: must be JSON without NaN or Infinity", code="invalid_request") from None
+            check_storable(req.args, "body.args")
+        except BodyError as exc:
+            raise ApiError(
+                422, f"{exc} (args must be JSON without NaN or Infinity, integers 64-bit)", code="invalid_request"
+            ) from None
         deadline = None if req.timeout is None else int((state.clock() + req.timeout) * 1000)
+        task_id = uuid.uuid4().hex
+        # the body exactly as TaskDispatcher.dispatch seals it
+        cmd = {"task_id": task_id, "handler": req.handler, "args": req.args, "deadline": deadline}
+        size = len(cbor2.dumps(cmd))
+        if size > MAX_TASK_BODY:
+            raise ApiError(
+                413,
+                f"body.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in one "
+                f"message (envelope limit {MAX_PAYLOAD} bytes)",
+            )
         task = store.create_task(
-            target=req.target, handler=req.handler, args=req.args, deadline=deadline, now=int(state.clock() * 1000)
+            target=req.target,
+            handler=req.handler,
+            args=req.args,
+            deadline=deadline,
+            task_id=task_id,
+            now=int(state.clock() * 1000),
         )
         state.metrics.tasks.labels(state="queued").inc()
         state.fanout.publish(change("task", task_view(task)))

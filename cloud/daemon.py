@@ -9,10 +9,17 @@ Data path::
     cloud broker --QoS1, manual ack--> MqttLink --> bounded queue --> batch (<= 200)
         --> Ingest.handle_batch in a worker thread (one SQLite transaction, committed)
         --> MQTT PUBACK for each message --> AckCoalescer --> every ack_interval a sealed
-            {"acks": [[sender, first, last], ...]} to each gateway of the site on cws/v1/{site}/{gw}/ack
+            {"acks": [[sender, first, last], ...], "rejected": [[sender, seq, reason], ...]}
+            to each gateway of the site on cws/v1/{site}/{gw}/ack
 
 MQTT acks go out only after the commit, and the end-to-end acks to gateways only after that: a
 crash at any point loses nothing, it only causes redelivery, which ingest absorbs exactly once.
+
+No single message can stop ingest: a batch the store refuses is retried in halves down to single
+messages, and one that still fails for a reason that is not transient is given up on (counted
+``malformed``, acknowledged, and the gateway told). Transient store errors (``sqlite3``'s disk
+full, database locked) are retried with backoff and nothing is acknowledged meanwhile. Every helper
+loop logs an unexpected error and carries on after a short pause; only cancellation ends them.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import uvicorn
@@ -55,6 +63,7 @@ SUBSCRIPTIONS = tuple(topics.all_sites_filter(ch) for ch in ("status", "telemetr
 BATCH_MAX = 200
 QUEUE_MAX = 2000
 EXPIRED_ERROR = "deadline passed before the device could run it"
+EXPIRED_RUNNING_ERROR = "deadline passed while running (the device did not report a result)"
 EVENTS_KEPT = 100_000
 
 
@@ -80,6 +89,40 @@ def client_tls(endpoint: BrokerEndpoint) -> ssl.SSLContext | None:
     return ctx
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for a store error that says nothing about the message (retry it), False for one that may.
+
+    Transient: ``sqlite3.OperationalError`` (disk full, database locked, I/O error), a plain
+    ``sqlite3.DatabaseError`` (a damaged file: the operator must act; dropping data would not help),
+    a closed database, ``MemoryError``. Anything else (``ValueError``, ``OverflowError``,
+    ``TypeError``, an integrity or binding error) may be caused by one message's content.
+    """
+    if isinstance(exc, sqlite3.OperationalError | MemoryError) or type(exc) is sqlite3.DatabaseError:
+        return True
+    return isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc)
+
+
+async def forever(
+    what: str, step: Callable[[], Awaitable[None]], *, pause: float = 0.5, max_pause: float = 10.0
+) -> None:
+    """Run ``step`` again and again; log an unexpected error with context and go on after a pause.
+
+    The pause doubles with each failure in a row (up to ``max_pause``) and resets after a success.
+    Cancellation propagates.
+    """
+    failures = 0
+    while True:
+        try:
+            await step()
+        except Exception:
+            failures += 1
+            delay = min(pause * 2 ** (failures - 1), max_pause)
+            log.exception("%s failed (%d in a row); carrying on in %.1f s", what, failures, delay)
+            await asyncio.sleep(delay)
+        else:
+            failures = 0
+
+
 def new_traceparent() -> str:
     """A fresh W3C ``traceparent`` (version 00, sampled)."""
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
@@ -94,9 +137,9 @@ class TaskDispatcher:
     ``request(task_id)`` (thread-safe, never blocks) asks for one task to be sent; ``on_birth(node)``
     for every queued task of a node that just connected; ``on_connect()`` (cloud link back up) for
     every queued task of every online node. A task is sent only while its device is online and the
-    link is up; otherwise it stays ``queued`` until the next birth. Tasks past their deadline are
-    marked ``expired``. The command is idempotent on the device (it runs each task id once), so
-    sending it again on every birth is safe.
+    link is up; otherwise it stays ``queued`` until the next birth. Tasks past their deadline, queued
+    or running (the device never reported a result), are marked ``expired``. The command is
+    idempotent on the device (it runs each task id once), so sending it again on every birth is safe.
     """
 
     def __init__(
@@ -170,7 +213,10 @@ class TaskDispatcher:
             now = self._loop.time()
             if now - last_expire >= self.expire_every:
                 last_expire = now
-                await asyncio.to_thread(self.expire_overdue)
+                try:
+                    await asyncio.to_thread(self.expire_overdue)
+                except Exception:  # the store failed: try again at the next expiry check
+                    log.exception("expiring overdue tasks failed; trying again in %g s", self.expire_every)
             if task_id is not None:
                 self._pending.discard(task_id)
                 try:
@@ -184,12 +230,13 @@ class TaskDispatcher:
         now_ms = int(self.clock() * 1000)
         expired = []
         for task in self.store.overdue_tasks(now_ms):
-            updated, moved = self.store.update_task(task.id, "expired", error=EXPIRED_ERROR, now=now_ms)
+            error = EXPIRED_RUNNING_ERROR if task.state == "running" else EXPIRED_ERROR
+            updated, moved = self.store.update_task(task.id, "expired", error=error, now=now_ms)
             if moved and updated is not None:
                 expired.append(updated)
                 self.metrics.tasks.labels(state="expired").inc()
                 self.fanout.publish(change("task", task_view(updated)))
-                log.info("task %s expired: %s", task.id, EXPIRED_ERROR)
+                log.info("task %s on %s expired: %s", task.id, task.target, error)
         return expired
 
     def _ready_to_send(self, task_id: str) -> tuple[Task, str] | None:
@@ -272,7 +319,9 @@ class CloudDaemon:
             if registry_file is not None:
                 imported = import_registry(self.store, registry_file)
                 log.info("registry: %d nodes from %s", len(imported), registry_file)
-            start = self.store.get_counter(SEQ_COUNTER) or 0
+            # never below the wall clock in ms: a recreated cloud.db must not reuse seqs that gateways
+            # and devices have already seen (they would refuse its acks and commands as replays)
+            start = max(self.store.get_counter(SEQ_COUNTER) or 0, int(clock() * 1000))
             self.seq = SeqCounter(start, lambda mark: self.store.set_counter(SEQ_COUNTER, mark))
             self.directory = NodeDirectory(self.store)
             self.endpoint = Endpoint(self.identity, self.seq, self.directory.public_key, clock)
@@ -329,7 +378,10 @@ class CloudDaemon:
     async def _on_connect(self) -> None:
         self.metrics.broker_connected.set(1)
         log.info("ingest connected to the cloud broker at %s", self.link.endpoint)
-        await asyncio.to_thread(self.dispatcher.on_connect)
+        try:
+            await asyncio.to_thread(self.dispatcher.on_connect)
+        except Exception:
+            log.exception("sending queued tasks after the cloud broker link came up failed; they go at each birth")
 
     async def _on_disconnect(self) -> None:
         self.metrics.broker_connected.set(0)
@@ -340,57 +392,117 @@ class CloudDaemon:
             log.warning("ingest lost the cloud broker at %s", self.link.endpoint)
 
     async def _on_message(self, msg: Message) -> None:
-        await self.queue.put(msg)  # bounded: a full queue holds the link's reader (back-pressure)
+        # Bounded: when it is full this await holds MqttLink's delivery task, so further messages
+        # wait in the link's own queue. It does not stop paho reading the socket (not broker
+        # back-pressure); bounding what the link buffers is MqttLink's job.
+        await self.queue.put(msg)
 
     # services ----------------------------------------------------------------------------------
 
     async def consume(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < BATCH_MAX:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
-            result = await self._store_batch(batch)
-            for msg in batch:
+        await forever("ingest", self.consume_once)
+
+    async def consume_once(self) -> None:
+        """Take up to BATCH_MAX queued messages, store them, acknowledge them, announce the changes."""
+        batch = [await self.queue.get()]
+        while len(batch) < BATCH_MAX:
+            try:
+                batch.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        result = await self._store_batch(batch)
+        for msg in batch:
+            try:
                 self.link.ack(msg)
-            for site, sender, seq in result.acks:
-                self.coalescer.add(site, sender, seq)
+            except Exception:  # the broker redelivers it; ingest absorbs the duplicate
+                log.exception("MQTT ack of %s (mid %d) failed", msg.topic[:200], msg.mid)
+        for site, sender, seq in result.acks:
+            self.coalescer.add(site, sender, seq)
+        for site, sender, seq, reason, digest in result.rejections:
+            if not self.coalescer.reject(site, sender, seq, reason, digest):
+                log.debug("rejection notice for %s seq %d dropped: too many pending for site %s", sender, seq, site)
+        try:
             self.fanout.publish_many(result.changes)
-            for node in result.births:
+        except Exception:
+            log.exception("announcing %d changes on the live stream failed", len(result.changes))
+        for node in result.births:
+            try:
                 await asyncio.to_thread(self.dispatcher.on_birth, node)
+            except Exception:
+                log.exception("sending %s's queued tasks after its birth failed; they wait for its next birth", node)
 
     async def _store_batch(self, batch: Sequence[Message]) -> BatchResult:
-        """Commit a batch, retrying with backoff while the store fails (nothing is acked meanwhile)."""
-        items = [(m.topic, m.payload) for m in batch]
+        """Commit a batch; never raises (but for cancellation). See :meth:`_store_items`."""
+        return await self._store_items([(m.topic, m.payload) for m in batch])
+
+    async def _store_items(self, items: Sequence[tuple[str, bytes]]) -> BatchResult:
+        """Store ``items``, isolating a message the store cannot take, waiting out transient errors.
+
+        A transient store error (:func:`is_transient`) is retried with backoff, the same items, with
+        nothing acknowledged meanwhile. Any other error means one message may be at fault: the
+        items are stored in halves, recursively; a single message that still fails is given up on
+        (:meth:`Ingest.reject_unstorable`), so it is acknowledged and cannot block the queue.
+        """
         delay = 0.1
         while True:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.ingest.handle_batch, items))
             try:
-                return await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                # let the worker thread finish its transaction before the store is closed
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(asyncio.shield(fut), 5.0)
-                raise
-            except Exception:
-                log.exception("storing a batch of %d messages failed; retrying in %.1f s", len(batch), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                return await self._ingest_in_thread(items)
+            except Exception as exc:
+                if is_transient(exc):
+                    log.error(
+                        "storing %d messages failed (%s: %s); retrying in %.1f s",
+                        len(items), type(exc).__name__, exc, delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                if len(items) == 1:
+                    log.error("the store refuses a message on %s", items[0][0][:200], exc_info=exc)
+                    return await asyncio.to_thread(self.ingest.reject_unstorable, items[0][0], items[0][1], exc)
+                log.warning(
+                    "storing %d messages failed (%s: %s); storing them in halves to find the culprit",
+                    len(items), type(exc).__name__, exc,
+                )
+                half = len(items) // 2
+                result = await self._store_items(items[:half])
+                result.extend(await self._store_items(items[half:]))
+                return result
+
+    async def _ingest_in_thread(self, items: Sequence[tuple[str, bytes]]) -> BatchResult:
+        fut = asyncio.ensure_future(asyncio.to_thread(self.ingest.handle_batch, items))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # let the worker thread finish its transaction before the store is closed
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(fut), 5.0)
+            raise
 
     async def flush_acks(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.ack_interval)
-            if self.coalescer and self.link.connected.is_set():
-                await self.send_acks()
+        await forever("ack flusher", self.flush_once)
+
+    async def flush_once(self) -> None:
+        await asyncio.sleep(self.cfg.ack_interval)
+        if self.coalescer and self.link.connected.is_set():
+            await self.send_acks()
 
     async def send_acks(self) -> None:
+        """Seal and publish every pending ack body to each gateway of its site.
+
+        A body whose publish fails goes back to the coalescer for the next flush; so do all of a
+        site's bodies when its gateways cannot be looked up.
+        """
         for site, bodies in self.coalescer.drain().items():
-            gateways = self.directory.gateways(site)
-            if not gateways:
-                self.directory.refresh()
+            try:
                 gateways = self.directory.gateways(site)
+                if not gateways:
+                    await asyncio.to_thread(self.directory.refresh)
+                    gateways = self.directory.gateways(site)
+            except Exception:
+                log.exception("looking up the gateways of site %s failed; its acks wait for the next flush", site)
+                for body in bodies:
+                    self.coalescer.add_ranges(site, body)
+                continue
             if not gateways:
                 log.debug("no gateway registered for site %s; %d ack bodies dropped", site, len(bodies))
                 continue
@@ -404,8 +516,14 @@ class CloudDaemon:
                         log.warning("ack to %s failed (%s); will resend", gw, exc)
                         self.coalescer.add_ranges(site, body)
                         continue
+                    except Exception:
+                        log.exception("ack to %s failed; will resend", gw)
+                        self.coalescer.add_ranges(site, body)
+                        continue
                     self.metrics.acks_sent.inc()
-                    log.debug("acked to %s seq=%d: %s", gw, header.seq, body["acks"])
+                    log.debug(
+                        "acked to %s seq=%d: %s rejected=%s", gw, header.seq, body["acks"], body.get("rejected", [])
+                    )
 
     async def sweep(self) -> None:
         interval = min(5.0, self.cfg.offline_after / 4)
@@ -453,9 +571,12 @@ class CloudDaemon:
     async def announce_ready(self, http_started: asyncio.Event, ready: asyncio.Event | None) -> None:
         await http_started.wait()
         await self.link.connected.wait()
-        await asyncio.to_thread(
-            self.store.add_event, "cloud.started", f"cloud ready: API on port {self.cfg.http.port}", source="cloud"
-        )
+        try:
+            await asyncio.to_thread(
+                self.store.add_event, "cloud.started", f"cloud ready: API on port {self.cfg.http.port}", source="cloud"
+            )
+        except Exception:
+            log.exception("recording the cloud.started event failed")
         log.info("cloud ready (pid %d)", os.getpid())
         if ready is not None:
             ready.set()

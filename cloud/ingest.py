@@ -9,11 +9,22 @@ acknowledged to the site's gateway. A rejected message is counted, recorded as a
 
 Ack rule: only messages whose ``(sender, seq)`` is now in the store are acknowledged (stored now,
 or stored earlier: a replay). A message rejected before it authenticated carries a ``(from, seq)``
-nobody vouches for, and acking it could make a gateway free a real message the cloud never got.
+nobody vouches for, so it is never acked as stored; instead, for the reasons in
+:data:`NOTICE_REASONS`, the gateway gets a *rejection notice* ``[sender, seq, reason]`` in the ack
+body so it stops retransmitting a message the cloud will never accept (``docs/protocol.md`` §3).
+``unknown_sender`` gets no notice (the device may be registered later and its data must then get
+in on retransmit), nor does ``replay`` (already acked as stored).
+
+Body checks bound what reaches the store: every unsigned field (``ts``, ``will_seq``,
+``started``, ``finished``) is 0..2^63-1, every other integer in a stored JSON document is a signed
+64-bit one, floats are finite, map keys are text and nesting is at most :data:`MAX_DEPTH` deep. A
+body that breaks them is stored without effects (its ``seq`` is used up), acked and counted
+``malformed``, so no authenticated payload can make a store transaction fail.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -38,7 +49,7 @@ from cloud.store import (
     to_json,
 )
 from cloud.views import change, event_view, node_view, task_view
-from cwsnet import topics
+from cwsnet import envelope, topics
 from cwsnet.endpoint import Endpoint
 from cwsnet.envelope import KINDS, Opened
 from cwsnet.errors import (
@@ -56,6 +67,11 @@ log = logging.getLogger("cwsnet.cloud.ingest")
 UPLINK_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
 SEVERITIES = ("info", "warning", "error", "critical")
 REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired")
+#: rejection reasons the gateway is told about (it then drops the message from its outbox)
+NOTICE_REASONS = frozenset({"forged", "topic_mismatch", "wrong_recipient", "version", "malformed"})
+UINT_MAX = 2**63 - 1  # unsigned fields: SQLite's INTEGER is a signed 64-bit value
+INT_MIN = -(2**63)
+MAX_DEPTH = 32  # nesting of maps and arrays in a stored body
 
 
 # -- the node directory (peer keys and sites) ----------------------------------------------------
@@ -187,27 +203,54 @@ class RejectionLog:
 # -- acks ------------------------------------------------------------------------------------------
 
 
-class AckCoalescer:
-    """Collects ``(sender, seq)`` per site and renders ``{"acks": [[sender, first, last], ...]}`` bodies.
+def payload_digest(payload: bytes) -> bytes:
+    """The first 16 bytes of SHA-256(payload): names one exact payload in a rejection notice."""
+    raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode("utf-8", "replace")
+    return hashlib.sha256(raw).digest()[:16]
 
-    Consecutive sequence numbers of a sender collapse into one range; a body holds at most
-    ``max_ranges`` ranges (further ranges go into further bodies).
+
+class AckCoalescer:
+    """Collects acks and rejection notices per site and renders ack bodies (``docs/protocol.md`` §3)::
+
+        {"acks": [[sender, first_seq, last_seq], ...], "rejected": [[sender, seq, reason, digest], ...]}
+
+    Consecutive sequence numbers of a sender collapse into one range. ``"acks"`` is always
+    present (``[]`` when a body carries only notices); ``"rejected"`` only when it is not empty. A
+    body holds at most ``max_ranges`` entries, ranges and notices together (more go into further
+    bodies). At most ``max_rejections`` notices wait per site; further ones are dropped (the
+    gateway retransmits those messages, and the next rejection brings the notice again).
     """
 
-    def __init__(self, max_ranges: int = 1000) -> None:
+    def __init__(self, max_ranges: int = 1000, max_rejections: int = 100_000) -> None:
         self.max_ranges = max_ranges
+        self.max_rejections = max_rejections
         self._pending: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+        self._rejected: dict[str, dict[tuple[str, int], tuple[str, bytes | None]]] = defaultdict(dict)
 
     def add(self, site: str, sender: str, seq: int) -> None:
         self._pending[site][sender].add(seq)
+
+    def reject(self, site: str, sender: str, seq: int, reason: str, digest: bytes | None = None) -> bool:
+        """Queue a rejection notice for ``(sender, seq)``; False if the site's notices are full.
+
+        ``digest`` (:func:`payload_digest` of the refused payload) lets the gateway delete only the
+        very message that was refused, never a genuine one that happens to share ``(sender, seq)``.
+        """
+        pending = self._rejected[site]
+        if (sender, seq) not in pending and len(pending) >= self.max_rejections:
+            return False
+        pending[(sender, seq)] = (reason, digest)
+        return True
 
     def add_ranges(self, site: str, body: dict[str, Any]) -> None:
         """Put the contents of an unsent body back (e.g. the publish failed)."""
         for sender, first, last in body.get("acks", []):
             self._pending[site][sender].update(range(first, last + 1))
+        for sender, seq, reason, *digest in body.get("rejected", []):
+            self._rejected[site].setdefault((sender, seq), (reason, digest[0] if digest else None))
 
     def __bool__(self) -> bool:
-        return any(self._pending.values())
+        return any(self._pending.values()) or any(self._rejected.values())
 
     @staticmethod
     def ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
@@ -222,15 +265,27 @@ class AckCoalescer:
     def drain(self) -> dict[str, list[dict[str, Any]]]:
         """Take everything pending: ``{site: [ack body, ...]}``."""
         pending, self._pending = self._pending, defaultdict(lambda: defaultdict(set))
+        rejected, self._rejected = self._rejected, defaultdict(dict)
         bodies: dict[str, list[dict[str, Any]]] = {}
-        for site, senders in pending.items():
-            flat = [
+        for site in sorted(set(pending) | set(rejected)):
+            senders = pending.get(site, {})
+            acks: list[list[Any]] = [
                 [sender, first, last] for sender in sorted(senders) for first, last in self.ranges(senders[sender])
             ]
-            if flat:
-                bodies[site] = [
-                    {"acks": flat[i : i + self.max_ranges]} for i in range(0, len(flat), self.max_ranges)
-                ]
+            notices: list[list[Any]] = [
+                [sender, seq, reason, *([digest] if digest is not None else [])]
+                for (sender, seq), (reason, digest) in sorted(rejected.get(site, {}).items())
+            ]
+            out: list[dict[str, Any]] = []
+            while acks or notices:
+                body: dict[str, Any] = {"acks": acks[: self.max_ranges]}
+                acks = acks[self.max_ranges :]
+                room = self.max_ranges - len(body["acks"])
+                if notices and room > 0:
+                    body["rejected"], notices = notices[:room], notices[room:]
+                out.append(body)
+            if out:
+                bodies[site] = out
         return bodies
 
 
@@ -263,6 +318,16 @@ class BatchResult:
     acks: list[tuple[str, str, int]] = field(default_factory=list)  # (topic site, sender, seq)
     changes: list[dict[str, Any]] = field(default_factory=list)  # live-stream notifications
     births: list[str] = field(default_factory=list)  # nodes whose birth was applied: dispatch their tasks
+    #: (topic site, sender, seq, reason) of messages the site's gateway should stop retransmitting
+    rejections: list[tuple[str, str, int, str, bytes]] = field(default_factory=list)
+
+    def extend(self, other: BatchResult) -> None:
+        """Append ``other`` (the result of a later part of the same batch)."""
+        self.results.extend(other.results)
+        self.acks.extend(other.acks)
+        self.changes.extend(other.changes)
+        self.births.extend(other.births)
+        self.rejections.extend(other.rejections)
 
 
 @dataclass
@@ -277,12 +342,57 @@ def _is_number(v: Any) -> bool:
     if isinstance(v, bool):
         return True
     if isinstance(v, int):
-        return True
+        return INT_MIN <= v <= UINT_MAX
     return isinstance(v, float) and math.isfinite(v)
 
 
 def _uint(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= UINT_MAX
+
+
+def check_storable(value: Any, what: str) -> None:
+    """Raise :class:`BodyError` unless ``value`` can be stored as JSON (``cloud.store.to_json``) as is.
+
+    Allowed: maps with text keys, arrays, text, byte strings (stored as base64), bool, null,
+    signed 64-bit integers and finite floats, nested at most :data:`MAX_DEPTH` deep. Anything else
+    (NaN, Infinity, a bignum, a CBOR tag, a map with non-text keys) would make the store fail or
+    silently change the value.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        if v is None or isinstance(v, bool | str | bytes | bytearray):
+            continue
+        if isinstance(v, int):
+            if not INT_MIN <= v <= UINT_MAX:
+                raise BodyError(f"{where}: integer out of the signed 64-bit range")
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise BodyError(f"{where}: {v!r} is not a finite number")
+            continue
+        if depth >= MAX_DEPTH:
+            raise BodyError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise BodyError(f"{where}: map key {type(k).__name__} is not text")
+                stack.append((item, f"{where}.{k[:40]}", depth + 1))
+        elif isinstance(v, list | tuple):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
+        else:
+            raise BodyError(f"{where}: a {type(v).__name__} value cannot be stored")
+
+
+def _notice_target(topic: str, sender: Any, seq: Any) -> str | None:
+    """The site whose gateway gets a rejection notice for ``(sender, seq)``, or None if none can."""
+    if not isinstance(sender, str) or not _uint(seq):
+        return None
+    try:
+        topics.check_name(sender, "sender")
+        return topics.parse(topic).site
+    except TopicError:
+        return None
 
 
 def _is_map(v: Any) -> bool:
@@ -358,6 +468,40 @@ class Ingest:
                 self._update_online_gauge()
             return changes
 
+    def reject_unstorable(self, topic: str, payload: bytes, error: BaseException) -> BatchResult:
+        """Give up on one message whose batch of one failed in the store for a non-transient reason.
+
+        Counted and recorded as ``malformed`` (like a bad body), so the caller can acknowledge it
+        and move on: one message the store cannot take must not stop ingest for the fleet. If its
+        clear header names a ``(from, seq)`` the site's gateway gets a rejection notice for it.
+        """
+        with self._lock:
+            now = self.clock()
+            sender: str | None = None
+            seq: int | None = None
+            try:
+                header = envelope.peek_header(payload)
+                sender, seq = header.sender, header.seq
+            except Exception:  # noqa: BLE001 - the header is only used to describe the message
+                pass
+            detail = f"the store cannot take it: {type(error).__name__}: {error}"[:300]
+            self.metrics.rejected.labels(reason="malformed").inc()
+            log.error("gave up on %s from=%.80s seq=%s: %s", topic[:200], sender, seq, detail)
+            result = IngestResult("rejected", topic, reason="malformed", detail=detail, sender=sender, seq=seq)
+            batch = BatchResult(results=[result])
+            site = _notice_target(topic, sender, seq)
+            if site is not None:
+                assert sender is not None and seq is not None
+                batch.rejections.append((site, sender, seq, "malformed", payload_digest(payload)))
+            source = sender if sender is not None and self.directory.known(sender) else None
+            ev = self.rejections.record(now, source=source, reason="malformed", topic=topic, detail=detail, seq=seq)
+            if ev is not None:
+                try:
+                    batch.changes.extend(change("event", event_view(e)) for e in self.store.add_events([ev]))
+                except Exception:
+                    log.exception("recording the rejection of %s failed", topic[:200])
+            return batch
+
     def update_gauges(self) -> None:
         self._update_online_gauge()
 
@@ -375,12 +519,15 @@ class Ingest:
 
         rejected: list[IngestResult] = []  # counted and recorded only once the batch has committed
 
+        digests: dict[int, bytes] = {}
+
         def reject(i: int, topic: str, exc: EnvelopeError | None, reason: str, detail: str) -> None:
             sender = exc.sender if exc is not None else None
-            seq = exc.seq if exc is not None else None
+            seq = exc.seq if exc is not None and _uint(exc.seq) else None  # a bignum must not reach the store
             r = IngestResult("rejected", topic, reason=reason, detail=detail, sender=sender, seq=seq)
             results[i] = r
             rejected.append(r)
+            digests[id(r)] = payload_digest(messages[i][1])
 
         for i, (topic, payload) in enumerate(messages):
             try:
@@ -412,6 +559,12 @@ class Ingest:
                 events.append(ev)
 
         batch = BatchResult(results=[])
+        for r in rejected:
+            if r.reason in NOTICE_REASONS:
+                site = _notice_target(r.topic, r.sender, r.seq)
+                if site is not None:
+                    assert r.sender is not None and r.seq is not None
+                    batch.rejections.append((site, r.sender, r.seq, r.reason, digests[id(r)]))
         changed_nodes: list[str] = []
         changed_tasks: list[str] = []
         for p, out in zip(prepared, outcomes, strict=True):
@@ -471,7 +624,7 @@ class Ingest:
                     )
                 )
             if item.event is not None:
-                batch.changes.append(change("event", {"id": None, **_new_event_view(item.event)}))
+                batch.changes.append(change("event", event_view(item.event)))
             if out.node_changed:
                 changed_nodes.append(item.sender)
                 st = item.status
@@ -560,21 +713,25 @@ class Ingest:
         if h.kind not in UPLINK_KINDS or KINDS[h.kind] != parts.channel:
             raise TopicMismatch(f"a {h.kind!r} message does not belong on channel {parts.channel!r}", **kw)
 
+        invalid = None
+        ts = h.ts
+        if not _uint(ts):  # the envelope checks it too; the store must never see it out of range
+            invalid, ts = "header field 'ts' must be uint ms below 2^63", received
         item = IngestItem(
             sender=h.sender,
             seq=h.seq,
             msg_id=h.msg_id,
             kind=h.kind,
             topic=topic,
-            ts=h.ts,
+            ts=ts,
             received=received,
             trace=h.trace,
         )
-        invalid = None
-        try:
-            item = self._effects(item, parts, opened.body, received)
-        except BodyError as exc:
-            invalid = str(exc)
+        if invalid is None:
+            try:
+                item = self._effects(item, parts, opened.body, received)
+            except BodyError as exc:
+                invalid = str(exc)
         return _Prepared(index, item, parts.site, invalid)
 
     def _effects(self, item: IngestItem, parts: topics.TopicParts, body: Any, received: int) -> IngestItem:
@@ -586,10 +743,11 @@ class Ingest:
                 raise BodyError(f"status field 'state' must be 'online' or 'offline', got {state!r}")
             will_seq = body.get("will_seq")
             if will_seq is not None and not _uint(will_seq):
-                raise BodyError("status field 'will_seq' must be an unsigned integer")
+                raise BodyError("status field 'will_seq' must be an unsigned integer below 2^63")
             agent = body.get("agent")
             if agent is not None and not _is_map(agent):
                 raise BodyError("status field 'agent' must be a map")
+            check_storable(body, "status body")
             online = item.kind != "death" and state == "online"
             update = StatusUpdate(
                 kind=item.kind,  # type: ignore[arg-type]
@@ -609,11 +767,12 @@ class Ingest:
             out = []
             for n, r in enumerate(readings):
                 if not _is_map(r) or not _uint(r.get("ts")) or not _is_map(r.get("values")):
-                    raise BodyError(f"reading {n} must be a map with 'ts' (uint ms) and 'values' (map)")
+                    raise BodyError(f"reading {n} must be a map with 'ts' (uint ms below 2^63) and 'values' (map)")
                 for name, v in r["values"].items():
                     if not (_is_number(v) or isinstance(v, str)):
                         raise BodyError(
-                            f"reading {n} value {name!r} must be a finite number, text or bool, got {type(v).__name__}"
+                            f"reading {n} value {name[:40]!r} must be a finite 64-bit number, text or bool, "
+                            f"got {type(v).__name__}"
                         )
                 out.append(Reading(ts=r["ts"], values=r["values"]))
             return replace(item, stream=stream, readings=tuple(out))
@@ -630,6 +789,7 @@ class Ingest:
                 data = {}
             if not _is_map(data):
                 raise BodyError("event field 'data' must be a map")
+            check_storable(data, "event data")
             data = json.loads(to_json(data) or "{}")  # bytes become base64: JSON-safe for the API
             ts = item.ts if item.ts > 0 else received
             return replace(
@@ -647,7 +807,8 @@ class Ingest:
                 raise BodyError("task_result field 'error' must be text or null")
             for name in ("started", "finished"):
                 if body.get(name) is not None and not _uint(body[name]):
-                    raise BodyError(f"task_result field {name!r} must be uint ms or null")
+                    raise BodyError(f"task_result field {name!r} must be uint ms below 2^63 or null")
+            check_storable(body.get("result"), "task_result result")
             return replace(
                 item,
                 task=TaskReport(
@@ -661,13 +822,3 @@ class Ingest:
             )
         raise BodyError(f"kind {item.kind!r} is not an uplink kind")  # unreachable: rule 7 checked it
 
-
-def _new_event_view(e: NewEvent) -> dict[str, Any]:
-    return {
-        "ts": e.ts,
-        "source": e.source,
-        "type": e.type,
-        "severity": e.severity,
-        "message": e.message,
-        "data": e.data,
-    }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from cloud.store import TASK_STATES
+
 #: Content type of the Prometheus text exposition format 0.0.4 that ``generate_latest`` writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -22,7 +24,6 @@ REJECT_REASONS = (
     "replay",
 )
 MESSAGE_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
-TASK_STATES = ("queued", "running", "succeeded", "failed", "expired", "cancelled")
 
 
 class CloudMetrics:
@@ -31,36 +32,56 @@ class CloudMetrics:
         r = self.registry
         self.received = Counter(
             "cwsnet_cloud_messages_received",
-            "Authenticated messages received by ingest (including duplicates), by kind",
+            "Messages that authenticated and passed the topic checks (docs/protocol.md §2 rules 1-7), by "
+            "header kind, counted once their batch committed: newly stored ones, duplicates (also counted "
+            "as rejected reason=replay) and stored ones whose body was malformed (also counted as "
+            "rejected reason=malformed)",
             ["kind"],
             registry=r,
         )
         self.rejected = Counter(
             "cwsnet_cloud_messages_rejected",
-            "Messages rejected by ingest, by reason (docs/protocol.md §2)",
+            "Messages rejected by ingest, by reason (docs/protocol.md §2). malformed includes "
+            "authenticated messages stored without effects because of a bad body, and messages the "
+            "store could not take; replay counts duplicates (stored earlier, acked again)",
             ["reason"],
             registry=r,
         )
         self.duplicates = Counter(
             "cwsnet_cloud_messages_duplicate",
-            "Messages whose (sender, seq) was already stored: not stored again, still acknowledged",
+            "Authenticated messages whose (sender, seq) was already stored: not stored again, acknowledged "
+            "again (equal to rejected reason=replay)",
             registry=r,
         )
         self.readings = Counter(
-            "cwsnet_cloud_telemetry_readings", "Telemetry readings stored (one per row)", registry=r
+            "cwsnet_cloud_telemetry_readings",
+            "Telemetry readings newly stored (one per row; duplicates and malformed messages add none)",
+            registry=r,
         )
         self.ingest_seconds = Histogram(
             "cwsnet_cloud_ingest_seconds",
-            "Time to commit one ingest batch to the store",
+            "Time to write and commit one ingest batch (or part of one) to the store; opening and "
+            "checking the messages is not included",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=r,
         )
         self.acks_sent = Counter(
-            "cwsnet_cloud_acks_sent", "Sealed ack messages published to gateways", registry=r
+            "cwsnet_cloud_acks_sent",
+            "Sealed ack messages (each one ack body to one gateway) the cloud broker acknowledged",
+            registry=r,
         )
-        self.devices_online = Gauge("cwsnet_cloud_devices_online", "Devices currently shown online", registry=r)
+        self.devices_online = Gauge(
+            "cwsnet_cloud_devices_online",
+            "Registered nodes of role device currently shown online (gateways not included)",
+            registry=r,
+        )
         self.tasks = Counter(
-            "cwsnet_cloud_tasks", "Tasks that entered each state (created = queued)", ["state"], registry=r
+            "cwsnet_cloud_tasks",
+            "Task state transitions, by the state entered: queued when created through the API; running, "
+            "succeeded, failed, expired as reported by devices; expired also when the cloud sees a "
+            "deadline pass; cancelled by the operator",
+            ["state"],
+            registry=r,
         )
         self.broker_connected = Gauge(
             "cwsnet_cloud_broker_connected", "1 while ingest is connected to the cloud broker", registry=r

@@ -337,7 +337,7 @@ class Store(Protocol):
     def queued_tasks_for(self, node: str) -> list[Task]: ...
 
     def overdue_tasks(self, now: int) -> list[Task]:
-        """Queued tasks whose deadline has passed."""
+        """Queued or running tasks whose deadline has passed, oldest first."""
         ...
 
     # counters
@@ -890,7 +890,8 @@ class SqliteStore(Store):
 
     def overdue_tasks(self, now: int) -> list[Task]:
         rows = self._rows(
-            "select * from tasks where state = 'queued' and deadline is not null and deadline < ? order by created",
+            "select * from tasks where state in ('queued', 'running') and deadline is not null and deadline < ? "
+            "order by created",
             [now],
         )
         return [self._task(r) for r in rows]

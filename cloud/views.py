@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloud.store import Event, Node, Task, TelemetryRow
+from cloud.store import Event, NewEvent, Node, Task, TelemetryRow
 
 
 def node_view(node: Node) -> dict[str, Any]:
@@ -28,9 +28,10 @@ def telemetry_view(row: TelemetryRow) -> dict[str, Any]:
     return {"ts": row.ts, "seq": row.seq, "idx": row.idx, "stream": row.stream, "values": row.values}
 
 
-def event_view(event: Event) -> dict[str, Any]:
+def event_view(event: Event | NewEvent) -> dict[str, Any]:
+    """An event; ``id`` is null for one not recorded by the store (a device's event, announced live)."""
     return {
-        "id": event.id,
+        "id": event.id if isinstance(event, Event) else None,
         "ts": event.ts,
         "source": event.source,
         "type": event.type,

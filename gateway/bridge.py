@@ -227,16 +227,17 @@ class Gateway:
                 and isinstance(a[1], int) and isinstance(a[2], int)
             ]
             rejected = [
-                (r[0], r[1]) for r in body.get("rejected", [])
-                if isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], int)
+                (r[0], r[1], r[3]) for r in body.get("rejected", [])
+                if isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) and isinstance(r[1], int)
+                and isinstance(r[3], bytes)
             ]
             freed = await self._db_call(self.outbox.ack, ranges)
             self.stats["acked"] += freed
             if rejected:
                 dropped = await self._db_call(self.outbox.reject, rejected)
                 self.stats["rejected_by_cloud"] += dropped
-                for sender, seq, reason in body["rejected"][:20]:
-                    log.warning("cloud refused %s seq %s (%s); dropped from the outbox", sender, seq, reason)
+                for notice in body["rejected"][:20]:
+                    log.warning("cloud refused %s seq %s (%s); dropped from the outbox", *notice[:3])
             self._pump_wake.set()  # acks open the window
 
     # ---- gateway's own status -------------------------------------------------------------

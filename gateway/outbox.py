@@ -8,6 +8,7 @@ a redelivered message (MQTT DUP, a retained status seen again) is stored once.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -116,12 +117,19 @@ class UplinkOutbox:
     def inflight(self) -> int:
         return self.db.execute("select count(*) from outbox where attempts > 0").fetchone()[0]
 
-    def reject(self, items: Sequence[tuple[str, int]]) -> int:
-        """Delete messages the cloud refused for good (forged, malformed, ...); returns how many."""
+    def reject(self, items: Sequence[tuple[str, int, bytes]]) -> int:
+        """Delete messages the cloud refused for good (forged, malformed, ...); returns how many.
+
+        Each item names the refused payload by its digest (first 16 bytes of SHA-256): a held
+        message with the same ``(sender, seq)`` but other bytes is not the one refused, and stays.
+        """
         freed = 0
         with self._tx():
-            for sender, seq in items:
-                freed += self.db.execute("delete from outbox where sender = ? and seq = ?", [sender, seq]).rowcount
+            for sender, seq, digest in items:
+                row = self.db.execute("select id, payload from outbox where sender = ? and seq = ?",
+                                      [sender, seq]).fetchone()
+                if row is not None and hashlib.sha256(bytes(row[1])).digest()[:16] == digest:
+                    freed += self.db.execute("delete from outbox where id = ?", [row[0]]).rowcount
         self._depth -= freed
         return freed
 

@@ -178,7 +178,7 @@ def test_task_create_get_list_cancel(env: Env) -> None:
         "result": None, "error": None,
     }
     assert task["deadline"] == 1_767_225_600_000 + 30_000 and task["created"] == task["updated"]
-    env.client.post("/api/v1/tasks", json={"target": "gw-1", "handler": "sha256"})
+    env.client.post("/api/v1/tasks", json={"target": "dev-2", "handler": "sha256"})
     listing = env.client.get("/api/v1/tasks", params={"limit": 1}).json()
     assert listing["total"] == 2 and len(listing["items"]) == 1
     assert env.client.get("/api/v1/tasks", params={"target": "dev-1"}).json()["total"] == 1
@@ -211,6 +211,38 @@ def test_task_validation_errors(env: Env) -> None:
     err = assert_error(env.client.post("/api/v1/tasks", json={"target": "ghost", "handler": "echo"}), 404, "not_found")
     assert "ghost" in err["message"]
     assert env.dispatcher.requested == []
+
+
+def test_task_target_must_be_a_device(env: Env) -> None:
+    r = env.client.post("/api/v1/tasks", json={"target": "gw-1", "handler": "echo"})
+    err = assert_error(r, 422, "invalid_request")
+    assert "gw-1" in err["message"] and "gateway" in err["message"] and "not a device" in err["message"]
+    assert env.store.list_tasks().total == 0 and env.dispatcher.requested == []
+
+
+def test_task_too_large_for_one_envelope(env: Env) -> None:
+    from cloud.api import MAX_TASK_BODY
+    from cwsnet.envelope import MAX_PAYLOAD
+
+    assert MAX_PAYLOAD - 2048 < MAX_TASK_BODY < MAX_PAYLOAD
+    r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": {"d": "x" * MAX_PAYLOAD}})
+    err = assert_error(r, 413, "too_large")
+    assert str(MAX_PAYLOAD) in err["message"] and "args" in err["message"]
+    # just under the limit (the measured body includes task id, handler and deadline) is accepted
+    fits = {"d": "x" * (MAX_TASK_BODY - 200)}
+    r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": fits, "timeout": 5})
+    assert r.status_code == 201, r.text[:300]
+    assert env.store.list_tasks().total == 1
+
+
+def test_task_args_the_cloud_could_not_store_back(env: Env) -> None:
+    # an echo of these would come back as a malformed result and the task would never finish
+    for args in ('{"n": 18446744073709551616}', '{"x": [NaN]}', '{"x": {"y": Infinity}}'):
+        body = '{"target": "dev-1", "handler": "echo", "args": ' + args + "}"
+        r = env.client.post("/api/v1/tasks", content=body, headers={"content-type": "application/json"})
+        err = assert_error(r, 422, "invalid_request")
+        assert err["message"].startswith("body.args."), err["message"]
+    assert env.store.list_tasks().total == 0
 
 
 def test_events(env: Env) -> None:

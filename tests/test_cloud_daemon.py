@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud.daemon import EXPIRED_ERROR, SEQ_COUNTER, CloudDaemon, TaskDispatcher
+from cloud.daemon import EXPIRED_ERROR, SEQ_COUNTER, CloudDaemon, TaskDispatcher, forever, is_transient
 from cloud.fanout import Fanout
-from cloud.ingest import NodeDirectory
+from cloud.ingest import NodeDirectory, payload_digest
 from cloud.metrics import CloudMetrics
 from cloud.store import IngestItem, SqliteStore, StatusUpdate
 from cwsnet import envelope, topics
@@ -19,7 +21,7 @@ from cwsnet.config import CloudConfig, HttpConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError
 from cwsnet.identity import Identity, write_secret_file
-from cwsnet.mqtt import LinkDown
+from cwsnet.mqtt import LinkDown, Message
 from cwsnet.replay import SeqCounter
 
 
@@ -30,7 +32,11 @@ class FakeLink:
         self.connected = asyncio.Event()
         self.connected.set()
         self.published: list[tuple[str, bytes]] = []
+        self.acked: list[Message] = []
         self.fail = False
+
+    def ack(self, msg: Message) -> None:
+        self.acked.append(msg)
 
     async def publish(  # same signature as MqttLink.publish
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10  # noqa: ASYNC109
@@ -188,7 +194,7 @@ def test_acks_sealed_to_each_gateway_of_the_site(tmp_path: Path) -> None:
             d.coalescer.add("home", "dev-1", 10)
             await d.send_acks()
             assert d.coalescer.drain() == {"home": [{"acks": [["dev-1", 10, 10]]}]}
-            assert d.store.get_counter(SEQ_COUNTER) == 1000  # the cloud's seq reservation is persisted
+            assert d.store.get_counter(SEQ_COUNTER) >= d.seq.peek  # the cloud's seq reservation is persisted
             assert d.store.get_node("cloud").role == "cloud"  # type: ignore[union-attr]
         finally:
             d.store.close()
@@ -218,3 +224,288 @@ def test_taken_http_port_is_a_config_error(tmp_path: Path) -> None:
         cfg = cfg.model_copy(update={"http": HttpConfig(host="127.0.0.1", port=port)})
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             asyncio.run(asyncio.wait_for(run_cloud(cfg), 10))
+
+
+def test_running_task_expires_at_its_deadline(tmp_path: Path) -> None:
+    cloud = Identity.generate("cloud", "cloud", "cloud")
+    dev = Identity.generate("dev-1", "home", "device")
+    store = SqliteStore(tmp_path / "c.db")
+    store.upsert_node("dev-1", site="home", role="device", public_key=dev.public_b64)
+    clock = Clock()
+    endpoint = Endpoint(cloud, SeqCounter(0, lambda m: None), NodeDirectory(store).public_key, clock)
+    metrics, fanout = CloudMetrics(), Fanout()
+    dispatcher = TaskDispatcher(store, endpoint, FakeLink(), metrics, fanout, clock=clock)  # type: ignore[arg-type]
+    now = int(clock() * 1000)
+    running = store.create_task(target="dev-1", handler="sleep", args={}, deadline=now + 1000, now=now)
+    store.update_task(running.id, "running", started=now, target="dev-1", now=now)
+    queued = store.create_task(target="dev-1", handler="echo", args={}, deadline=now + 1000, now=now)
+    done = store.create_task(target="dev-1", handler="echo", args={}, deadline=now + 1000, now=now)
+    store.update_task(done.id, "succeeded", result={}, now=now)
+    assert dispatcher.expire_overdue() == []  # not yet
+    clock.t += 2
+    expired = {t.id: t for t in dispatcher.expire_overdue()}
+    assert set(expired) == {running.id, queued.id}
+    assert expired[running.id].error == "deadline passed while running (the device did not report a result)"
+    assert expired[queued.id].error == EXPIRED_ERROR
+    assert store.get_task(done.id).state == "succeeded"  # type: ignore[union-attr]
+    # the device's late result no longer changes it
+    assert store.update_task(running.id, "succeeded", result={"late": True}, target="dev-1")[1] is False
+    assert metrics.registry.get_sample_value("cwsnet_cloud_tasks_total", {"state": "expired"}) == 2
+    store.close()
+
+
+def test_cloud_seq_never_below_the_wall_clock(tmp_path: Path) -> None:
+    cfg = cloud_config(tmp_path, Identity.generate("cloud", "cloud", "cloud"))
+    clock = Clock()
+    now_ms = int(clock() * 1000)
+    d = CloudDaemon(cfg, clock=clock)
+    try:
+        assert d.seq.next() == now_ms  # a fresh database starts at the clock, not at 0
+        assert d.store.get_counter(SEQ_COUNTER) == now_ms + 1000
+    finally:
+        d.store.close()
+    clock.t -= 3600  # clock set back: the persisted mark wins
+    d = CloudDaemon(cfg, clock=clock)
+    try:
+        assert d.seq.next() == now_ms + 1000
+    finally:
+        d.store.close()
+    for suffix in ("", "-wal", "-shm"):  # cloud.db lost and recreated: the clock keeps seqs fresh
+        Path(f"{cfg.database}{suffix}").unlink(missing_ok=True)
+    clock.t += 3600 + 5
+    d = CloudDaemon(cfg, clock=clock)
+    try:
+        assert d.seq.next() == now_ms + 5000 > now_ms + 1000
+    finally:
+        d.store.close()
+
+
+def _seal_telemetry(ep: Endpoint, n: int) -> list[Message]:
+    topic = topics.telemetry("home", "dev-1", "env")
+    out = []
+    for i in range(n):
+        payload, _h = ep.seal(topic, "telemetry", {"stream": "env", "readings": [{"ts": 1, "values": {"i": i}}]},
+                              to="cloud")
+        out.append(Message(topic=topic, payload=payload, qos=1, retain=False, mid=i + 1))
+    return out
+
+
+def _seq(msg: Message) -> int:
+    return envelope.peek_header(msg.payload).seq
+
+
+class _World:
+    """A CloudDaemon (no broker) with a fake link, a device dev-1 and a gateway gw-1 on site home."""
+
+    def __init__(self, tmp_path: Path, **cfg: Any) -> None:
+        self.cloud = Identity.generate("cloud", "cloud", "cloud")
+        self.dev = Identity.generate("dev-1", "home", "device")
+        self.gw = Identity.generate("gw-1", "home", "gateway")
+        self.cfg = cloud_config(tmp_path, self.cloud).model_copy(update=cfg)
+        store = SqliteStore(self.cfg.database)
+        store.upsert_node("dev-1", site="home", role="device", public_key=self.dev.public_b64)
+        store.upsert_node("dev-2", site="home", role="device", public_key=self.dev.public_b64)
+        store.close()
+        self.d = CloudDaemon(self.cfg)
+        self.link = FakeLink()
+        self.d.link = self.link  # type: ignore[assignment]
+        self.d.dispatcher.link = self.link  # type: ignore[assignment]
+        self.device = Endpoint(self.dev, SeqCounter(100, lambda m: None), lambda n: self.cloud.public_key)
+
+    def add_gateway(self) -> None:
+        self.d.store.upsert_node("gw-1", site="home", role="gateway", public_key=self.gw.public_b64)
+
+    def fail_once(self, method: str, exc: Exception) -> list[int]:
+        """Make ``store.<method>`` raise ``exc`` on its first call; returns a list counting calls."""
+        real = getattr(self.d.store, method)
+        calls: list[int] = []
+
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise exc
+            return real(*args, **kw)
+
+        setattr(self.d.store, method, wrapper)
+        return calls
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.d.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_poison_message_is_isolated_given_up_and_acked(tmp_path: Path) -> None:
+    w = _World(tmp_path)
+    msgs = _seal_telemetry(w.device, 7)
+    poison = _seq(msgs[4])
+    real = w.d.store.ingest_batch
+    attempts: list[int] = []
+
+    def ingest_batch(items: Any) -> Any:  # a store that cannot take one message, whatever ingest checked
+        attempts.append(len(items))
+        if any(it.seq == poison for it in items):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return real(items)
+
+    w.d.store.ingest_batch = ingest_batch  # type: ignore[method-assign]
+
+    async def main() -> None:
+        for m in msgs:
+            w.d.queue.put_nowait(m)
+        consumer = asyncio.create_task(w.d.consume())
+        try:
+            await until(lambda: len(w.link.acked) == 7, "every message acknowledged")
+        finally:
+            consumer.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await consumer
+
+    try:
+        asyncio.run(main())
+        assert w.link.acked == msgs
+        assert attempts[0] == 7 and len(attempts) <= 12  # bisected, not retried forever
+        assert w.d.store.message_count("dev-1") == 6
+        assert w.metric("cwsnet_cloud_messages_rejected_total", reason="malformed") == 1
+        (ev,) = [e for e in w.d.store.list_events().items if e.type == "message.rejected"]
+        assert ev.source == "dev-1" and ev.data["seq"] == poison and "OverflowError" in ev.data["detail"]
+        seqs = [_seq(m) for m in msgs]
+        assert w.d.coalescer.drain() == {
+            "home": [{"acks": [["dev-1", seqs[0], seqs[3]], ["dev-1", seqs[5], seqs[6]]],
+                      "rejected": [["dev-1", poison, "malformed", payload_digest(msgs[4].payload)]]}]
+        }
+    finally:
+        w.d.store.close()
+
+
+def test_transient_store_error_retried_without_acking(tmp_path: Path) -> None:
+    w = _World(tmp_path)
+    msgs = _seal_telemetry(w.device, 5)
+    real = w.d.store.ingest_batch
+    attempts: list[int] = []
+
+    def ingest_batch(items: Any) -> Any:
+        attempts.append(len(items))
+        if len(attempts) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(items)
+
+    w.d.store.ingest_batch = ingest_batch  # type: ignore[method-assign]
+
+    async def main() -> None:
+        for m in msgs:
+            w.d.queue.put_nowait(m)
+        consumer = asyncio.create_task(w.d.consume())
+        try:
+            await until(lambda: len(attempts) >= 2, "a retry")
+            assert w.link.acked == []  # nothing acknowledged while the store fails
+            await until(lambda: len(w.link.acked) == 5, "every message acknowledged")
+        finally:
+            consumer.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await consumer
+
+    try:
+        asyncio.run(main())
+        assert attempts == [5, 5, 5]  # the same batch again: not split, nothing given up
+        assert w.d.store.message_count("dev-1") == 5
+        assert w.metric("cwsnet_cloud_messages_rejected_total", reason="malformed") == 0
+    finally:
+        w.d.store.close()
+
+
+def test_helper_loops_survive_a_failing_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="cwsnet.cloud")
+    w = _World(tmp_path, offline_after=0.4, ack_interval=0.05)
+    d = w.d
+    d.dispatcher.expire_every = 0.05
+    d.directory._min_refresh = 0  # reload on every miss
+
+    def boom() -> RuntimeError:
+        return RuntimeError("test: the store fails once")
+
+    births = w.fail_once("queued_tasks_for", boom())  # the consumer's dispatcher.on_birth
+    lookups = w.fail_once("node_directory", boom())  # the ack flusher's directory.refresh
+    expiries = w.fail_once("overdue_tasks", boom())  # the dispatcher's expiry check
+    sweeps = w.fail_once("mark_offline", boom())  # the offline sweeper
+    now = int(time.time() * 1000)
+    late = d.store.create_task(target="dev-2", handler="echo", args={}, deadline=now - 1, now=now - 10)
+
+    will = w.device.seq.next()
+    topic = topics.status("home", "dev-1")
+    payload, bh = w.device.seal(topic, "birth", {"state": "online", "will_seq": will}, to="cloud")
+    birth_msg = Message(topic=topic, payload=payload, qos=1, retain=False, mid=1)
+    (tele,) = _seal_telemetry(w.device, 1)
+
+    async def main() -> None:
+        loops = [
+            asyncio.create_task(d.consume()),
+            asyncio.create_task(d.flush_acks()),
+            asyncio.create_task(d.sweep()),
+            asyncio.create_task(d.dispatcher.run()),
+        ]
+        try:
+            d.queue.put_nowait(birth_msg)
+            await until(lambda: births, "the birth's task lookup")
+            d.queue.put_nowait(tele)  # the consumer carries on
+            await until(lambda: len(w.link.acked) == 2, "both messages acknowledged")
+            w.add_gateway()  # not in the directory cache: the flusher must reload it (and fails once)
+            await until(lambda: w.link.published, "an ack published to gw-1", within=10)
+            task, node = d.store.get_task, d.store.get_node
+            await until(lambda: task(late.id).state == "expired", "the overdue task expired")  # type: ignore[union-attr]
+            await until(lambda: not node("dev-1").online, "dev-1 swept offline")  # type: ignore[union-attr]
+            assert not any(t.done() for t in loops), "a helper loop ended"
+        finally:
+            for t in loops:
+                t.cancel()
+            for t in loops:
+                with pytest.raises(asyncio.CancelledError):
+                    await t
+
+    try:
+        asyncio.run(main())
+        assert births and len(lookups) >= 2 and len(expiries) >= 2 and len(sweeps) >= 2
+        acked: set[int] = set()
+        for t, p in w.link.published:
+            assert t == topics.ack("home", "gw-1")
+            opened = envelope.open_envelope(
+                p, topic=t, me="gw-1", my_key=w.gw.secret_key, sender_key=lambda n: w.cloud.public_key
+            )
+            for _sender, first, last in opened.body["acks"]:
+                acked.update(range(first, last + 1))
+        assert {bh.seq, _seq(tele)} <= acked  # the acks held back while the lookup failed were not lost
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        for what in ("queued tasks after its birth failed", "looking up the gateways of site home failed",
+                     "expiring overdue tasks failed", "offline sweep failed"):
+            assert what in logged, what
+    finally:
+        d.store.close()
+
+
+def test_forever_logs_and_carries_on_but_cancel_ends_it(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[int] = []
+
+    async def step() -> None:
+        calls.append(1)
+        if len(calls) in (1, 2):
+            raise KeyError("test: step fails")
+        await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        loop = asyncio.create_task(forever("test loop", step, pause=0.01))
+        await until(lambda: len(calls) >= 5, "the loop to carry on")
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+
+    asyncio.run(main())
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert msgs == [f"test loop failed ({n} in a row); carrying on in 0.0 s" for n in (1, 2)]
+
+
+def test_transient_store_errors() -> None:
+    assert is_transient(sqlite3.OperationalError("database or disk is full"))
+    assert is_transient(sqlite3.OperationalError("database is locked"))
+    assert is_transient(sqlite3.DatabaseError("database disk image is malformed"))
+    assert is_transient(sqlite3.ProgrammingError("Cannot operate on a closed database."))
+    for exc in (OverflowError("int too large"), ValueError("NaN"), TypeError("x"), sqlite3.IntegrityError("NOT NULL"),
+                sqlite3.InterfaceError("Error binding parameter 1")):
+        assert not is_transient(exc), exc

@@ -10,7 +10,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from cloud.ingest import AckCoalescer, Ingest, NodeDirectory, RejectionLog
+from cloud.ingest import AckCoalescer, Ingest, NodeDirectory, RejectionLog, payload_digest
 from cloud.metrics import REJECT_REASONS, CloudMetrics
 from cloud.store import SqliteStore
 from cwsnet import topics
@@ -238,6 +238,10 @@ def test_event_and_task_result(w: World) -> None:
     r = w.ingest.handle(et, dev.seal(et, "event", {"type": "door", "severity": "warning", "message": "open", "data": {"raw": b"\x01"}}))
     assert r.status == "stored"
     ev = next(e for e in w.store.list_events().items if e.type == "door")
+    b = w.ingest.handle_batch([(et, dev.seal(et, "event", {"type": "door", "message": "shut"}))])
+    (announced,) = [c["event"] for c in b.changes if c["type"] == "event"]
+    assert announced == {"id": None, "ts": 1_767_225_600_000, "source": "dev-1", "type": "door",
+                         "severity": "info", "message": "shut", "data": {}}
     assert ev.source == "dev-1" and ev.severity == "warning" and ev.data == {"raw": "AQ=="}
 
     task = w.store.create_task(target="dev-1", handler="echo", args={"x": 1})
@@ -341,6 +345,121 @@ def test_key_rotation_refreshes_directory(w: World) -> None:
     assert w.ingest.handle(topic, payload).status == "stored"
 
 
+POISON_BODIES: list[tuple[str, Any]] = [
+    # every one of these used to make store.ingest_batch raise, rolling back the whole batch
+    ("telemetry", {"stream": "env", "readings": [{"ts": 2**63, "values": {"t": 1}}]}),
+    ("telemetry", {"stream": "env", "readings": [{"ts": 1, "values": {"t": 2**64}}]}),
+    ("telemetry", {"stream": "env", "readings": [{"ts": 1, "values": {"t": float("inf")}}]}),
+    ("birth", {"state": "online", "will_seq": 2**63}),
+    ("status", {"state": "online", "cpu": float("nan")}),
+    ("status", {"state": "online", "load": [0.1, float("-inf"), 0.3]}),
+    ("status", {"state": "online", "outbox": 10**5000}),  # a bignum JSON cannot even print
+    ("status", {"state": "online", "agent": {"version": "1", "extra": {1: "int key"}}}),
+    ("status", {"state": "online", "deep": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}),
+    ("event", {"type": "door", "message": "m", "data": {"v": float("nan")}}),
+    ("event", {"type": "door", "message": "m", "data": {"v": [2**63 + 5]}}),
+    ("task_result", {"task_id": "t1", "state": "running", "started": 2**63}),
+    ("task_result", {"task_id": "t1", "state": "succeeded", "finished": 2**70}),
+    ("task_result", {"task_id": "t1", "state": "succeeded", "result": {"x": float("nan")}}),
+    ("task_result", {"task_id": "t1", "state": "failed", "result": {"x": [-(2**63) - 1]}}),
+]
+
+
+def _topic_for(kind: str, node: Node) -> str:
+    site, name = node.ident.site, node.ident.node
+    if kind == "telemetry":
+        return topics.telemetry(site, name, "env")
+    if kind == "event":
+        return topics.event(site, name, "door")
+    if kind == "task_result":
+        return topics.task_result(site, name)
+    return topics.status(site, name)
+
+
+@pytest.mark.parametrize("kind,body", POISON_BODIES, ids=[f"{k}-{i}" for i, (k, _b) in enumerate(POISON_BODIES)])
+def test_poison_body_is_stored_without_effects_acked_and_counted(w: World, kind: str, body: Any) -> None:
+    dev = w.nodes["dev-1"]
+    w.store.create_task(target="dev-1", handler="echo", args={}, task_id="t1")
+    good = dev.telemetry([{"t": 1.5}])
+    topic = _topic_for(kind, dev)
+    batch = w.ingest.handle_batch([good, (topic, dev.seal(topic, kind, body)), dev.telemetry([{"t": 2.5}])])
+    assert [r.status for r in batch.results] == ["stored", "rejected", "stored"]
+    bad = batch.results[1]
+    assert bad.reason == "malformed" and bad.ack and bad.detail
+    assert len(batch.acks) == 3 and batch.rejections == []  # authenticated: acked as stored, no notice
+    assert w.store.message_count() == 3 and len(w.store.telemetry("dev-1")) == 2
+    assert w.rejected("malformed") == 1
+    node, task = w.store.get_node("dev-1"), w.store.get_task("t1")
+    assert node is not None and not node.online and node.last_status is None  # no effects
+    assert task is not None and task.state == "queued"
+    assert not [e for e in w.store.list_events().items if e.type == "door"]
+
+
+def test_storable_values_still_accepted(w: World) -> None:
+    dev = w.nodes["dev-1"]
+    body = {"state": "online", "cpu": 1.5, "n": -(2**63), "m": 2**63 - 1, "raw": b"\x00", "t": None,
+            "agent": {"version": "1", "platform": "x", "kind": "cpython"}, "list": [[1, {"a": True}]]}
+    topic = topics.status("home", "dev-1")
+    assert w.ingest.handle(topic, dev.seal(topic, "status", body)).status == "stored"
+    node = w.store.get_node("dev-1")
+    assert node is not None and node.online and node.last_status is not None and node.last_status["m"] == 2**63 - 1
+
+
+def _tampered(payload: bytes, **header: Any) -> bytes:
+    outer = cbor2.loads(payload)
+    h = cbor2.loads(outer["h"])
+    h.update(header)
+    return cbor2.dumps({**outer, "h": cbor2.dumps(h)})
+
+
+def test_rejection_notices_for_unauthenticated_rejections(w: World) -> None:
+    dev = w.nodes["dev-1"]
+    topic, payload = dev.telemetry([{"t": 1}])
+    seq = cbor2.loads(cbor2.loads(payload)["h"])["seq"]
+    flipped = payload[:-1] + bytes([payload[-1] ^ 1])
+    stranger = Node(Identity.generate("dev-x", "lab", "device"), w.cloud, w.clock)
+    s_topic, s_payload = stranger.telemetry([{"t": 1}])
+    inputs = [
+        (topic, flipped),  # forged
+        (topics.telemetry("home", "dev-2", "env"), payload),  # topic_mismatch
+        (topic, _tampered(payload, to="gw-1")),  # wrong_recipient
+        (topic, _tampered(payload, v=2)),  # version
+        (topic, _tampered(payload, id=b"short")),  # malformed, but the header names (from, seq)
+        (topic, b"\xff not cbor"),  # malformed with no header: nobody to tell
+        (topic, _tampered(payload, seq=2**64)),  # malformed, seq out of range: no notice
+        (topic, _tampered(payload, v=2, **{"from": "bad/name"})),  # a sender that is no node name: no notice
+        ("not/a/cws/topic", flipped),  # no site to tell
+        (s_topic, s_payload),  # unknown_sender: no notice (it may be registered later)
+        (topic, payload),  # stored
+        (topic, payload),  # replay: acked as stored, no notice
+    ]
+    batch = w.ingest.handle_batch(inputs)
+    reasons = [r.reason for r in batch.results]
+    assert reasons == [
+        "forged", "topic_mismatch", "wrong_recipient", "version", "malformed", "malformed", "malformed",
+        "version", "forged", "unknown_sender", None, "replay",
+    ]
+    assert [r[:4] for r in batch.rejections] == [
+        ("home", "dev-1", seq, "forged"),
+        ("home", "dev-1", seq, "topic_mismatch"),
+        ("home", "dev-1", seq, "wrong_recipient"),
+        ("home", "dev-1", seq, "version"),
+        ("home", "dev-1", seq, "malformed"),
+    ]
+    # each notice names the exact refused payload, so a gateway never deletes a genuine twin
+    assert all(len(r[4]) == 16 for r in batch.rejections) and len({r[4] for r in batch.rejections}) == 5
+    assert batch.acks == [("home", "dev-1", seq)] * 2
+
+
+def test_header_seq_bignum_is_not_recorded(w: World) -> None:
+    topic, payload = w.nodes["dev-1"].telemetry([{"t": 1}])
+    good = w.nodes["dev-1"].telemetry([{"t": 2}])
+    batch = w.ingest.handle_batch([(topic, _tampered(payload, seq=10**5000)), good])
+    assert [r.reason for r in batch.results] == ["malformed", None]
+    (ev,) = w.rejection_events()
+    assert ev.source == "dev-1" and "seq" not in ev.data and batch.rejections == []
+
+
 def test_ack_coalescer_ranges() -> None:
     c = AckCoalescer(max_ranges=3)
     assert not c
@@ -358,6 +477,48 @@ def test_ack_coalescer_ranges() -> None:
     c.add_ranges("home", {"acks": [["dev-1", 4, 6]]})
     c.add("home", "dev-1", 7)
     assert c.drain() == {"home": [{"acks": [["dev-1", 4, 7]]}]}
+
+
+def test_ack_coalescer_notice_carries_the_payload_digest() -> None:
+    c = AckCoalescer()
+    d = payload_digest(b"payload")
+    assert len(d) == 16 and c.reject("home", "dev-1", 3, "forged", d)
+    body = c.drain()["home"][0]
+    assert body["rejected"] == [["dev-1", 3, "forged", d]]
+    c.add_ranges("home", body)  # put back whole, digest included
+    assert c.drain()["home"][0]["rejected"] == [["dev-1", 3, "forged", d]]
+
+
+def test_ack_coalescer_rejection_notices() -> None:
+    c = AckCoalescer(max_ranges=3, max_rejections=4)
+    c.reject("lab", "dev-9", 7, "forged")
+    assert c  # notices alone are worth a flush
+    assert c.drain() == {"lab": [{"acks": [], "rejected": [["dev-9", 7, "forged"]]}]}
+    for s in (1, 2, 4, 6):
+        c.add("home", "dev-1", s)
+    for seq, reason in ((9, "forged"), (3, "version"), (9, "forged"), (5, "topic_mismatch")):
+        assert c.reject("home", "dev-1", seq, reason)
+    assert c.reject("home", "dev-2", 1, "malformed")
+    assert not c.reject("home", "dev-2", 2, "malformed")  # bounded per site; dropped
+    assert c.reject("home", "dev-2", 1, "malformed")  # already pending: fine
+    out = c.drain()
+    # at most max_ranges entries per body, ranges first, then the notices
+    assert out == {
+        "home": [
+            {"acks": [["dev-1", 1, 2], ["dev-1", 4, 4], ["dev-1", 6, 6]]},
+            {"acks": [],
+             "rejected": [["dev-1", 3, "version"], ["dev-1", 5, "topic_mismatch"], ["dev-1", 9, "forged"]]},
+            {"acks": [], "rejected": [["dev-2", 1, "malformed"]]},
+        ]
+    }
+    assert not c
+    # an unsent body goes back whole
+    c.add_ranges("home", out["home"][1])
+    c.add("home", "dev-1", 10)
+    assert c.drain() == {
+        "home": [{"acks": [["dev-1", 10, 10]], "rejected": [["dev-1", 3, "version"], ["dev-1", 5, "topic_mismatch"]]},
+                 {"acks": [], "rejected": [["dev-1", 9, "forged"]]}]
+    }
 
 
 def test_rejection_log_bounded_by_key() -> None:

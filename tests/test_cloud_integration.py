@@ -9,8 +9,10 @@ sealed on the device's task/cmd topic and its result comes back. Every wait has 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,17 +53,34 @@ class Client:
 
     def __init__(self, client_id: str, port: int) -> None:
         self.received: queue.Queue[paho.MQTTMessage] = queue.Queue()
+        self.subacks: dict[int, threading.Event] = {}
+        self.suback_codes: dict[int, list[Any]] = {}
+        self._lock = threading.Lock()
         self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id)
         self.c.on_message = lambda _c, _u, m: self.received.put(m)
+        self.c.on_subscribe = self._on_subscribe
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
 
-    def subscribe(self, flt: str) -> None:
-        deadline = time.monotonic() + 5
+    def _suback_event(self, mid: int) -> threading.Event:
+        with self._lock:  # the SUBACK may arrive before subscribe() has returned its mid
+            return self.subacks.setdefault(mid, threading.Event())
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, codes: list[Any], _p: Any) -> None:
+        self.suback_codes[mid] = codes  # checked by subscribe(), not here: this runs on paho's thread
+        self._suback_event(mid).set()
+
+    def subscribe(self, flt: str, within: float = 5.0) -> None:
+        """Subscribe at QoS 1 and return once the broker's SUBACK has arrived."""
+        deadline = time.monotonic() + within
         while not self.c.is_connected():
             assert time.monotonic() < deadline, "paho client did not connect"
             time.sleep(0.02)
-        self.c.subscribe(flt, qos=1)
+        rc, mid = self.c.subscribe(flt, qos=1)
+        assert rc == paho.MQTT_ERR_SUCCESS, f"subscribe {flt}: {paho.error_string(rc)}"
+        assert self._suback_event(mid).wait(max(0.0, deadline - time.monotonic())), f"no SUBACK for {flt}"
+        codes = self.suback_codes[mid]
+        assert not any(c.is_failure for c in codes), f"subscription to {flt} refused: {codes}"
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(timeout=5)
@@ -125,9 +144,8 @@ def test_cloud_end_to_end(tmp_path: Path) -> None:
                 streamer = asyncio.create_task(read_stream())
                 await asyncio.wait_for(subscribed.wait(), 5)
 
-                gateway.subscribe(topics.ack("home", "gw-1"))
-                agent.subscribe(topics.task_cmd("home", "dev-1"))
-                await asyncio.sleep(0.1)  # SUBACKs (paho has no awaitable subscribe)
+                await asyncio.to_thread(gateway.subscribe, topics.ack("home", "gw-1"))  # returns after SUBACK
+                await asyncio.to_thread(agent.subscribe, topics.task_cmd("home", "dev-1"))
 
                 will_seq = device.seq.next()
                 birth_topic = topics.status("home", "dev-1")
@@ -172,6 +190,22 @@ def test_cloud_end_to_end(tmp_path: Path) -> None:
                     for sender, first, last in opened.body["acks"]:
                         assert sender == "dev-1"
                         acked.update(range(first, last + 1))
+
+                # a forged message is never acked as stored: the gateway gets a rejection notice instead
+                bad, bad_h = device.seal(tele_topic, "telemetry", {"stream": "env", "readings": []}, to="cloud")
+                await asyncio.to_thread(agent.publish, tele_topic, bad[:-1] + bytes([bad[-1] ^ 1]))
+                notice: list[Any] = []
+                while not notice:
+                    assert time.monotonic() < deadline + 10, "no rejection notice for the forged message"
+                    msg = await gateway.next()
+                    opened = envelope.open_envelope(
+                        msg.payload, topic=msg.topic, me="gw-1", my_key=gw.secret_key,
+                        sender_key=lambda n: cloud.public_key if n == "cloud" else None,
+                    )
+                    assert all(a[0] == "dev-1" and bad_h.seq not in range(a[1], a[2] + 1) for a in opened.body["acks"])
+                    notice = opened.body.get("rejected", [])
+                forged = bad[:-1] + bytes([bad[-1] ^ 1])
+                assert notice == [["dev-1", bad_h.seq, "forged", hashlib.sha256(forged).digest()[:16]]]
 
                 # a task: posted to the API, sealed to the device, result reported back
                 r = await http.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": {"hi": 1}})

@@ -83,7 +83,9 @@ def test_outbox_dedupes_retransmits_and_frees_on_ack(tmp_path: Path) -> None:
     ob.close()
     reopened = UplinkOutbox(tmp_path / "o.db")  # durable across a restart, and due again at once
     assert reopened.depth() == 1 and reopened.due(0.0, 5, 10)[0].seq == 2
-    assert reopened.reject([("d1", 2), ("d1", 3)]) == 1 and reopened.depth() == 0
+    digest = hashlib.sha256(b"b").digest()[:16]
+    assert reopened.reject([("d1", 2, hashlib.sha256(b"other bytes").digest()[:16])]) == 0  # not that one
+    assert reopened.reject([("d1", 2, digest), ("d1", 3, digest)]) == 1 and reopened.depth() == 0
 
 
 def test_outbox_window_limits_unacked_messages(tmp_path: Path) -> None:

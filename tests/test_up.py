@@ -80,7 +80,8 @@ class Lab:
         return out
 
     def pub(self, port: int, user: str, pw: str, topic: str, payload: bytes) -> None:
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-u", user, "-P", pw, "-t", topic,
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-i", f"{user}-tamper", "-u", user,
+                        "-P", pw, "-t", topic,
                         "-q", "1", "-s"], input=payload, check=True, timeout=10, capture_output=True)
 
 
