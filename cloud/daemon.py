@@ -393,8 +393,8 @@ class CloudDaemon:
 
     async def _on_message(self, msg: Message) -> None:
         # Bounded: when it is full this await holds MqttLink's delivery task, so further messages
-        # wait in the link's own queue. It does not stop paho reading the socket (not broker
-        # back-pressure); bounding what the link buffers is MqttLink's job.
+        # wait in the link's own (bounded) queue; when that fills, the link stops reading the
+        # socket and TCP back-pressure reaches the broker.
         await self.queue.put(msg)
 
     # services ----------------------------------------------------------------------------------

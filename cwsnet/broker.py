@@ -6,8 +6,9 @@ Public API
 ``start_broker(settings)``    build and start a :class:`CwsBroker`; stop it with ``await broker.shutdown()``.
 ``serve(settings)``           run a broker until SIGTERM/SIGINT (``python -m cwsnet.broker --help``).
 ``CwsBroker``                 ``amqtt.broker.Broker`` subclass fixing amqtt 0.12.1 defects (listed below).
-``CwsAccessPlugin``           one amqtt plugin doing both authentication and the topic ACL, fed from a
-                              hot-reloaded JSON credentials file (``load_credentials`` parses one).
+``CwsAccessPlugin``           one amqtt plugin doing authentication, client id binding and the topic
+                              ACL, fed from a hot-reloaded JSON credentials file (``load_credentials``
+                              parses one).
 ``topic_matches`` / ``filter_covers``  the MQTT wildcard algebra the ACL uses.
 
 The amqtt defects, what we do about them and the tests that cover them are listed in
@@ -31,7 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 from pathlib import Path
@@ -52,6 +53,8 @@ from transitions import MachineError
 from cwsnet.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_ANONYMOUS_CLIENT_IDS",
+    "DEFAULT_CLIENT_IDS",
     "DEFAULT_MAX_OFFLINE_QUEUE",
     "BrokerSettings",
     "Credentials",
@@ -195,14 +198,41 @@ def _format_bind(host: str, port: int) -> str:
 
 _USERNAME_PLACEHOLDER = "{username}"
 _FORBIDDEN_IN_USERNAME = ("/", "+", "#", "\x00", "{", "}")
+#: client id patterns of a user whose entry has no "client_ids"
+DEFAULT_CLIENT_IDS = ("{username}", "{username}-*")
+#: client id patterns of anonymous clients when "anonymous_rules" has no "client_ids" (any id no
+#: user claims: see Credentials.client_id_refusal)
+DEFAULT_ANONYMOUS_CLIENT_IDS = ("*",)
+
+#: one compiled client id pattern: (text, is_prefix); "dev-1" -> ("dev-1", False), "dev-1-*" -> ("dev-1-", True)
+ClientIdPattern = tuple[str, bool]
+
+
+def _client_id_rank(patterns: Sequence[ClientIdPattern], client_id: str) -> tuple[int, int] | None:
+    """How specifically ``patterns`` match ``client_id`` (None: not at all); greater is more specific.
+
+    An exact pattern beats a prefix of the same length; a longer prefix beats a shorter one.
+    """
+    best: tuple[int, int] | None = None
+    for text, is_prefix in patterns:
+        if client_id.startswith(text) if is_prefix else client_id == text:
+            rank = (len(text), 0 if is_prefix else 1)
+            if best is None or rank > best:
+                best = rank
+    return best
 
 
 @dataclass(frozen=True)
 class Rules:
-    """Compiled topic rules of one user: lists of split filter levels."""
+    """Compiled rules of one user: topic filters (split into levels) and client id patterns."""
 
     publish: tuple[tuple[str, ...], ...] = ()
     subscribe: tuple[tuple[str, ...], ...] = ()
+    client_ids: tuple[ClientIdPattern, ...] = ()
+
+    def may_use_client_id(self, client_id: str) -> bool:
+        """True if one of the user's own ``client_ids`` patterns matches (ignores other users' claims)."""
+        return _client_id_rank(self.client_ids, client_id) is not None
 
     def may_publish(self, topic: str) -> bool:
         levels = topic.split("/")
@@ -231,8 +261,62 @@ class Credentials:
 
     users: dict[str, User]
     anonymous: bool = False
-    anonymous_rules: Rules = Rules()
+    anonymous_rules: Rules = Rules(client_ids=(("", True),))
     source: str = "<memory>"
+    #: claims index built from ``users``: exact client id -> users; prefix length -> prefix -> users
+    _exact_claims: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+    _prefix_claims: dict[int, dict[str, frozenset[str]]] = field(init=False, repr=False, compare=False)
+    _prefix_lengths: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        exact: dict[str, set[str]] = {}
+        prefix: dict[int, dict[str, set[str]]] = {}
+        for username, user in self.users.items():
+            for text, is_prefix in user.rules.client_ids:
+                if is_prefix:
+                    prefix.setdefault(len(text), {}).setdefault(text, set()).add(username)
+                else:
+                    exact.setdefault(text, set()).add(username)
+        object.__setattr__(self, "_exact_claims", {k: frozenset(v) for k, v in exact.items()})
+        object.__setattr__(self, "_prefix_claims",
+                           {n: {k: frozenset(v) for k, v in d.items()} for n, d in prefix.items()})
+        object.__setattr__(self, "_prefix_lengths", tuple(sorted(prefix, reverse=True)))
+
+    def claimants(self, client_id: str) -> tuple[tuple[int, int] | None, frozenset[str]]:
+        """The most specific users' match on ``client_id``: (rank, users); ``(None, {})`` if no user's
+        ``client_ids`` pattern matches it.  Ranks compare like :func:`_client_id_rank`'s."""
+        owners = self._exact_claims.get(client_id)
+        if owners:
+            return (len(client_id), 1), owners
+        for length in self._prefix_lengths:  # longest first
+            if length <= len(client_id):
+                owners = self._prefix_claims[length].get(client_id[:length])
+                if owners:
+                    return (length, 0), owners
+        return None, frozenset()
+
+    def client_id_refusal(self, username: str | None, client_id: str) -> str | None:
+        """Why ``username`` (None: anonymous) may not CONNECT with ``client_id``; None if it may.
+
+        A user may use a client id that one of its ``client_ids`` patterns matches, unless another
+        user's pattern matches it more specifically (exact beats prefix, a longer prefix beats a
+        shorter one; equally specific matches are all allowed): so ``"*"`` or ``"dev-1-*"`` never
+        reach the ids of user ``dev-1-kitchen``.  Anonymous clients rank like a user whose patterns
+        are ``anonymous_rules.client_ids``, but their patterns never reserve an id against a user.
+        """
+        rank, claimants = self.claimants(client_id)
+        if username is None:
+            own = _client_id_rank(self.anonymous_rules.client_ids, client_id)
+            if own is None:
+                return "client id not allowed for anonymous clients"
+        else:
+            user = self.users.get(username)
+            own = _client_id_rank(user.rules.client_ids, client_id) if user is not None else None
+            if own is None:
+                return f"client id not allowed for user {username!r}"
+        if rank is not None and rank > own:
+            return f"client id is reserved for user(s) {', '.join(sorted(claimants))}"
+        return None
 
 
 def _compile_patterns(raw: Any, where: str, username: str | None) -> tuple[tuple[str, ...], ...]:
@@ -257,14 +341,40 @@ def _compile_patterns(raw: Any, where: str, username: str | None) -> tuple[tuple
     return tuple(out)
 
 
+def _compile_client_ids(raw: Any, where: str, username: str | None) -> tuple[ClientIdPattern, ...]:
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise ConfigError(f"{where}: must be a list of client id patterns (strings)")
+    out: list[ClientIdPattern] = []
+    for pattern in raw:
+        if not pattern:
+            raise ConfigError(f"{where}: empty client id pattern")
+        is_prefix = pattern.endswith("*")
+        body = pattern[:-1] if is_prefix else pattern
+        if "*" in body:
+            raise ConfigError(f"{where}: {pattern!r}: '*' is only allowed at the end (a prefix wildcard)")
+        # decide exact/prefix before substituting: a '*' in a username is a literal character
+        if _USERNAME_PLACEHOLDER in body:
+            if username is None:
+                raise ConfigError(f"{where}: {pattern!r}: {{username}} cannot be used in anonymous_rules")
+            body = body.replace(_USERNAME_PLACEHOLDER, username)
+        if "{" in body or "}" in body:
+            raise ConfigError(f"{where}: {pattern!r}: unknown placeholder (only {{username}} is supported)")
+        if "\x00" in body:
+            raise ConfigError(f"{where}: {pattern!r}: NUL is not allowed in a client id")
+        out.append((body, is_prefix))
+    return tuple(out)
+
+
 def _compile_rules(raw: Any, where: str, username: str | None) -> Rules:
+    default_ids = list(DEFAULT_CLIENT_IDS if username is not None else DEFAULT_ANONYMOUS_CLIENT_IDS)
     if raw is None:
-        return Rules()
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be an object with 'publish' and 'subscribe' lists")
     return Rules(
         publish=_compile_patterns(raw.get("publish"), f"{where}.publish", username),
         subscribe=_compile_patterns(raw.get("subscribe"), f"{where}.subscribe", username),
+        client_ids=_compile_client_ids(raw.get("client_ids", default_ids), f"{where}.client_ids", username),
     )
 
 
@@ -337,6 +447,11 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
 
     ``credentials_file=None`` is "open mode": every client is accepted with no ACL, but only on a
     listener bound to loopback (``start_broker`` refuses any other host in that mode).
+
+    Each user may only CONNECT with a client id its ``client_ids`` patterns allow (default
+    ``{username}`` and ``{username}-*``) and no other user claims more specifically
+    (:meth:`Credentials.client_id_refusal`); the check runs before an existing session with that
+    client id is deleted or taken over, so no user can wipe or kick another user's session.
 
     Existing connections are not disconnected when the file changes: a removed user is refused
     on its next CONNECT, and because PUBLISH, SUBSCRIBE and every delivery (RECEIVE) are checked
@@ -462,6 +577,14 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 log.info("auth: refused %s: bad token for user %r", client, username)
                 return False
             rules = user.rules
+
+        # Client id binding: CwsBroker calls this before any existing session of that client id is
+        # deleted (clean session) or taken over, so a refusal here leaves the owner's session alone.
+        refusal = creds.client_id_refusal(username, session.client_id or "")
+        if refusal is not None:
+            who = f"user {username!r}" if username is not None else "anonymous"
+            log.warning("auth: refused %s (%s): %s", client, who, refusal)
+            return False
 
         # amqtt publishes the will without a PUBLISH check: check its topic at CONNECT instead.
         if session.will_flag and session.will_topic is not None and not rules.may_publish(session.will_topic):

@@ -28,6 +28,17 @@ Design decisions worth knowing:
   time, in arrival order.  With ``manual_ack=True`` the QoS 1 PUBACK is sent only
   by :meth:`MqttLink.ack`; an ack for a message delivered on an earlier
   (now dead) connection is ignored -- the broker will redeliver it.
+* **Bounded incoming queue, back-pressure by not reading.**  When the queue
+  holds ``max_queue`` messages the socket's reader is removed from the loop, so
+  the kernel's receive buffer fills, TCP's window closes and the broker stops
+  sending (with QoS 1/2 its in-flight window fills first); nothing is dropped or
+  reordered.  Reading resumes when the handler has drained the queue below
+  ``max(1, max_queue // 2)``, or at the next 1 s tick if there is any room
+  at all -- so a pause lasts at most about one handler call plus a second while
+  the handler makes progress, and acknowledgements (PUBACK of our own publishes,
+  SUBACK, PINGRESP), which queue up in the TCP stream behind the unread
+  messages, keep trickling in.  See :class:`MqttLink` for the exact bound and
+  for what keepalive does during a pause.
 
 All public methods must be called from the event-loop thread that runs ``run()``.
 """
@@ -38,6 +49,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
@@ -67,6 +79,8 @@ _STABLE_AFTER = 5.0
 _MISC_INTERVAL = 1.0
 #: CONNACK reason codes (MQTT 5 numbering, which paho v2 uses for 3.1.1 too) meaning "credentials"
 _AUTH_REFUSED_CODES = {4, 5, 134, 135}
+#: recv() flags that look at the next unread byte without consuming it or blocking
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +181,8 @@ class _Connection:
         self.paho_reason = ""  # reason code paho passed to on_disconnect
         self.pending: dict[int, asyncio.Future[None]] = {}
         self.subacks: dict[int, tuple[list[tuple[str, int]], asyncio.Future[list[ReasonCode]] | None]] = {}
+        self.paused = False  # reader removed from the loop because the incoming queue is full
+        self.pauses = 0  # how often reading was paused on this connection
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +205,48 @@ class MqttLink:
     Extra keyword arguments beyond the core API: ``clean_session`` (default True; use
     False with ``manual_ack`` so unacknowledged messages survive a reconnect),
     ``connect_timeout`` (bound for each connect phase: TCP+TLS, CONNACK, SUBACK; default
-    10 s) and ``max_inflight`` (paho's limit of unacknowledged outgoing QoS>0 messages).
+    10 s), ``max_inflight`` (paho's limit of unacknowledged outgoing QoS>0 messages) and
+    ``max_queue`` (incoming messages buffered for the handler; default 1000).
 
-    Known limits: the incoming-message queue is unbounded (a handler slower than the
-    inbound rate grows memory; with ``manual_ack`` the broker's in-flight window bounds
-    it).  With ``manual_ack`` a message whose handler raised stays unacknowledged and
-    occupies one of the broker's in-flight slots until the next reconnect redelivers it.
+    **Incoming queue bound.**  Reading stops when the queue reaches ``max_queue``, but
+    one paho ``loop_read()`` call reads up to ``max(1, P)`` packets, where ``P`` is the
+    number of unfinished QoS>0 messages paho holds when the call starts: our own QoS 1/2
+    publishes not yet acknowledged (every :meth:`publish` still awaiting its PUBACK or
+    PUBCOMP, including those paho holds back beyond ``max_inflight``) plus incoming QoS 2
+    messages between PUBREC and PUBREL.  Each packet delivers at most one message and a
+    call only starts while the queue holds fewer than ``max_queue``, so the queue never
+    holds more than ``max_queue - 1 + max(1, P)`` messages: exactly ``max_queue`` on a
+    link that is not publishing QoS>0 and receives QoS 0/1 (``stats["queue_high_water"]``
+    records the largest size seen, ``stats["read_pauses"]`` how often reading stopped).
+    While the queue holds ``max(1, max_queue // 2)`` or more messages a lost connection is not
+    re-established (``connected`` stays clear, :meth:`publish` raises ``LinkDown``); the
+    messages already queued are still all delivered.
+
+    **During a pause** nothing is read, so replies wait in the TCP stream behind the
+    unread messages: a :meth:`publish` may run into its ``timeout`` (``PublishTimeout``;
+    the message may still have reached the broker -- retry as for any timeout), and a
+    handler that awaits :meth:`publish` on its own link while the queue is full usually
+    does (its PUBACK is behind messages that cannot be read before the handler returns;
+    publish from another task instead).  The SUBACK wait while connecting is extended for
+    as long as reading is paused.
+
+    **Keepalive during a pause.**  The 1 s tick still calls paho's ``loop_misc()``, which
+    sends PINGREQs as usual, so the broker sees a live client.  paho also drops the
+    connection when no PINGRESP was read within one keepalive period of a PINGREQ; but a
+    PINGRESP may be waiting behind messages we deliberately leave unread.  So while bytes
+    from the broker are waiting unread in the socket (peeked, not consumed), an outstanding
+    ping is forgotten before ``loop_misc()`` and paho pings again one keepalive period
+    later.  A long pause -- a handler stuck on one message for minutes, or a QoS 0 backlog
+    whose PINGRESP sits behind thousands of unread messages -- therefore does not make paho
+    drop a healthy connection.  A broker that stops answering with nothing left unread is
+    still detected within about one keepalive period; one that closed the connection,
+    within about two (our next PINGREQ draws a reset).  A half-open connection with unread
+    data is detected when reading resumes, or when the kernel gives up retransmitting our
+    PINGREQs.  (This resets paho 2.2's private ``_ping_t``; paho-mqtt is pinned.)
+
+    Known limits: with ``manual_ack`` a message whose handler raised stays unacknowledged
+    and occupies one of the broker's in-flight slots until the next reconnect redelivers
+    it.  The queue bound counts messages, not bytes.
     """
 
     def __init__(
@@ -218,9 +270,12 @@ class MqttLink:
         clean_session: bool = True,
         connect_timeout: float = 10.0,
         max_inflight: int = 20,
+        max_queue: int = 1000,
     ) -> None:
         if not client_id:
             raise ValueError("client_id is required")
+        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
+            raise ValueError("max_queue must be an integer >= 1")
         if backoff_min <= 0 or backoff_max < backoff_min:
             raise ValueError("need 0 < backoff_min <= backoff_max")
         if keepalive < 0:
@@ -243,11 +298,16 @@ class MqttLink:
         self._clean_session = clean_session
         self._connect_timeout = connect_timeout
         self._max_inflight = max_inflight
+        self._max_queue = max_queue
+        #: reading resumes (and reconnecting is allowed) when the queue holds fewer than this
+        self._resume_below = max(1, max_queue // 2)
         self._log = logging.getLogger(f"cwsnet.mqtt.{name}")
 
         #: set while connected (CONNACK ok and subscriptions re-made)
         self.connected = asyncio.Event()
-        #: counters: connects, disconnects, published, received, last_error, connect_failures, handler_errors
+        #: counters: connects, disconnects, published, received, last_error, connect_failures,
+        #: handler_errors; read_pauses (reading stopped because the queue was full) and
+        #: queue_high_water (largest incoming queue size seen)
         self.stats: dict[str, Any] = {
             "connects": 0,
             "disconnects": 0,
@@ -256,12 +316,15 @@ class MqttLink:
             "last_error": None,
             "connect_failures": 0,
             "handler_errors": 0,
+            "read_pauses": 0,
+            "queue_high_water": 0,
         }
         self._subs: dict[str, int] = {}
         self._conn: _Connection | None = None
         self._conn_counter = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Message] | None = None
+        self._room: asyncio.Event | None = None  # set while the queue holds fewer than _resume_below
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
         self._running = False
@@ -420,6 +483,8 @@ class MqttLink:
         self._stopping = False
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
         self._stop_event = asyncio.Event()
         fatal: LinkError | None = None
         try:
@@ -446,6 +511,8 @@ class MqttLink:
         assert self._loop is not None and self._stop_event is not None
         attempt = 0
         while not self._stopping:
+            if not await self._wait_for_room():
+                break
             conn = self._new_connection()
             self._conn = conn
             failure: str | None = None
@@ -500,6 +567,28 @@ class MqttLink:
                 async with asyncio.timeout(delay):
                     await self._stop_event.wait()
         self._log.info("link to %s stopped", self.endpoint)
+
+    async def _wait_for_room(self) -> bool:
+        """Before connecting: wait while the incoming queue is too full to read; False if stopping.
+
+        A new connection must read its CONNACK (and SUBACK), after which a persistent session's
+        backlog may arrive at once; connecting while the handler is far behind would only
+        overfill the queue or stall in the handshake.
+        """
+        assert self._room is not None and self._stop_event is not None and self._queue is not None
+        if self._room.is_set():
+            return not self._stopping
+        self._log.warning("incoming queue holds %d messages (max_queue %d): not connecting to %s until "
+                          "the handler has taken it below %d", self._queue.qsize(), self._max_queue,
+                          self.endpoint, self._resume_below)
+        room = asyncio.ensure_future(self._room.wait())
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait({room, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            stop.cancel()
+        return not self._stopping
 
     def _new_connection(self) -> _Connection:
         """Build a fresh paho client (no I/O) with credentials, TLS and a fresh will."""
@@ -585,13 +674,25 @@ class MqttLink:
             fut: asyncio.Future[list[ReasonCode]] = loop.create_future()
             conn.subacks[mid] = (topics, fut)
             try:
-                async with asyncio.timeout(self._connect_timeout):
-                    codes = await fut
-            except TimeoutError:
-                raise LinkDown(f"no SUBACK from {self.endpoint} within {self._connect_timeout}s") from None
+                codes = await self._await_reply(conn, fut, "SUBACK")
             finally:
                 conn.subacks.pop(mid, None)
             self._log_suback(topics, codes)
+
+    async def _await_reply(self, conn: _Connection, fut: asyncio.Future[Any], what: str) -> Any:
+        """Await a broker reply with ``connect_timeout``, restarting the clock while reading is paused:
+        the reply may be waiting in the TCP stream behind messages we chose not to read yet."""
+        while True:
+            pauses = conn.pauses
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    return await asyncio.shield(fut)
+            except TimeoutError:
+                if conn.paused or conn.pauses != pauses:
+                    self._log.info("still waiting for %s from %s: reading is paused (incoming queue full)",
+                                   what, self.endpoint)
+                    continue
+                raise LinkDown(f"no {what} from {self.endpoint} within {self._connect_timeout}s") from None
 
     def _attach(self, conn: _Connection) -> None:
         """Register the connected socket and paho callbacks with the event loop."""
@@ -669,11 +770,14 @@ class MqttLink:
     # -- loop callbacks ------------------------------------------------------------------------
 
     def _on_readable(self, conn: _Connection) -> None:
+        if conn.paused:  # a call scheduled by _resume_reading, overtaken by a new pause
+            return
         client = conn.client
         try:
             rc = client.loop_read()
             # TLS: decrypted bytes may sit in the SSL object where the selector cannot see them
-            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and conn.fd is not None:
+            # (_resume_reading picks them up again if a pause interrupts this loop)
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and conn.fd is not None and not conn.paused:
                 sock = client.socket()
                 if sock is None or not hasattr(sock, "pending") or not sock.pending():
                     break
@@ -716,8 +820,86 @@ class MqttLink:
             dup=bool(m.dup),
             connection=conn.number,
         )
-        assert self._queue is not None
+        assert self._queue is not None and self._room is not None
         self._queue.put_nowait(msg)
+        size = self._queue.qsize()
+        if size > self.stats["queue_high_water"]:
+            self.stats["queue_high_water"] = size
+        if size >= self._resume_below:
+            self._room.clear()
+        if size >= self._max_queue:
+            self._pause_reading(conn)
+
+    # -- back-pressure -------------------------------------------------------------------------
+
+    def _pause_reading(self, conn: _Connection) -> None:
+        """Stop reading the socket (the queue is full): TCP flow control then holds the broker back."""
+        if conn.paused or conn.fd is None or conn.finalized or self._loop is None:
+            return
+        self._loop.remove_reader(conn.fd)
+        conn.paused = True
+        conn.pauses += 1
+        self.stats["read_pauses"] += 1
+        if conn.pauses == 1 or conn.pauses % 100 == 0:
+            self._log.info("incoming queue full (%d messages): reading from %s paused (%d time(s) on this "
+                           "connection); the handler is slower than the broker", self._max_queue, self.endpoint,
+                           conn.pauses)
+
+    def _resume_reading(self, conn: _Connection) -> None:
+        if not conn.paused:
+            return
+        conn.paused = False
+        if conn.fd is None or conn.finalized or self._loop is None:
+            return
+        self._loop.add_reader(conn.fd, self._on_readable, conn)
+        # decrypted TLS bytes left in the SSL object by an interrupted read are invisible to the selector
+        pending = getattr(conn.sock, "pending", None)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                if pending() > 0:
+                    self._loop.call_soon(self._on_readable, conn)
+
+    def _after_dequeue(self) -> None:
+        """The handler took a message: resume reading (and reconnecting) once below the low mark."""
+        assert self._queue is not None and self._room is not None
+        if self._queue.qsize() < self._resume_below:
+            self._room.set()
+            conn = self._conn
+            if conn is not None and conn.paused:
+                self._resume_reading(conn)
+
+    @staticmethod
+    def _unread_bytes(conn: _Connection) -> bool:
+        """True if the broker sent bytes we have not read yet (peeked, never consumed; EOF is False)."""
+        sock = conn.sock
+        if sock is None or conn.fd is None:
+            return False
+        pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already in the SSL object
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                if pending() > 0:
+                    return True
+        try:
+            # the plain socket's recv() on the raw fd, also for an SSLSocket (whose own recv()
+            # refuses flags): peeking at encrypted bytes leaves the TLS state untouched
+            return bool(socket.socket.recv(sock, 1, _PEEK_FLAGS))
+        except (OSError, TypeError, ValueError):  # nothing there yet (EAGAIN), or a broken socket
+            return False
+
+    def _keepalive_relief(self, conn: _Connection) -> None:
+        """Before ``loop_misc()``: forget an outstanding PINGREQ while unread bytes are waiting.
+
+        paho drops the connection when no PINGRESP was read within one keepalive period of its
+        PINGREQ.  A PINGRESP queued behind messages we deliberately leave unread (back-pressure)
+        is not a dead link: bytes waiting in the socket prove the broker is talking to us.  paho
+        then pings again one keepalive period after the last one, so the broker still sees us
+        alive, and if the broker stops answering with nothing left unread, paho's own deadline
+        applies again.
+        """
+        client = conn.client
+        ping_sent = getattr(client, "_ping_t", 0)  # paho 2.2 internal: when the unanswered PINGREQ went out
+        if isinstance(ping_sent, (int, float)) and ping_sent > 0 and self._unread_bytes(conn):
+            client._ping_t = 0
 
     async def _consume(self) -> None:
         """Feed queued messages to the handler, one at a time, in order."""
@@ -725,6 +907,7 @@ class MqttLink:
         queue = self._queue
         while True:
             msg = await queue.get()
+            self._after_dequeue()
             if self._on_message is None:
                 self.ack(msg)
                 continue
@@ -741,13 +924,15 @@ class MqttLink:
                 )
 
     async def _misc_loop(self) -> None:
-        """Call paho's ``loop_misc()`` every second (keepalive pings, dead-link detection)."""
+        """Every second: paho's ``loop_misc()`` (keepalive pings, dead-link detection) and a resume
+        of paused reading if the queue has room."""
         while True:
             await asyncio.sleep(_MISC_INTERVAL)
             conn = self._conn
             if conn is None or not conn.attached or conn.finalized or conn.fd is None:
                 continue
             try:
+                self._keepalive_relief(conn)
                 rc = conn.client.loop_misc()
             except Exception as exc:  # noqa: BLE001
                 self._force_close(conn, f"loop_misc failed: {type(exc).__name__}: {exc}")
@@ -756,6 +941,12 @@ class MqttLink:
                 conn.close_reason = "keepalive timeout (no PINGRESP)"
             if conn.client.socket() is None:
                 self._mark_closed(conn, "keepalive timeout")
+                continue
+            # paused but the handler made room since: read again now rather than only at the low
+            # mark, so replies queued behind the unread messages keep coming in
+            assert self._queue is not None
+            if conn.paused and self._queue.qsize() < self._max_queue:
+                self._resume_reading(conn)
 
     # -- closing -------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cwsnet.broker import (
     BrokerSettings,
+    Credentials,
     CwsAccessPlugin,
     CwsBroker,
     broker_config,
@@ -43,6 +44,7 @@ from cwsnet.broker import (
     hash_token,
     is_loopback_host,
     load_credentials,
+    parse_credentials,
     topic_matches,
 )
 from cwsnet.errors import ConfigError
@@ -61,12 +63,13 @@ MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exist
 REPO = Path(__file__).resolve().parents[1]
 
 TOKENS = {"dev-1": "tok-dev-1-secret", "dev-2": "tok-dev-2-secret", "dev-3": "tok-dev-3-secret",
-          "admin": "tok-admin-secret", "probe": "tok-probe-secret"}
+          "admin": "tok-admin-secret", "probe": "tok-probe-secret", "gw-home": "tok-gw-home-secret"}
 DEVICE_RULES = {
     "publish": ["cws/v1/home/{username}/#"],
     "subscribe": ["cws/v1/home/{username}/task/cmd", "cws/v1/home/{username}/ack"],
 }
 ADMIN_RULES = {"publish": ["#"], "subscribe": ["#"]}
+GATEWAY_RULES = {"publish": ["cws/v1/home/+/task/cmd", "cws/v1/home/+/ack"], "subscribe": ["cws/v1/home/#"]}
 
 
 def user(name: str, rules: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,6 +87,17 @@ def creds_file(tmp_path: Path) -> Path:
     path = tmp_path / "credentials.json"
     write_json_atomic(path, {"users": {"dev-1": user("dev-1"), "dev-2": user("dev-2"),
                                        "admin": user("admin", ADMIN_RULES)}, "anonymous": False})
+    return path
+
+
+@pytest.fixture
+def site_creds(tmp_path: Path) -> Path:
+    """Like the home lab's site broker: the gateway (bridge client id ``gw-home-bridge``), devices
+    (client id = username) and the read-only ``admin`` debugging user with ``client_ids: ["*"]``."""
+    path = tmp_path / "site.json"
+    admin = {**user("admin", {"publish": [], "subscribe": ["#"]}), "client_ids": ["*"]}
+    write_json_atomic(path, {"users": {"gw-home": user("gw-home", GATEWAY_RULES), "dev-1": user("dev-1"),
+                                       "dev-2": user("dev-2"), "admin": admin}, "anonymous": False})
     return path
 
 
@@ -199,7 +213,7 @@ def open_broker(request: pytest.FixtureRequest, brokers: Callable[..., RunningBr
         yield brokers()
         return
     if MOSQUITTO is None:
-        pytest.skip("mosquitto not installed")
+        pytest.fail("mosquitto is not installed: `make test` installs it when run as root (the control broker)")
     mb = MosquittoBroker(tmp_path)
     try:
         yield mb
@@ -522,6 +536,121 @@ def test_unauthenticated_connect_cannot_take_over_or_wipe_a_session(
 
 
 # ------------------------------------------------------------------------------------------------
+# Client ids are bound to users (the code review's "takeover"; needs defect 5's fix as well)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_another_user_cannot_wipe_take_over_or_kick_a_client_id(
+        brokers: Callable[..., RunningBroker], site_creds: Path, clients: Callable[..., Client]) -> None:
+    # Found in review: device dev-1 connecting with the gateway bridge's client id and
+    # clean_session=True deleted the bridge's persistent session and offline queue; with
+    # clean_session=False it took the session over and kicked the bridge off, again and again.
+    rb = brokers(site_creds)
+    bridge = connected(clients, rb, "gw-home", client_id="gw-home-bridge", clean_session=False)
+    assert bridge.subscribe(("cws/v1/home/+/status", 1)) == [1]
+    bridge.close()
+    assert bridge.disconnected.wait(5)
+    rb.wait_offline("gw-home-bridge")
+    dev1 = connected(clients, rb, "dev-1", client_id="dev-1")
+    for i in range(3):
+        dev1.publish("cws/v1/home/dev-1/status", f"q{i}", qos=1)
+    wait_for(lambda: rb.offline_queued("gw-home-bridge") == 3, 5, message="3 messages queued for the bridge")
+
+    for name, clean in (("dev-1", True), ("dev-1", False), ("admin", True), ("admin", False)):
+        thief = clients(rb, client_id="gw-home-bridge", username=name, password=TOKENS[name], clean_session=clean)
+        assert thief.connect() is False, f"{name} (clean_session={clean}) got the bridge's client id"
+        assert "authori" in str(thief.connack).lower()
+    assert rb.session_state("gw-home-bridge") == "disconnected"
+    assert rb.offline_queued("gw-home-bridge") == 3  # the victim's session and queue are intact
+
+    again = connected(clients, rb, "gw-home", client_id="gw-home-bridge", clean_session=False)
+    assert again.session_present is True
+    assert [m.payload for m in again.wait_messages(3)] == [b"q0", b"q1", b"q2"]
+    # a connected owner cannot be kicked off either
+    thief = clients(rb, client_id="gw-home-bridge", username="dev-2", password=TOKENS["dev-2"], clean_session=False)
+    assert thief.connect() is False
+    dev1.publish("cws/v1/home/dev-1/status", b"sentinel", qos=1)
+    again.wait_payload(b"sentinel")
+    assert not again.disconnected.is_set() and rb.session_state("gw-home-bridge") == "connected"
+
+
+def test_star_client_ids_over_the_wire(brokers: Callable[..., RunningBroker], site_creds: Path,
+                                       clients: Callable[..., Client],
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="cwsnet.broker")
+    rb = brokers(site_creds)
+    dev1 = connected(clients, rb, "dev-1", client_id="dev-1")
+    # mosquitto_sub's random ids, and an empty id (the broker assigns "amqtt/<random>")
+    watcher = connected(clients, rb, "admin", client_id="mosq-h3Xq9ZpL0aBcDe1f")
+    assert watcher.subscribe(("#", 0)) == [0]
+    connected(clients, rb, "admin", client_id="")
+    # ... but never an id another user's pattern names more specifically
+    for cid in ("dev-1", "dev-2", "gw-home", "gw-home-bridge"):
+        assert clients(rb, client_id=cid, username="admin", password=TOKENS["admin"]).connect() is False, cid
+    dev1.publish("cws/v1/home/dev-1/status", b"sentinel", qos=1)
+    watcher.wait_payload(b"sentinel")
+    assert not dev1.disconnected.is_set()
+    assert "client id is reserved for user(s) gw-home" in caplog.text
+
+
+def _creds(users: dict[str, dict[str, Any]], **top: Any) -> Credentials:
+    return parse_credentials({"users": {u: {"token_sha256": "00" * 32, **e} for u, e in users.items()}, **top})
+
+
+def _allowed(creds: Credentials, username: str | None, client_id: str) -> bool:
+    return creds.client_id_refusal(username, client_id) is None
+
+
+def test_default_client_ids_fit_cwsnet_and_bind_ids_to_users() -> None:
+    cloud = _creds({"cloud": {}, "gw-home": {}})
+    assert _allowed(cloud, "cloud", "cloud-ingest") and _allowed(cloud, "gw-home", "gw-home")
+    assert not _allowed(cloud, "gw-home", "cloud-ingest") and not _allowed(cloud, "cloud", "gw-home")
+    site = _creds({"gw-home": {}, "dev-1": {}, "dev-1-kitchen": {}})
+    for username, cid in (("gw-home", "gw-home-bridge"), ("gw-home", "gw-home"), ("dev-1", "dev-1"),
+                          ("dev-1", "dev-1-probe"), ("dev-1-kitchen", "dev-1-kitchen"),
+                          ("dev-1-kitchen", "dev-1-kitchen-2")):
+        assert _allowed(site, username, cid), (username, cid)
+    for username, cid in (("dev-1", "gw-home-bridge"), ("dev-1", "gw-home"), ("gw-home", "dev-1"),
+                          ("dev-1", "dev-10"), ("dev-1", "dev-1x"), ("dev-1", ""), ("dev-1", "DEV-1"),
+                          ("nobody", "nobody")):
+        assert not _allowed(site, username, cid), (username, cid)
+    # "dev-1-*" must not reach user dev-1-kitchen's ids: the more specific pattern owns them
+    assert site.client_id_refusal("dev-1", "dev-1-kitchen") == "client id is reserved for user(s) dev-1-kitchen"
+    assert not _allowed(site, "dev-1", "dev-1-kitchen-2")
+
+
+def test_explicit_client_id_patterns() -> None:
+    c = _creds({"ops": {"client_ids": ["ops-console", "tool-{username}-*", "x*"]}, "dev-1": {},
+                "a*": {}, "locked": {"client_ids": []}})
+    for cid in ("ops-console", "tool-ops-1", "tool-ops-", "x", "xyz"):
+        assert _allowed(c, "ops", cid), cid
+    # an explicit list replaces the default; exact patterns are exact
+    for cid in ("ops", "ops-1", "ops-console-2", "tool-ops", "tool-dev-1-1", "dev-1"):
+        assert not _allowed(c, "ops", cid), cid
+    # '*' in a username is a literal character, not a wildcard
+    assert _allowed(c, "a*", "a*") and _allowed(c, "a*", "a*-1") and not _allowed(c, "a*", "ab")
+    assert not any(_allowed(c, "locked", cid) for cid in ("locked", "locked-1", ""))
+
+
+def test_star_client_id_allows_any_id_no_other_user_claims() -> None:
+    c = _creds({"admin": {"client_ids": ["*"]}, "gw-home": {}, "dev-1": {}, "root": {"client_ids": ["*"]}})
+    for cid in ("mosq-Xb3k9", "admin", "amqtt/abcdefgh12345678", "", "dev-10", "gw-home2"):
+        assert _allowed(c, "admin", cid) and _allowed(c, "root", cid), cid  # equally specific: both
+    for cid in ("dev-1", "dev-1-x", "gw-home", "gw-home-bridge"):
+        assert not _allowed(c, "admin", cid), cid
+
+
+def test_anonymous_client_ids() -> None:
+    users = {"dev-1": {}, "admin": {"client_ids": ["*"]}}
+    default = _creds(users, anonymous=True)
+    assert _allowed(default, None, "anon-1") and _allowed(default, None, "mosq-1")  # "*" ties with admin's
+    assert not _allowed(default, None, "dev-1") and not _allowed(default, None, "dev-1-x")
+    narrow = _creds(users, anonymous=True, anonymous_rules={"client_ids": ["anon-*"]})
+    assert _allowed(narrow, None, "anon-1") and not _allowed(narrow, None, "mosq-1")
+    assert _allowed(narrow, "admin", "anon-1")  # anonymous patterns never reserve ids against users
+
+
+# ------------------------------------------------------------------------------------------------
 # 6. Concurrent SUBSCRIBEs must not lose broadcasts                                       # DEFECT
 # ------------------------------------------------------------------------------------------------
 
@@ -657,10 +786,10 @@ def test_token_is_never_logged(brokers: Callable[..., RunningBroker], creds_file
 def test_will_topic_outside_acl_is_refused(brokers: Callable[..., RunningBroker], creds_file: Path,
                                            clients: Callable[..., Client]) -> None:
     rb = brokers(creds_file)
-    bad = clients(rb, client_id="w1", username="dev-1", password=TOKENS["dev-1"],
+    bad = clients(rb, client_id="dev-1-w1", username="dev-1", password=TOKENS["dev-1"],
                   will=("cws/v1/home/dev-2/task/cmd", b"x", 1))
     assert bad.connect() is False
-    good = clients(rb, client_id="w2", username="dev-1", password=TOKENS["dev-1"],
+    good = clients(rb, client_id="dev-1-w2", username="dev-1", password=TOKENS["dev-1"],
                    will=("cws/v1/home/dev-1/status", b"offline", 1))
     assert good.connect() is True
     admin = connected(clients, rb, "admin")
@@ -833,6 +962,12 @@ def test_settings_refuse_anonymous_on_public_host_and_bad_files(tmp_path: Path) 
     ({"users": {"x": {"token_sha256": "00" * 32, "subscribe": ["{user}/#"]}}}, "unknown placeholder"),
     ({"users": {}, "anonymous_rules": {"publish": ["{username}/#"]}}, "anonymous_rules"),
     ({"users": {}, "anonymous": "yes"}, "anonymous"),
+    ({"users": {"x": {"token_sha256": "00" * 32, "client_ids": "x-*"}}}, "client_ids: must be a list"),
+    ({"users": {"x": {"token_sha256": "00" * 32, "client_ids": ["a*b"]}}}, "only allowed at the end"),
+    ({"users": {"x": {"token_sha256": "00" * 32, "client_ids": ["**"]}}}, "only allowed at the end"),
+    ({"users": {"x": {"token_sha256": "00" * 32, "client_ids": [""]}}}, "empty client id pattern"),
+    ({"users": {"x": {"token_sha256": "00" * 32, "client_ids": ["{user}-*"]}}}, "unknown placeholder"),
+    ({"users": {}, "anonymous_rules": {"client_ids": ["{username}"]}}, "anonymous_rules.client_ids"),
     ([], "top level"),
 ])
 def test_credentials_validation(tmp_path: Path, doc: Any, problem: str) -> None:
@@ -873,7 +1008,7 @@ def test_tls_listener(brokers: Callable[..., RunningBroker], creds_file: Path, t
                     "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
                     str(cert)], check=True, capture_output=True, timeout=30)
     rb = brokers(creds_file, tls_port=free_port(), certfile=cert, keyfile=key)
-    c = clients(rb, client_id="tls-1", username="dev-1", password=TOKENS["dev-1"], port=rb.settings.tls_port)
+    c = clients(rb, client_id="dev-1-tls", username="dev-1", password=TOKENS["dev-1"], port=rb.settings.tls_port)
     c.c.tls_set(ca_certs=str(cert))
     assert c.connect()
     assert c.subscribe(("cws/v1/home/dev-1/ack", 1)) == [1]

@@ -467,3 +467,108 @@ def test_tls_roundtrip_with_large_and_many_messages(
             assert "CERTIFICATE_VERIFY_FAILED" in str(untrusting.stats["last_error"])
 
     run_async(body())
+
+
+# ---------------------------------------------------------------------------------------------
+# back-pressure: the incoming queue is bounded by not reading the socket
+
+
+def test_slow_handler_burst_bounded_queue_in_order(mosquitto_factory: Callable[..., MosquittoBroker]) -> None:
+    # mosquitto keeps everything it cannot send yet (default: 1000 per client, then drops)
+    broker = mosquitto_factory(extra_conf="max_queued_messages 0")
+    n, max_queue = 1500, 25
+
+    async def body() -> None:
+        got: list[bytes] = []
+
+        async def slow(msg: Message) -> None:
+            got.append(msg.payload)
+            await asyncio.sleep(0.001)
+
+        link = make_link(broker.port, on_message=slow, max_queue=max_queue)
+        link.subscribe("bp/#", qos=1)
+        sender = make_link(broker.port, max_inflight=200)
+        async with running(link), running(sender):
+            await asyncio.gather(*(sender.publish("bp/t", str(i).encode(), qos=1) for i in range(n)))
+            await await_for(lambda: len(got) == n, timeout=60, message=f"all {n} messages handled")
+            assert link.stats["connects"] == 1 and link.stats["disconnects"] == 0
+        assert got == [str(i).encode() for i in range(n)]  # nothing dropped, nothing reordered
+        assert link.stats["read_pauses"] >= 1, "the burst never filled the queue"
+        # the link publishes nothing and receives QoS 1, so one loop_read() delivers at most one
+        # message: the bound is exact (see MqttLink's docstring)
+        assert link.stats["queue_high_water"] == max_queue
+
+    run_async(body())
+
+
+def test_long_pause_keeps_a_healthy_connection(mosquitto_factory: Callable[..., MosquittoBroker]) -> None:
+    # The handler is stuck on its first message for 4 keepalive periods while the queue is full:
+    # paho's PINGRESPs sit unread behind the messages, yet the connection must survive.
+    broker = mosquitto_factory(extra_conf="max_queued_messages 0")
+    keepalive, n = 2, 200
+
+    async def body() -> None:
+        got: list[bytes] = []
+        release = asyncio.Event()
+
+        async def stuck(msg: Message) -> None:
+            got.append(msg.payload)
+            await release.wait()
+
+        link = make_link(broker.port, on_message=stuck, max_queue=5, keepalive=keepalive)
+        link.subscribe("lp/#", qos=1)
+        sender = make_link(broker.port, max_inflight=100)
+        async with running(link), running(sender):
+            await asyncio.gather(*(sender.publish("lp/t", str(i).encode(), qos=1) for i in range(n)))
+            await await_for(lambda: link.stats["read_pauses"] >= 1, message="reading paused")
+            await asyncio.sleep(4 * keepalive)
+            assert link.connected.is_set() and link.stats["disconnects"] == 0, link.stats["last_error"]
+            assert len(got) == 1 and link.stats["queue_high_water"] == 5
+            release.set()
+            await await_for(lambda: len(got) == n, timeout=30, message=f"all {n} messages after the pause")
+            # the broker did not give up on us either (no reconnect happened)
+            await link.publish("elsewhere/after", b"x")
+            assert link.stats["connects"] == 1 and link.stats["disconnects"] == 0
+        assert got == [str(i).encode() for i in range(n)]
+
+    run_async(body())
+
+
+def test_lost_connection_waits_for_room_before_reconnecting(
+    mosquitto: MosquittoBroker, fault_proxy: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy(mosquitto.port)
+
+    async def body() -> None:
+        got: list[bytes] = []
+        release = asyncio.Event()
+
+        async def stuck(msg: Message) -> None:
+            got.append(msg.payload)
+            await release.wait()
+
+        link = make_link(proxy.port, on_message=stuck, max_queue=4, keepalive=1)
+        link.subscribe("rc/#", qos=1)
+        sender = make_link(mosquitto.port)
+        async with running(link), running(sender):
+            await asyncio.gather(*(sender.publish("rc/t", str(i).encode()) for i in range(20)))
+            await await_for(lambda: link.stats["read_pauses"] >= 1, message="reading paused")
+            await asyncio.to_thread(proxy.cut)
+            proxy.restore()
+            await await_for(lambda: not link.connected.is_set(), timeout=10, message="loss noticed while paused")
+            await asyncio.sleep(1.5)  # many backoff periods (backoff_max is 0.3 s)
+            assert link.stats["connects"] == 1, "reconnected while the queue was full"
+            release.set()
+            await await_for(lambda: link.connected.is_set(), timeout=10, message="reconnected once drained")
+            assert link.stats["connects"] == 2
+        # the message being handled and the 4 queued ones survived the lost connection, in order
+        # (the rest went to the old clean session and left with it)
+        assert got == [str(i).encode() for i in range(5)]
+
+    run_async(body())
+
+
+def test_max_queue_is_validated() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_queue"):
+            make_link(1883, max_queue=bad)
