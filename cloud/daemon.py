@@ -31,7 +31,6 @@ import os
 import secrets
 import socket
 import sqlite3
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -47,10 +46,12 @@ from cloud.store import SqliteStore, Store, Task, import_registry
 from cloud.views import change, task_view
 from cwsnet import topics
 from cwsnet.broker import BrokerSettings, start_broker
-from cwsnet.config import BrokerEndpoint, CloudConfig
+from cwsnet.bundle import Bundle
+from cwsnet.config import CloudConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, CwsError
 from cwsnet.identity import Identity, load_json_file
+from cwsnet.links import link_for
 from cwsnet.mqtt import LinkError, Message, MqttLink
 from cwsnet.replay import SeqCounter
 
@@ -75,18 +76,6 @@ def load_cloud_identity(cfg: CloudConfig) -> Identity:
             f"(got node {ident.node!r}, role {ident.role!r})"
         )
     return ident
-
-
-def client_tls(endpoint: BrokerEndpoint) -> ssl.SSLContext | None:
-    if endpoint.tls is None:
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=str(endpoint.tls.ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{endpoint.tls.ca_file}: cannot load the broker CA: {exc}") from None
-    if endpoint.tls.insecure:
-        ctx.check_hostname = False
-    return ctx
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -338,22 +327,10 @@ class CloudDaemon:
             self.ingest.update_gauges()
             self.coalescer = AckCoalescer()
             self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=QUEUE_MAX)
-            self.link = MqttLink(
-                client_id=CLIENT_ID,
-                host=cfg.client.host,
-                port=cfg.client.port,
-                username=cfg.client.username,
-                password=cfg.client.password(),
-                tls=client_tls(cfg.client),
-                keepalive=cfg.client.keepalive,
-                on_connect=self._on_connect,
-                on_disconnect=self._on_disconnect,
-                on_message=self._on_message,
-                manual_ack=True,
-                backoff_min=cfg.reconnect.min_delay,
-                backoff_max=cfg.reconnect.max_delay,
-                name="cloud-ingest",
-                clean_session=False,
+            self.link = link_for(
+                cfg.client, Bundle.load(cfg.identity_file), cfg.reconnect, client_id=CLIENT_ID, section="client",
+                name="cloud-ingest", on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+                on_message=self._on_message, manual_ack=True, clean_session=False,
             )
             for flt in SUBSCRIPTIONS:
                 self.link.subscribe(flt, qos=1)

@@ -20,9 +20,9 @@ from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, EnvelopeError
-from cwsnet.mqtt import LinkError, Message, MqttLink, Will
+from cwsnet.links import link_for
+from cwsnet.mqtt import LinkError, Message, Will
 from cwsnet.nodestate import NodeState
-from cwsnet.tls import client_context
 from edge_agent.handlers import TaskFailed, registry
 from edge_agent.sensors import Sensor, build_sensor, system_snapshot
 
@@ -61,21 +61,9 @@ class Agent:
         self._task_slots = asyncio.Semaphore(4)
         self._tg: asyncio.TaskGroup | None = None
         self._task_runs: set[asyncio.Task[None]] = set()
-        password = cfg.broker.password() or bundle.mqtt_password
-        self.link = MqttLink(
-            client_id=self.node,
-            host=cfg.broker.host,
-            port=cfg.broker.port,
-            username=cfg.broker.username or bundle.mqtt_username,
-            password=password,
-            tls=client_context(cfg.broker, "broker.tls"),
-            keepalive=cfg.broker.keepalive,
-            will_factory=self._make_will,
-            on_connect=self._on_connect,
-            on_message=self._on_message,
-            backoff_min=cfg.reconnect.min_delay,
-            backoff_max=cfg.reconnect.max_delay,
-            name=f"agent:{self.node}",
+        self.link = link_for(
+            cfg.broker, bundle, cfg.reconnect, client_id=self.node, section="broker", name=f"agent:{self.node}",
+            will_factory=self._make_will, on_connect=self._on_connect, on_message=self._on_message,
         )
         self.link.subscribe(topics.task_cmd(self.site, self.node), qos=1)
 

@@ -26,9 +26,9 @@ from cwsnet.bundle import Bundle
 from cwsnet.config import GatewayConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, EnvelopeError, TopicError
-from cwsnet.mqtt import LinkError, Message, MqttLink, Will
+from cwsnet.links import link_for
+from cwsnet.mqtt import LinkError, Message, Will
 from cwsnet.nodestate import NodeState
-from cwsnet.tls import client_context
 from edge_agent.sensors import system_snapshot
 from gateway.outbox import UplinkOutbox
 
@@ -60,40 +60,17 @@ class Gateway:
         self._incoming: asyncio.Queue[tuple[Message, Any, bool]] = asyncio.Queue(maxsize=10000)
         self.will_seq: int | None = None
 
-        site_pw = cfg.site_client.password() or bundle.mqtt_password
-        self.site_link = MqttLink(
-            client_id=f"{self.node}-bridge",
-            host=cfg.site_client.host,
-            port=cfg.site_client.port,
-            username=cfg.site_client.username or bundle.mqtt_username,
-            password=site_pw,
-            tls=client_context(cfg.site_client, "site_client.tls"),
-            keepalive=cfg.site_client.keepalive,
-            on_message=self._from_site,
-            manual_ack=True,
+        self.site_link = link_for(
+            cfg.site_client, bundle, cfg.reconnect, client_id=f"{self.node}-bridge", section="site_client",
+            name=f"gateway:{self.node}:site", on_message=self._from_site, manual_ack=True,
             clean_session=False,  # a message PUBACKed by the site broker but not yet in our outbox is redelivered
-            backoff_min=cfg.reconnect.min_delay,
-            backoff_max=cfg.reconnect.max_delay,
-            name=f"gateway:{self.node}:site",
         )
         for channel in topics.UPLINK_CHANNELS:
             self.site_link.subscribe(topics.site_filter(self.site, channel), qos=1)
 
-        up_pw = cfg.uplink.password() or bundle.mqtt_password
-        self.uplink = MqttLink(
-            client_id=self.node,
-            host=cfg.uplink.host,
-            port=cfg.uplink.port,
-            username=cfg.uplink.username or bundle.mqtt_username,
-            password=up_pw,
-            tls=client_context(cfg.uplink, "uplink.tls"),
-            keepalive=cfg.uplink.keepalive,
-            will_factory=self._make_will,
-            on_connect=self._on_uplink_connect,
-            on_message=self._from_cloud,
-            backoff_min=cfg.reconnect.min_delay,
-            backoff_max=cfg.reconnect.max_delay,
-            name=f"gateway:{self.node}:uplink",
+        self.uplink = link_for(
+            cfg.uplink, bundle, cfg.reconnect, client_id=self.node, section="uplink", name=f"gateway:{self.node}:uplink",
+            will_factory=self._make_will, on_connect=self._on_uplink_connect, on_message=self._from_cloud,
             max_inflight=100,
         )
         for channel in topics.DOWNLINK_CHANNELS:
