@@ -24,7 +24,10 @@ class NodeState:
         if "kv" not in self.db.table_names():
             self.db["kv"].create({"key": str, "value": str}, pk="key")
         if "seen_tasks" not in self.db.table_names():
-            self.db["seen_tasks"].create({"task_id": str, "ts": float}, pk="task_id")
+            self.db["seen_tasks"].create({"task_id": str, "ts": float, "done": int, "trace": str}, pk="task_id")
+        elif "done" not in self.db["seen_tasks"].columns_dict:  # state files from 0.1.0 development builds
+            self.db["seen_tasks"].add_column("done", int)
+            self.db["seen_tasks"].add_column("trace", str)
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -52,14 +55,25 @@ class NodeState:
     def task_seen(self, task_id: str) -> bool:
         return self.db.execute("select 1 from seen_tasks where task_id = ?", [task_id]).fetchone() is not None
 
-    def mark_task(self, task_id: str, keep: int = 10000) -> None:
+    def mark_task(self, task_id: str, keep: int = 10000, trace: str | None = None) -> None:
+        """Record that ``task_id`` was accepted (before it runs: a node runs a task at most once)."""
         with self.db.conn:
-            self.db.execute("insert or ignore into seen_tasks values (?, ?)", [task_id, time.time()])
+            self.db.execute("insert or ignore into seen_tasks (task_id, ts, done, trace) values (?, ?, 0, ?)",
+                            [task_id, time.time(), trace])
             self.db.execute(
                 "delete from seen_tasks where task_id not in "
                 "(select task_id from seen_tasks order by ts desc limit ?)",
                 [keep],
             )
+
+    def finish_task(self, task_id: str) -> None:
+        with self.db.conn:
+            self.db.execute("update seen_tasks set done = 1 where task_id = ?", [task_id])
+
+    def unfinished_tasks(self) -> list[tuple[str, str | None]]:
+        """Tasks accepted but never finished: the node stopped (crash, power cut) while running them."""
+        return [(r[0], r[1]) for r in self.db.execute(
+            "select task_id, trace from seen_tasks where coalesce(done, 1) = 0 order by ts").fetchall()]
 
     def close(self) -> None:
         self.db.close()

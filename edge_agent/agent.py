@@ -89,6 +89,14 @@ class Agent:
         self.will_seq = header.seq
         return Will(topic=topic, payload=payload, qos=1, retain=True)
 
+    async def _report_interrupted(self) -> None:
+        """Tasks this node accepted and never finished (it was killed or lost power meanwhile) are
+        reported failed once, so they never look `running` for ever; they are not run again."""
+        for task_id, trace in self.state.unfinished_tasks():
+            log.warning("task %s was interrupted by a restart; reporting it failed", task_id)
+            await self._result(task_id, "failed", trace, error="interrupted: the agent restarted while running it")
+            self.state.finish_task(task_id)
+
     async def _on_connect(self) -> None:
         topic = topics.status(self.site, self.node)
         body = self.status_body() | {"will_seq": self.will_seq}
@@ -200,7 +208,7 @@ class Agent:
             if self.state.task_seen(task_id):
                 log.info("task %s already run here; ignoring the repeat", task_id)
                 return
-            self.state.mark_task(task_id)
+            self.state.mark_task(task_id, trace=opened.header.trace)
             assert self._tg is not None
             run = self._tg.create_task(self._run_task(task_id, body, opened.header.trace))
             self._task_runs.add(run)
@@ -214,6 +222,10 @@ class Agent:
         await self._drain()
 
     async def _run_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
+        await self._execute_task(task_id, body, trace)
+        self.state.finish_task(task_id)  # not reached when cancelled: a restart reports it interrupted
+
+    async def _execute_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
         handler_name = body.get("handler")
         args = body.get("args") or {}
         deadline = body.get("deadline")
@@ -277,6 +289,7 @@ class Agent:
                 tasks = [tg.create_task(self.link.run()), tg.create_task(self._flusher()),
                          tg.create_task(self._status_loop())]
                 tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
+                await self._report_interrupted()
                 await stop.wait()
                 await self._goodbye()
                 for t in [*tasks, *self._task_runs]:

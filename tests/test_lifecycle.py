@@ -57,3 +57,22 @@ def test_sigterm_and_sigkill_deaths_and_restart(tmp_path: Path, procs: ProcessSe
     assert rows == [] and len(births) == 3 and births == sorted(births)
     events = [e["type"] for e in get(f"{d.base}/api/v1/events?limit=100")["items"] if e["source"] == "dev-1"]
     assert events.count("node.online") == 3 and events.count("node.offline") == 2
+
+
+def test_task_interrupted_by_a_crash_is_reported_failed_not_rerun(tmp_path: Path, procs: ProcessSet) -> None:
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    agent = d.start("agent", "dev-1")
+    wait_for(lambda: status(d, "dev-1")["online"], timeout=30, message="dev-1 online")
+    task = post(f"{d.base}/api/v1/tasks", {"target": "dev-1", "handler": "sleep", "args": {"seconds": 60}})
+    wait_for(lambda: get(f"{d.base}/api/v1/tasks/{task['id']}")["state"] == "running", timeout=20,
+             message="sleep task running")
+    agent.kill(signal.SIGKILL)  # the power goes out mid-task
+    agent.restart()
+    done = wait_for(lambda: (t := get(f"{d.base}/api/v1/tasks/{task['id']}"))["state"] == "failed" and t,
+                    timeout=30, message="the interrupted task reported failed after the restart")
+    assert "interrupted" in done["error"]
+    agent.wait_log(r"task \S+ was interrupted by a restart", timeout=5)
+    assert "running sleep" not in agent.log_text(since_start=True)  # reported, not run again
+
