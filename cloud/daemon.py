@@ -488,8 +488,13 @@ class CloudDaemon:
                     topic = topics.ack(site, gw)
                     try:
                         payload, header = self.endpoint.seal(topic, "ack", body, to=gw)
+                    except CwsError as exc:  # no usable key for this gateway: resending cannot help
+                        log.error("cannot seal acks for gateway %s (%s); %d ranges not sent to it", gw, exc,
+                                  len(body["acks"]))
+                        continue
+                    try:
                         await self.link.publish(topic, payload, qos=1)
-                    except (LinkError, CwsError) as exc:
+                    except LinkError as exc:
                         log.warning("ack to %s failed (%s); will resend", gw, exc)
                         self.coalescer.add_ranges(site, body)
                         continue

@@ -664,18 +664,25 @@ class Ingest:
                     item.sender,
                 )
 
-        for ev in self.store.add_events(events):
-            batch.changes.append(change("event", event_view(ev)))
-        for node_id in dict.fromkeys(changed_nodes):
-            node = self.store.get_node(node_id)
-            if node is not None:
-                batch.changes.append(change("device", node_view(node)))
-        for task_id in dict.fromkeys(changed_tasks):
-            task = self.store.get_task(task_id)
-            if task is not None:
-                batch.changes.append(change("task", task_view(task)))
-        if changed_nodes:
-            self._update_online_gauge()
+        # The batch is committed: what follows is bookkeeping (events, live changes, gauges). If it
+        # fails, the batch's outcome must still be returned, or a retry would see only duplicates
+        # and lose the births, acks and task dispatches that belong to it.
+        try:
+            for ev in self.store.add_events(events):
+                batch.changes.append(change("event", event_view(ev)))
+            for node_id in dict.fromkeys(changed_nodes):
+                node = self.store.get_node(node_id)
+                if node is not None:
+                    batch.changes.append(change("device", node_view(node)))
+            for task_id in dict.fromkeys(changed_tasks):
+                task = self.store.get_task(task_id)
+                if task is not None:
+                    batch.changes.append(change("task", task_view(task)))
+            if changed_nodes:
+                self._update_online_gauge()
+        except Exception:
+            log.exception("batch of %d messages stored, but recording its %d events / live changes failed",
+                          len(messages), len(events))
         batch.results = [r for r in results if r is not None]
         return batch
 

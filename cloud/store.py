@@ -888,11 +888,15 @@ class SqliteStore(Store):
         rows = self._rows("select * from tasks where target = ? and state = 'queued' order by created, id", [node])
         return [self._task(r) for r in rows]
 
+    #: a running task's result may legitimately arrive a little after its deadline (the device
+    #: stops the handler at the deadline, then reports; clocks differ): wait this long first
+    RUNNING_GRACE_MS = 30_000
+
     def overdue_tasks(self, now: int) -> list[Task]:
         rows = self._rows(
-            "select * from tasks where state in ('queued', 'running') and deadline is not null and deadline < ? "
-            "order by created",
-            [now],
+            "select * from tasks where deadline is not null and ((state = 'queued' and deadline < ?) "
+            "or (state = 'running' and deadline < ?)) order by created",
+            [now, now - self.RUNNING_GRACE_MS],
         )
         return [self._task(r) for r in rows]
 

@@ -205,6 +205,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     topo = lab.init(_topology(args))
     eps = lab.endpoints(topo)
     local = "127.0.0.1" if topo.host in ("0.0.0.0", "::") else topo.host
+    http_local = "127.0.0.1" if topo.http_host in ("0.0.0.0", "::") else topo.http_host
+    http_url = f"http://[{http_local}]:{topo.http_port}" if ":" in http_local else f"http://{http_local}:{topo.http_port}"
     extra = ["--log-level", args.log_level, "--log-format", args.log_format]
 
     def child(name: str, kind: str, ready: Callable[[], bool] | None, tier: int) -> Child:
@@ -212,7 +214,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                      lab.path("run", f"{name}.pid"), ready, tier)
 
     children = [
-        child("cloud", "cloud", lambda: _http_ok(f"http://{local}:{topo.http_port}/healthz"), 0),
+        child("cloud", "cloud", lambda: _http_ok(f"{http_url}/healthz"), 0),
         child(topo.gateway, "gateway", lambda: _port_open(local, topo.gateway_mqtt_port), 1),
     ] + [child(d, "agent", None, 2) for d in topo.devices]
 

@@ -85,6 +85,13 @@ class HomeLab:
         """Create (or complete) the data dir; existing keys and tokens are kept."""
         for name in [topo.site, topo.gateway, *topo.devices]:
             check_name(name, "node or site")
+        for d in topo.devices:
+            # device names are MQTT users and client ids: they must not collide with the others
+            if d in ("cloud", "admin", topo.gateway) or d.startswith(f"{topo.gateway}-") or d == "cloud-ingest":
+                raise ConfigError(f"device name {d!r} is reserved (cloud, admin, the gateway and its "
+                                  f"{topo.gateway}-* client ids)")
+        if len(set(topo.devices)) != len(topo.devices):
+            raise ConfigError("device names must be unique")
         if self.exists():
             old = Topology.load(self.topology_file)
             if (old.site, old.gateway) != (topo.site, topo.gateway):
@@ -105,11 +112,14 @@ class HomeLab:
         gw = self._bundle(topo.gateway, topo.site, "gateway", cloud_pk)
         devs = [self._bundle(d, topo.site, "device", cloud_pk) for d in topo.devices]
 
+        # devices provisioned by an earlier run but not asked for now: kept, registered, allowed to
+        # connect (a flashed board, a hand-run agent); `up` just does not run them
         known = sorted(p.stem for p in self.path("keys").glob("*.json") if p.stem not in ("cloud", topo.gateway))
+        kept = [Bundle.load(self.bundle_path(n)) for n in known if n not in topo.devices]
         registry = [
             {"id": b.identity.node, "site": b.identity.site, "role": b.identity.role,
              "public_key": b.identity.public_b64}
-            for b in [gw, *devs, *(Bundle.load(self.bundle_path(n)) for n in known if n not in topo.devices)]
+            for b in [gw, *devs, *kept]
         ]
         self.path("registry.json").write_text(json.dumps(registry, indent=2) + "\n")
 
@@ -126,7 +136,7 @@ class HomeLab:
             topo.gateway: {"token_sha256": _token_sha(gw.mqtt_password or ""),
                            "publish": [f"cws/v1/{s}/#"], "subscribe": [f"cws/v1/{s}/#"]},
         }
-        for b in devs:
+        for b in [*devs, *kept]:
             site_users[b.identity.node] = {"token_sha256": _token_sha(b.mqtt_password or ""),
                                            **_device_rules(s, b.identity.node)}
         # a read-only debugging user on both brokers: sees every (sealed) payload, may publish nothing

@@ -18,7 +18,9 @@ def link_for(ep: BrokerEndpoint, bundle: Bundle, reconnect: Reconnect, *, client
         client_id=client_id,
         host=ep.host,
         port=ep.port,
-        username=ep.username or bundle.mqtt_username,
+        # the section's login, else the bundle's (only if the bundle has a password: a bundle
+        # without one means "connect anonymously", which a loopback-only broker may allow)
+        username=ep.username or (bundle.mqtt_username if bundle.mqtt_password else None),
         password=ep.password() or bundle.mqtt_password,
         tls=client_context(ep, f"{section}.tls"),
         keepalive=ep.keepalive,

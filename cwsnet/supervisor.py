@@ -155,7 +155,11 @@ class Supervisor:
             if child.alive():
                 log.warning("%s did not stop within %.0f s; killing it", child.name, self.grace)
                 child.signal(signal.SIGKILL)
-                child.proc.wait(2)  # type: ignore[union-attr]
+                try:
+                    child.proc.wait(2)  # type: ignore[union-attr]
+                except subprocess.TimeoutExpired:
+                    log.error("%s (pid %d) did not die after SIGKILL (stuck in the kernel?)", child.name,
+                              child.proc.pid)  # type: ignore[union-attr]
             child.pid_path.unlink(missing_ok=True)
         log.info("all daemons stopped")
         return 0

@@ -50,7 +50,10 @@ class Agent:
         self.handlers = registry(cfg.handlers)
         self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
         self.started = clock()
-        self.pending: collections.deque[tuple[str, bytes, bool]] = collections.deque()
+        # (topic, payload, retain, delivered): ``delivered`` (if any) resolves True on PUBACK,
+        # False if the message was dropped to keep the queue bounded
+        self.pending: collections.deque[tuple[str, bytes, bool, asyncio.Future[bool] | None]] = collections.deque()
+        self._final: dict[str, asyncio.Future[bool]] = {}
         self.dropped = 0
         self.batches: dict[str, list[dict[str, Any]]] = {}
         self.batch_started: dict[str, float] = {}
@@ -91,11 +94,11 @@ class Agent:
 
     async def _report_interrupted(self) -> None:
         """Tasks this node accepted and never finished (it was killed or lost power meanwhile) are
-        reported failed once, so they never look `running` for ever; they are not run again."""
+        reported failed once delivered, so they never look `running` for ever; they are not run again."""
         for task_id, trace in self.state.unfinished_tasks():
             log.warning("task %s was interrupted by a restart; reporting it failed", task_id)
             await self._result(task_id, "failed", trace, error="interrupted: the agent restarted while running it")
-            self.state.finish_task(task_id)
+            await self._finish_when_delivered(task_id)
 
     async def _on_connect(self) -> None:
         topic = topics.status(self.site, self.node)
@@ -112,11 +115,18 @@ class Agent:
     async def send(self, topic: str, kind: str, body: Any, *, retain: bool = False) -> None:
         """Seal and publish; while the link is down, keep it (bounded) and send it on reconnect."""
         payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
-        self.pending.append((topic, payload, retain))
-        while len(self.pending) > PENDING_LIMIT:
-            self.pending.popleft()
-            self.dropped += 1
+        self._hold(topic, payload, retain)
         await self._drain()
+
+    def _hold(self, topic: str, payload: bytes, retain: bool) -> asyncio.Future[bool]:
+        delivered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.pending.append((topic, payload, retain, delivered))
+        while len(self.pending) > PENDING_LIMIT:
+            *_, lost = self.pending.popleft()
+            self.dropped += 1
+            if lost is not None and not lost.done():
+                lost.set_result(False)
+        return delivered
 
     async def _drain(self) -> None:
         """Send held messages oldest first; one drainer at a time, so nothing is sent twice."""
@@ -124,13 +134,15 @@ class Agent:
             return  # the running drainer will pick up what was just added
         async with self._draining:
             while self.pending and self.link.connected.is_set():
-                topic, payload, retain = self.pending[0]
+                topic, payload, retain, delivered = self.pending[0]
                 try:
                     await self.link.publish(topic, payload, qos=1, retain=retain)
                 except LinkError:
                     return
                 if self.pending and self.pending[0][1] is payload:
                     self.pending.popleft()
+                if delivered is not None and not delivered.done():
+                    delivered.set_result(True)
 
     async def _sensor_loop(self, sensor: Sensor) -> None:
         while True:
@@ -218,12 +230,21 @@ class Agent:
         body = {"task_id": task_id, "state": state, "result": None, "error": None} | fields
         topic = topics.task_result(self.site, self.node)
         payload, _ = self.endpoint.seal(topic, "task_result", body, to="cloud", trace=trace)
-        self.pending.append((topic, payload, False))
+        delivered = self._hold(topic, payload, False)
+        if state != "running":
+            self._final[task_id] = delivered
         await self._drain()
 
     async def _run_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
         await self._execute_task(task_id, body, trace)
-        self.state.finish_task(task_id)  # not reached when cancelled: a restart reports it interrupted
+        await self._finish_when_delivered(task_id)
+
+    async def _finish_when_delivered(self, task_id: str) -> None:
+        """Mark the task finished only once its final result reached the broker: if the agent dies
+        first (cancelled, killed), the next start reports the task interrupted instead."""
+        delivered = self._final.pop(task_id, None)
+        if delivered is not None and await delivered:
+            self.state.finish_task(task_id)
 
     async def _execute_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
         handler_name = body.get("handler")
@@ -289,7 +310,7 @@ class Agent:
                 tasks = [tg.create_task(self.link.run()), tg.create_task(self._flusher()),
                          tg.create_task(self._status_loop())]
                 tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
-                await self._report_interrupted()
+                tasks.append(tg.create_task(self._report_interrupted()))
                 await stop.wait()
                 await self._goodbye()
                 for t in [*tasks, *self._task_runs]:

@@ -27,7 +27,7 @@ from cwsnet.config import GatewayConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, EnvelopeError, TopicError
 from cwsnet.links import link_for
-from cwsnet.mqtt import LinkError, Message, Will
+from cwsnet.mqtt import LinkDown, LinkError, Message, Will
 from cwsnet.nodestate import NodeState
 from edge_agent.sensors import system_snapshot
 from gateway.outbox import UplinkOutbox
@@ -149,12 +149,16 @@ class Gateway:
                 *(self.uplink.publish(i.topic, i.payload, qos=1, retain=i.retain) for i in items),
                 return_exceptions=True,
             )
-            sent = [i.id for i, r in zip(items, results, strict=True) if r is None]
-            failed = [r for r in results if r is not None]
-            for r in failed:
-                if not isinstance(r, LinkError):
-                    raise r
-            if failed:
+            # Anything but "the link is down" counts as sent, so the retransmit backoff applies:
+            # a PUBACK timeout (paho still holds the message and will deliver it) or a per-message
+            # error must neither be re-sent at once in a loop nor hold up the rest of the round.
+            sent = [i.id for i, r in zip(items, results, strict=True) if not isinstance(r, LinkDown)]
+            down = sum(isinstance(r, LinkDown) for r in results)
+            for i, r in zip(items, results, strict=True):
+                if r is not None and not isinstance(r, LinkDown):
+                    log.warning("uplink publish of %s seq %d: %s: %s (will retry)", i.sender, i.seq,
+                                type(r).__name__, r)
+            if down:
                 log.info("uplink down; %d messages held in the outbox", self.outbox.depth())
             if sent:
                 self.stats["forwarded_up"] += len(sent)
@@ -211,10 +215,14 @@ class Gateway:
             freed = await self._db_call(self.outbox.ack, ranges)
             self.stats["acked"] += freed
             if rejected:
-                dropped = await self._db_call(self.outbox.reject, rejected)
-                self.stats["rejected_by_cloud"] += dropped
+                dropped = set(await self._db_call(self.outbox.reject, rejected))
+                self.stats["rejected_by_cloud"] += len(dropped)
                 for notice in body["rejected"][:20]:
-                    log.warning("cloud refused %s seq %s (%s); dropped from the outbox", *notice[:3])
+                    if (notice[0], notice[1]) in dropped:
+                        log.warning("cloud refused %s seq %s (%s); dropped from the outbox", *notice[:3])
+                    else:
+                        log.warning("cloud refused %s seq %s (%s), but the message held under that seq has "
+                                    "other bytes: kept", *notice[:3])
             self._pump_wake.set()  # acks open the window
 
     # ---- gateway's own status -------------------------------------------------------------
@@ -262,6 +270,7 @@ class Gateway:
             pass
 
     async def _on_uplink_connect(self) -> None:
+        await self._db_call(self.outbox.resend_unacked)  # what the old connection carried may be lost
         log.info("uplink connected to %s:%s; %d messages waiting", self.cfg.uplink.host, self.cfg.uplink.port,
                  self.outbox.depth())
         await self._publish_status("birth", {"will_seq": self.will_seq})

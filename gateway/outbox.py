@@ -57,8 +57,7 @@ class UplinkOutbox:
         self.db.execute("create index if not exists outbox_inflight on outbox(attempts) where attempts > 0")
         # Send times are this process's monotonic clock: after a restart everything unacked is due
         # at once (the cloud dedupes), and a wall clock stepping back cannot stall retransmission.
-        with self._tx():
-            self.db.execute("update outbox set sent_at = -1e9 where attempts > 0")  # "long ago"
+        self.resend_unacked()
         self._depth = self.db.execute("select count(*) from outbox").fetchone()[0]
 
     def add(self, sender: str, seq: int, topic: str, payload: bytes, retain: bool, now: float | None = None) -> bool:
@@ -88,17 +87,27 @@ class UplinkOutbox:
                 conn.execute("BEGIN IMMEDIATE")
 
             def __exit__(self, exc_type, *_: object) -> None:  # noqa: ANN001
-                conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                if exc_type is None:
+                    conn.execute("COMMIT")
+                elif conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                    conn.execute("ROLLBACK")
 
         return Tx()
+
+    def resend_unacked(self) -> None:
+        """Make every sent-but-unacked message due now (after a restart or an uplink reconnect:
+        whatever the old connection carried may be gone), keeping its attempt count."""
+        with self._tx():
+            self.db.execute("update outbox set sent_at = -1e9 where attempts > 0")  # "long ago"
 
     def due(self, now: float, retransmit_after: float, window: int, max_backoff: float = 300.0) -> list[OutboxItem]:
         """What to send now, in arrival order.
 
         Unacked messages are sent again after ``retransmit_after`` seconds, doubling with each
         attempt up to ``max_backoff``. New messages are sent only while fewer than ``window``
-        messages are unacked, so a backlog cannot be pushed out faster than the cloud acks it
-        (which would only multiply retransmissions).
+        messages were sent in the last ``retransmit_after`` seconds and are still unacked, so a
+        backlog cannot be pushed out much faster than the cloud acks it; messages the cloud never
+        acks (an unregistered sender) stop holding the window once their ack is overdue.
         """
         cols = "id, sender, seq, topic, payload, retain, attempts"
         retx = self.db.execute(
@@ -106,8 +115,9 @@ class UplinkOutbox:
             "and sent_at + min(?, ? * (1 << min(attempts - 1, 16))) <= ? order by id limit ?",
             [max_backoff, retransmit_after, now, window],
         ).fetchall()
-        inflight = self.db.execute("select count(*) from outbox where attempts > 0").fetchone()[0]
-        room = max(0, window - inflight)
+        inflight = self.db.execute("select count(*) from outbox where attempts > 0 and sent_at > ?",
+                                   [now - retransmit_after]).fetchone()[0]
+        room = max(0, window - inflight - len(retx))
         fresh = self.db.execute(
             f"select {cols} from outbox where attempts = 0 order by id limit ?", [room]
         ).fetchall() if room else []
@@ -117,21 +127,22 @@ class UplinkOutbox:
     def inflight(self) -> int:
         return self.db.execute("select count(*) from outbox where attempts > 0").fetchone()[0]
 
-    def reject(self, items: Sequence[tuple[str, int, bytes]]) -> int:
-        """Delete messages the cloud refused for good (forged, malformed, ...); returns how many.
+    def reject(self, items: Sequence[tuple[str, int, bytes]]) -> list[tuple[str, int]]:
+        """Delete messages the cloud refused for good (forged, malformed, ...); returns which.
 
         Each item names the refused payload by its digest (first 16 bytes of SHA-256): a held
         message with the same ``(sender, seq)`` but other bytes is not the one refused, and stays.
         """
-        freed = 0
+        deleted: list[tuple[str, int]] = []
         with self._tx():
             for sender, seq, digest in items:
                 row = self.db.execute("select id, payload from outbox where sender = ? and seq = ?",
                                       [sender, seq]).fetchone()
                 if row is not None and hashlib.sha256(bytes(row[1])).digest()[:16] == digest:
-                    freed += self.db.execute("delete from outbox where id = ?", [row[0]]).rowcount
-        self._depth -= freed
-        return freed
+                    self.db.execute("delete from outbox where id = ?", [row[0]])
+                    deleted.append((sender, seq))
+        self._depth -= len(deleted)
+        return deleted
 
     def mark_sent(self, ids: list[int], now: float) -> None:
         if not ids:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -530,3 +531,15 @@ def test_rejection_log_bounded_by_key() -> None:
     (summary,) = log.flush(20)
     assert summary.data["count"] == 1000 and summary.data["topic"] == "t999"
     assert log.flush(40) == [] and log._windows == {}
+
+
+def test_bookkeeping_failure_after_commit_keeps_the_batch_outcome(w: World, monkeypatch) -> None:  # noqa: ANN001
+    def broken(events):  # noqa: ANN001, ANN202
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(w.store, "add_events", broken)
+    batch = w.ingest.handle_batch([w.nodes["dev-1"].status("birth", will_seq=1)])
+    assert [r.status for r in batch.results] == ["stored"]
+    assert batch.births == ["dev-1"] and len(batch.acks) == 1  # not lost: a retry would see a duplicate
+    node = w.store.get_node("dev-1")
+    assert node is not None and node.online
