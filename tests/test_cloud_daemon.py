@@ -244,6 +244,9 @@ def test_running_task_expires_at_its_deadline(tmp_path: Path) -> None:
     assert dispatcher.expire_overdue() == []  # not yet
     clock.t += 2
     expired = {t.id: t for t in dispatcher.expire_overdue()}
+    assert set(expired) == {queued.id}  # a running task gets a grace period for a late result
+    clock.t += SqliteStore.RUNNING_GRACE_MS / 1000
+    expired |= {t.id: t for t in dispatcher.expire_overdue()}
     assert set(expired) == {running.id, queued.id}
     assert expired[running.id].error == "deadline passed while running (the device did not report a result)"
     assert expired[queued.id].error == EXPIRED_ERROR
