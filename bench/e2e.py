@@ -19,6 +19,7 @@ Prints the figures and ratios; exits non-zero only if a run fails to deliver eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -103,13 +105,10 @@ def connect(port: int, client_id: str, username: str | None = None, password: st
     return c
 
 
-def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path) -> dict[str, float]:
-    lab = HomeLab(workdir / f"lab-b{batch}")
-    topo = lab.init(Topology(
-        site="bench", gateway="gw-bench", devices=[f"b{i}" for i in range(devices)],
-        cloud_mqtt_port=free_port(), gateway_mqtt_port=free_port(), http_port=free_port(),
-    ))
-    procs = []
+@contextlib.contextmanager
+def cloud_and_gateway(lab: HomeLab, topo: Topology) -> Iterator[None]:
+    """Run the lab's cloud and gateway daemons as processes for the duration of the block."""
+    procs: list[subprocess.Popen] = []
     try:
         for name, kind, port in (("cloud", "cloud", topo.cloud_mqtt_port),
                                  (topo.gateway, "gateway", topo.gateway_mqtt_port)):
@@ -119,6 +118,27 @@ def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path) -> dict[s
                                  start_new_session=True)
             procs.append(p)
             wait_port(port, p, log)
+        yield
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path) -> dict[str, float]:
+    lab = HomeLab(workdir / f"lab-b{batch}")
+    topo = lab.init(Topology(
+        site="bench", gateway="gw-bench", devices=[f"b{i}" for i in range(devices)],
+        cloud_mqtt_port=free_port(), gateway_mqtt_port=free_port(), http_port=free_port(),
+    ))
+    with cloud_and_gateway(lab, topo):
         # prepare sealed messages (sealing is part of the measured device work? no: devices seal
         # ahead, as a real device seals at reading time; sealing cost is reported separately)
         clients = []
@@ -164,17 +184,6 @@ def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path) -> dict[s
             raise SystemExit(f"CWSNet delivered only {count}/{total_readings} readings")
         return {"readings": total_readings, "messages": devices * messages, "seconds": end - start,
                 "seal_us_per_msg": seal_s / (devices * messages) * 1e6, "payload_bytes": payload_size}
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
 
 
 def run_latency_probe(devices: int, workdir: Path, count: int = 200) -> list[float]:
@@ -182,16 +191,7 @@ def run_latency_probe(devices: int, workdir: Path, count: int = 200) -> list[flo
     lab = HomeLab(workdir / "lab-latency")
     topo = lab.init(Topology(site="lat", gateway="gw-lat", devices=["l0"], cloud_mqtt_port=free_port(),
                              gateway_mqtt_port=free_port(), http_port=free_port()))
-    procs = []
-    try:
-        for name, kind, port in (("cloud", "cloud", topo.cloud_mqtt_port),
-                                 (topo.gateway, "gateway", topo.gateway_mqtt_port)):
-            log = lab.path("logs", f"{name}.log")
-            p = subprocess.Popen([sys.executable, "-m", "cwsnet", "--log-level", "warning", kind, "--config",
-                                  str(lab.config_path(name))], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-            procs.append(p)
-            wait_port(port, p, log)
+    with cloud_and_gateway(lab, topo):
         b = Bundle.load(lab.bundle_path("l0"))
         ep = Endpoint(b.identity, SeqCounter(0, lambda m: None), {"cloud": b.cloud_public_key}.get)
         c = connect(topo.gateway_mqtt_port, "l0", b.mqtt_username, b.mqtt_password)
@@ -213,14 +213,6 @@ def run_latency_probe(devices: int, workdir: Path, count: int = 200) -> list[flo
         c.disconnect()
         c.loop_stop()
         return [float(r[0]) for r in rows]
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            p.wait(10)
 
 
 def start_plain_broker(kind: str, workdir: Path) -> tuple[subprocess.Popen, int, Path]:

@@ -33,6 +33,16 @@ class Bundle:
             mqtt_password=d.get("mqtt_password"),
         )
 
+    @classmethod
+    def load_node(cls, path: Path) -> Bundle:
+        """A device's or gateway's bundle: it must name the cloud's public key to seal to."""
+        bundle = cls.load(path)
+        if bundle.cloud_public_key is None:
+            from cwsnet.errors import ConfigError
+
+            raise ConfigError(f"{path}: cloud_public_key is missing from the bundle")
+        return bundle
+
     def save(self, path: Path) -> None:
         d = self.identity.to_dict()
         if self.cloud_public_key is not None:

@@ -19,7 +19,7 @@ from cwsnet import topics
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
-from cwsnet.errors import ConfigError, EnvelopeError
+from cwsnet.errors import EnvelopeError
 from cwsnet.links import link_for
 from cwsnet.mqtt import LinkError, Message, Will
 from cwsnet.nodestate import NodeState
@@ -37,9 +37,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig, *, clock: Any = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
-        bundle = Bundle.load(cfg.identity_file)
-        if bundle.cloud_public_key is None:
-            raise ConfigError(f"{cfg.identity_file}: cloud_public_key is missing from the bundle")
+        bundle = Bundle.load_node(cfg.identity_file)
         self.bundle = bundle
         self.node = bundle.identity.node
         self.site = bundle.identity.site

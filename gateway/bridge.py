@@ -39,9 +39,7 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, *, clock: Any = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
-        bundle = Bundle.load(cfg.identity_file)
-        if bundle.cloud_public_key is None:
-            raise ConfigError(f"{cfg.identity_file}: cloud_public_key is missing from the bundle")
+        bundle = Bundle.load_node(cfg.identity_file)
         self.node = bundle.identity.node
         self.site = bundle.identity.site
         self.state = NodeState(cfg.data_dir / "gateway-state.db")
