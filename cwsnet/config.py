@@ -92,6 +92,11 @@ class Batching(Model):
     max_delay: float = Field(1.0, ge=0, le=3600, description="seconds a reading may wait for its batch")
 
 
+class OutboxConfig(Model):
+    max_messages: int = Field(10_000, ge=10, le=10_000_000, description="messages held while unacknowledged, at most")
+    max_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=2**40, description="bytes held, at most")
+
+
 class AgentConfig(Model):
     identity_file: Path = Field(description="provisioning bundle: node, site, keys (mode 0600)")
     broker: BrokerEndpoint = Field(default_factory=BrokerEndpoint)
@@ -101,6 +106,9 @@ class AgentConfig(Model):
         default_factory=lambda: [SensorConfig(type="system", stream="system", interval=10.0)]
     )
     batching: Batching = Field(default_factory=Batching)
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig, description="the durable outbox: bounds and (see docs) overflow policy"
+    )
     reconnect: Reconnect = Field(default_factory=Reconnect)
     handlers: list[str] = Field(
         default_factory=lambda: ["echo", "sha256", "sleep"], description="task handlers this agent runs"

@@ -8,7 +8,6 @@ all, publishes nothing more and disconnects cleanly.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import platform
 import time
@@ -24,13 +23,10 @@ from cwsnet.links import link_for
 from cwsnet.mqtt import LinkError, Message, Will
 from cwsnet.nodestate import NodeState
 from edge_agent.handlers import TaskFailed, registry
+from edge_agent.outbox import AgentOutbox
 from edge_agent.sensors import Sensor, build_sensor, system_snapshot
 
 log = logging.getLogger("cwsnet.agent")
-
-#: Sealed messages waiting for the link, oldest first (bounded; the SQLite outbox with custody
-#: acks replaces this with the store-and-forward work).
-PENDING_LIMIT = 10000
 
 
 class Agent:
@@ -48,11 +44,12 @@ class Agent:
         self.handlers = registry(cfg.handlers)
         self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
         self.started = clock()
-        # (topic, payload, retain, delivered): ``delivered`` (if any) resolves True on PUBACK,
-        # False if the message was dropped to keep the queue bounded
-        self.pending: collections.deque[tuple[str, bytes, bool, asyncio.Future[bool] | None]] = collections.deque()
+        # every outgoing message is stored here before it is sent, and kept until acknowledged
+        self.outbox = AgentOutbox(cfg.data_dir / "outbox.db", max_messages=cfg.outbox.max_messages,
+                                  max_bytes=cfg.outbox.max_bytes)
+        # seq -> resolves True once acknowledged, False if the overflow policy dropped it
+        self._delivered: dict[int, asyncio.Future[bool]] = {}
         self._final: dict[str, asyncio.Future[bool]] = {}
-        self.dropped = 0
         self.batches: dict[str, list[dict[str, Any]]] = {}
         self.batch_started: dict[str, float] = {}
         self.will_seq: int | None = None
@@ -75,8 +72,9 @@ class Agent:
             "state": state,
             "uptime": round(self.clock() - self.started, 1),
             **snap,
-            "outbox": len(self.pending),
-            "dropped": self.dropped,
+            "outbox": self.outbox.depth(),
+            "outbox_bytes": self.outbox.size(),
+            "dropped": self.outbox.drops(),
             "link": "up" if self.link.connected.is_set() else "down",
             "tasks_running": self.running_tasks,
             "agent": {"version": cwsnet.__version__, "platform": platform.platform(), "kind": "cpython"},
@@ -113,17 +111,17 @@ class Agent:
     async def send(self, topic: str, kind: str, body: Any, *, retain: bool = False) -> None:
         """Seal and publish; while the link is down, keep it (bounded) and send it on reconnect."""
         payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
-        self._hold(topic, payload, retain)
+        self._hold(header.seq, topic, payload, retain, kind)
         await self._drain()
 
-    def _hold(self, topic: str, payload: bytes, retain: bool) -> asyncio.Future[bool]:
+    def _hold(self, seq: int, topic: str, payload: bytes, retain: bool, kind: str) -> asyncio.Future[bool]:
+        """Store a sealed message durably (before any send); the future says if it got through."""
         delivered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.pending.append((topic, payload, retain, delivered))
-        while len(self.pending) > PENDING_LIMIT:
-            *_, lost = self.pending.popleft()
-            self.dropped += 1
-            if lost is not None and not lost.done():
-                lost.set_result(False)
+        if self.outbox.add(seq, topic, payload, retain, kind):
+            self._delivered[seq] = delivered
+        else:
+            log.warning("outbox full: %s seq %d dropped by the overflow policy", kind, seq)
+            delivered.set_result(False)
         return delivered
 
     async def _drain(self) -> None:
@@ -131,16 +129,24 @@ class Agent:
         if self._draining.locked():
             return  # the running drainer will pick up what was just added
         async with self._draining:
-            while self.pending and self.link.connected.is_set():
-                topic, payload, retain, delivered = self.pending[0]
-                try:
-                    await self.link.publish(topic, payload, qos=1, retain=retain)
-                except LinkError:
-                    return
-                if self.pending and self.pending[0][1] is payload:
-                    self.pending.popleft()
-                if delivered is not None and not delivered.done():
-                    delivered.set_result(True)
+            while self.link.connected.is_set():
+                batch = self.outbox.oldest(100)  # in seq order, also after a restart
+                if not batch:
+                    break
+                for held in batch:
+                    try:
+                        await self.link.publish(held.topic, held.payload, qos=1, retain=held.retain)
+                    except LinkError:
+                        return
+                    self.outbox.remove(held.seq)
+                    delivered = self._delivered.pop(held.seq, None)
+                    if delivered is not None and not delivered.done():
+                        delivered.set_result(True)
+            for seq, delivered in list(self._delivered.items()):  # pushed out by the overflow policy
+                if not self.outbox.holds(seq):
+                    self._delivered.pop(seq)
+                    if not delivered.done():
+                        delivered.set_result(False)
 
     async def _sensor_loop(self, sensor: Sensor) -> None:
         while True:
@@ -227,8 +233,8 @@ class Agent:
     async def _result(self, task_id: str, state: str, trace: str | None, **fields: Any) -> None:
         body = {"task_id": task_id, "state": state, "result": None, "error": None} | fields
         topic = topics.task_result(self.site, self.node)
-        payload, _ = self.endpoint.seal(topic, "task_result", body, to="cloud", trace=trace)
-        delivered = self._hold(topic, payload, False)
+        payload, header = self.endpoint.seal(topic, "task_result", body, to="cloud", trace=trace)
+        delivered = self._hold(header.seq, topic, payload, False, "task_result")
         if state != "running":
             self._final[task_id] = delivered
         await self._drain()
@@ -314,5 +320,6 @@ class Agent:
                 for t in [*tasks, *self._task_runs]:
                     t.cancel()
         finally:
+            self.outbox.close()
             self.state.close()
             log.info("agent %s stopped", self.node)

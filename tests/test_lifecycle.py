@@ -76,3 +76,39 @@ def test_task_interrupted_by_a_crash_is_reported_failed_not_rerun(tmp_path: Path
     agent.wait_log(r"task \S+ was interrupted by a restart", timeout=5)
     assert "running sleep" not in agent.log_text(since_start=True)  # reported, not run again
 
+
+
+def _held(d: Deployment, node: str) -> set[int]:
+    with sqlite3.connect(f"file:{d.lab.path('agents', node, 'outbox.db')}?mode=ro", uri=True, timeout=5) as c:
+        return {r[0] for r in c.execute("select seq from outbox")}
+
+
+def test_device_reboot_while_offline_loses_nothing_it_stored(tmp_path: Path, procs: ProcessSet) -> None:
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    gw = d.start("gateway", d.topo.gateway)
+    agent = d.start("agent", "dev-1")
+    wait_for(lambda: status(d, "dev-1")["online"], timeout=30, message="dev-1 online")
+    gw.terminate(timeout=10)  # the site goes dark: the agent keeps reading and storing
+    wait_for(lambda: len(_held(d, "dev-1")) >= 5, timeout=30, message="readings held in the agent's outbox")
+    agent.kill(signal.SIGKILL)  # power cut while offline
+    stored_before_reboot = _held(d, "dev-1")
+    agent.restart()
+    wait_for(lambda: len(_held(d, "dev-1")) >= len(stored_before_reboot) + 3, timeout=30,
+             message="more readings held after the reboot")
+    gw.restart()
+    db = d.lab.path("cloud", "cloud.db")
+
+    def delivered() -> bool:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+            seqs = {r[0] for r in c.execute("select seq from messages where sender = 'dev-1'")}
+        return stored_before_reboot <= seqs
+
+    wait_for(delivered, timeout=45, message="everything stored before the reboot reached the cloud")
+    wait_for(lambda: not _held(d, "dev-1") or len(_held(d, "dev-1")) < 3, timeout=30,
+             message="the agent's outbox drained")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        dupes = c.execute("select count(*) from (select seq from messages where sender='dev-1' "
+                          "group by seq having count(*) > 1)").fetchone()[0]
+    assert dupes == 0
+    assert status(d, "dev-1")["status"]["dropped"] == {"telemetry": 0, "status": 0, "event": 0, "result": 0}

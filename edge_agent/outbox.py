@@ -1,0 +1,156 @@
+"""The agent's durable outbox (SQLite, WAL, through sqlite-utils).
+
+Every outgoing message is written here, committed, and only then sent; it stays until it is
+acknowledged (today the site broker's PUBACK; the gateway's custody ack with the store-and-forward
+work), so a reboot while offline loses nothing that was stored. After a reconnect the outbox is
+sent in ``seq`` order.
+
+Capacity is bounded by count and by bytes. When a new message would exceed either bound, the
+overflow policy drops, one at a time, the message of the **lowest priority class**, oldest first
+within it, until the new one fits:
+
+    0 telemetry   bulk readings (dropped first)
+    1 status      periodic status; a newer one supersedes it anyway
+    2 event       events and alarms
+    3 result      task results and births/deaths (dropped last)
+
+A message of a lower class than everything held is itself dropped when the outbox is full of
+higher classes. Every drop is counted per class, durably, and reported in the agent's status.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+PRIORITY = {"telemetry": 0, "status": 1, "event": 2, "task_result": 3, "birth": 3, "death": 3}
+CLASS_NAMES = {0: "telemetry", 1: "status", 2: "event", 3: "result"}
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+    priority: int
+
+
+class AgentOutbox:
+    def __init__(self, path: Path, *, max_messages: int = 10_000, max_bytes: int = 16 * 1024 * 1024) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None))
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous=FULL")
+        if "outbox" not in self.db.table_names():
+            self.db["outbox"].create(
+                {"seq": int, "topic": str, "payload": bytes, "retain": int, "priority": int, "size": int},
+                pk="seq", not_null={"topic", "payload", "priority", "size"},
+            )
+            self.db["outbox"].create_index(["priority", "seq"])
+        if "drops" not in self.db.table_names():
+            self.db["drops"].create({"class": str, "count": int}, pk="class")
+        self._count, self._bytes = self.db.execute("select count(*), coalesce(sum(size), 0) from outbox").fetchone()
+
+    # ---- writing ------------------------------------------------------------------------------
+    def add(self, seq: int, topic: str, payload: bytes, retain: bool, kind: str) -> bool:
+        """Store a message before it is sent; False if the overflow policy dropped it at once."""
+        priority = PRIORITY.get(kind, 0)
+        size = len(payload) + len(topic)
+        if size > self.max_bytes:
+            self._count_drops({priority: 1})
+            return False
+        need_count = self._count + 1 - self.max_messages
+        need_bytes = self._bytes + size - self.max_bytes
+        victims: list[tuple[int, int, int]] = []
+        if need_count > 0 or need_bytes > 0:
+            freed_count = freed_bytes = 0
+            for row in self.db.execute("select seq, priority, size from outbox where priority <= ? "
+                                       "order by priority, seq", [priority]):
+                victims.append(row)
+                freed_count += 1
+                freed_bytes += row[2]
+                if freed_count >= need_count and freed_bytes >= need_bytes:
+                    break
+            else:  # not enough of equal or lower priority: everything else matters more
+                self._count_drops({priority: 1})
+                return False
+        dropped: dict[int, int] = {}
+        with self._tx():
+            for vseq, vprio, _vsize in victims:
+                self.db.execute("delete from outbox where seq = ?", [vseq])
+                dropped[vprio] = dropped.get(vprio, 0) + 1
+            self.db.execute("insert into outbox (seq, topic, payload, retain, priority, size) values (?, ?, ?, ?, ?, ?)",
+                            [seq, topic, payload, int(retain), priority, size])
+            self._add_drops(dropped)
+        self._count += 1 - len(victims)
+        self._bytes += size - sum(v[2] for v in victims)
+        return True
+
+    def remove(self, seq: int) -> None:
+        """Forget a message that has been acknowledged."""
+        with self._tx():
+            row = self.db.execute("select size from outbox where seq = ?", [seq]).fetchone()
+            if row is None:
+                return
+            self.db.execute("delete from outbox where seq = ?", [seq])
+        self._count -= 1
+        self._bytes -= row[0]
+
+    # ---- reading ------------------------------------------------------------------------------
+    def oldest(self, limit: int = 100) -> list[Held]:
+        rows = self.db.execute(
+            "select seq, topic, payload, retain, priority from outbox order by seq limit ?", [limit]).fetchall()
+        return [Held(r[0], r[1], bytes(r[2]), bool(r[3]), r[4]) for r in rows]
+
+    def holds(self, seq: int) -> bool:
+        return self.db.execute("select 1 from outbox where seq = ?", [seq]).fetchone() is not None
+
+    def depth(self) -> int:
+        return self._count
+
+    def size(self) -> int:
+        return self._bytes
+
+    def drops(self) -> dict[str, int]:
+        out = {name: 0 for name in CLASS_NAMES.values()}
+        out.update({r[0]: r[1] for r in self.db.execute("select class, count from drops")})
+        return out
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _add_drops(self, dropped: dict[int, int]) -> None:
+        for priority, n in dropped.items():
+            self.db.execute("insert into drops (class, count) values (?, ?) "
+                            "on conflict(class) do update set count = count + excluded.count",
+                            [CLASS_NAMES[priority], n])
+
+    def _count_drops(self, dropped: dict[int, int]) -> None:
+        with self._tx():
+            self._add_drops(dropped)
+
+    def _tx(self):  # noqa: ANN202 - explicit BEGIN/COMMIT around a block
+        conn = self.db.conn
+
+        class Tx:
+            def __enter__(self) -> None:
+                conn.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, exc_type, *_: object) -> None:  # noqa: ANN001
+                if exc_type is None:
+                    conn.execute("COMMIT")
+                elif conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+        return Tx()
+
+    def summary(self) -> str:
+        return json.dumps({"depth": self._count, "bytes": self._bytes, "dropped": self.drops()})
