@@ -55,6 +55,7 @@ class UplinkOutbox:
             )
             self.db["outbox"].create_index(["sender", "seq"], unique=True)
         self.db.execute("create index if not exists outbox_inflight on outbox(attempts) where attempts > 0")
+        self.db.execute("create index if not exists outbox_fresh on outbox(sender, id) where attempts = 0")
         # Send times are this process's monotonic clock: after a restart everything unacked is due
         # at once (the cloud dedupes), and a wall clock stepping back cannot stall retransmission.
         self.resend_unacked()
@@ -101,7 +102,7 @@ class UplinkOutbox:
             self.db.execute("update outbox set sent_at = -1e9 where attempts > 0")  # "long ago"
 
     def due(self, now: float, retransmit_after: float, window: int, max_backoff: float = 300.0) -> list[OutboxItem]:
-        """What to send now, in arrival order.
+        """What to send now (in arrival order within the round).
 
         Unacked messages are sent again after ``retransmit_after`` seconds, doubling with each
         attempt up to ``max_backoff``. New messages are sent only while fewer than ``window``
@@ -118,8 +119,13 @@ class UplinkOutbox:
         inflight = self.db.execute("select count(*) from outbox where attempts > 0 and sent_at > ?",
                                    [now - retransmit_after]).fetchone()[0]
         room = max(0, window - inflight - len(retx))
+        # Fair share: the window is filled round-robin across senders (each one's first unsent
+        # message, then each one's second, ...), each sender's messages in order, so a chatty
+        # device cannot starve the others.
         fresh = self.db.execute(
-            f"select {cols} from outbox where attempts = 0 order by id limit ?", [room]
+            f"select {cols} from outbox where id in (select id from (select id, row_number() over "
+            "(partition by sender order by id) as rn from outbox where attempts = 0) order by rn, id limit ?)",
+            [room],
         ).fetchall() if room else []
         rows = sorted(retx + fresh, key=lambda r: r[0])
         return [OutboxItem(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5]), r[6]) for r in rows]

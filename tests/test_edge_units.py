@@ -127,3 +127,14 @@ def test_messages_the_cloud_never_acks_do_not_stall_the_window(tmp_path: Path) -
     ob.mark_sent([i.id for i in later], now=11.0)
     ob.resend_unacked()  # uplink reconnected: everything unacked is due again at once
     assert len(ob.due(now=12.0, retransmit_after=5, window=10)) == 4
+
+
+def test_a_chatty_device_cannot_starve_the_others(tmp_path: Path) -> None:
+    ob = UplinkOutbox(tmp_path / "o.db")
+    ob.add_many([("chatty", i, "t", b"x", False) for i in range(1000)], now=0)
+    ob.add_many([("quiet-1", 1, "t", b"x", False), ("quiet-2", 1, "t", b"x", False),
+                 ("quiet-2", 2, "t", b"x", False)], now=1)
+    window = ob.due(now=1.0, retransmit_after=5, window=5)
+    picked = [(i.sender, i.seq) for i in window]
+    assert {("quiet-1", 1), ("quiet-2", 1), ("quiet-2", 2)} <= set(picked)  # not behind 1,000 chatty ones
+    assert [s for n, s in picked if n == "chatty"] == [0, 1]  # each sender's own order is kept
