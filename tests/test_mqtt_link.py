@@ -414,7 +414,7 @@ def _make_tls_files(d: Path) -> tuple[Path, Path, Path]:
     import subprocess
 
     if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
+        pytest.fail("the openssl CLI is not installed: `make test` installs it when run as root")
     d.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
