@@ -124,11 +124,14 @@ class TaskDispatcher:
     """Sends queued tasks to their devices as sealed ``task_cmd`` messages.
 
     ``request(task_id)`` (thread-safe, never blocks) asks for one task to be sent; ``on_birth(node)``
-    for every queued task of a node that just connected; ``on_connect()`` (cloud link back up) for
-    every queued task of every online node. A task is sent only while its device is online and the
-    link is up; otherwise it stays ``queued`` until the next birth. Tasks past their deadline, queued
-    or running (the device never reported a result), are marked ``expired``. The command is
-    idempotent on the device (it runs each task id once), so sending it again on every birth is safe.
+    for every queued task of a node that just connected (for a gateway: of every device of its
+    site); ``on_connect()`` (cloud link back up) for every queued task. A task for a device whose
+    site has a gateway is sent at once, online or not: the gateway holds it (durably, until the
+    device's receipt or the deadline in the clear header's ``exp``) and delivers it when the device
+    connects. A task for a device without a gateway is sent only while the device is online;
+    otherwise it stays ``queued`` here until its next birth. Tasks past their deadline, queued or
+    running (the device never reported a result), are marked ``expired``. The command is idempotent
+    on the device (it runs each task id once), so sending it again on every birth is safe.
     """
 
     def __init__(
@@ -142,7 +145,9 @@ class TaskDispatcher:
         clock: Callable[[], float] = time.time,
         publish_timeout: float = 10.0,
         expire_every: float = 1.0,
+        gateways: Callable[[str], list[str]] = lambda site: [],
     ) -> None:
+        self.gateways = gateways
         self.store = store
         self.endpoint = endpoint
         self.link = link
@@ -173,6 +178,13 @@ class TaskDispatcher:
             loop.call_soon_threadsafe(self._enqueue, task_id)
 
     def on_birth(self, node: str) -> None:
+        entry = self.store.get_node(node)
+        if entry is not None and entry.role == "gateway":  # back after an outage: it holds for its devices
+            for task in self.store.list_tasks(state="queued", limit=100_000).items:
+                target = self.store.get_node(task.target)
+                if target is not None and target.site == entry.site:
+                    self.request(task.id)
+            return
         for task in self.store.queued_tasks_for(node):
             self.request(task.id)
 
@@ -240,7 +252,7 @@ class TaskDispatcher:
         if node is None:
             log.warning("task %s: target %s is no longer registered; it stays queued", task.id, task.target)
             return None
-        if not node.online:
+        if not node.online and not self.gateways(node.site):
             log.info("task %s: %s is offline; queued until its next birth", task.id, task.target)
             return None
         return task, node.site
@@ -257,7 +269,9 @@ class TaskDispatcher:
         topic = topics.task_cmd(site, task.target)
         body = {"task_id": task.id, "handler": task.handler, "args": task.args, "deadline": task.deadline}
         trace = new_traceparent()
-        payload, header = self.endpoint.seal(topic, "task_cmd", body, to=task.target, trace=trace)
+        # the deadline also goes in the clear header, so a gateway holding the command can expire it
+        payload, header = self.endpoint.seal(topic, "task_cmd", body, to=task.target, trace=trace,
+                                             expires=task.deadline)
         await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
         await asyncio.to_thread(self.store.mark_dispatched, task.id, now=int(self.clock() * 1000))
         log.info("task %s sent to %s (%s) seq=%d trace=%s", task.id, task.target, task.handler, header.seq, trace)
@@ -335,7 +349,8 @@ class CloudDaemon:
             for flt in SUBSCRIPTIONS:
                 self.link.subscribe(flt, qos=1)
             self.dispatcher = TaskDispatcher(
-                self.store, self.endpoint, self.link, self.metrics, self.fanout, clock=clock
+                self.store, self.endpoint, self.link, self.metrics, self.fanout, clock=clock,
+                gateways=self.directory.gateways,
             )
             self.state = CloudState(
                 store=self.store,
@@ -480,11 +495,15 @@ class CloudDaemon:
                 for body in bodies:
                     self.coalescer.add_ranges(site, body)
                 continue
-            if not gateways:
-                log.debug("no gateway registered for site %s; %d ack bodies dropped", site, len(bodies))
-                continue
-            for body in bodies:
-                for gw in gateways:
+            for site_body in bodies:
+                # a site without a gateway: its devices talk to this broker directly, and each gets
+                # the end-to-end acks of its own messages (docs/protocol.md §5)
+                if gateways:
+                    addressed = [(gw, site_body) for gw in gateways]
+                else:
+                    addressed = [(dev, {"acks": [a for a in site_body["acks"] if a[0] == dev]})
+                                 for dev in sorted({a[0] for a in site_body["acks"]})]
+                for gw, body in addressed:
                     topic = topics.ack(site, gw)
                     try:
                         payload, header = self.endpoint.seal(topic, "ack", body, to=gw)

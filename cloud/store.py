@@ -919,26 +919,11 @@ def import_registry(store: Store, path: str | Path) -> list[Node]:
     replaces the old one. Raises ``ConfigError`` naming the file and the entry at fault.
     """
     from cwsnet.errors import ConfigError, CwsError
+    from cwsnet.identity import read_registry_file
 
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: registry file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the registry file: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: registry is not valid JSON: {exc.msg}") from None
-    if not isinstance(data, list):
-        raise ConfigError(f"{p}: the registry must be a JSON array of nodes")
     nodes = []
-    for i, entry in enumerate(data):
-        where = f"{p}: entry {i}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: must be an object with id, site, role and public_key")
-        missing = [k for k in ("id", "site", "role", "public_key") if not isinstance(entry.get(k), str)]
-        if missing:
-            raise ConfigError(f"{where}: missing or non-text field(s) {', '.join(missing)}")
+    for i, entry in enumerate(read_registry_file(path)):
+        where = f"{path}: entry {i}"
         try:
             nodes.append(
                 store.upsert_node(entry["id"], site=entry["site"], role=entry["role"], public_key=entry["public_key"])

@@ -1,7 +1,9 @@
 """Provisioning bundles: everything one node needs to join, in one 0600 JSON file.
 
 ``{"node", "site", "role", "secret_key", "public_key", "cloud_public_key", "mqtt_username",
-"mqtt_password"}`` — the CPython agent, the gateway and the firmware all load this format.
+"mqtt_password", "gateway"?, "gateway_public_key"?}`` — the CPython agent, the gateway and the
+firmware all load this format. A device behind a gateway names it and its public key: the gateway
+seals custody acks to the device, and the device seals command receipts to the gateway.
 """
 
 from __future__ import annotations
@@ -20,17 +22,26 @@ class Bundle:
     cloud_public_key: nacl.public.PublicKey | None
     mqtt_username: str
     mqtt_password: str | None
+    gateway: str | None = None
+    gateway_public_key: nacl.public.PublicKey | None = None
 
     @classmethod
     def load(cls, path: Path) -> Bundle:
         d = load_json_file(path, "provisioning bundle")
         ident = Identity.from_dict(d, str(path))
         cpk = d.get("cloud_public_key")
+        gw, gpk = d.get("gateway"), d.get("gateway_public_key")
+        if (gw is None) != (gpk is None) or (gw is not None and not isinstance(gw, str)):
+            from cwsnet.errors import ConfigError
+
+            raise ConfigError(f"{path}: 'gateway' and 'gateway_public_key' go together (a node name and its key)")
         return cls(
             identity=ident,
             cloud_public_key=public_key_from_b64(cpk, f"{path}: cloud_public_key") if cpk else None,
             mqtt_username=str(d.get("mqtt_username") or ident.node),
             mqtt_password=d.get("mqtt_password"),
+            gateway=gw,
+            gateway_public_key=public_key_from_b64(gpk, f"{path}: gateway_public_key") if gpk else None,
         )
 
     @classmethod
@@ -43,12 +54,22 @@ class Bundle:
             raise ConfigError(f"{path}: cloud_public_key is missing from the bundle")
         return bundle
 
+    def peer_keys(self) -> dict[str, nacl.public.PublicKey]:
+        """The peers this node seals to and opens from: the cloud, and its gateway if it has one."""
+        keys = {"cloud": self.cloud_public_key} if self.cloud_public_key is not None else {}
+        if self.gateway is not None and self.gateway_public_key is not None:
+            keys[self.gateway] = self.gateway_public_key
+        return keys
+
     def save(self, path: Path) -> None:
+        from cwsnet.identity import b64
+
         d = self.identity.to_dict()
         if self.cloud_public_key is not None:
-            from cwsnet.identity import b64
-
             d["cloud_public_key"] = b64(bytes(self.cloud_public_key))
+        if self.gateway is not None and self.gateway_public_key is not None:
+            d["gateway"] = self.gateway
+            d["gateway_public_key"] = b64(bytes(self.gateway_public_key))
         d["mqtt_username"] = self.mqtt_username
         if self.mqtt_password is not None:
             d["mqtt_password"] = self.mqtt_password

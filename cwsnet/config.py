@@ -95,6 +95,37 @@ class Batching(Model):
 class OutboxConfig(Model):
     max_messages: int = Field(10_000, ge=10, le=10_000_000, description="messages held while unacknowledged, at most")
     max_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, le=2**40, description="bytes held, at most")
+    window: int = Field(100, ge=1, le=10_000, description="messages sent and not yet custody-acked, at most")
+    retransmit_after: float = Field(
+        5.0, gt=0, le=3600, description="seconds before an unacked message is sent again (doubling per attempt)"
+    )
+    max_backoff: float = Field(60.0, gt=0, le=86400, description="longest wait between two sends of one message")
+    ledger_keep: int = Field(
+        100_000, ge=0, le=100_000_000,
+        description="delivery ledger: the outcome (acked, dropped) of this many recent messages is kept",
+    )
+
+
+class GatewayStore(Model):
+    max_messages: int = Field(
+        1_000_000, ge=100, le=1_000_000_000, description="device messages held for the cloud, at most"
+    )
+    max_bytes: int = Field(1024**3, ge=1024 * 1024, le=2**44, description="bytes held for the cloud, at most")
+    high_water: float = Field(
+        0.9, gt=0, le=1,
+        description="fill level above which new telemetry is refused (devices keep it and are told to pause)",
+    )
+    busy_pause: float = Field(5.0, gt=0, le=3600, description="seconds a refused device waits before sending new data")
+
+
+class Downlink(Model):
+    max_age: float = Field(
+        7 * 86400.0, gt=0, le=365 * 86400,
+        description="seconds a command for an offline device is held when it carries no expiry of its own",
+    )
+    redeliver_after: float = Field(
+        30.0, gt=0, le=86400, description="seconds before a held command without a receipt is delivered again"
+    )
 
 
 class AgentConfig(Model):
@@ -126,7 +157,12 @@ class GatewayConfig(Model):
         default_factory=BrokerEndpoint, description="how the gateway's bridge connects to the site broker"
     )
     uplink: BrokerEndpoint = Field(description="the cloud broker")
+    registry_file: Path | None = Field(
+        None, description="JSON list of nodes (id, site, role, public_key): the devices the gateway custody-acks"
+    )
     data_dir: Path = Path("./gateway-data")
+    store: GatewayStore = Field(default_factory=GatewayStore, description="bounds of the uplink outbox")
+    downlink: Downlink = Field(default_factory=Downlink, description="commands held for offline devices")
     status_interval: float = Field(10.0, gt=0, le=86400)
     retransmit_after: float = Field(5.0, gt=0, le=3600, description="seconds before an unacked uplink message is sent again")
     max_inflight: int = Field(

@@ -52,7 +52,8 @@ class Endpoint:
     def node(self) -> str:
         return self.identity.node
 
-    def header(self, kind: str, to: str, trace: str | None = None, seq: int | None = None) -> Header:
+    def header(self, kind: str, to: str, trace: str | None = None, seq: int | None = None,
+               expires: int | None = None) -> Header:
         return Header(
             id=envelope.new_message_id(),
             sender=self.identity.node,
@@ -61,15 +62,17 @@ class Endpoint:
             ts=int(self.clock() * 1000),
             kind=kind,
             trace=trace,
+            expires=expires,
         )
 
     def seal(
-        self, topic: str, kind: str, body: Any, *, to: str, trace: str | None = None, seq: int | None = None
+        self, topic: str, kind: str, body: Any, *, to: str, trace: str | None = None, seq: int | None = None,
+        expires: int | None = None,
     ) -> tuple[bytes, Header]:
         key = self.peer_key(to)
         if key is None:
             raise UnknownSender(f"no public key for recipient {to!r}")
-        header = self.header(kind, to, trace, seq)
+        header = self.header(kind, to, trace, seq, expires)
         payload = envelope.seal(
             topic=topic, header=header, body=body, sender_key=self.identity.secret_key, recipient_key=key,
             box=self.box(key),

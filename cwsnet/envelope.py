@@ -51,7 +51,7 @@ KINDS = {
 }
 
 _REQUIRED = {"v": int, "id": bytes, "from": str, "to": str, "seq": int, "ts": int, "kind": str}
-_OPTIONAL = {"tc": str, "kv": int}
+_OPTIONAL = {"tc": str, "kv": int, "exp": int}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,7 @@ class Header:
     trace: str | None = None
     key_version: int | None = None
     version: int = PROTOCOL_VERSION
+    expires: int | None = None  # ms since the epoch; a holder (gateway) may discard the message after it
 
     def to_map(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -82,6 +83,8 @@ class Header:
             m["tc"] = self.trace
         if self.key_version is not None:
             m["kv"] = self.key_version
+        if self.expires is not None:
+            m["exp"] = self.expires
         return m
 
     @property
@@ -151,8 +154,9 @@ def _split(payload: bytes) -> tuple[Header, bytes, bytes, bytes]:
             raise MalformedEnvelope(f"header field {key!r} must be {typ.__name__}", sender=sender, seq=seq)
     if len(hm["id"]) != 16:
         raise MalformedEnvelope("header field 'id' must be 16 bytes", sender=sender, seq=seq)
-    if not (0 <= hm["seq"] < 2**63 and 0 <= hm["ts"] < 2**63):
-        raise MalformedEnvelope("header fields 'seq' and 'ts' must be non-negative 63-bit", sender=sender, seq=seq)
+    if not (0 <= hm["seq"] < 2**63 and 0 <= hm["ts"] < 2**63 and 0 <= hm.get("exp", 0) < 2**63):
+        raise MalformedEnvelope("header fields 'seq', 'ts' and 'exp' must be non-negative 63-bit", sender=sender,
+                                seq=seq)
     if hm["kind"] not in KINDS:
         raise MalformedEnvelope(f"unknown message kind {hm['kind']!r}", sender=sender, seq=seq)
     header = Header(
@@ -164,6 +168,7 @@ def _split(payload: bytes) -> tuple[Header, bytes, bytes, bytes]:
         kind=hm["kind"],
         trace=hm.get("tc"),
         key_version=hm.get("kv"),
+        expires=hm.get("exp"),
     )
     return header, h, n, c
 

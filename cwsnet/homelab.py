@@ -110,12 +110,12 @@ class HomeLab:
         cloud = self._bundle("cloud", topo.site, "cloud", None)
         cloud_pk = cloud.identity.public_key
         gw = self._bundle(topo.gateway, topo.site, "gateway", cloud_pk)
-        devs = [self._bundle(d, topo.site, "device", cloud_pk) for d in topo.devices]
+        devs = [self._bundle(d, topo.site, "device", cloud_pk, gw) for d in topo.devices]
 
         # devices provisioned by an earlier run but not asked for now: kept, registered, allowed to
         # connect (a flashed board, a hand-run agent); `up` just does not run them
         known = sorted(p.stem for p in self.path("keys").glob("*.json") if p.stem not in ("cloud", topo.gateway))
-        kept = [Bundle.load(self.bundle_path(n)) for n in known if n not in topo.devices]
+        kept = [self._bundle(n, topo.site, "device", cloud_pk, gw) for n in known if n not in topo.devices]
         registry = [
             {"id": b.identity.node, "site": b.identity.site, "role": b.identity.role,
              "public_key": b.identity.public_b64}
@@ -161,18 +161,23 @@ class HomeLab:
         write_secret_file(path, cred)
         return cred
 
-    def _bundle(self, node: str, site: str, role: str, cloud_pk: Any) -> Bundle:
+    def _bundle(self, node: str, site: str, role: str, cloud_pk: Any, gateway: Bundle | None = None) -> Bundle:
+        """Load or create a node's bundle, bringing the cloud's and its gateway's keys up to date."""
+        gw_name = gateway.identity.node if gateway is not None else None
+        gw_pk = gateway.identity.public_key if gateway is not None else None
         path = self.bundle_path(node)
         if path.exists():
             b = Bundle.load(path)
             if b.identity.site != site or b.identity.role != role:
                 raise ConfigError(f"{path}: existing identity is {b.identity.role} of site {b.identity.site}, "
                                   f"not {role} of {site}; remove it or choose another name")
-            if cloud_pk is not None and b.cloud_public_key != cloud_pk:
-                b = Bundle(b.identity, cloud_pk, b.mqtt_username, b.mqtt_password)
-                b.save(path)
-            return b
-        b = Bundle(Identity.generate(node, site, role), cloud_pk, node, new_token())
+            want = Bundle(b.identity, cloud_pk if cloud_pk is not None else b.cloud_public_key, b.mqtt_username,
+                          b.mqtt_password, gw_name if gateway is not None else b.gateway,
+                          gw_pk if gateway is not None else b.gateway_public_key)
+            if want != b:
+                want.save(path)
+            return want
+        b = Bundle(Identity.generate(node, site, role), cloud_pk, node, new_token(), gw_name, gw_pk)
         b.save(path)
         return b
 
@@ -198,6 +203,7 @@ class HomeLab:
         local = "127.0.0.1" if t.host in ("0.0.0.0", "::") else t.host
         dump(t.gateway, {
             "identity_file": f"../keys/{t.gateway}.json",
+            "registry_file": "../registry.json",
             "data_dir": "../gateway",
             "status_interval": t.status_interval,
             "broker": {"host": t.host, "port": t.gateway_mqtt_port,

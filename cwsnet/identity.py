@@ -117,3 +117,27 @@ def load_json_file(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {what} must be a JSON object")
     return data
+
+
+def read_registry_file(path: str | Path) -> list[dict[str, str]]:
+    """Read a registry file (as written by ``cwsnet init``): a JSON array of ``{"id", "site",
+    "role", "public_key"}`` objects. Raises ``ConfigError`` naming the file and the entry at fault."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: registry file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the registry file: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: registry is not valid JSON: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{p}: the registry must be a JSON array of nodes")
+    for i, entry in enumerate(data):
+        where = f"{p}: entry {i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be an object with id, site, role and public_key")
+        missing = [k for k in ("id", "site", "role", "public_key") if not isinstance(entry.get(k), str)]
+        if missing:
+            raise ConfigError(f"{where}: missing or non-text field(s) {', '.join(missing)}")
+    return data

@@ -61,8 +61,9 @@ class SeqCounter:
 
     def next(self) -> int:
         if self._next >= self._mark:
-            self._mark = self._next + self._block
-            self._persist(self._mark)
+            mark = self._next + self._block
+            self._persist(mark)  # if this fails (disk full), nothing is handed out and the next call retries
+            self._mark = mark
         value = self._next
         self._next += 1
         return value

@@ -16,6 +16,8 @@ VERSION = "v1"
 #: Channels a node publishes (uplink) and the ones addressed to a node (downlink).
 UPLINK_CHANNELS = ("status", "telemetry", "event", "task/result")
 DOWNLINK_CHANNELS = ("task/cmd", "ack", "config")
+#: Published by a device for its gateway only (never forwarded): receipts for held commands.
+LOCAL_CHANNELS = ("receipt",)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -62,6 +64,10 @@ def ack(site: str, node: str) -> str:
     return f"{base(site, node)}/ack"
 
 
+def receipt(site: str, node: str) -> str:
+    return f"{base(site, node)}/receipt"
+
+
 def site_filter(site: str, channel: str) -> str:
     """Subscription filter for one channel of every node of a site, e.g. ``cws/v1/home/+/telemetry/#``."""
     suffix = "/#" if channel in ("telemetry", "event") else ""
@@ -77,7 +83,7 @@ def all_sites_filter(channel: str) -> str:
 class TopicParts:
     site: str
     node: str
-    channel: str  # "status", "telemetry", "event", "task/cmd", "task/result", "ack", "config"
+    channel: str  # "status", "telemetry", "event", "task/cmd", "task/result", "ack", "config", "receipt"
     sub: str | None  # stream for telemetry, event type for events
 
     @property
@@ -101,6 +107,6 @@ def parse(topic: str) -> TopicParts:
         return TopicParts(site, node, rest[0], check_name(rest[1], rest[0] + " name"))
     if rest in (["task", "cmd"], ["task", "result"]):
         return TopicParts(site, node, "/".join(rest), None)
-    if rest in (["ack"], ["config"]):
+    if rest in (["ack"], ["config"], ["receipt"]):
         return TopicParts(site, node, rest[0], None)
     raise TopicError(f"topic {topic!r} has unknown channel {'/'.join(rest)!r}")

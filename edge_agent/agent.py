@@ -10,23 +10,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
+import sqlite3
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import cwsnet
-from cwsnet import topics
+from cwsnet import custody, topics
+from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import EnvelopeError
 from cwsnet.links import link_for
-from cwsnet.mqtt import LinkError, Message, Will
+from cwsnet.mqtt import LinkDown, LinkError, Message, Will
 from cwsnet.nodestate import NodeState
 from edge_agent.handlers import TaskFailed, registry
-from edge_agent.outbox import AgentOutbox
+from edge_agent.outbox import CLASS_NAMES, PRIORITY, AgentOutbox
 from edge_agent.sensors import Sensor, build_sensor, system_snapshot
 
 log = logging.getLogger("cwsnet.agent")
+
+#: messages kept in memory while the outbox cannot be written (disk full, I/O error)
+UNSTORED_MAX = 1000
+
+
+@dataclass(slots=True)
+class _Unstored:
+    """A message not yet sealed and stored (the outbox could not be written): kept in memory."""
+
+    topic: str
+    kind: str
+    body: Any
+    retain: bool
+    trace: str | None
+    delivered: asyncio.Future[bool]
 
 
 class Agent:
@@ -38,17 +57,24 @@ class Agent:
         self.node = bundle.identity.node
         self.site = bundle.identity.site
         self.state = NodeState(cfg.data_dir / "agent.db")
-        keys = {"cloud": bundle.cloud_public_key}
-        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), keys.get, clock)
+        self.gateway = bundle.gateway  # custody acks come from it; command receipts go to it
+        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), bundle.peer_keys().get, clock)
         self.cloud_window = self.state.replay_window("cloud")
         self.handlers = registry(cfg.handlers)
         self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
         self.started = clock()
         # every outgoing message is stored here before it is sent, and kept until acknowledged
         self.outbox = AgentOutbox(cfg.data_dir / "outbox.db", max_messages=cfg.outbox.max_messages,
-                                  max_bytes=cfg.outbox.max_bytes)
+                                  max_bytes=cfg.outbox.max_bytes, ledger_keep=cfg.outbox.ledger_keep)
+        # which held messages to (re)send: at most `window` awaiting a custody ack (docs/protocol.md §5)
+        self.window = custody.SendWindow(window=cfg.outbox.window, retransmit_after=cfg.outbox.retransmit_after,
+                                         max_backoff=cfg.outbox.max_backoff)
         # seq -> resolves True once acknowledged, False if the overflow policy dropped it
         self._delivered: dict[int, asyncio.Future[bool]] = {}
+        # messages waiting for the outbox to be writable again (disk full), oldest first
+        self._unstored: deque[_Unstored] = deque()
+        self._unstored_drops: dict[str, int] = {}
+        self.storage_error: str | None = None
         self._final: dict[str, asyncio.Future[bool]] = {}
         self.batches: dict[str, list[dict[str, Any]]] = {}
         self.batch_started: dict[str, float] = {}
@@ -64,6 +90,7 @@ class Agent:
             will_factory=self._make_will, on_connect=self._on_connect, on_message=self._on_message,
         )
         self.link.subscribe(topics.task_cmd(self.site, self.node), qos=1)
+        self.link.subscribe(topics.ack(self.site, self.node), qos=1)
 
     # ---- status -------------------------------------------------------------------------
     def status_body(self, state: str = "online") -> dict[str, Any]:
@@ -74,12 +101,20 @@ class Agent:
             **snap,
             "outbox": self.outbox.depth(),
             "outbox_bytes": self.outbox.size(),
-            "dropped": self.outbox.drops(),
+            "dropped": self._drops(),
+            "unacked": len(self.window.inflight),
+            "storage": "ok" if self.storage_error is None else f"error: {self.storage_error}",
             "link": "up" if self.link.connected.is_set() else "down",
             "tasks_running": self.running_tasks,
             "agent": {"version": cwsnet.__version__, "platform": platform.platform(), "kind": "cpython"},
             "handlers": sorted(self.handlers),
         }
+
+    def _drops(self) -> dict[str, int]:
+        out = self.outbox.drops()
+        for name, n in self._unstored_drops.items():
+            out[name] = out.get(name, 0) + n
+        return out
 
     def _make_will(self) -> Will:
         topic = topics.status(self.site, self.node)
@@ -101,6 +136,7 @@ class Agent:
         body = self.status_body() | {"will_seq": self.will_seq}
         payload, _ = self.endpoint.seal(topic, "birth", body, to="cloud")
         log.info("connected to %s:%s; birth sent", self.cfg.broker.host, self.cfg.broker.port)
+        self.window.reconnected()  # whatever the old connection carried may be lost: send it again
         try:
             await self.link.publish(topic, payload, qos=1, retain=True)
         except LinkError:
@@ -108,45 +144,93 @@ class Agent:
         self._wake_flush.set()
 
     # ---- sending ------------------------------------------------------------------------
-    async def send(self, topic: str, kind: str, body: Any, *, retain: bool = False) -> None:
-        """Seal and publish; while the link is down, keep it (bounded) and send it on reconnect."""
-        payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
-        self._hold(header.seq, topic, payload, retain, kind)
-        await self._drain()
-
-    def _hold(self, seq: int, topic: str, payload: bytes, retain: bool, kind: str) -> asyncio.Future[bool]:
-        """Store a sealed message durably (before any send); the future says if it got through."""
+    async def send(self, topic: str, kind: str, body: Any, *, retain: bool = False,
+                   trace: str | None = None) -> asyncio.Future[bool]:
+        """Seal, store durably, then publish; the future says if it got through (True once custody-
+        or end-to-end-acked, False if the overflow policy dropped it). Held while the link is down."""
         delivered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self.outbox.add(seq, topic, payload, retain, kind):
-            self._delivered[seq] = delivered
-        else:
-            log.warning("outbox full: %s seq %d dropped by the overflow policy", kind, seq)
-            delivered.set_result(False)
+        if len(self._unstored) >= UNSTORED_MAX:  # the disk has been full for a while: lowest class goes first
+            victim = min(self._unstored, key=lambda u: PRIORITY.get(u.kind, 0))
+            self._unstored.remove(victim)
+            name = CLASS_NAMES[PRIORITY.get(victim.kind, 0)]
+            self._unstored_drops[name] = self._unstored_drops.get(name, 0) + 1
+            victim.delivered.set_result(False)
+        self._unstored.append(_Unstored(topic, kind, body, retain, trace, delivered))
+        self._store_unstored()
+        await self._drain()
         return delivered
 
+    def _store_unstored(self) -> None:
+        """Seal and store waiting messages in order; stop (and report) at the first storage error."""
+        while self._unstored:
+            u = self._unstored[0]
+            try:
+                payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to="cloud", trace=u.trace)
+                added = self.outbox.add(header.seq, u.topic, payload, u.retain, u.kind)
+            except sqlite3.Error as exc:  # disk full, I/O error: keep it in memory and retry
+                if self.storage_error is None:
+                    log.error("cannot write the outbox in %s: %s; %d message(s) kept in memory (at most %d) "
+                              "until it can be written", self.cfg.data_dir, exc, len(self._unstored), UNSTORED_MAX)
+                self.storage_error = str(exc)
+                return
+            self._unstored.popleft()
+            if added:
+                self._delivered[header.seq] = u.delivered
+            else:
+                log.warning("outbox full: %s seq %d dropped by the overflow policy", u.kind, header.seq)
+                u.delivered.set_result(False)
+        if self.storage_error is not None:
+            log.warning("the outbox can be written again (%s was the error); storing resumed", self.storage_error)
+            self.storage_error = None
+
     async def _drain(self) -> None:
-        """Send held messages oldest first; one drainer at a time, so nothing is sent twice."""
+        """Send what the window allows, oldest first; one drainer at a time, so nothing is sent
+        twice at once. Messages leave the outbox only on a custody or end-to-end ack (``_acked``)."""
         if self._draining.locked():
             return  # the running drainer will pick up what was just added
         async with self._draining:
+            self._settle_dropped()
             while self.link.connected.is_set():
-                batch = self.outbox.oldest(100)  # in seq order, also after a restart
-                if not batch:
+                held = self.outbox.oldest_seqs(len(self.window.inflight) + self.window.window)
+                due = self.window.due(held, time.monotonic())
+                if not due:
                     break
-                for held in batch:
-                    try:
-                        await self.link.publish(held.topic, held.payload, qos=1, retain=held.retain)
-                    except LinkError:
-                        return
-                    self.outbox.remove(held.seq)
-                    delivered = self._delivered.pop(held.seq, None)
-                    if delivered is not None and not delivered.done():
-                        delivered.set_result(True)
-            for seq, delivered in list(self._delivered.items()):  # pushed out by the overflow policy
-                if not self.outbox.holds(seq):
-                    self._delivered.pop(seq)
-                    if not delivered.done():
-                        delivered.set_result(False)
+                msgs = self.outbox.get(due)
+                # pipelined: paho writes them in call order, then the PUBACKs are awaited together
+                results = await asyncio.gather(
+                    *(self.link.publish(m.topic, m.payload, qos=1, retain=m.retain) for m in msgs),
+                    return_exceptions=True,
+                )
+                # anything but "the link is down" counts as sent: the retransmission timer applies
+                self.window.sent([m.seq for m, r in zip(msgs, results, strict=True) if not isinstance(r, LinkDown)],
+                                 time.monotonic())
+                if any(isinstance(r, LinkDown) for r in results):
+                    return
+
+    def _settle_dropped(self) -> None:
+        """Resolve the futures of messages the overflow policy pushed out, and free their window slots."""
+        dropped = self.outbox.take_dropped()
+        self.window.acked(dropped)
+        for seq in dropped:
+            delivered = self._delivered.pop(seq, None)
+            if delivered is not None and not delivered.done():
+                delivered.set_result(False)
+
+    def _acked(self, sender: str, body: Any) -> None:
+        """A custody ack (from our gateway) or an end-to-end ack (from the cloud): forget what it covers."""
+        rs, pause = custody.acked_seqs(body, self.node)
+        seqs = [s for first, last in rs for s in self.outbox.seqs_between(first, last)]
+        removed = self.outbox.remove_many(seqs) if seqs else []
+        self.window.acked(seqs)
+        for seq in removed:
+            delivered = self._delivered.pop(seq, None)
+            if delivered is not None and not delivered.done():
+                delivered.set_result(True)
+        if pause is not None:
+            log.info("%s is near its storage limit: no new messages for %.1f s (%d held here)", sender, pause,
+                     self.outbox.depth())
+            self.window.pause(time.monotonic(), pause)
+        self._wake_flush.set()
 
     async def _sensor_loop(self, sensor: Sensor) -> None:
         while True:
@@ -174,23 +258,26 @@ class Agent:
             await self.send(topics.telemetry(self.site, self.node, stream), "telemetry", body)
 
     async def _flusher(self) -> None:
-        """Flush batches older than ``max_delay``, and drain held messages after a reconnect."""
+        """Flush batches older than ``max_delay``; drain held messages after a reconnect, an ack or
+        when a retransmission is due; retry storing what the disk refused."""
         while True:
             delay = self.cfg.batching.max_delay
+            waits = [self.window.next_wakeup(time.monotonic())]
             if self.batch_started:
                 oldest = min(self.batch_started.values())
-                timeout = max(0.0, oldest + delay - self.clock())
-            else:
-                timeout = None
-            try:
-                await asyncio.wait_for(self._wake_flush.wait(), timeout)
-            except TimeoutError:
-                pass
+                waits.append(max(0.0, oldest + delay - self.clock()))
+            if self._unstored:
+                waits.append(1.0)
+            timeout = min((w for w in waits if w is not None), default=None)
+            if timeout is not None:
+                timeout = max(timeout, 0.01)  # never spin
+            await wait_event(self._wake_flush, timeout)
             self._wake_flush.clear()
             now = self.clock()
             for stream, started in list(self.batch_started.items()):
                 if now - started >= delay:
                     await self._flush(stream)
+            self._store_unstored()
             await self._drain()
 
     async def _status_loop(self) -> None:
@@ -206,15 +293,22 @@ class Agent:
         except EnvelopeError as exc:
             log.warning("rejected message on %s: %s (%s)", msg.topic, exc, exc.reason)
             return
+        if opened.header.kind == "ack":
+            # idempotent (it can only forget what is already committed upstream), so no replay check
+            if opened.header.sender in ("cloud", self.gateway):
+                self._acked(opened.header.sender, opened.body)
+            return
         if opened.header.sender != "cloud":
             log.warning("rejected %s on %s: only the cloud sends commands", opened.header.kind, msg.topic)
             return
         verdict = self.cloud_window.check(opened.header.seq)
         if verdict != "new":
             log.warning("rejected %s seq %d from cloud: %s", opened.header.kind, opened.header.seq, verdict)
+            self._receipt(opened.header.seq)  # a copy the gateway held for us: it may forget it
             return
         self.cloud_window.accept(opened.header.seq)
         self.state.save_replay_window("cloud", self.cloud_window)
+        self._receipt(opened.header.seq)
         if opened.header.kind == "task_cmd":
             body = opened.body if isinstance(opened.body, dict) else {}
             task_id = body.get("task_id")
@@ -230,14 +324,27 @@ class Agent:
             self._task_runs.add(run)
             run.add_done_callback(self._task_runs.discard)
 
+    def _receipt(self, cloud_seq: int) -> None:
+        """Tell our gateway that a command (cloud ``seq``) arrived, so it stops holding it for us.
+        Fire and forget: if the receipt is lost the gateway delivers again and we refuse the repeat."""
+        if self.gateway is None or self._tg is None:
+            return
+        topic = topics.receipt(self.site, self.node)
+        payload, _ = self.endpoint.seal(topic, "ack", {"received": [[cloud_seq, cloud_seq]]}, to=self.gateway)
+
+        async def publish() -> None:
+            try:
+                await self.link.publish(topic, payload, qos=1)
+            except LinkError as exc:
+                log.info("receipt for cloud seq %d not sent (%s); the gateway will deliver again", cloud_seq, exc)
+
+        self._tg.create_task(publish())
+
     async def _result(self, task_id: str, state: str, trace: str | None, **fields: Any) -> None:
         body = {"task_id": task_id, "state": state, "result": None, "error": None} | fields
-        topic = topics.task_result(self.site, self.node)
-        payload, header = self.endpoint.seal(topic, "task_result", body, to="cloud", trace=trace)
-        delivered = self._hold(header.seq, topic, payload, False, "task_result")
+        delivered = await self.send(topics.task_result(self.site, self.node), "task_result", body, trace=trace)
         if state != "running":
             self._final[task_id] = delivered
-        await self._drain()
 
     async def _run_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
         await self._execute_task(task_id, body, trace)

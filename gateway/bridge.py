@@ -1,13 +1,16 @@
 """The site gateway: the site's broker (embedded amqtt or an existing one), and the bridge to the cloud.
 
 Up: the bridge subscribes to its site's uplink topics on the site broker, stores each message in
-the durable :class:`UplinkOutbox` (committed before the MQTT PUBACK), and a pump sends the outbox
-to the cloud broker in order, re-sending until the cloud's sealed ack frees it.
-Down: the cloud's commands and acks for the site's nodes are forwarded to the site broker.
+the durable :class:`UplinkOutbox` (committed before the MQTT PUBACK), then sends the device a
+sealed *custody ack* (the device may now forget it); a pump sends the outbox to the cloud broker in
+order, re-sending until the cloud's sealed end-to-end ack frees it. Near its storage limit the
+gateway refuses new telemetry and tells the device to pause (back-pressure); the device keeps it.
+Down: the cloud's commands for the site's devices are held in the durable :class:`DownlinkStore`
+and delivered when the device is online, until its sealed receipt or the command's expiry.
 
-The gateway opens nothing but the acks and commands addressed to itself: device payloads are
-sealed for the cloud. It reads the clear header (``from``, ``seq``, ``kind``) to store, dedupe
-and count them.
+The gateway opens nothing but the acks, commands and receipts addressed to itself: device
+payloads are sealed for the cloud. It reads the clear header (``from``, ``seq``, ``kind``,
+``exp``) to store, dedupe, count and expire them. ``docs/protocol.md`` §5 is the specification.
 """
 
 from __future__ import annotations
@@ -20,16 +23,21 @@ import platform
 import time
 from typing import Any
 
+import nacl.public
+
 import cwsnet
-from cwsnet import envelope, topics
+from cwsnet import custody, envelope, topics
+from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import GatewayConfig
 from cwsnet.endpoint import Endpoint
-from cwsnet.errors import ConfigError, EnvelopeError, TopicError
+from cwsnet.errors import ConfigError, CwsError, EnvelopeError, TopicError
+from cwsnet.identity import public_key_from_b64, read_registry_file
 from cwsnet.links import link_for
 from cwsnet.mqtt import LinkDown, LinkError, Message, Will
 from cwsnet.nodestate import NodeState
 from edge_agent.sensors import system_snapshot
+from gateway.downlink import DownlinkStore
 from gateway.outbox import UplinkOutbox
 
 log = logging.getLogger("cwsnet.gateway")
@@ -44,13 +52,24 @@ class Gateway:
         self.site = bundle.identity.site
         self.state = NodeState(cfg.data_dir / "gateway-state.db")
         self.outbox = UplinkOutbox(cfg.data_dir / "uplink-outbox.db")
-        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), {"cloud": bundle.cloud_public_key}.get,
-                                 clock)
+        self.downlink = DownlinkStore(cfg.data_dir / "downlink.db")
+        self.cloud_key = bundle.cloud_public_key
+        self.device_keys: dict[str, nacl.public.PublicKey] = {}
+        self._registry_checked = 0.0
+        self._registry_mtime: float | None = None
+        self._no_key_warned: set[str] = set()
+        if cfg.registry_file is not None:
+            self._load_registry(strict=True)
+        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), self._peer_key, clock)
         self.cloud_window = self.state.replay_window("cloud")
+        self.custody = custody.CustodyAcks(busy_for=cfg.store.busy_pause)
+        self._custody_wake = asyncio.Event()
         self.started = clock()
         self.devices_online: set[str] = set()
         self.stats = {"received": 0, "duplicates": 0, "malformed": 0, "forwarded_up": 0, "forwarded_down": 0,
-                      "acked": 0, "rejected_by_cloud": 0, "store_errors": 0}
+                      "acked": 0, "rejected_by_cloud": 0, "store_errors": 0, "custody_acks": 0,
+                      "refused_full": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0}
+        self.store_error: str | None = None
         self.broker: Any = None
         self._pump_wake = asyncio.Event()
         # every outbox call runs on this one thread, so SQLite is used from one thread only
@@ -63,16 +82,50 @@ class Gateway:
             name=f"gateway:{self.node}:site", on_message=self._from_site, manual_ack=True,
             clean_session=False,  # a message PUBACKed by the site broker but not yet in our outbox is redelivered
         )
-        for channel in topics.UPLINK_CHANNELS:
+        for channel in (*topics.UPLINK_CHANNELS, *topics.LOCAL_CHANNELS):
             self.site_link.subscribe(topics.site_filter(self.site, channel), qos=1)
 
         self.uplink = link_for(
             cfg.uplink, bundle, cfg.reconnect, client_id=self.node, section="uplink", name=f"gateway:{self.node}:uplink",
             will_factory=self._make_will, on_connect=self._on_uplink_connect, on_message=self._from_cloud,
             max_inflight=100,
+            clean_session=False,  # commands published while we were away are kept for us by the cloud broker
         )
         for channel in topics.DOWNLINK_CHANNELS:
             self.uplink.subscribe(topics.site_filter(self.site, channel), qos=1)
+
+    # ---- keys -----------------------------------------------------------------------------
+    def _load_registry(self, strict: bool = False) -> None:
+        """(Re)read the devices of this site and their public keys from ``registry_file``."""
+        path = self.cfg.registry_file
+        assert path is not None
+        try:
+            mtime = path.stat().st_mtime
+            if mtime == self._registry_mtime:
+                return
+            keys = {
+                e["id"]: public_key_from_b64(e["public_key"], f"{path}: {e['id']}: public_key")
+                for e in read_registry_file(path) if e["site"] == self.site and e["role"] == "device"
+            }
+        except (OSError, ConfigError) as exc:
+            if strict:
+                raise ConfigError(f"registry_file: {exc}") from None
+            log.warning("registry %s not reloaded (%s); keeping the %d device keys known", path, exc,
+                        len(self.device_keys))
+            return
+        self._registry_mtime = mtime
+        self.device_keys = keys
+        log.info("registry: %d devices of site %s", len(keys), self.site)
+
+    def _peer_key(self, node: str) -> nacl.public.PublicKey | None:
+        if node == "cloud":
+            return self.cloud_key
+        key = self.device_keys.get(node)
+        if key is None and self.cfg.registry_file is not None and time.monotonic() - self._registry_checked > 5.0:
+            self._registry_checked = time.monotonic()  # a device added since: at most one reread per 5 s
+            self._load_registry()
+            key = self.device_keys.get(node)
+        return key
 
     # ---- up: site -> outbox -> cloud ------------------------------------------------------
     async def _from_site(self, msg: Message) -> None:
@@ -87,11 +140,46 @@ class Gateway:
             log.warning("dropped message on %s (%d bytes): %s", msg.topic, len(msg.payload), exc)
             self.site_link.ack(msg)
             return
-        if header.kind == "birth":
-            self.devices_online.add(header.sender)
+        if parts.channel == "receipt":
+            await self._receipt(msg)
+            return
+        if header.kind in ("birth", "status"):
+            if header.sender not in self.devices_online or header.kind == "birth":
+                self.devices_online.add(header.sender)
+                asyncio.get_running_loop().create_task(self._deliver_held(header.sender))
         elif header.kind == "death":
             self.devices_online.discard(header.sender)
         await self._incoming.put((msg, header, parts.channel == "status"))
+
+    def _fill(self, extra_messages: int = 0, extra_bytes: int = 0) -> float:
+        """How full the uplink outbox is: the larger of its count and byte fractions."""
+        s = self.cfg.store
+        return max((self.outbox.depth() + extra_messages) / s.max_messages,
+                   (self.outbox.size() + extra_bytes) / s.max_bytes)
+
+    def _admit(self, batch: list[tuple[Message, Any, bool]]) -> list[tuple[Message, Any, bool]]:
+        """Back-pressure: above ``high_water`` new telemetry is refused, at the limit everything.
+        A refused message is PUBACKed to the site broker but not custody-acked: its device keeps
+        it, is told to pause, and sends it again later."""
+        admitted: list[tuple[Message, Any, bool]] = []
+        n = size = 0
+        for item in batch:
+            msg, header, _retain = item
+            fill = self._fill(n, size)
+            if fill >= 1.0 or (fill >= self.cfg.store.high_water and header.kind == "telemetry"):
+                self.stats["refused_full"] += 1
+                self.custody.refused(header.sender)
+                self.site_link.ack(msg)
+                continue
+            admitted.append(item)
+            n += 1
+            size += len(msg.payload)
+        if len(admitted) < len(batch):
+            log.warning("uplink outbox %.0f%% full (%d messages, %d bytes): %d message(s) refused, devices told "
+                        "to pause", 100 * self._fill(), self.outbox.depth(), self.outbox.size(),
+                        len(batch) - len(admitted))
+            self._custody_wake.set()
+        return admitted
 
     async def _db_call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._db, functools.partial(fn, *args))
@@ -105,6 +193,9 @@ class Gateway:
             batch = [await self._incoming.get()]
             while len(batch) < 500 and not self._incoming.empty():
                 batch.append(self._incoming.get_nowait())
+            batch = self._admit(batch)
+            if not batch:
+                continue
             rows = [(h.sender, h.seq, m.topic, m.payload, retain) for m, h, retain in batch]
             delay = 0.2
             while True:
@@ -113,18 +204,51 @@ class Gateway:
                     break
                 except Exception as exc:
                     self.stats["store_errors"] += 1
+                    self.store_error = str(exc)
                     log.error("storing %d messages in the outbox failed (%s); retrying in %.1f s", len(rows),
                               exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
+            if self.store_error is not None:
+                log.warning("the uplink outbox can be written again; %d messages stored", len(rows))
+                self.store_error = None
             for (msg, header, _r), new in zip(batch, added, strict=True):
                 self.site_link.ack(msg)  # only now: the message is committed to the outbox
+                self.custody.stored(header.sender, header.seq)  # new or already held: ours now
                 self.stats["received"] += 1
                 self.stats["duplicates"] += int(not new)
                 if header.trace:
                     log.info("stored %s seq=%d from %s trace=%s", header.kind, header.seq, header.sender,
                              header.trace)
+            self._custody_wake.set()
             self._pump_wake.set()
+
+    async def _custody_sender(self) -> None:
+        """Send each device a sealed custody ack for what was just committed (coalesced ranges).
+
+        QoS 0 and not retried: a lost custody ack only means the device sends those messages
+        again, which the outbox dedupes and acks again."""
+        while True:
+            await self._custody_wake.wait()
+            self._custody_wake.clear()
+            for device, body in self.custody.drain():
+                if device == self.node:
+                    continue
+                topic = topics.ack(self.site, device)
+                try:
+                    payload, _h = self.endpoint.seal(topic, "ack", body, to=device)
+                except CwsError as exc:
+                    if device not in self._no_key_warned:
+                        self._no_key_warned.add(device)
+                        log.warning("no custody acks for %s (%s): it is not in the registry %s; its messages are "
+                                    "still forwarded, and it re-sends them until acked", device, exc,
+                                    self.cfg.registry_file)
+                    continue
+                try:
+                    await self.site_link.publish(topic, payload, qos=0)
+                    self.stats["custody_acks"] += 1
+                except LinkError:
+                    pass  # the device re-sends; the outbox dedupes
 
     async def _pump(self) -> None:
         """Keep the pump going whatever happens to one round (a failed round is logged and retried)."""
@@ -162,10 +286,7 @@ class Gateway:
                 self.stats["forwarded_up"] += len(sent)
                 await self._db_call(self.outbox.mark_sent, sent, time.monotonic())
             if not items or not sent:
-                try:
-                    await asyncio.wait_for(self._pump_wake.wait(), min(1.0, self.cfg.retransmit_after))
-                except TimeoutError:
-                    pass
+                await wait_event(self._pump_wake, min(1.0, self.cfg.retransmit_after))
 
     # ---- down: cloud -> site --------------------------------------------------------------
     async def _from_cloud(self, msg: Message) -> None:
@@ -177,11 +298,91 @@ class Gateway:
         if parts.node == self.node:
             await self._own_message(msg)
             return
+        if parts.channel in ("task/cmd", "config"):
+            await self._hold_command(msg, parts.node)
+            return
         try:
             await self.site_link.publish(msg.topic, msg.payload, qos=1, retain=False)
             self.stats["forwarded_down"] += 1
         except LinkError:
-            log.warning("site broker down: command for %s on %s not delivered", parts.node, msg.topic)
+            log.warning("site broker down: %s for %s not delivered", msg.topic, parts.node)
+
+    async def _hold_command(self, msg: Message, node: str) -> None:
+        """Store a command for a device (until its receipt or expiry), then deliver it if it is online."""
+        try:
+            header = envelope.peek_header(msg.payload)
+        except EnvelopeError as exc:
+            log.warning("dropped command on %s: %s", msg.topic, exc)
+            return
+        now = self.clock()
+        expires = header.expires / 1000 if header.expires is not None else now + self.cfg.downlink.max_age
+        if expires <= now:
+            self.stats["commands_expired"] += 1
+            log.info("command seq %d for %s arrived expired; not delivered", header.seq, node)
+            return
+        new = await self._db_call(self.downlink.add, node, header.seq, msg.topic, msg.payload, expires, now)
+        if new:
+            self.stats["commands_held"] += 1
+        if node in self.devices_online:
+            await self._deliver([(node, header.seq, msg.topic, msg.payload)])
+        else:
+            log.info("%s is offline: command seq %d held until it connects (expires in %.0f s)", node, header.seq,
+                     expires - now)
+
+    async def _deliver(self, items: list[tuple[str, int, str, bytes]]) -> None:
+        delivered = []
+        for node, seq, topic, payload in items:
+            try:
+                await self.site_link.publish(topic, payload, qos=1, retain=False)
+            except LinkError as exc:
+                log.info("command seq %d for %s not delivered now (%s); held", seq, node, exc)
+                break
+            delivered.append((node, seq))
+            self.stats["forwarded_down"] += 1
+        if delivered:
+            await self._db_call(self.downlink.delivered, delivered, self.clock())
+
+    async def _deliver_held(self, node: str) -> None:
+        """A device came online: deliver what is held for it, oldest first."""
+        try:
+            held = await self._db_call(self.downlink.for_node, node, self.clock())
+            if held:
+                log.info("%s is online: delivering %d held command(s)", node, len(held))
+                await self._deliver([(h.node, h.seq, h.topic, h.payload) for h in held])
+        except Exception:
+            log.exception("delivering held commands to %s failed; retried later", node)
+
+    async def _receipt(self, msg: Message) -> None:
+        """A device's sealed receipt: the commands it names arrived, stop holding them."""
+        self.site_link.ack(msg)
+        try:
+            opened = self.endpoint.open(msg.payload, msg.topic)
+        except EnvelopeError as exc:
+            log.warning("rejected receipt on %s: %s (%s)", msg.topic, exc, exc.reason)
+            return
+        if opened.header.kind != "ack" or not isinstance(opened.body, dict):
+            log.warning("rejected %s on %s: expected a receipt", opened.header.kind, msg.topic)
+            return
+        n = await self._db_call(self.downlink.received, opened.header.sender,
+                                custody.parse_ranges(opened.body.get("received")))
+        self.stats["receipts"] += n
+
+    async def _downlink_sweeper(self) -> None:
+        """Drop expired commands; deliver again those without a receipt (to devices online)."""
+        every = min(self.cfg.downlink.redeliver_after, 5.0)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                now = self.clock()
+                for node, seq in await self._db_call(self.downlink.expire, now):
+                    self.stats["commands_expired"] += 1
+                    log.info("command seq %d for %s expired before %s came back; dropped", seq, node, node)
+                again = await self._db_call(self.downlink.undelivered_since, now - self.cfg.downlink.redeliver_after,
+                                            now)
+                await self._deliver([(h.node, h.seq, h.topic, h.payload) for h in again
+                                     if h.node in self.devices_online])
+            except Exception:
+                log.exception("downlink sweep failed; trying again in %.0f s", every)
 
     async def _own_message(self, msg: Message) -> None:
         try:
@@ -232,6 +433,11 @@ class Gateway:
             "devices": self._device_count(),
             "queue": self.outbox.depth(),
             "outbox": self.outbox.depth(),
+            "outbox_bytes": self.outbox.size(),
+            "outbox_fill": round(self._fill(), 4),
+            "backpressure": self._fill() >= self.cfg.store.high_water,
+            "storage": "ok" if self.store_error is None else f"error: {self.store_error}",
+            "commands_held": self.downlink.depth(),
             "uplink": "up" if self.uplink.connected.is_set() else "down",
             "link": "up" if self.uplink.connected.is_set() else "down",
             "site_link": "up" if self.site_link.connected.is_set() else "down",
@@ -303,6 +509,8 @@ class Gateway:
                     tg.create_task(self.uplink.run()),
                     tg.create_task(self._pump()),
                     tg.create_task(self._committer()),
+                    tg.create_task(self._custody_sender()),
+                    tg.create_task(self._downlink_sweeper()),
                     tg.create_task(self._status_loop()),
                 ]
                 if ready is not None:
@@ -318,6 +526,7 @@ class Gateway:
             if metrics_server is not None:
                 metrics_server.shutdown()
             self._db.submit(self.outbox.close).result()
+            self._db.submit(self.downlink.close).result()
             self._db.shutdown()
             self.state.close()
             log.info("gateway %s stopped", self.node)
@@ -332,6 +541,12 @@ class Gateway:
             def collect(self) -> Any:
                 yield GaugeMetricFamily("cwsnet_gateway_outbox_depth", "messages held for the cloud",
                                         value=gw.outbox.depth())
+                yield GaugeMetricFamily("cwsnet_gateway_outbox_bytes", "payload bytes held for the cloud",
+                                        value=gw.outbox.size())
+                yield GaugeMetricFamily("cwsnet_gateway_outbox_fill", "fraction of the outbox limit in use",
+                                        value=gw._fill())
+                yield GaugeMetricFamily("cwsnet_gateway_commands_held", "commands held for offline devices",
+                                        value=gw.downlink.depth())
                 yield GaugeMetricFamily("cwsnet_gateway_devices_connected", "devices connected to the site broker",
                                         value=gw._device_count())
                 yield GaugeMetricFamily("cwsnet_gateway_uplink_up", "1 if connected to the cloud broker",

@@ -59,7 +59,8 @@ class UplinkOutbox:
         # Send times are this process's monotonic clock: after a restart everything unacked is due
         # at once (the cloud dedupes), and a wall clock stepping back cannot stall retransmission.
         self.resend_unacked()
-        self._depth = self.db.execute("select count(*) from outbox").fetchone()[0]
+        self._depth, self._bytes = self.db.execute(
+            "select count(*), coalesce(sum(length(payload)), 0) from outbox").fetchone()
 
     def add(self, sender: str, seq: int, topic: str, payload: bytes, retain: bool, now: float | None = None) -> bool:
         """Store one message durably; False if ``(sender, seq)`` was already held."""
@@ -78,6 +79,7 @@ class UplinkOutbox:
                 )
                 out.append(cur.rowcount == 1)
         self._depth += sum(out)
+        self._bytes += sum(len(item[3]) for item, new in zip(items, out, strict=True) if new)
         return out
 
     def _tx(self):  # noqa: ANN202 - a context manager over an explicit BEGIN/COMMIT
@@ -147,6 +149,7 @@ class UplinkOutbox:
                 if row is not None and hashlib.sha256(bytes(row[1])).digest()[:16] == digest:
                     self.db.execute("delete from outbox where id = ?", [row[0]])
                     deleted.append((sender, seq))
+                    self._bytes -= len(row[1])
         self._depth -= len(deleted)
         return deleted
 
@@ -160,18 +163,25 @@ class UplinkOutbox:
 
     def ack(self, ranges: list[tuple[str, int, int]]) -> int:
         """Delete what the cloud has committed; returns how many messages were freed."""
-        freed = 0
+        freed = freed_bytes = 0
         with self._tx():
             for sender, first, last in ranges:
-                cur = self.db.execute(
-                    "delete from outbox where sender = ? and seq between ? and ?", [sender, first, last]
-                )
-                freed += cur.rowcount
+                sizes = self.db.execute(
+                    "delete from outbox where sender = ? and seq between ? and ? returning length(payload)",
+                    [sender, first, last],
+                ).fetchall()
+                freed += len(sizes)
+                freed_bytes += sum(s[0] for s in sizes)
         self._depth -= freed
+        self._bytes -= freed_bytes
         return freed
 
     def depth(self) -> int:
         return self._depth
+
+    def size(self) -> int:
+        """Payload bytes held."""
+        return self._bytes
 
     def close(self) -> None:
         self.db.close()
