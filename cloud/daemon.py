@@ -41,7 +41,7 @@ from amqtt.errors import AMQTTError, BrokerError
 from cloud.api import CloudState, create_app
 from cloud.fanout import Fanout
 from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
-from cloud.metrics import CloudMetrics
+from cloud.metrics import CloudMetrics, NodeStatusCollector
 from cloud.store import SqliteStore, Store, Task, import_registry
 from cloud.views import change, task_view
 from cwsnet import topics
@@ -329,6 +329,9 @@ class CloudDaemon:
             self.directory = NodeDirectory(self.store)
             self.endpoint = Endpoint(self.identity, self.seq, self.directory.public_key, clock)
             self.metrics = CloudMetrics()
+            self.metrics.registry.register(NodeStatusCollector(
+                lambda: [n for role in ("device", "gateway")
+                         for n in self.store.list_nodes(role=role, limit=100_000).items]))
             self.fanout = Fanout()
             self.ingest = Ingest(
                 self.endpoint,

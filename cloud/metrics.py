@@ -6,6 +6,8 @@ keeps library metrics out of ``/metrics`` unless we put them there.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cloud.store import TASK_STATES
@@ -96,3 +98,37 @@ class CloudMetrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text format 0.0.4 (see :data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
+
+
+class NodeStatusCollector:
+    """Store-and-forward figures each node reported in its latest status, read at scrape time:
+    what its outbox holds and what its overflow policy dropped, per priority class (devices), and
+    how full a gateway's uplink outbox is and how many commands it holds."""
+
+    def __init__(self, list_nodes: Any) -> None:
+        self._list_nodes = list_nodes
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        held = GaugeMetricFamily("cwsnet_node_outbox_messages",
+                                 "Messages a node holds unacknowledged (its latest status)", labels=["node"])
+        dropped = CounterMetricFamily("cwsnet_node_outbox_dropped",
+                                      "Messages a device's overflow policy dropped, by priority class, as "
+                                      "reported in its latest status", labels=["node", "class"])
+        fill = GaugeMetricFamily("cwsnet_gateway_outbox_fill",
+                                 "Fraction of a gateway's uplink outbox limit in use (latest status)", labels=["node"])
+        commands = GaugeMetricFamily("cwsnet_gateway_commands_held",
+                                     "Commands a gateway holds for offline devices (latest status)", labels=["node"])
+        for node in self._list_nodes():
+            st = node.last_status or {}
+            if isinstance(st.get("outbox"), int):
+                held.add_metric([node.id], st["outbox"])
+            for cls, n in (st.get("dropped") or {}).items() if isinstance(st.get("dropped"), dict) else ():
+                if isinstance(n, int):
+                    dropped.add_metric([node.id, str(cls)], n)
+            if isinstance(st.get("outbox_fill"), int | float):
+                fill.add_metric([node.id], st["outbox_fill"])
+            if isinstance(st.get("commands_held"), int):
+                commands.add_metric([node.id], st["commands_held"])
+        yield from (held, dropped, fill, commands)
