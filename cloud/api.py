@@ -400,9 +400,12 @@ def create_app(state: CloudState) -> FastAPI:
         summary="Run a task on a device",
         description=(
             "Queue a task for a device. The cloud seals a task command to the device and publishes it "
-            "on `cws/v1/{site}/{target}/task/cmd`; if the device is offline the task stays queued and is "
-            "sent when the device next connects (its birth). With `timeout`, a task not finished by then "
-            "expires (also one still running: its result will then be ignored). 404 if the target is not "
+            "on `cws/v1/{site}/{target}/task/cmd`. A device behind a gateway may be offline: its gateway "
+            "holds the command durably and delivers it when the device connects, even if the cloud is "
+            "unreachable by then. A device without a gateway gets it when it next connects (its birth); "
+            "until then the task stays queued here. With `timeout`, a task not finished by then expires "
+            "(`state: expired` with the reason in `error`; a held command is dropped at that moment and never "
+            "runs; a task still running has its late result ignored). 404 if the target is not "
             "registered, 422 if it is not a device, 413 if the command would not fit in one envelope "
             f"({MAX_TASK_BODY} bytes of CBOR-encoded task command)."
         ),

@@ -116,9 +116,9 @@ class NodeStatusCollector:
         dropped = CounterMetricFamily("cwsnet_node_outbox_dropped",
                                       "Messages a device's overflow policy dropped, by priority class, as "
                                       "reported in its latest status", labels=["node", "class"])
-        fill = GaugeMetricFamily("cwsnet_gateway_outbox_fill",
+        fill = GaugeMetricFamily("cwsnet_node_outbox_fill",
                                  "Fraction of a gateway's uplink outbox limit in use (latest status)", labels=["node"])
-        commands = GaugeMetricFamily("cwsnet_gateway_commands_held",
+        commands = GaugeMetricFamily("cwsnet_node_commands_held",
                                      "Commands a gateway holds for offline devices (latest status)", labels=["node"])
         for node in self._list_nodes():
             st = node.last_status or {}

@@ -54,7 +54,7 @@ def test_custody_acks_free_the_agent_while_the_cloud_is_down(tmp_path: Path, pro
     metrics = wait_for(lambda: (m := OPENER.open(f"{d.base}/metrics", timeout=5).read().decode())
                        and 'cwsnet_node_outbox_dropped_total{class="telemetry",node="dev-1"} 0.0' in m and m,
                        timeout=30, message="device drop counters in /metrics")
-    assert 'cwsnet_gateway_outbox_fill{node="gw-home"}' in metrics
+    assert 'cwsnet_node_outbox_fill{node="gw-home"}' in metrics
     for dev in d.topo.devices:
         procs[dev].terminate()
     # every message the device saw acknowledged is in the cloud, exactly once
