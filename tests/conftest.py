@@ -39,6 +39,22 @@ def _test_failed(node: pytest.Item) -> bool:
     return any(r.failed for r in reports.values())
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cwsnet chaos")
+    group.addoption("--chaos-minutes", type=float, default=float(os.environ.get("CWSNET_CHAOS_MINUTES") or 2),
+                    help="minutes of chaos in tests/test_chaos.py (default 2, or $CWSNET_CHAOS_MINUTES)")
+    group.addoption("--chaos-seed", type=int, default=None,
+                    help="seed of the chaos schedule (default: $CWSNET_CHAOS_SEED or a random one, printed)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # a chaos test runs for --chaos-minutes, plus start-up, drain and audit (about 2 more minutes)
+    limit = config.getoption("--chaos-minutes") * 60 + 240
+    for item in items:
+        if item.get_closest_marker("chaos") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(limit))
+
+
 @pytest.fixture
 def free_port() -> int:
     """A free loopback TCP port, never handed out before in this session."""
