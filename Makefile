@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: up test install system-deps bench lint clean
+.PHONY: up test install system-deps bench bench-outage lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: install system-deps
 
 bench: install system-deps
 	$(PY) bench/e2e.py $(ARGS)
+
+bench-outage: install
+	$(PY) bench/outage.py $(ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -168,6 +168,9 @@ class GatewayConfig(Model):
     max_inflight: int = Field(
         1000, ge=1, le=100000, description="uplink messages sent to the cloud and not yet acked, at most"
     )
+    max_backoff: float = Field(
+        300.0, gt=0, le=86400, description="longest wait between two sends of one unacked uplink message"
+    )
     metrics_port: int | None = Field(None, ge=1, le=65535)
     reconnect: Reconnect = Field(default_factory=Reconnect)
 

@@ -265,7 +265,7 @@ class Gateway:
             await self.uplink.connected.wait()
             self._pump_wake.clear()  # before reading the outbox: a wake during this round is kept
             items = await self._db_call(self.outbox.due, time.monotonic(), self.cfg.retransmit_after,
-                                        self.cfg.max_inflight)
+                                        self.cfg.max_inflight, self.cfg.max_backoff)
             # publish the round pipelined (paho sends in call order), then wait for the PUBACKs
             results = await asyncio.gather(
                 *(self.uplink.publish(i.topic, i.payload, qos=1, retain=i.retain) for i in items),
