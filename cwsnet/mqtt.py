@@ -609,7 +609,12 @@ class MqttLink:
         if self._tls is not None:
             client.tls_set_context(self._tls)
         if self._will_factory is not None:
-            will = self._will_factory()
+            try:
+                will = self._will_factory()
+            except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: connect without a will
+                self._log.warning("connecting without a last will: building it failed (%s: %s)",
+                                  type(exc).__name__, exc)
+                will = None
             if will is not None:
                 client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if self._log.isEnabledFor(logging.DEBUG):

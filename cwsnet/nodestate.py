@@ -44,7 +44,8 @@ class NodeState:
         milliseconds, whichever is larger, so a node whose state was wiped (re-flashed, new disk)
         still never reuses a ``seq`` the cloud has seen."""
         start = max(int(self.get("seq_mark", 0)), int((time.time() if now is None else now) * 1000))
-        return SeqCounter(start, lambda mark: self.put("seq_mark", mark), block=block)
+        return SeqCounter(start, lambda mark: self.put("seq_mark", mark), block=block,
+                          wall_ms=lambda: int(time.time() * 1000))
 
     def replay_window(self, peer: str) -> ReplayWindow:
         return ReplayWindow.from_state(self.get(f"replay:{peer}"))

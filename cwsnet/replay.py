@@ -53,17 +53,28 @@ class SeqCounter:
     starts at the persisted mark. Gaps are allowed by the protocol; repeats are not.
     """
 
-    def __init__(self, start: int, persist: Callable[[int], None], block: int = 1000) -> None:
+    def __init__(self, start: int, persist: Callable[[int], None], block: int = 1000,
+                 wall_ms: Callable[[], int] | None = None) -> None:
         self._next = start
         self._mark = start
         self._persist = persist
         self._block = block
+        self._wall_ms = wall_ms
 
     def next(self) -> int:
         if self._next >= self._mark:
             mark = self._next + self._block
-            self._persist(mark)  # if this fails (disk full), nothing is handed out and the next call retries
-            self._mark = mark
+            try:
+                self._persist(mark)
+            except Exception:
+                # The reservation cannot be stored (disk full). A node starts each run at or above
+                # its wall clock in ms, so a value more than a second below the wall clock cannot be
+                # reused after a restart either: hand it out and try to reserve again next time.
+                # Otherwise nothing is handed out.
+                if self._wall_ms is None or self._next >= self._wall_ms() - 1000:
+                    raise
+            else:
+                self._mark = mark
         value = self._next
         self._next += 1
         return value

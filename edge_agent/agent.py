@@ -46,6 +46,7 @@ class _Unstored:
     retain: bool
     trace: str | None
     delivered: asyncio.Future[bool]
+    sealed: tuple[bytes, int] | None = None  # (payload, seq) once sealed: a retry reuses the seq
 
 
 class Agent:
@@ -134,7 +135,13 @@ class Agent:
     async def _on_connect(self) -> None:
         topic = topics.status(self.site, self.node)
         body = self.status_body() | {"will_seq": self.will_seq}
-        payload, _ = self.endpoint.seal(topic, "birth", body, to="cloud")
+        try:
+            payload, _ = self.endpoint.seal(topic, "birth", body, to="cloud")
+        except sqlite3.Error as exc:  # no seq can be reserved: statuses still go out directly
+            self._storage_failed(exc)
+            self.window.reconnected()
+            self._wake_flush.set()
+            return
         log.info("connected to %s:%s; birth sent", self.cfg.broker.host, self.cfg.broker.port)
         self.window.reconnected()  # whatever the old connection carried may be lost: send it again
         try:
@@ -154,6 +161,9 @@ class Agent:
             self._unstored.remove(victim)
             name = CLASS_NAMES[PRIORITY.get(victim.kind, 0)]
             self._unstored_drops[name] = self._unstored_drops.get(name, 0) + 1
+            if sum(self._unstored_drops.values()) % 100 == 1:
+                log.warning("disk still refusing writes: %s dropped from memory (%s so far)", victim.kind,
+                            self._unstored_drops)
             victim.delivered.set_result(False)
         self._unstored.append(_Unstored(topic, kind, body, retain, trace, delivered))
         self._store_unstored()
@@ -165,23 +175,29 @@ class Agent:
         while self._unstored:
             u = self._unstored[0]
             try:
-                payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to="cloud", trace=u.trace)
-                added = self.outbox.add(header.seq, u.topic, payload, u.retain, u.kind)
+                if u.sealed is None:  # sealing may reserve a seq block, which writes to the disk too
+                    payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to="cloud", trace=u.trace)
+                    u.sealed = (payload, header.seq)
+                payload, seq = u.sealed
+                added = self.outbox.add(seq, u.topic, payload, u.retain, u.kind)
             except sqlite3.Error as exc:  # disk full, I/O error: keep it in memory and retry
-                if self.storage_error is None:
-                    log.error("cannot write the outbox in %s: %s; %d message(s) kept in memory (at most %d) "
-                              "until it can be written", self.cfg.data_dir, exc, len(self._unstored), UNSTORED_MAX)
-                self.storage_error = str(exc)
+                self._storage_failed(exc)
                 return
             self._unstored.popleft()
             if added:
-                self._delivered[header.seq] = u.delivered
+                self._delivered[seq] = u.delivered
             else:
-                log.warning("outbox full: %s seq %d dropped by the overflow policy", u.kind, header.seq)
+                log.warning("outbox full: %s seq %d dropped by the overflow policy", u.kind, seq)
                 u.delivered.set_result(False)
         if self.storage_error is not None:
             log.warning("the outbox can be written again (%s was the error); storing resumed", self.storage_error)
             self.storage_error = None
+
+    def _storage_failed(self, exc: sqlite3.Error) -> None:
+        if self.storage_error is None:
+            log.error("cannot write to %s: %s; up to %d new messages are kept in memory until it can be written",
+                      self.cfg.data_dir, exc, UNSTORED_MAX)
+        self.storage_error = str(exc)
 
     async def _drain(self) -> None:
         """Send what the window allows, oldest first; one drainer at a time, so nothing is sent
@@ -220,16 +236,22 @@ class Agent:
         """A custody ack (from our gateway) or an end-to-end ack (from the cloud): forget what it covers."""
         rs, pause = custody.acked_seqs(body, self.node)
         seqs = [s for first, last in rs for s in self.outbox.seqs_between(first, last)]
-        removed = self.outbox.remove_many(seqs) if seqs else []
         self.window.acked(seqs)
+        try:
+            removed = self.outbox.remove_many(seqs) if seqs else []
+        except sqlite3.Error as exc:  # they stay held; the next ack of them (after a resend) removes them
+            self._storage_failed(exc)
+            removed = []
         for seq in removed:
             delivered = self._delivered.pop(seq, None)
             if delivered is not None and not delivered.done():
                 delivered.set_result(True)
         if pause is not None:
-            log.info("%s is near its storage limit: no new messages for %.1f s (%d held here)", sender, pause,
-                     self.outbox.depth())
-            self.window.pause(time.monotonic(), pause)
+            now = time.monotonic()
+            if now >= self.window.paused_until:  # once per pause, not per ack
+                log.info("%s is near its storage limit: no new messages for %.1f s (%d held here)", sender, pause,
+                         self.outbox.depth())
+            self.window.pause(now, pause)
         self._wake_flush.set()
 
     async def _sensor_loop(self, sensor: Sensor) -> None:
@@ -284,7 +306,16 @@ class Agent:
         topic = topics.status(self.site, self.node)
         while True:
             await asyncio.sleep(self.cfg.status_interval)
-            await self.send(topic, "status", self.status_body(), retain=True)
+            if self.storage_error is None:
+                await self.send(topic, "status", self.status_body(), retain=True)
+                continue
+            # the outbox cannot be written: say so directly (not stored, like a birth), so the
+            # operator sees the storage error while it lasts rather than after it
+            try:
+                payload, _ = self.endpoint.seal(topic, "status", self.status_body(), to="cloud")
+                await self.link.publish(topic, payload, qos=1, retain=True)
+            except (LinkError, sqlite3.Error) as exc:
+                log.info("status not sent: %s", exc)
 
     # ---- tasks --------------------------------------------------------------------------
     async def _on_message(self, msg: Message) -> None:
@@ -307,22 +338,30 @@ class Agent:
             self._receipt(opened.header.seq)  # a copy the gateway held for us: it may forget it
             return
         self.cloud_window.accept(opened.header.seq)
-        self.state.save_replay_window("cloud", self.cloud_window)
+        try:
+            self.state.save_replay_window("cloud", self.cloud_window)
+            if opened.header.kind == "task_cmd":
+                self._take_task(opened, msg.topic)
+        except sqlite3.Error as exc:  # cannot record it (a task must be recorded before it runs): no receipt,
+            self._storage_failed(exc)  # so the gateway delivers it again, and the cloud re-sends it at a birth
+            log.warning("%s seq %d from cloud not taken: %s", opened.header.kind, opened.header.seq, exc)
+            return
         self._receipt(opened.header.seq)
-        if opened.header.kind == "task_cmd":
-            body = opened.body if isinstance(opened.body, dict) else {}
-            task_id = body.get("task_id")
-            if not isinstance(task_id, str) or not task_id:
-                log.warning("task command without task_id on %s; ignored", msg.topic)
-                return
-            if self.state.task_seen(task_id):
-                log.info("task %s already run here; ignoring the repeat", task_id)
-                return
-            self.state.mark_task(task_id, trace=opened.header.trace)
-            assert self._tg is not None
-            run = self._tg.create_task(self._run_task(task_id, body, opened.header.trace))
-            self._task_runs.add(run)
-            run.add_done_callback(self._task_runs.discard)
+
+    def _take_task(self, opened: Any, topic: str) -> None:
+        body = opened.body if isinstance(opened.body, dict) else {}
+        task_id = body.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            log.warning("task command without task_id on %s; ignored", topic)
+            return
+        if self.state.task_seen(task_id):
+            log.info("task %s already run here; ignoring the repeat", task_id)
+            return
+        self.state.mark_task(task_id, trace=opened.header.trace)  # before it runs: at most once
+        assert self._tg is not None
+        run = self._tg.create_task(self._run_task(task_id, body, opened.header.trace))
+        self._task_runs.add(run)
+        run.add_done_callback(self._task_runs.discard)
 
     def _receipt(self, cloud_seq: int) -> None:
         """Tell our gateway that a command (cloud ``seq``) arrived, so it stops holding it for us.
@@ -330,7 +369,11 @@ class Agent:
         if self.gateway is None or self._tg is None:
             return
         topic = topics.receipt(self.site, self.node)
-        payload, _ = self.endpoint.seal(topic, "ack", {"received": [[cloud_seq, cloud_seq]]}, to=self.gateway)
+        try:
+            payload, _ = self.endpoint.seal(topic, "ack", {"received": [[cloud_seq, cloud_seq]]}, to=self.gateway)
+        except sqlite3.Error as exc:  # the gateway delivers the command again; we refuse the repeat then
+            self._storage_failed(exc)
+            return
 
         async def publish() -> None:
             try:
@@ -404,11 +447,13 @@ class Agent:
         """A clean stop sends no MQTT will, so say offline ourselves (bounded: 2 s)."""
         topic = topics.status(self.site, self.node)
         body = {"state": "offline", "uptime": round(self.clock() - self.started, 1), "reason": "shutdown"}
-        payload, _ = self.endpoint.seal(topic, "death", body, to="cloud")
         try:
+            payload, _ = self.endpoint.seal(topic, "death", body, to="cloud")
             await asyncio.wait_for(self.link.publish(topic, payload, qos=1, retain=True), 2.0)
         except (LinkError, TimeoutError):
             log.info("could not announce shutdown (link down)")
+        except sqlite3.Error as exc:
+            log.info("could not announce shutdown (%s)", exc)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (then say goodbye and return) or until cancelled."""

@@ -20,6 +20,7 @@ import concurrent.futures
 import functools
 import logging
 import platform
+import sqlite3
 import time
 from typing import Any
 
@@ -70,6 +71,8 @@ class Gateway:
                       "acked": 0, "rejected_by_cloud": 0, "store_errors": 0, "custody_acks": 0,
                       "refused_full": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0}
         self.store_error: str | None = None
+        self._store_error_logged = float("-inf")
+        self._refusals_logged = float("-inf")
         self.broker: Any = None
         self._pump_wake = asyncio.Event()
         # every outbox call runs on this one thread, so SQLite is used from one thread only
@@ -141,7 +144,10 @@ class Gateway:
             self.site_link.ack(msg)
             return
         if parts.channel == "receipt":
-            await self._receipt(msg)
+            try:
+                await self._receipt(msg)
+            except sqlite3.Error as exc:  # the command is delivered again and receipted again
+                self._storage_trouble("recording a receipt", exc)
             return
         if header.kind in ("birth", "status"):
             if header.sender not in self.devices_online or header.kind == "birth":
@@ -175,11 +181,25 @@ class Gateway:
             n += 1
             size += len(msg.payload)
         if len(admitted) < len(batch):
-            log.warning("uplink outbox %.0f%% full (%d messages, %d bytes): %d message(s) refused, devices told "
-                        "to pause", 100 * self._fill(), self.outbox.depth(), self.outbox.size(),
-                        len(batch) - len(admitted))
+            now = time.monotonic()
+            if now - self._refusals_logged >= 10.0:  # one line per 10 s, not one per batch
+                self._refusals_logged = now
+                log.warning("uplink outbox %.0f%% full (%d messages, %d bytes): refusing %s, devices told to pause "
+                            "(%d refused so far)", 100 * self._fill(), self.outbox.depth(), self.outbox.size(),
+                            "everything" if self._fill() >= 1.0 else "telemetry", self.stats["refused_full"])
             self._custody_wake.set()
         return admitted
+
+    def _storage_trouble(self, where: str, exc: sqlite3.Error) -> None:
+        """A database write failed (disk full, I/O error): report it (status, one log line per 10 s);
+        the caller carries on, and what was not written is retried or re-sent by its owner."""
+        self.store_error = str(exc)
+        self.stats["store_errors"] += 1
+        now = time.monotonic()
+        if now - self._store_error_logged >= 10.0:
+            self._store_error_logged = now
+            log.error("storage error in %s (%s) while %s; retrying, nothing acknowledged is lost",
+                      self.cfg.data_dir, exc, where)
 
     async def _db_call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._db, functools.partial(fn, *args))
@@ -205,8 +225,8 @@ class Gateway:
                 except Exception as exc:
                     self.stats["store_errors"] += 1
                     self.store_error = str(exc)
-                    log.error("storing %d messages in the outbox failed (%s); retrying in %.1f s", len(rows),
-                              exc, delay)
+                    log.error("storing %d messages in the outbox failed (%s); not acknowledged, retrying in %.1f s",
+                              len(rows), exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
             if self.store_error is not None:
@@ -237,6 +257,10 @@ class Gateway:
                 topic = topics.ack(self.site, device)
                 try:
                     payload, _h = self.endpoint.seal(topic, "ack", body, to=device)
+                except sqlite3.Error as exc:  # reserving seqs failed: keep the ack for the next round
+                    self._storage_trouble("sealing a custody ack", exc)
+                    self.custody.put_back(device, body)
+                    continue
                 except CwsError as exc:
                     if device not in self._no_key_warned:
                         self._no_key_warned.add(device)
@@ -255,6 +279,9 @@ class Gateway:
         while True:
             try:
                 await self._pump_rounds()
+            except sqlite3.Error as exc:
+                self._storage_trouble("sending the outbox", exc)
+                await asyncio.sleep(1.0)
             except Exception:
                 log.exception("uplink pump failed; restarting it in 1 s")
                 await asyncio.sleep(1.0)
@@ -291,6 +318,12 @@ class Gateway:
     # ---- down: cloud -> site --------------------------------------------------------------
     async def _from_cloud(self, msg: Message) -> None:
         try:
+            await self._from_cloud_checked(msg)
+        except sqlite3.Error as exc:  # an ack is resent by the cloud, a command re-sent at the next birth
+            self._storage_trouble(f"handling {msg.topic}", exc)
+
+    async def _from_cloud_checked(self, msg: Message) -> None:
+        try:
             parts = topics.parse(msg.topic)
         except TopicError as exc:
             log.warning("ignored cloud message: %s", exc)
@@ -320,7 +353,11 @@ class Gateway:
             self.stats["commands_expired"] += 1
             log.info("command seq %d for %s arrived expired; not delivered", header.seq, node)
             return
-        new = await self._db_call(self.downlink.add, node, header.seq, msg.topic, msg.payload, expires, now)
+        try:
+            new = await self._db_call(self.downlink.add, node, header.seq, msg.topic, msg.payload, expires, now)
+        except sqlite3.Error as exc:  # not held: forwarded if the device is online, else the cloud re-sends it
+            self._storage_trouble(f"holding a command for {node}", exc)
+            new = False
         if new:
             self.stats["commands_held"] += 1
         if node in self.devices_online:
@@ -340,7 +377,10 @@ class Gateway:
             delivered.append((node, seq))
             self.stats["forwarded_down"] += 1
         if delivered:
-            await self._db_call(self.downlink.delivered, delivered, self.clock())
+            try:
+                await self._db_call(self.downlink.delivered, delivered, self.clock())
+            except sqlite3.Error as exc:  # only the redelivery timer is affected
+                self._storage_trouble("recording deliveries", exc)
 
     async def _deliver_held(self, node: str) -> None:
         """A device came online: deliver what is held for it, oldest first."""
@@ -381,6 +421,8 @@ class Gateway:
                                             now)
                 await self._deliver([(h.node, h.seq, h.topic, h.payload) for h in again
                                      if h.node in self.devices_online])
+            except sqlite3.Error as exc:
+                self._storage_trouble("sweeping held commands", exc)
             except Exception:
                 log.exception("downlink sweep failed; trying again in %.0f s", every)
 
@@ -398,7 +440,10 @@ class Gateway:
             log.warning("rejected replayed %s seq %d from cloud", opened.header.kind, opened.header.seq)
             return
         self.cloud_window.accept(opened.header.seq)
-        self.state.save_replay_window("cloud", self.cloud_window)
+        try:
+            self.state.save_replay_window("cloud", self.cloud_window)
+        except sqlite3.Error as exc:  # kept in memory; acks are idempotent, so carry on
+            self._storage_trouble("saving the cloud's replay window", exc)
         if opened.header.kind == "ack":
             body = opened.body if isinstance(opened.body, dict) else {}
             ranges = [
@@ -467,14 +512,19 @@ class Gateway:
 
     async def _publish_status(self, kind: str, extra: dict[str, Any] | None = None) -> None:
         topic = topics.status(self.site, self.node)
-        payload, _ = self.endpoint.seal(topic, kind, self.status_body() | (extra or {}), to="cloud")
         try:
+            payload, _ = self.endpoint.seal(topic, kind, self.status_body() | (extra or {}), to="cloud")
             await self.uplink.publish(topic, payload, qos=1, retain=True)
         except LinkError:
             pass
+        except sqlite3.Error as exc:
+            self._storage_trouble(f"sealing the gateway's {kind}", exc)
 
     async def _on_uplink_connect(self) -> None:
-        await self._db_call(self.outbox.resend_unacked)  # what the old connection carried may be lost
+        try:
+            await self._db_call(self.outbox.resend_unacked)  # what the old connection carried may be lost
+        except sqlite3.Error as exc:  # the retransmission timers still apply
+            self._storage_trouble("marking the outbox for resending", exc)
         log.info("uplink connected to %s:%s; %d messages waiting", self.cfg.uplink.host, self.cfg.uplink.port,
                  self.outbox.depth())
         await self._publish_status("birth", {"will_seq": self.will_seq})

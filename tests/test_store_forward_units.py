@@ -120,3 +120,21 @@ def test_bundle_with_half_a_gateway_is_refused(tmp_path: Path) -> None:
     p.write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="gateway_public_key"):
         Bundle.load(p)
+
+
+def test_seq_counter_on_a_full_disk_hands_out_only_values_the_wall_clock_covers() -> None:
+    from cwsnet.replay import SeqCounter
+
+    def full(_mark: int) -> None:
+        raise OSError("database or disk is full")
+
+    wall = [10_000]
+    c = SeqCounter(5_000, full, block=10, wall_ms=lambda: wall[0])
+    # each value is more than a second below the wall clock, which a restart starts above
+    assert [c.next() for _ in range(3)] == [5_000, 5_001, 5_002]
+    stuck = SeqCounter(9_500, full, block=10, wall_ms=lambda: wall[0])
+    with pytest.raises(OSError):  # too close to the wall clock: nothing is handed out
+        stuck.next()
+    assert stuck.peek == 9_500
+    with pytest.raises(OSError):  # without a wall clock, a failed reservation always refuses
+        SeqCounter(1, full).next()
