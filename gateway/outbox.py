@@ -59,6 +59,8 @@ class UplinkOutbox:
         # Send times are this process's monotonic clock: after a restart everything unacked is due
         # at once (the cloud dedupes), and a wall clock stepping back cannot stall retransmission.
         self.resend_unacked()
+        # senders that may have unsent messages (it only shrinks in due(), and grows in add_many)
+        self._fresh_senders = {r[0] for r in self.db.execute("select distinct sender from outbox where attempts = 0")}
         self._depth, self._bytes = self.db.execute(
             "select count(*), coalesce(sum(length(payload)), 0) from outbox").fetchone()
 
@@ -78,6 +80,8 @@ class UplinkOutbox:
                     [sender, seq, topic, payload, int(retain), ts],
                 )
                 out.append(cur.rowcount == 1)
+                if cur.rowcount == 1:
+                    self._fresh_senders.add(sender)
         self._depth += sum(out)
         self._bytes += sum(len(item[3]) for item, new in zip(items, out, strict=True) if new)
         return out
@@ -123,12 +127,19 @@ class UplinkOutbox:
         room = max(0, window - inflight - len(retx))
         # Fair share: the window is filled round-robin across senders (each one's first unsent
         # message, then each one's second, ...), each sender's messages in order, so a chatty
-        # device cannot starve the others.
+        # device cannot starve the others. Each sender's first `room` unsent ids come from the
+        # partial index, so a round costs O(senders x room), whatever the backlog.
+        ranked: list[tuple[int, int]] = []
+        for sender in list(self._fresh_senders) if room else []:
+            ids = self.db.execute("select id from outbox where attempts = 0 and sender = ? order by id limit ?",
+                                  [sender, room]).fetchall()
+            if not ids:
+                self._fresh_senders.discard(sender)
+            ranked.extend((rank, r[0]) for rank, r in enumerate(ids))
+        picked = [i for _rank, i in sorted(ranked)[:room]]
         fresh = self.db.execute(
-            f"select {cols} from outbox where id in (select id from (select id, row_number() over "
-            "(partition by sender order by id) as rn from outbox where attempts = 0) order by rn, id limit ?)",
-            [room],
-        ).fetchall() if room else []
+            f"select {cols} from outbox where id in ({','.join('?' * len(picked))})", picked
+        ).fetchall() if picked else []
         rows = sorted(retx + fresh, key=lambda r: r[0])
         return [OutboxItem(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5]), r[6]) for r in rows]
 
