@@ -127,8 +127,14 @@ class SendWindow:
 
     def pause(self, now: float, seconds: float) -> None:
         """The receiver is near its storage limit: send nothing new for ``seconds`` (capped at
-        ``max_backoff``); messages already in flight keep their own retransmission timers."""
+        ``max_backoff``). Messages in flight keep their retransmission timers, except that none
+        waits past the end of the pause: the receiver refused some of them, and a long backoff
+        would hold them up long after it has room again."""
         self.paused_until = max(self.paused_until, now + min(max(seconds, 0.0), self.max_backoff))
+        for f in self.inflight.values():
+            wait = self.backoff(f.attempts)
+            if f.sent_at + wait > self.paused_until:
+                f.sent_at = self.paused_until - wait
 
     def next_wakeup(self, now: float) -> float | None:
         """Seconds until something may become due (a retransmission or the end of a pause)."""
@@ -162,8 +168,13 @@ class CustodyAcks:
     def __bool__(self) -> bool:
         return bool(self._custody) or bool(self._busy)
 
-    def drain(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Take everything pending as ``(device, body)`` pairs, at most MAX_RANGES ranges a body."""
+    def drain(self) -> list[tuple[str, dict[str, Any]]]:
+        """Take everything pending as ``(device, body)`` pairs, at most MAX_RANGES ranges a body
+        (taken at once, so a caller that stops half way loses nothing: it puts back what it did
+        not send)."""
+        return list(self._drain())
+
+    def _drain(self) -> Iterator[tuple[str, dict[str, Any]]]:
         custody, self._custody = self._custody, {}
         busy, self._busy = self._busy, set()
         for device in sorted(set(custody) | busy):
