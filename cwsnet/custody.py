@@ -72,6 +72,11 @@ class SendWindow:
     returns those to publish now, oldest first: in-flight ones whose ack is overdue, then new ones
     while fewer than ``window`` are in flight. The caller publishes them and calls
     ``sent(seqs, now)``; ``acked(seqs)`` forgets them (the caller deletes them from its outbox).
+
+    Back-pressure: ``pause`` stops new sends for a while, except seqs the caller marks ``urgent``
+    (higher classes than bulk telemetry, which a receiver above its high water still takes);
+    ``refused(seqs)`` takes messages the receiver refused out of flight (they no longer hold window
+    room) and holds them back until the pause ends.
     """
 
     window: int = 100
@@ -79,22 +84,26 @@ class SendWindow:
     max_backoff: float = 60.0
     inflight: dict[int, _Flight] = field(default_factory=dict)
     paused_until: float = 0.0
+    deferred: dict[int, float] = field(default_factory=dict)  # refused seq -> not before
 
-    def due(self, held: Iterable[int], now: float) -> list[int]:
+    def due(self, held: Iterable[int], now: float, urgent: frozenset[int] | set[int] = frozenset()) -> list[int]:
         out: list[int] = []
         fresh_room = self.window - len(self.inflight)
         seen_inflight = 0
+        paused = now < self.paused_until
         for seq in held:
             f = self.inflight.get(seq)
             if f is not None:
                 seen_inflight += 1
                 if f.sent_at + self.backoff(f.attempts) <= now:
                     out.append(seq)
-            elif fresh_room > 0 and now >= self.paused_until:
+            elif self.deferred.get(seq, now) > now:
+                continue  # refused: not before the pause ends
+            elif fresh_room > 0 and (not paused or seq in urgent):
                 out.append(seq)
                 fresh_room -= 1
-            elif seen_inflight >= len(self.inflight):
-                break  # no room for new ones and every in-flight one was looked at
+            elif seen_inflight >= len(self.inflight) and (fresh_room <= 0 or not urgent):
+                break  # nothing more can go now, and every in-flight one was looked at
         return out
 
     def backoff(self, attempts: int) -> float:
@@ -102,6 +111,7 @@ class SendWindow:
 
     def sent(self, seqs: Iterable[int], now: float) -> None:
         for seq in seqs:
+            self.deferred.pop(seq, None)
             f = self.inflight.get(seq)
             if f is None:
                 self.inflight[seq] = _Flight(now, 1)
@@ -111,12 +121,21 @@ class SendWindow:
     def acked(self, seqs: Iterable[int]) -> None:
         for seq in seqs:
             self.inflight.pop(seq, None)
+            self.deferred.pop(seq, None)
+
+    def refused(self, seqs: Iterable[int]) -> None:
+        """The receiver refused these (no room): out of flight, held back until the pause ends."""
+        for seq in seqs:
+            if self.inflight.pop(seq, None) is not None:
+                self.deferred[seq] = self.paused_until
 
     def forget(self, keep: Iterable[int]) -> None:
         """Drop in-flight entries for seqs no longer held (acked elsewhere, dropped by policy)."""
         held = set(keep)
         for seq in [s for s in self.inflight if s not in held]:
             del self.inflight[seq]
+        for seq in [s for s in self.deferred if s not in held]:
+            del self.deferred[seq]
 
     def reconnected(self) -> None:
         """A new connection: whatever the old one carried may be gone, so all in flight is due now
@@ -124,6 +143,7 @@ class SendWindow:
         for f in self.inflight.values():
             f.sent_at = float("-inf")
         self.paused_until = 0.0
+        self.deferred.clear()
 
     def pause(self, now: float, seconds: float) -> None:
         """The receiver is near its storage limit: send nothing new for ``seconds`` (capped at
@@ -141,6 +161,7 @@ class SendWindow:
         times = [f.sent_at + self.backoff(f.attempts) for f in self.inflight.values()]
         if self.paused_until > now:
             times.append(self.paused_until)
+        times += [t for t in self.deferred.values() if t > now]
         if not times:
             return None
         return max(0.0, min(times) - now)
@@ -150,20 +171,23 @@ class SendWindow:
 class CustodyAcks:
     """Receiver (gateway) side: custody acks and busy notices waiting to be sent, per device.
 
-    ``body`` renders ``{"custody": [[first, last], ...]}`` plus ``"busy": seconds`` when the
-    gateway refused some of that device's messages for lack of room (the device keeps them and
-    sends nothing new for that long)."""
+    ``body`` renders ``{"custody": [[first, last], ...]}`` plus ``"busy": seconds`` and
+    ``"refused": [[first, last], ...]`` when the gateway refused some of that device's messages for
+    lack of room (the device keeps them, holds them back and sends no new bulk telemetry for that
+    long)."""
 
     busy_for: float = 5.0
     _custody: dict[str, set[int]] = field(default_factory=dict)
-    _busy: set[str] = field(default_factory=set)
+    _busy: dict[str, set[int]] = field(default_factory=dict)
 
     def stored(self, device: str, seq: int) -> None:
         """``(device, seq)`` is committed in the gateway's outbox (new or already held)."""
         self._custody.setdefault(device, set()).add(seq)
 
-    def refused(self, device: str) -> None:
-        self._busy.add(device)
+    def refused(self, device: str, seq: int | None = None) -> None:
+        refused = self._busy.setdefault(device, set())
+        if seq is not None:
+            refused.add(seq)
 
     def __bool__(self) -> bool:
         return bool(self._custody) or bool(self._busy)
@@ -176,14 +200,16 @@ class CustodyAcks:
 
     def _drain(self) -> Iterator[tuple[str, dict[str, Any]]]:
         custody, self._custody = self._custody, {}
-        busy, self._busy = self._busy, set()
-        for device in sorted(set(custody) | busy):
+        busy, self._busy = self._busy, {}
+        for device in sorted(set(custody) | set(busy)):
             rs = ranges(custody.get(device, ()))
             chunks = [rs[i:i + MAX_RANGES] for i in range(0, len(rs), MAX_RANGES)] or [[]]
             for i, chunk in enumerate(chunks):
                 body: dict[str, Any] = {"custody": chunk}
                 if device in busy and i == 0:
                     body["busy"] = self.busy_for
+                    if busy[device]:
+                        body["refused"] = ranges(busy[device])[:MAX_RANGES]
                 yield device, body
 
     def put_back(self, device: str, body: dict[str, Any]) -> None:
@@ -191,7 +217,9 @@ class CustodyAcks:
         for first, last in parse_ranges(body.get("custody")):
             self._custody.setdefault(device, set()).update(range(first, last + 1))
         if "busy" in body:
-            self._busy.add(device)
+            refused = self._busy.setdefault(device, set())
+            for first, last in parse_ranges(body.get("refused")):
+                refused.update(range(first, last + 1))
 
 
 def acked_seqs(body: Any, me: str) -> tuple[list[tuple[int, int]], float | None]:

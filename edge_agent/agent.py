@@ -207,8 +207,18 @@ class Agent:
         async with self._draining:
             self._settle_dropped()
             while self.link.connected.is_set():
-                held = self.outbox.oldest_seqs(len(self.window.inflight) + self.window.window)
-                due = self.window.due(held, time.monotonic())
+                now = time.monotonic()
+                if now < self.window.paused_until or self.window.deferred:
+                    # back-pressure: classes above bulk telemetry may still go, and refused
+                    # messages must not hide them, so look further
+                    entries = self.outbox.oldest_entries(len(self.window.inflight) + len(self.window.deferred)
+                                                         + self.window.window)
+                    held = [s for s, _p in entries]
+                    urgent = {s for s, p in entries if p > 0}
+                else:
+                    held = self.outbox.oldest_seqs(len(self.window.inflight) + self.window.window)
+                    urgent = set()
+                due = self.window.due(held, now, urgent)
                 if not due:
                     break
                 msgs = self.outbox.get(due)
@@ -249,9 +259,11 @@ class Agent:
         if pause is not None:
             now = time.monotonic()
             if now >= self.window.paused_until:  # once per pause, not per ack
-                log.info("%s is near its storage limit: no new messages for %.1f s (%d held here)", sender, pause,
-                         self.outbox.depth())
+                log.info("%s is near its storage limit: no new telemetry for %.1f s (%d held here)", sender,
+                         pause, self.outbox.depth())
             self.window.pause(now, pause)
+            refused = custody.parse_ranges(body.get("refused") if isinstance(body, dict) else None)
+            self.window.refused(s for first, last in refused for s in self.outbox.seqs_between(first, last))
         self._wake_flush.set()
 
     async def _sensor_loop(self, sensor: Sensor) -> None:

@@ -161,6 +161,11 @@ class AgentOutbox:
             "select seq, topic, payload, retain, priority from outbox order by seq limit ?", [limit]).fetchall()
         return [Held(r[0], r[1], bytes(r[2]), bool(r[3]), r[4]) for r in rows]
 
+    def oldest_entries(self, limit: int) -> list[tuple[int, int]]:
+        """``(seq, priority)`` of the oldest held messages."""
+        return [(r[0], r[1]) for r in self.db.execute("select seq, priority from outbox order by seq limit ?",
+                                                      [limit])]
+
     def oldest_seqs(self, limit: int) -> list[int]:
         return [r[0] for r in self.db.execute("select seq from outbox order by seq limit ?", [limit])]
 

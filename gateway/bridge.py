@@ -174,7 +174,7 @@ class Gateway:
             fill = self._fill(n, size)
             if fill >= 1.0 or (fill >= self.cfg.store.high_water and header.kind == "telemetry"):
                 self.stats["refused_full"] += 1
-                self.custody.refused(header.sender)
+                self.custody.refused(header.sender, header.seq)
                 self.site_link.ack(msg)
                 continue
             admitted.append(item)

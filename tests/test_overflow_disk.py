@@ -628,7 +628,7 @@ def test_gateway_backpressure_agents_keep_refused_data_and_everything_drains_onc
     gw.wait_log(r"uplink outbox \d+% full .* refusing .*, devices told to pause", timeout=10)
     for n, db in dbs.items():
         wait_for(lambda db=db: len(held(db)) >= 40, timeout=20, message=f"{n} keeps what the gateway refused")
-        agents[n].wait_log(r"near its storage limit: no new messages", timeout=10)
+        agents[n].wait_log(r"near its storage limit: no new telemetry", timeout=10)
     # the bounds hold: nothing past the limit, and no telemetry past high water
     rows = gw_rows()
     assert len(rows) == 100, len(rows)

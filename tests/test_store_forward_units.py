@@ -138,3 +138,36 @@ def test_seq_counter_on_a_full_disk_hands_out_only_values_the_wall_clock_covers(
     assert stuck.peek == 9_500
     with pytest.raises(OSError):  # without a wall clock, a failed reservation always refuses
         SeqCounter(1, full).next()
+
+
+def test_refused_messages_leave_the_window_and_urgent_ones_pass_a_pause() -> None:
+    from cwsnet.custody import SendWindow
+
+    w = SendWindow(window=2, retransmit_after=5.0)
+    w.sent([1, 2], 0.0)  # bulk telemetry fills the window
+    w.pause(1.0, 3.0)  # the gateway is near its limit ...
+    w.refused([1, 2])  # ... and refused both
+    assert w.inflight == {} and w.deferred == {1: 4.0, 2: 4.0}
+    # during the pause: refused ones wait, new telemetry waits, a status (urgent) goes
+    assert w.due([1, 2, 3, 4], 2.0, urgent={4}) == [4]
+    assert w.next_wakeup(2.0) == 2.0
+    # when the pause ends, the refused ones go first, within the window
+    w.sent([4], 2.0)
+    assert w.due([1, 2, 3], 4.0) == [1]
+    w.acked([4])
+    assert w.due([1, 2, 3], 4.0) == [1, 2] and w.deferred == {1: 4.0, 2: 4.0}
+    w.sent([1, 2], 4.0)
+    assert w.deferred == {}
+
+
+def test_busy_body_names_the_refused_seqs_and_survives_put_back() -> None:
+    from cwsnet.custody import CustodyAcks
+
+    acks = CustodyAcks(busy_for=2.0)
+    acks.stored("dev-1", 7)
+    for seq in (8, 9, 11):
+        acks.refused("dev-1", seq)
+    [(device, body)] = acks.drain()
+    assert device == "dev-1" and body == {"custody": [[7, 7]], "busy": 2.0, "refused": [[8, 9], [11, 11]]}
+    acks.put_back(device, body)
+    assert acks.drain() == [("dev-1", body)]
