@@ -13,7 +13,7 @@ from pathlib import Path
 import cbor2
 import pytest
 from harness import ProcessSet, free_port, wait_for
-from harness.deploy import OPENER, Deployment, get
+from harness.deploy import Deployment, get, prometheus
 
 from cwsnet import topics
 from cwsnet.bundle import Bundle
@@ -24,13 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.mosquitto]
 
 
 def gateway_metrics(port: int) -> dict[str, float]:
-    with OPENER.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        out = {}
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+    return prometheus(f"http://127.0.0.1:{port}/metrics")
 
 
 def test_forged_and_poison_messages_through_the_gateway(tmp_path: Path, procs: ProcessSet) -> None:

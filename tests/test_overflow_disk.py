@@ -26,7 +26,6 @@ import contextlib
 import errno
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -37,7 +36,8 @@ from typing import Any
 import psutil
 import pytest
 from harness import ManagedProcess, ProcessSet, free_port, wait_for
-from harness.deploy import OPENER, Deployment, get, post
+from harness.db import query, ro
+from harness.deploy import Deployment, get, post, prometheus
 
 pytestmark = pytest.mark.integration
 
@@ -48,16 +48,7 @@ NO_DROPS = {"telemetry": 0, "status": 0, "event": 0, "result": 0}
 # ---- reading the daemons' databases (read-only, while they run) ------------------------------------
 
 
-def _ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-
-
-def _query(path: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = _ro(path)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+_ro, _query = ro, query
 
 
 def ledger(outbox_db: Path) -> dict[int, tuple[str, str]]:
@@ -593,13 +584,7 @@ def test_gateway_full_disk_for_a_thousand_seals_does_not_crash(
 
 
 def gateway_metrics(port: int) -> dict[str, float]:
-    with OPENER.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        out = {}
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+    return prometheus(f"http://127.0.0.1:{port}/metrics")
 
 
 def test_gateway_backpressure_agents_keep_refused_data_and_everything_drains_once(

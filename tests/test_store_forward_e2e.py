@@ -5,22 +5,17 @@ expired command that is never run, with the reason in the API."""
 from __future__ import annotations
 
 import signal
-import sqlite3
 from pathlib import Path
 
 import pytest
 from harness import ProcessSet, wait_for
+from harness.db import query
 from harness.deploy import OPENER, Deployment, get, post
 
 pytestmark = pytest.mark.integration
 
 
-def rows(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
+rows = query
 
 
 def ledger(d: Deployment, node: str) -> dict[str, int]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .db import query, ro
 from .deploy import Deployment
 from .faultproxy import FaultProxy
 from .proc import ManagedProcess
@@ -44,19 +44,6 @@ from .wait import wait_for
 
 #: kinds the agent sends through its outbox (so they are in its ledger); births and deaths are not
 LEDGER_KINDS = ("telemetry", "status", "event", "task_result")
-
-
-def ro(path: Path) -> sqlite3.Connection:
-    """A read-only connection to a live SQLite (WAL) database another process is writing."""
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-
-
-def query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = ro(path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 @dataclass

@@ -24,6 +24,17 @@ def get(url: str) -> Any:
         return json.loads(r.read())
 
 
+def prometheus(url: str) -> dict[str, float]:
+    """A Prometheus text page as ``{"name{labels}": value}``."""
+    with OPENER.open(url, timeout=5) as r:
+        out = {}
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+
 def post(url: str, body: dict) -> Any:
     req = urllib.request.Request(url, json.dumps(body).encode(), headers={"content-type": "application/json"})
     with OPENER.open(req, timeout=5) as r:
