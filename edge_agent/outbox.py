@@ -25,11 +25,10 @@ what became of it" can be audited after any crash (the chaos test checks it agai
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
+from cwsnet.db import open_durable, transaction
 
 PRIORITY = {"telemetry": 0, "status": 1, "event": 2, "task_result": 3, "birth": 3, "death": 3}
 CLASS_NAMES = {0: "telemetry", 1: "status", 2: "event", 3: "result"}
@@ -47,16 +46,13 @@ class Held:
 class AgentOutbox:
     def __init__(self, path: Path, *, max_messages: int = 10_000, max_bytes: int = 16 * 1024 * 1024,
                  ledger_keep: int = 100_000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.ledger_keep = ledger_keep
         self._since_prune = 0
         #: seqs the overflow policy dropped since the owner last took them (see :meth:`take_dropped`)
         self.dropped_seqs: list[int] = []
-        self.db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None))
-        self.db.enable_wal()
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = open_durable(path)
         if "outbox" not in self.db.table_names():
             self.db["outbox"].create(
                 {"seq": int, "topic": str, "payload": bytes, "retain": int, "priority": int, "size": int},
@@ -209,20 +205,8 @@ class AgentOutbox:
             self._add_drops(dropped)
             self._record(seq, kind, "dropped")
 
-    def _tx(self):  # noqa: ANN202 - explicit BEGIN/COMMIT around a block
-        conn = self.db.conn
-
-        class Tx:
-            def __enter__(self) -> None:
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, *_: object) -> None:  # noqa: ANN001
-                if exc_type is None:
-                    conn.execute("COMMIT")
-                elif conn.in_transaction:
-                    conn.execute("ROLLBACK")
-
-        return Tx()
+    def _tx(self):  # noqa: ANN202
+        return transaction(self.db.conn)
 
     def summary(self) -> str:
         return json.dumps({"depth": self._count, "bytes": self._bytes, "dropped": self.drops()})

@@ -10,11 +10,10 @@ each task id at most once, so a repeat is harmless.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
+from cwsnet.db import open_durable, transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +29,7 @@ class DownlinkStore:
     """Not thread-safe: the gateway calls it from its one database thread."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False, isolation_level=None))
-        self.db.enable_wal()
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = open_durable(path, any_thread=True)
         if "held" not in self.db.table_names():
             self.db["held"].create(
                 {"node": str, "seq": int, "topic": str, "payload": bytes, "expires": float, "received": float,
@@ -44,7 +40,7 @@ class DownlinkStore:
 
     def add(self, node: str, seq: int, topic: str, payload: bytes, expires: float, now: float) -> bool:
         """Hold a command; False if it was already held (a redelivery from the cloud)."""
-        with self.db.conn:
+        with transaction(self.db.conn):
             cur = self.db.conn.execute(
                 "insert or ignore into held (node, seq, topic, payload, expires, received, delivered) "
                 "values (?, ?, ?, ?, ?, ?, 0)", [node, seq, topic, payload, expires, now])
@@ -64,14 +60,14 @@ class DownlinkStore:
         return [HeldCommand(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
     def delivered(self, items: list[tuple[str, int]], now: float) -> None:
-        with self.db.conn:
+        with transaction(self.db.conn):
             self.db.conn.executemany("update held set delivered = ? where node = ? and seq = ?",
                                      [(now, n, s) for n, s in items])
 
     def received(self, node: str, ranges: list[tuple[int, int]]) -> int:
         """The device's receipt: forget what it names; returns how many were held."""
         n = 0
-        with self.db.conn:
+        with transaction(self.db.conn):
             for first, last in ranges:
                 n += self.db.conn.execute("delete from held where node = ? and seq between ? and ?",
                                           [node, first, last]).rowcount
@@ -80,7 +76,7 @@ class DownlinkStore:
 
     def expire(self, now: float) -> list[tuple[str, int]]:
         """Drop commands past their expiry (never delivered after it); returns which."""
-        with self.db.conn:
+        with transaction(self.db.conn):
             rows = self.db.conn.execute("delete from held where expires <= ? returning node, seq", [now]).fetchall()
         self._depth -= len(rows)
         return [(r[0], r[1]) for r in rows]

@@ -9,13 +9,12 @@ a redelivered message (MQTT DUP, a retained status seen again) is stored once.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
+from cwsnet.db import open_durable, transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +32,7 @@ class UplinkOutbox:
     """Not thread-safe: the gateway calls it from one dedicated thread (or the event loop)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False, isolation_level=None))
-        self.db.enable_wal()
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = open_durable(path, any_thread=True)
         if "outbox" not in self.db.table_names():
             self.db["outbox"].create(
                 {
@@ -86,20 +82,8 @@ class UplinkOutbox:
         self._bytes += sum(len(item[3]) for item, new in zip(items, out, strict=True) if new)
         return out
 
-    def _tx(self):  # noqa: ANN202 - a context manager over an explicit BEGIN/COMMIT
-        conn = self.db.conn
-
-        class Tx:
-            def __enter__(self) -> None:
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, *_: object) -> None:  # noqa: ANN001
-                if exc_type is None:
-                    conn.execute("COMMIT")
-                elif conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
-                    conn.execute("ROLLBACK")
-
-        return Tx()
+    def _tx(self):  # noqa: ANN202
+        return transaction(self.db.conn)
 
     def resend_unacked(self) -> None:
         """Make every sent-but-unacked message due now (after a restart or an uplink reconnect:
