@@ -193,7 +193,9 @@ class TaskRequest(ApiModel):
 
 class TaskCreated(ApiModel):
     id: str = Field(description="the new task's id")
-    state: Literal["queued"] = Field(description="always queued: it is sent when the device is online")
+    state: Literal["queued"] = Field(
+        description="always queued: sent at once when the device's gateway can hold it, else when the device is online"
+    )
 
 
 class TaskOut(ApiModel):
