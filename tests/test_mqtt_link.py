@@ -473,6 +473,35 @@ def test_tls_roundtrip_with_large_and_many_messages(
 # back-pressure: the incoming queue is bounded by not reading the socket
 
 
+def test_a_broker_certificate_from_another_ca_is_refused(
+    mosquitto_factory: Callable[..., MosquittoBroker], tmp_path: Path
+) -> None:
+    """A client configured (``tls.ca_file``) with its own CA never connects to a broker whose
+    certificate another CA issued, however valid that certificate is otherwise; with the right CA
+    it connects."""
+    from cwsnet.config import BrokerEndpoint
+    from cwsnet.tls import client_context
+
+    ca, cert, key = _make_tls_files(tmp_path / "site-ca")
+    other_ca, _c, _k = _make_tls_files(tmp_path / "other-ca")
+    broker = mosquitto_factory(extra_conf=f"cafile {ca}\ncertfile {cert}\nkeyfile {key}")
+
+    def ctx(ca_file: Path) -> Any:
+        return client_context(BrokerEndpoint(port=broker.port, tls={"ca_file": ca_file}))
+
+    async def body() -> None:
+        stranger = make_link(broker.port, tls=ctx(other_ca))
+        async with running(stranger, wait_connected=False):
+            await await_for(lambda: stranger.stats["connect_failures"] >= 2, message="TLS refusals")
+            assert "CERTIFICATE_VERIFY_FAILED" in str(stranger.stats["last_error"])
+            assert not stranger.connected.is_set() and stranger.stats["connects"] == 0
+        trusting = make_link(broker.port, tls=ctx(ca))
+        async with running(trusting):
+            await trusting.publish("tls/ok", b"1")
+
+    run_async(body())
+
+
 def test_slow_handler_burst_bounded_queue_in_order(mosquitto_factory: Callable[..., MosquittoBroker]) -> None:
     # mosquitto keeps everything it cannot send yet (default: 1000 per client, then drops)
     broker = mosquitto_factory(extra_conf="max_queued_messages 0")
