@@ -6,6 +6,7 @@ Sans-I/O: the clock and the peer-key lookup are injected; persistence of the cou
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import nacl.public
 
 from cwsnet import envelope
 from cwsnet.envelope import Header, Opened
-from cwsnet.errors import UnknownSender
+from cwsnet.errors import EnvelopeError, UnknownSender
 from cwsnet.identity import Identity
 from cwsnet.replay import SeqCounter
 
@@ -84,3 +85,11 @@ class Endpoint:
             payload, topic=topic, me=self.identity.node, my_key=self.identity.secret_key, sender_key=self.peer_key,
             box_for=self.box,
         )
+
+    def open_or_log(self, payload: bytes, topic: str, log: logging.Logger, what: str = "message") -> Opened | None:
+        """Open a received message, or log why it was rejected (with its reason label) and return None."""
+        try:
+            return self.open(payload, topic)
+        except EnvelopeError as exc:
+            log.warning("rejected %s on %s: %s (%s)", what, topic, exc, exc.reason)
+            return None

@@ -22,7 +22,6 @@ from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
-from cwsnet.errors import EnvelopeError
 from cwsnet.links import link_for
 from cwsnet.mqtt import LinkDown, LinkError, Message, Will
 from cwsnet.nodestate import NodeState
@@ -331,10 +330,8 @@ class Agent:
 
     # ---- tasks --------------------------------------------------------------------------
     async def _on_message(self, msg: Message) -> None:
-        try:
-            opened = self.endpoint.open(msg.payload, msg.topic)
-        except EnvelopeError as exc:
-            log.warning("rejected message on %s: %s (%s)", msg.topic, exc, exc.reason)
+        opened = self.endpoint.open_or_log(msg.payload, msg.topic, log)
+        if opened is None:
             return
         if opened.header.kind == "ack":
             # idempotent (it can only forget what is already committed upstream), so no replay check

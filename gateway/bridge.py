@@ -395,10 +395,8 @@ class Gateway:
     async def _receipt(self, msg: Message) -> None:
         """A device's sealed receipt: the commands it names arrived, stop holding them."""
         self.site_link.ack(msg)
-        try:
-            opened = self.endpoint.open(msg.payload, msg.topic)
-        except EnvelopeError as exc:
-            log.warning("rejected receipt on %s: %s (%s)", msg.topic, exc, exc.reason)
+        opened = self.endpoint.open_or_log(msg.payload, msg.topic, log, "receipt")
+        if opened is None:
             return
         if opened.header.kind != "ack" or not isinstance(opened.body, dict):
             log.warning("rejected %s on %s: expected a receipt", opened.header.kind, msg.topic)
@@ -427,10 +425,8 @@ class Gateway:
                 log.exception("downlink sweep failed; trying again in %.0f s", every)
 
     async def _own_message(self, msg: Message) -> None:
-        try:
-            opened = self.endpoint.open(msg.payload, msg.topic)
-        except EnvelopeError as exc:
-            log.warning("rejected message on %s: %s (%s)", msg.topic, exc, exc.reason)
+        opened = self.endpoint.open_or_log(msg.payload, msg.topic, log)
+        if opened is None:
             return
         if opened.header.sender != "cloud":
             log.warning("rejected %s from %s: only the cloud addresses the gateway", opened.header.kind,

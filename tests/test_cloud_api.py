@@ -96,13 +96,16 @@ class Env:
             ]
         )
 
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()
+
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     e = Env(tmp_path)
     yield e
-    e.client.close()
-    e.store.close()
+    e.close()
 
 
 def assert_error(resp: Any, status: int, code: str) -> dict[str, Any]:

@@ -101,10 +101,10 @@ task_like = st.fixed_dictionaries(
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
+    """The in-process API of ``test_cloud_api`` (a real SQLite store, no sockets)."""
     e = Env(tmp_path)
     yield e
-    e.client.close()
-    e.store.close()
+    e.close()
 
 
 @FUZZ
