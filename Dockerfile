@@ -11,5 +11,7 @@ COPY policies ./policies
 RUN pip install --no-cache-dir . && useradd --system --home /data cwsnet && mkdir -p /data && chown cwsnet /data
 USER cwsnet
 VOLUME ["/data"]
+# MQTT over TLS (site broker, cloud broker) and the console; plaintext MQTT stays on loopback
+EXPOSE 8883 8884 8080
 ENTRYPOINT ["cwsnet"]
 CMD ["--help"]

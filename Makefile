@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Debian packages the tests need, only when root: Mosquitto (the interoperability broker and
-# its clients), Chromium (the console's browser test) and openssl (test TLS certificates).
-DEBS = mosquitto mosquitto-clients chromium openssl
+# its clients) and Chromium (the console's browser test). TLS certificates come from cwsnet.pki.
+DEBS = mosquitto mosquitto-clients chromium
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \

@@ -137,6 +137,7 @@ def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path) -> dict[s
     topo = lab.init(Topology(
         site="bench", gateway="gw-bench", devices=[f"b{i}" for i in range(devices)],
         cloud_mqtt_port=free_port(), gateway_mqtt_port=free_port(), http_port=free_port(),
+        cloud_mqtts_port=free_port(), gateway_mqtts_port=free_port(),
     ))
     with cloud_and_gateway(lab, topo):
         # Devices seal ahead of sending (as a real one seals when it reads), so the throughput run
@@ -190,7 +191,8 @@ def run_latency_probe(devices: int, workdir: Path, count: int = 200) -> list[flo
     """Latency of single sealed readings sent one at a time at a modest rate (not a backlog)."""
     lab = HomeLab(workdir / "lab-latency")
     topo = lab.init(Topology(site="lat", gateway="gw-lat", devices=["l0"], cloud_mqtt_port=free_port(),
-                             gateway_mqtt_port=free_port(), http_port=free_port()))
+                             gateway_mqtt_port=free_port(), http_port=free_port(), cloud_mqtts_port=free_port(),
+                             gateway_mqtts_port=free_port()))
     with cloud_and_gateway(lab, topo):
         b = Bundle.load(lab.bundle_path("l0"))
         ep = Endpoint(b.identity, SeqCounter(0, lambda m: None), {"cloud": b.cloud_public_key}.get)

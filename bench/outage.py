@@ -246,7 +246,8 @@ def provision(workdir: Path, devices: int) -> tuple[HomeLab, Topology]:
     replay starts within a second of the cloud's return (the default backoff caps at 30 s)."""
     lab = HomeLab(workdir / "lab")
     topo = lab.init(Topology(site="out", gateway="gw-out", devices=[f"d{i:02d}" for i in range(devices)],
-                             cloud_mqtt_port=free_port(), gateway_mqtt_port=free_port(), http_port=free_port()))
+                             cloud_mqtt_port=free_port(), gateway_mqtt_port=free_port(), http_port=free_port(),
+                             cloud_mqtts_port=free_port(), gateway_mqtts_port=free_port()))
     path = lab.config_path(topo.gateway)
     cfg = yaml.safe_load(path.read_text())
     cfg["reconnect"] = {"min_delay": 0.2, "max_delay": 1.0}

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cwsnet.errors import ConfigError
+from cwsnet.tls import is_loopback_host
 from cwsnet.topics import check_name
 
 
@@ -46,10 +47,20 @@ class BrokerEndpoint(Model):
 
 
 class EmbeddedBroker(Model):
-    """The amqtt broker this daemon runs in-process ."""
+    """The amqtt broker this daemon runs in-process.
+
+    Beyond loopback it speaks only TLS: ``tls_port`` (with ``certfile``/``keyfile``) listens on
+    ``host``; the plaintext ``port`` and ``ws_port`` listeners listen on ``plain_host`` (default:
+    ``host``), which must be a loopback address.
+    """
 
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
+    port: int | None = Field(
+        1883, ge=1, le=65535, description="plaintext MQTT port, loopback only (null: no plaintext listener)"
+    )
+    plain_host: str | None = Field(
+        None, description="address of the plaintext and websocket listeners (default: host); must be loopback"
+    )
     tls_port: int | None = Field(None, ge=1, le=65535)
     certfile: Path | None = None
     keyfile: Path | None = None
@@ -57,6 +68,34 @@ class EmbeddedBroker(Model):
     credentials_file: Path | None = Field(
         None, description="broker users and topic ACLs (JSON); None allows anonymous on loopback only"
     )
+
+    @model_validator(mode="after")
+    def _listeners(self) -> EmbeddedBroker:
+        if self.tls_port is not None and (self.certfile is None or self.keyfile is None):
+            raise ValueError("tls_port needs both certfile and keyfile")
+        if self.tls_port is None and (self.certfile is not None or self.keyfile is not None):
+            raise ValueError("certfile/keyfile given but no tls_port")
+        if self.port is None and self.tls_port is None and self.ws_port is None:
+            raise ValueError("no listener: set tls_port (with certfile and keyfile) or port")
+        problem = plaintext_bind_problem(self.plain_host or self.host, self.port, self.ws_port,
+                                         "plain_host" if self.plain_host else "host")
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def plaintext_bind_problem(bind: str, port: int | None, ws_port: int | None, field: str = "host") -> str | None:
+    """Why plaintext (MQTT ``port``, websocket ``ws_port``) listeners may not listen on ``bind``:
+    beyond loopback every MQTT client must use TLS. None when they may (or there are none)."""
+    if is_loopback_host(bind):
+        return None
+    names = [n for n, v in (("port", port), ("ws_port", ws_port)) if v is not None]
+    if not names:
+        return None
+    what = " and ".join(names)
+    return (f"broker.{names[0]}: a plaintext listener ({what}) may listen only on a loopback address, not "
+            f"{field} {bind!r}: serve clients beyond this machine on tls_port (with certfile and keyfile) and set "
+            f"plain_host: 127.0.0.1 (or port: null), or set host: 127.0.0.1")
 
 
 class Reconnect(Model):
@@ -175,9 +214,24 @@ class GatewayConfig(Model):
     reconnect: Reconnect = Field(default_factory=Reconnect)
 
 
+class HttpTLS(Model):
+    certfile: Path = Field(description="server certificate (PEM), e.g. issued by `cwsnet init` from the CWSNet CA")
+    keyfile: Path = Field(description="its private key (PEM, mode 0600)")
+
+
 class HttpConfig(Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    tls: HttpTLS | None = Field(None, description="serve HTTPS; required when host is not a loopback address")
+
+    @model_validator(mode="after")
+    def _tls_beyond_loopback(self) -> HttpConfig:
+        if self.tls is None and not is_loopback_host(self.host):
+            raise ValueError(
+                f"http.host {self.host!r} is not a loopback address: the console and REST API listen beyond "
+                "this machine only over HTTPS (set http.tls.certfile and http.tls.keyfile, or http.host: 127.0.0.1)"
+            )
+        return self
 
 
 class CloudConfig(Model):
@@ -199,6 +253,12 @@ class CloudConfig(Model):
     )
     ack_interval: float = Field(0.2, gt=0, le=60, description="seconds between cumulative acks to a gateway")
     reconnect: Reconnect = Field(default_factory=Reconnect)
+    admin_token_file: Path | None = Field(
+        None,
+        description="on a start with no operator account yet, the cloud creates the account 'admin' (role admin) "
+        "and writes its API token 'bootstrap' here (mode 0600, one line); later starts leave it alone. None: "
+        "no account is made (create one with `cwsnet operator add`)",
+    )
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -256,6 +316,8 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{loc}: required field is missing"
     got = err.get("input")
+    if err["type"] == "value_error" and isinstance(got, dict):  # a check across a section's fields
+        return f"{loc}: {msg.removeprefix('Value error, ')}"
     shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
     return f"{loc}: {msg} (got {shown})"
 

@@ -21,6 +21,12 @@ def _passwords(d: Deployment, nodes: list[str]) -> dict[str, str]:
     return {d.bundle(n)["mqtt_username"]: d.bundle(n)["mqtt_password"] for n in nodes}
 
 
+def _tls_conf(d: Deployment, cert: str) -> str:
+    """Mosquitto serving TLS with the certificate the lab's CA issued (the daemons verify it)."""
+    crt, key = d.lab.tls_paths(cert)
+    return f"cafile {d.lab.ca_file}\ncertfile {crt}\nkeyfile {key}"
+
+
 def test_agent_with_mosquitto_as_site_broker(tmp_path: Path, procs: ProcessSet, mosquitto_factory: Any) -> None:
     d = Deployment(tmp_path, procs)
     users = _passwords(d, [d.topo.gateway, *d.topo.devices])
@@ -30,8 +36,8 @@ def test_agent_with_mosquitto_as_site_broker(tmp_path: Path, procs: ProcessSet, 
     acl.write_text(f"user {d.topo.gateway}\ntopic readwrite cws/v1/home/#\n\n"
                    "pattern write cws/v1/home/%u/#\npattern read cws/v1/home/%u/task/cmd\n"
                    "pattern read cws/v1/home/%u/ack\npattern read cws/v1/home/%u/config\n")
-    site = mosquitto_factory(port=d.topo.gateway_mqtt_port, allow_anonymous=False, password_file=pwfile,
-                             extra_conf=f"acl_file {acl}")
+    site = mosquitto_factory(port=d.topo.gateway_mqtts_port, allow_anonymous=False, password_file=pwfile,
+                             extra_conf=f"acl_file {acl}\n{_tls_conf(d, f'site-{d.topo.site}-broker')}")
     d.edit(d.topo.gateway, {"broker": None})  # the site already has a broker: Mosquitto
     d.start_cloud()
     d.start("gateway", d.topo.gateway)
@@ -45,7 +51,8 @@ def test_bridge_with_mosquitto_as_cloud_broker(tmp_path: Path, procs: ProcessSet
     d = Deployment(tmp_path, procs)
     users = _passwords(d, ["cloud", d.topo.gateway])
     pwfile = make_password_file(tmp_path / "cloud.passwd", users)
-    cloud_broker = mosquitto_factory(port=d.topo.cloud_mqtt_port, allow_anonymous=False, password_file=pwfile)
+    cloud_broker = mosquitto_factory(port=d.topo.cloud_mqtts_port, allow_anonymous=False, password_file=pwfile,
+                                     extra_conf=_tls_conf(d, "cloud-broker"))
     d.edit("cloud", {"broker": None})
     d.start_cloud()
     d.start("gateway", d.topo.gateway)
@@ -65,7 +72,7 @@ def test_uplink_cut_holds_data_then_delivers_in_order_exactly_once(
     tmp_path: Path, procs: ProcessSet, fault_proxy: Any
 ) -> None:
     d = Deployment(tmp_path, procs, devices=1)
-    proxy: FaultProxy = fault_proxy(d.topo.cloud_mqtt_port)
+    proxy: FaultProxy = fault_proxy(d.topo.cloud_mqtts_port)  # the uplink is TLS: the proxy carries it
     metrics_port = free_port()
     d.edit(d.topo.gateway, {"uplink": {"port": proxy.port, "keepalive": 5}, "retransmit_after": 2.0,
                             "metrics_port": metrics_port})

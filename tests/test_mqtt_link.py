@@ -409,24 +409,13 @@ def test_auth_refused_on_bad_credentials(
 
 
 def _make_tls_files(d: Path) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
-    import shutil
-    import subprocess
+    """A throw-away CWSNet CA and a server certificate for 127.0.0.1 it issued (cwsnet.pki)."""
+    from cwsnet import pki
 
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl CLI is not installed: `make test` installs it when run as root")
-    d.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*argv: str) -> None:
-        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=30, cwd=d)
-
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=cwsnet-test-ca")
-    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
-    return d / "ca.crt", d / "server.crt", d / "server.key"
+    ca = pki.ensure_ca(d / "ca")[0]
+    cert, key = d / "server.crt", d / "server.key"
+    pki.issue_server_cert(ca, cert, key, ["127.0.0.1"])
+    return ca.cert_path, cert, key
 
 
 def test_tls_roundtrip_with_large_and_many_messages(

@@ -76,8 +76,9 @@ class ChaosLab:
         self._log = log
         self.t0 = time.monotonic()
         self.devices: list[str] = list(d.topo.devices)
-        self.uplink = proxy(d.topo.cloud_mqtt_port)
-        self.links = {dev: proxy(d.topo.gateway_mqtt_port) for dev in self.devices}
+        # the daemons' links are TLS (verified against the lab's CA): the proxies carry it unchanged
+        self.uplink = proxy(d.topo.cloud_mqtts_port)
+        self.links = {dev: proxy(d.topo.gateway_mqtts_port) for dev in self.devices}
         self.procs: dict[str, ManagedProcess] = {}
         self.kind = {"cloud": "cloud", d.topo.gateway: "gateway", **{dev: "agent" for dev in self.devices}}
         # pending restarts and restores: (due monotonic time, what, callable)
