@@ -7,12 +7,21 @@ API completely. Every error, including validation errors and unknown routes, has
 
 Routes that touch the store are plain ``def`` functions: FastAPI runs them in its thread pool,
 so a slow commit never stalls the event loop that also carries MQTT.
+
+Every ``/api/v1`` route but ``POST /api/v1/auth/login``, and ``/metrics``, needs a token of an
+operator account (:mod:`cloud.auth`): ``Authorization: Bearer TOKEN``, or the console's session
+cookie. Each route names the least role it needs (``x-required-role`` in the OpenAPI document);
+:class:`_Guard`, an ASGI middleware, checks it before anything else runs (so an anonymous client
+learns nothing from a route, not even whether its body is valid) and writes the audit log entry of
+every mutating call, allowed or refused, before the response leaves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -21,13 +30,35 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import cbor2
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response, Security
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyCookie, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import cookie_parser
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cloud.auth import (
+    PASSWORD_MAX,
+    PASSWORD_MIN,
+    SESSION_TTL,
+    TOKEN_MAX,
+    TOKEN_NAME_PATTERN,
+    USERNAME_PATTERN,
+    Account,
+    AuditEntry,
+    AuthError,
+    AuthStore,
+    LoginThrottle,
+    Principal,
+    Token,
+)
 from cloud.fanout import Fanout
 from cloud.ingest import BodyError, check_storable
 from cloud.metrics import CONTENT_TYPE, CloudMetrics
@@ -44,6 +75,15 @@ API_VERSION = "1"
 ENVELOPE_HEADROOM = 1024
 #: largest CBOR-encoded task_cmd body that still fits one envelope (cwsnet.envelope.MAX_PAYLOAD)
 MAX_TASK_BODY = MAX_PAYLOAD - ENVELOPE_HEADROOM
+
+#: the console's session cookie (HttpOnly, SameSite=Strict), set by POST /api/v1/auth/login
+COOKIE_NAME = "cws_session"
+#: a request authenticated by the cookie that changes something must carry this header with the
+#: value "1": a cross-site form cannot set a header, so it cannot act with an operator's cookie
+CONSOLE_HEADER = "X-CWS-Console"
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: argon2id verifications at once (each takes 64 MiB and a core for about 50 ms)
+LOGIN_CONCURRENCY = 2
 
 
 class TaskSubmitter(Protocol):
@@ -63,6 +103,10 @@ class CloudState:
     broker_connected: Callable[[], bool] = lambda: False
     clock: Callable[[], float] = time.time
     heartbeat: float = 15.0
+    #: accounts, tokens and the audit log (required: the API has no open mode)
+    auth: AuthStore = field(kw_only=True)
+    throttle: LoginThrottle = field(default_factory=LoginThrottle, kw_only=True)
+    session_ttl: float = field(default=SESSION_TTL, kw_only=True)
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -76,25 +120,42 @@ _CODES = {
     409: "conflict",
     413: "too_large",
     422: "invalid_request",
+    429: "too_many_requests",
     500: "internal",
     503: "unavailable",
 }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or _CODES.get(status, "error")
         self.message = message
         self.details = details
+        self.headers = headers
 
 
-def _error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def _error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         body["details"] = details
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _www_authenticate(error: str | None = None) -> dict[str, str]:
+    value = 'Bearer realm="cwsnet"' + (f', error="{error}"' if error else "")
+    return {"WWW-Authenticate": value}
 
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -222,10 +283,310 @@ class TaskPage(ApiModel):
     offset: int = Field(description="offset used")
 
 
+RoleName = Literal["viewer", "operator", "admin"]
+
+
+class LoginRequest(ApiModel):
+    username: str | None = Field(None, max_length=64, description="account name (together with password)")
+    password: str | None = Field(
+        None, max_length=PASSWORD_MAX, description="the account's password (together with username); never logged"
+    )
+    token: str | None = Field(
+        None, max_length=TOKEN_MAX, description="an API token, instead of username and password: the console "
+        "then gets a session of the token's account (ending when the token is revoked or expires)"
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> LoginRequest:
+        if self.token is not None:
+            if self.username is not None or self.password is not None:
+                raise ValueError("send either username and password, or token, not both")
+        elif self.username is None or self.password is None:
+            raise ValueError("send username and password, or token")
+        return self
+
+
+class SessionOut(ApiModel):
+    token: str = Field(
+        description="the session token: `Authorization: Bearer TOKEN` (the console uses the cookie set with it "
+        "instead); shown only in this answer"
+    )
+    token_id: str = Field(description="the session's public id, as the audit log and GET /api/v1/tokens show it")
+    expires: int = Field(description="ms since the epoch when the session ends")
+    username: str = Field(description="the account logged in")
+    role: RoleName = Field(description="the account's role: viewer, operator or admin")
+
+
+class MeOut(ApiModel):
+    username: str = Field(description="the account the request's token belongs to")
+    role: RoleName = Field(description="its role: viewer (read), operator (also tasks), admin (also accounts, "
+                           "tokens, audit log)")
+    token_id: str = Field(description="public id of the token used")
+    token_name: str = Field(description="name of the token used")
+    kind: Literal["api", "session"] = Field(description="api: an API token; session: a login session")
+    expires: int | None = Field(description="ms since the epoch when the token ends; null for never")
+
+
+class AccountOut(ApiModel):
+    username: str = Field(description="account name (unique, case-insensitive)")
+    role: RoleName = Field(description="viewer, operator or admin")
+    created: int = Field(description="ms since the epoch")
+    updated: int = Field(description="ms since the epoch of the last role or password change")
+    password_changed: int = Field(description="ms since the epoch when its password was last set")
+    tokens: int = Field(description="its API tokens neither revoked nor expired")
+    last_used: int | None = Field(description="ms since the epoch of the latest use of any of its tokens")
+
+
+class AccountPage(ApiModel):
+    items: list[AccountOut] = Field(description="accounts, ordered by name")
+    total: int = Field(description="number of accounts")
+    limit: int = Field(description="page size used")
+    offset: int = Field(description="offset used")
+
+
+class AccountCreate(ApiModel):
+    username: str = Field(
+        pattern=USERNAME_PATTERN, description="1-64 letters, digits, '_', '.', '@' or '-', starting with a letter "
+        "or digit"
+    )
+    role: RoleName = Field(description="viewer, operator or admin")
+    password: str | None = Field(
+        None, min_length=PASSWORD_MIN, max_length=PASSWORD_MAX,
+        description=f"its password ({PASSWORD_MIN}-{PASSWORD_MAX} characters); omit it for an account that logs "
+        "in with API tokens only (it gets a random password nobody knows)",
+    )
+
+
+class AccountUpdate(ApiModel):
+    role: RoleName | None = Field(None, description="the new role (the last admin cannot be demoted)")
+    password: str | None = Field(
+        None, min_length=PASSWORD_MIN, max_length=PASSWORD_MAX,
+        description="a new password; the account's console sessions end, its API tokens stay valid",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> AccountUpdate:
+        if self.role is None and self.password is None:
+            raise ValueError("send role, password or both")
+        return self
+
+
+class TokenCreate(ApiModel):
+    account: str = Field(pattern=USERNAME_PATTERN, description="the account the token acts as")
+    name: str = Field(
+        pattern=TOKEN_NAME_PATTERN, description="what the token is for, e.g. prometheus or ci (1-64 characters)"
+    )
+    expires_days: float | None = Field(
+        None, gt=0, le=36500, description="days until it expires; omit for a token that never expires"
+    )
+
+
+class TokenOut(ApiModel):
+    id: str = Field(description="the token's public id (revoke it with DELETE /api/v1/tokens/{id})")
+    account: str = Field(description="the account it acts as")
+    kind: Literal["api", "session"] = Field(description="api: an API token; session: a login session")
+    name: str = Field(description="its name")
+    created: int = Field(description="ms since the epoch")
+    last_used: int | None = Field(description="ms since the epoch of its latest use (updated at most once a minute)")
+    expires: int | None = Field(description="ms since the epoch when it expires; null for never")
+    revoked: int | None = Field(description="ms since the epoch when it was revoked; null if it was not")
+    active: bool = Field(description="neither revoked nor expired")
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="the token itself: `Authorization: Bearer TOKEN`. Shown only in this answer; "
+                       "the cloud keeps only its SHA-256")
+
+
+class TokenPage(ApiModel):
+    items: list[TokenOut] = Field(description="tokens, newest first")
+    total: int = Field(description="number of tokens matching the filters")
+    limit: int = Field(description="page size used")
+    offset: int = Field(description="offset used")
+
+
+class AuditOut(ApiModel):
+    id: int = Field(description="entry id, increasing")
+    ts: int = Field(description="ms since the epoch")
+    actor: str = Field(description="the account that made the call, or anonymous")
+    role: str | None = Field(description="the actor's role at the time; null for anonymous")
+    token_id: str | None = Field(description="public id of the token used (never the token)")
+    method: str = Field(description="HTTP method")
+    path: str = Field(description="request path (without the query string)")
+    action: str | None = Field(description="the API operation, e.g. create_task, login; null for no route")
+    target: str | None = Field(description="the object acted on: task id, account name, token id")
+    status: int = Field(description="HTTP status of the answer (401, 403 and 429 for refused calls)")
+    client: str | None = Field(description="the client's IP address")
+    detail: str | None = Field(description="why a call was refused, when the status does not say it all")
+
+
+class AuditPage(ApiModel):
+    items: list[AuditOut] = Field(description="audit entries, newest first")
+    total: int = Field(description="number of entries matching the filters")
+    limit: int = Field(description="page size used")
+    offset: int = Field(description="offset used")
+
+
+def account_view(a: Account) -> dict[str, Any]:
+    return {"username": a.username, "role": a.role, "created": a.created, "updated": a.updated,
+            "password_changed": a.password_changed, "tokens": a.tokens, "last_used": a.last_used}
+
+
+def token_view(t: Token, now_ms: int) -> dict[str, Any]:
+    return {"id": t.id, "account": t.account, "kind": t.kind, "name": t.name, "created": t.created,
+            "last_used": t.last_used, "expires": t.expires, "revoked": t.revoked, "active": t.active(now_ms)}
+
+
+def audit_view(e: AuditEntry) -> dict[str, Any]:
+    return {"id": e.id, "ts": e.ts, "actor": e.actor, "role": e.role, "token_id": e.token_id, "method": e.method,
+            "path": e.path, "action": e.action, "target": e.target, "status": e.status, "client": e.client,
+            "detail": e.detail}
+
+
 _ERRORS = {
     422: {"model": ErrorResponse, "description": "invalid request: a parameter or body field is wrong"},
 }
 _NOT_FOUND = {404: {"model": ErrorResponse, "description": "no such object"}, **_ERRORS}
+_AUTH_ERRORS = {
+    401: {"model": ErrorResponse, "description": "no token, or an invalid, expired or revoked one "
+          "(`WWW-Authenticate: Bearer`)"},
+    403: {"model": ErrorResponse, "description": "the token's account lacks the role this route needs (the "
+          "message names it), or a cookie-authenticated change lacks the `X-CWS-Console: 1` header"},
+}
+
+
+# -- authentication and audit ---------------------------------------------------------------------------
+
+
+class _Guard:
+    """ASGI middleware: authenticates and authorizes every request before routing, audits changes.
+
+    The role a route needs is its ``x-required-role`` (OpenAPI extra); a path under ``/api/`` that
+    matches no route, and ``/metrics``, need ``viewer``; everything else (``/``, ``/healthz``,
+    ``/openapi.json``, the login route) is open. A request authenticated by the session cookie that
+    changes something must carry ``X-CWS-Console: 1`` (CSRF defence). Every POST, PUT, PATCH and
+    DELETE, allowed or refused, gets an audit entry, committed before its answer is sent.
+    Handlers add to the entry through ``request.state``: ``audit_target``, ``audit_detail``, and
+    ``audit_actor``/``audit_role`` (the login route, whose caller has no token yet).
+    """
+
+    def __init__(self, app: ASGIApp, *, cloud: CloudState, routes: Callable[[], list[Any]]) -> None:
+        self.app = app
+        self.cloud = cloud
+        self.routes = routes
+
+    def _route(self, scope: Scope) -> tuple[str | None, str | None, dict[str, Any]]:
+        """(role needed, operation name, path parameters) of the route ``scope`` goes to."""
+        for route in self.routes():
+            match, child = route.matches(scope)
+            if match == Match.FULL:
+                if isinstance(route, APIRoute):
+                    role = (route.openapi_extra or {}).get("x-required-role")
+                    return role, route.name, dict(child.get("path_params", {}))
+                return None, None, {}
+        path = scope["path"]
+        if path.startswith("/api/") or path == "/metrics":
+            return "viewer", None, {}
+        return None, None, {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        role, action, params = self._route(scope)
+        state = scope.setdefault("state", {})
+        audited = method in MUTATING
+        answered: dict[str, int] = {}
+
+        async def send_audited(message: Message) -> None:
+            if message["type"] == "http.response.start" and "status" not in answered:
+                answered["status"] = message["status"]
+                if audited:
+                    await self._audit(scope, state, message["status"], action, params)
+            await send(message)
+
+        try:
+            if role is not None:
+                refusal = await self._check(scope, state, role)
+                if refusal is not None:
+                    await refusal(scope, receive, send_audited)
+                    return
+            await self.app(scope, receive, send_audited)
+        except Exception:
+            if audited and "status" not in answered:
+                await self._audit(scope, state, 500, action, params)
+            raise
+
+    async def _check(self, scope: Scope, state: dict[str, Any], role: str) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        header = headers.get("authorization")
+        via = "bearer"
+        if header is not None:
+            scheme, _, token = header.strip().partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                return _error_response(
+                    401, "unauthorized", "the Authorization header must be 'Bearer TOKEN'",
+                    headers=_www_authenticate("invalid_request"),
+                )
+        else:
+            via = "cookie"
+            token = cookie_parser(headers.get("cookie", "")).get(COOKIE_NAME, "")
+            if not token:
+                state["audit_detail"] = "no token"
+                return _error_response(
+                    401, "unauthorized",
+                    "this needs an API token: send 'Authorization: Bearer TOKEN' (an admin makes tokens with "
+                    "`cwsnet operator token` or POST /api/v1/tokens), or log in with POST /api/v1/auth/login",
+                    headers=_www_authenticate(),
+                )
+        principal = await run_in_threadpool(self.cloud.auth.authenticate, token)
+        if principal is None:
+            state["audit_detail"] = "invalid, expired or revoked token"
+            return _error_response(
+                401, "unauthorized", "the token is invalid, expired or revoked; log in again or ask an admin for a "
+                "new one", headers=_www_authenticate("invalid_token"),
+            )
+        state["principal"] = principal
+        if via == "cookie" and scope["method"] in MUTATING and headers.get(CONSOLE_HEADER) != "1":
+            state["audit_detail"] = "cookie without the console header"
+            return _error_response(
+                403, "forbidden", f"a change made with the console's session cookie must carry the header "
+                f"{CONSOLE_HEADER}: 1 (cross-site request defence); API clients send 'Authorization: Bearer TOKEN'",
+            )
+        if not principal.has(role):
+            state["audit_detail"] = f"needs role {role}"
+            return _error_response(
+                403, "forbidden", f"this needs role {role} or higher; account {principal.username!r} has role "
+                f"{principal.role}",
+            )
+        return None
+
+    async def _audit(
+        self, scope: Scope, state: dict[str, Any], status: int, action: str | None, params: dict[str, Any]
+    ) -> None:
+        principal: Principal | None = state.get("principal")
+        target = state.get("audit_target")
+        if target is None and params:
+            target = str(next(iter(params.values())))
+        client = scope.get("client")
+        try:
+            await run_in_threadpool(
+                self.cloud.auth.record,
+                actor=principal.username if principal else state.get("audit_actor") or "anonymous",
+                role=principal.role if principal else state.get("audit_role"),
+                token_id=principal.token_id if principal else state.get("audit_token_id"),
+                method=scope["method"],
+                path=scope["path"],
+                action=action,
+                target=target,
+                status=status,
+                client=client[0] if client else None,
+                detail=state.get("audit_detail"),
+            )
+        except Exception:
+            log.exception("writing the audit entry of %s %s (status %d) failed", scope["method"], scope["path"], status)
 
 
 # -- the app ------------------------------------------------------------------------------------------
@@ -237,17 +598,59 @@ def create_app(state: CloudState) -> FastAPI:
         version=API_VERSION,
         description=(
             "REST API of the CWSNet cloud tier: the device registry and its latest status, "
-            "telemetry, events and tasks, plus a live change stream (Server-Sent Events). "
-            "Every error is `{\"error\": {\"code\", \"message\", \"details\"}}`."
+            "telemetry, events and tasks, plus a live change stream (Server-Sent Events), operator "
+            "accounts, API tokens and the audit log. "
+            "Every error is `{\"error\": {\"code\", \"message\", \"details\"}}`.\n\n"
+            "**Authentication.** Every `/api/v1` route but `POST /api/v1/auth/login`, and `/metrics`, needs "
+            "`Authorization: Bearer TOKEN` with an API token (made by an admin: `cwsnet operator token`, "
+            "`POST /api/v1/tokens`) or a session token from `POST /api/v1/auth/login`. The login also sets "
+            f"the HttpOnly cookie `{COOKIE_NAME}` the console uses; a change authenticated by that cookie "
+            f"must carry the header `{CONSOLE_HEADER}: 1`. No or a bad token: 401; a role too low: 403 "
+            "naming the role needed (each route's `x-required-role`). Roles: `viewer` reads everything, "
+            "`operator` also creates and cancels tasks, `admin` also manages accounts and tokens and reads "
+            "the audit log, where every change (allowed or refused) and every failed login is recorded. "
+            "`/healthz` and the console page `/` are open."
         ),
     )
     app.state.cloud = state
     store = state.store
+    auth = state.auth
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
+    bearer = HTTPBearer(
+        auto_error=False,
+        scheme_name="bearerToken",
+        description="An API token or a login session token: `Authorization: Bearer TOKEN`.",
+    )
+    session_cookie = APIKeyCookie(
+        name=COOKIE_NAME,
+        auto_error=False,
+        scheme_name="consoleSession",
+        description=f"The console's session cookie (HttpOnly, SameSite=Strict), set by POST /api/v1/auth/login. "
+        f"Requests that change something must also carry `{CONSOLE_HEADER}: 1`.",
+    )
+
+    def needs(role: str, responses: dict[int | str, Any] | None = None) -> dict[str, Any]:
+        """Route arguments for a route that needs ``role``: what _Guard enforces, and its OpenAPI."""
+        return {
+            "dependencies": [Security(bearer), Security(session_cookie)],
+            "openapi_extra": {"x-required-role": role},
+            "responses": {**(responses or {}), **_AUTH_ERRORS},
+        }
+
+    def principal_of(request: Request) -> Principal:
+        principal = getattr(request.state, "principal", None)
+        if principal is None:  # _Guard lets no request through to a guarded route without one
+            raise ApiError(401, "not authenticated", headers=_www_authenticate())
+        return principal
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.status, exc.code, exc.message, exc.details)
+        return _error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(_request: Request, exc: AuthError) -> JSONResponse:
+        return _error_response(exc.status, _CODES.get(exc.status, "error"), str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -286,9 +689,12 @@ def create_app(state: CloudState) -> FastAPI:
     @app.get(
         "/metrics",
         summary="Prometheus metrics",
-        description="The cloud's metrics in the Prometheus text exposition format 0.0.4.",
+        description=(
+            "The cloud's metrics in the Prometheus text exposition format 0.0.4. Needs a token (Prometheus: "
+            "`authorization: {type: Bearer, credentials_file: ...}` with a viewer's API token)."
+        ),
         response_class=Response,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+        **needs("viewer", {200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}}),
         tags=["operations"],
     )
     def metrics() -> Response:
@@ -316,7 +722,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=NodePage,
         summary="List devices",
         description="Registered devices with their latest status, ordered by id, paged.",
-        responses=_ERRORS,
+        **needs("viewer", _ERRORS),
         tags=["registry"],
     )
     def list_devices(
@@ -329,7 +735,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=NodeOut,
         summary="Show a device",
         description="One device with its latest status; 404 if no device has this id.",
-        responses=_NOT_FOUND,
+        **needs("viewer", _NOT_FOUND),
         tags=["registry"],
     )
     def get_device(device_id: str) -> Any:
@@ -340,7 +746,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=TelemetryPage,
         summary="Device telemetry",
         description="The device's latest telemetry readings, newest first, optionally of one stream.",
-        responses=_NOT_FOUND,
+        **needs("viewer", _NOT_FOUND),
         tags=["telemetry"],
     )
     def device_telemetry(
@@ -356,7 +762,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=NodePage,
         summary="List gateways",
         description="Registered site gateways with their latest status (devices, queue, uplink), paged.",
-        responses=_ERRORS,
+        **needs("viewer", _ERRORS),
         tags=["registry"],
     )
     def list_gateways(
@@ -369,7 +775,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=NodeOut,
         summary="Show a gateway",
         description="One gateway with its latest status; 404 if no gateway has this id.",
-        responses=_NOT_FOUND,
+        **needs("viewer", _NOT_FOUND),
         tags=["registry"],
     )
     def get_gateway(gateway_id: str) -> Any:
@@ -382,7 +788,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=EventPage,
         summary="List events",
         description="Events (node online/offline, rejected messages, device events), newest first, paged.",
-        responses=_ERRORS,
+        **needs("viewer", _ERRORS),
         tags=["events"],
     )
     def list_events(
@@ -411,13 +817,13 @@ def create_app(state: CloudState) -> FastAPI:
             "registered, 422 if it is not a device, 413 if the command would not fit in one envelope "
             f"({MAX_TASK_BODY} bytes of CBOR-encoded task command)."
         ),
-        responses={
+        **needs("operator", {
             413: {"model": ErrorResponse, "description": "the args make the task command too large for one message"},
             **_NOT_FOUND,
-        },
+        }),
         tags=["tasks"],
     )
-    def create_task(req: TaskRequest, response: Response) -> Any:
+    def create_task(req: TaskRequest, request: Request, response: Response) -> Any:
         node = store.get_node(req.target)
         if node is None:
             raise ApiError(404, f"target {req.target!r} is not a registered device")
@@ -452,6 +858,7 @@ def create_app(state: CloudState) -> FastAPI:
             task_id=task_id,
             now=int(state.clock() * 1000),
         )
+        request.state.audit_target = task.id
         state.metrics.tasks.labels(state="queued").inc()
         state.fanout.publish(change("task", task_view(task)))
         if state.dispatcher is not None:
@@ -465,7 +872,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=TaskPage,
         summary="List tasks",
         description="Tasks, newest first, optionally filtered by state or target, paged.",
-        responses=_ERRORS,
+        **needs("viewer", _ERRORS),
         tags=["tasks"],
     )
     def list_tasks(
@@ -482,7 +889,7 @@ def create_app(state: CloudState) -> FastAPI:
         response_model=TaskOut,
         summary="Show a task",
         description="A task's state, result and error; 404 if unknown.",
-        responses=_NOT_FOUND,
+        **needs("viewer", _NOT_FOUND),
         tags=["tasks"],
     )
     def get_task(task_id: str) -> Any:
@@ -499,7 +906,8 @@ def create_app(state: CloudState) -> FastAPI:
             "Cancel a task that is still queued. 409 if it already runs or finished. A command already "
             "published to the device cannot be recalled: its result, if any, is then ignored."
         ),
-        responses={409: {"model": ErrorResponse, "description": "the task is no longer queued"}, **_NOT_FOUND},
+        **needs("operator", {409: {"model": ErrorResponse, "description": "the task is no longer queued"},
+                             **_NOT_FOUND}),
         tags=["tasks"],
     )
     def cancel_task(task_id: str) -> Any:
@@ -523,20 +931,28 @@ def create_app(state: CloudState) -> FastAPI:
             "A `text/event-stream` of JSON changes as ingest stores them: "
             '`{"type": "device", "device": {...}}`, `{"type": "telemetry", "telemetry": {...}}`, '
             '`{"type": "task", "task": {...}}`, `{"type": "event", "event": {...}}`. '
-            'A slow client loses its oldest changes and then gets `{"type": "resync"}`: reload from the REST API.'
+            'A slow client loses its oldest changes and then gets `{"type": "resync"}`: reload from the REST API. '
+            "The stream ends within a heartbeat (15 s) of its token being revoked or expiring."
         ),
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"}},
+        **needs("viewer", {200: {"content": {"text/event-stream": {}}, "description": "the event stream"}}),
         tags=["events"],
     )
     async def stream(request: Request) -> StreamingResponse:
+        principal = principal_of(request)
         sub = state.fanout.subscribe()
+        loop = asyncio.get_running_loop()
 
         async def events() -> Any:
+            checked = loop.time()
             try:
                 yield "retry: 3000\n: connected\n\n"
                 while not sub.closed:
                     item = await sub.get(wait=state.heartbeat)
+                    if loop.time() - checked >= state.heartbeat:  # a revoked or expired token ends the stream
+                        checked = loop.time()
+                        if not await run_in_threadpool(auth.token_active, principal.token_id):
+                            break
                     if item is None:
                         if sub.closed or await request.is_disconnected():
                             break
@@ -552,16 +968,325 @@ def create_app(state: CloudState) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    # -- sessions -------------------------------------------------------------------------------------
+
+    @app.post(
+        "/api/v1/auth/login",
+        response_model=SessionOut,
+        summary="Log in",
+        description=(
+            "Start a session with `username` and `password`, or with an API `token` (the console's "
+            f"\"paste a token\"). Answers the session token (it expires after {SESSION_TTL / 3600:g} h, or "
+            "when the API token it came from ends) and sets it as the HttpOnly, SameSite=Strict cookie "
+            f"`{COOKIE_NAME}`, which the console (and its EventSource) uses. 401 for a wrong username, "
+            "password or token (recorded in the audit log). After 5 failures for one username from one "
+            "address, and 20 from one address, each further failure locks that out for 30 s, doubling up "
+            "to 15 min: 429 with `Retry-After` meanwhile, whatever the password. Needs no token."
+        ),
+        responses={
+            401: {"model": ErrorResponse, "description": "wrong username, password or token"},
+            429: {"model": ErrorResponse, "description": "too many failed logins: wait `Retry-After` seconds"},
+            **_ERRORS,
+        },
+        tags=["auth"],
+    )
+    async def login(req: LoginRequest, request: Request, response: Response) -> Any:
+        client = request.client.host if request.client else "unknown"
+        key = req.username if req.token is None else "\x00token"
+        assert key is not None
+        wait = state.throttle.retry_after(key, client)
+        if wait > 0:
+            request.state.audit_detail = "locked out after repeated failures"
+            raise ApiError(
+                429, f"too many failed logins for this account from {client}; try again in {math.ceil(wait)} s",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+        known: Account | None = None
+        async with login_slots:
+            if req.token is not None:
+                by_token = await run_in_threadpool(auth.authenticate, req.token)
+                username = None if by_token is None else by_token.username
+                parent = None if by_token is None else by_token.token_id
+            else:
+                assert req.username is not None and req.password is not None
+                known, account = await run_in_threadpool(
+                    lambda: (auth.get_account(req.username), auth.verify_password(req.username, req.password))
+                )
+                username = None if account is None else account.username
+                parent = None
+                if known is not None:
+                    request.state.audit_target = known.username
+        if username is None:
+            state.throttle.failed(key, client)
+            if req.token is not None:
+                request.state.audit_detail = "invalid, expired or revoked token"
+            else:
+                request.state.audit_detail = "wrong password" if known is not None else "unknown username"
+                if known is not None:
+                    log.warning("failed login for account %r from %s", known.username, client)
+            raise ApiError(
+                401,
+                "wrong username or password" if req.token is None else "the token is invalid, expired or revoked",
+                headers=_www_authenticate(),
+            )
+        state.throttle.succeeded(key, client)
+        session, secret = await run_in_threadpool(
+            lambda: auth.create_token(username, "console session", kind="session", ttl=state.session_ttl,
+                                      parent=parent)
+        )
+        account_now = await run_in_threadpool(auth.get_account, username)
+        assert account_now is not None and session.expires is not None
+        request.state.audit_actor = account_now.username
+        request.state.audit_role = account_now.role
+        request.state.audit_token_id = session.id
+        request.state.audit_target = account_now.username
+        log.info("%s logged in from %s (session %s)", account_now.username, client, session.id)
+        max_age = max(1, (session.expires - auth.now_ms()) // 1000)
+        response.set_cookie(
+            COOKIE_NAME, secret, max_age=max_age, path="/", httponly=True, samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        response.headers["Cache-Control"] = "no-store"
+        return {"token": secret, "token_id": session.id, "expires": session.expires,
+                "username": account_now.username, "role": account_now.role}
+
+    @app.post(
+        "/api/v1/auth/logout",
+        status_code=204,
+        response_class=Response,
+        summary="Log out",
+        description=(
+            "End the session the request comes with (a session token or the console's cookie) and clear the "
+            "cookie. With an API token this only clears the cookie: revoke API tokens with "
+            "DELETE /api/v1/tokens/{id}."
+        ),
+        **needs("viewer"),
+        tags=["auth"],
+    )
+    def logout(request: Request) -> Response:
+        principal = principal_of(request)
+        if principal.kind == "session":
+            auth.revoke_token(principal.token_id)
+            request.state.audit_target = principal.token_id
+        answer = Response(status_code=204)
+        answer.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict",
+                             secure=request.url.scheme == "https")
+        return answer
+
+    @app.get(
+        "/api/v1/auth/me",
+        response_model=MeOut,
+        summary="Who am I",
+        description="The account and token the request is authenticated with.",
+        **needs("viewer"),
+        tags=["auth"],
+    )
+    def me(request: Request) -> Any:
+        p = principal_of(request)
+        return {"username": p.username, "role": p.role, "token_id": p.token_id, "token_name": p.token_name,
+                "kind": p.kind, "expires": p.expires}
+
+    # -- accounts ---------------------------------------------------------------------------------------
+
+    _CONFLICT = {409: {"model": ErrorResponse, "description": "the name is taken, or the last admin would go"}}
+
+    @app.get(
+        "/api/v1/accounts",
+        response_model=AccountPage,
+        summary="List accounts",
+        description="Operator accounts with their role and token use, ordered by name, paged.",
+        **needs("admin", _ERRORS),
+        tags=["accounts"],
+    )
+    def list_accounts(limit: int = limit_q, offset: int = offset_q) -> Any:
+        page = auth.list_accounts(limit=limit, offset=offset)
+        return {"items": [account_view(a) for a in page.items], "total": page.total, "limit": limit,
+                "offset": offset}
+
+    @app.post(
+        "/api/v1/accounts",
+        status_code=201,
+        response_model=AccountOut,
+        summary="Create an account",
+        description=(
+            "Create an operator account with a role and, optionally, a password (without one, it gets a "
+            "random password nobody knows and logs in with API tokens: POST /api/v1/tokens). "
+            "409 if the name is taken (names are case-insensitive)."
+        ),
+        **needs("admin", {**_CONFLICT, **_ERRORS}),
+        tags=["accounts"],
+    )
+    def create_account(req: AccountCreate, request: Request, response: Response) -> Any:
+        request.state.audit_target = req.username
+        account = auth.create_account(req.username, req.role, req.password)
+        response.headers["Location"] = f"/api/v1/accounts/{account.username}"
+        log.info("account %r (role %s) created by %s", account.username, account.role,
+                 principal_of(request).username)
+        return account_view(account)
+
+    @app.get(
+        "/api/v1/accounts/{username}",
+        response_model=AccountOut,
+        summary="Show an account",
+        description="One account; 404 if there is none of that name.",
+        **needs("admin", _NOT_FOUND),
+        tags=["accounts"],
+    )
+    def get_account(username: str) -> Any:
+        account = auth.get_account(username)
+        if account is None:
+            raise ApiError(404, f"account {username!r} does not exist")
+        return account_view(account)
+
+    @app.patch(
+        "/api/v1/accounts/{username}",
+        response_model=AccountOut,
+        summary="Change an account's role or password",
+        description=(
+            "Set a new role, a new password, or both. A new role applies to the account's next request; "
+            "a new password ends its console sessions (its API tokens stay valid). 409 when it would leave "
+            "no admin."
+        ),
+        **needs("admin", {**_CONFLICT, **_NOT_FOUND}),
+        tags=["accounts"],
+    )
+    def update_account(username: str, req: AccountUpdate, request: Request) -> Any:
+        if auth.get_account(username) is None:
+            raise ApiError(404, f"account {username!r} does not exist")
+        account = None
+        if req.role is not None:
+            account = auth.set_role(username, req.role)
+        if req.password is not None:
+            account = auth.set_password(username, req.password)
+        assert account is not None
+        changed = " and ".join(w for w, v in (("role", req.role), ("password", req.password)) if v is not None)
+        request.state.audit_detail = f"changed {changed}"
+        log.info("account %r: %s changed by %s", account.username, changed, principal_of(request).username)
+        return account_view(account)
+
+    @app.delete(
+        "/api/v1/accounts/{username}",
+        status_code=204,
+        response_class=Response,
+        summary="Delete an account",
+        description="Delete an account and all its tokens and sessions. 409 for the last admin.",
+        **needs("admin", {**_CONFLICT, **_NOT_FOUND}),
+        tags=["accounts"],
+    )
+    def delete_account(username: str, request: Request) -> Response:
+        name = auth.delete_account(username)
+        log.info("account %r deleted by %s", name, principal_of(request).username)
+        return Response(status_code=204)
+
+    # -- tokens -----------------------------------------------------------------------------------------
+
+    @app.get(
+        "/api/v1/tokens",
+        response_model=TokenPage,
+        summary="List tokens",
+        description="API tokens (or login sessions), newest first, never the tokens themselves.",
+        **needs("admin", _ERRORS),
+        tags=["tokens"],
+    )
+    def list_tokens(
+        limit: int = limit_q,
+        offset: int = offset_q,
+        account: str | None = Query(None, description="only tokens of this account"),
+        kind: Literal["api", "session", "all"] = Query("api", description="api tokens, login sessions, or all"),
+        active: bool = Query(False, description="only tokens neither revoked nor expired"),
+    ) -> Any:
+        page = auth.list_tokens(account=account, kind=None if kind == "all" else kind, active_only=active,
+                                limit=limit, offset=offset)
+        now = auth.now_ms()
+        return {"items": [token_view(t, now) for t in page.items], "total": page.total, "limit": limit,
+                "offset": offset}
+
+    @app.post(
+        "/api/v1/tokens",
+        status_code=201,
+        response_model=TokenCreated,
+        summary="Create an API token",
+        description=(
+            "A new API token for an account, optionally expiring after `expires_days`. The answer holds the "
+            "token itself, once: the cloud keeps only its SHA-256. 404 if the account does not exist."
+        ),
+        **needs("admin", _NOT_FOUND),
+        tags=["tokens"],
+    )
+    def create_token(req: TokenCreate, request: Request, response: Response) -> Any:
+        ttl = None if req.expires_days is None else req.expires_days * 86400
+        token, secret = auth.create_token(req.account, req.name, ttl=ttl)
+        request.state.audit_target = token.id
+        response.headers["Location"] = f"/api/v1/tokens/{token.id}"
+        response.headers["Cache-Control"] = "no-store"
+        log.info("API token %s (%r) for %r created by %s", token.id, token.name, token.account,
+                 principal_of(request).username)
+        return {**token_view(token, auth.now_ms()), "token": secret}
+
+    @app.delete(
+        "/api/v1/tokens/{token_id}",
+        status_code=204,
+        response_class=Response,
+        summary="Revoke a token",
+        description=(
+            "Revoke an API token or a login session by its id: requests with it get 401 from now on, "
+            "and so do the sessions logged in with it. Revoking a revoked token changes nothing."
+        ),
+        **needs("admin", _NOT_FOUND),
+        tags=["tokens"],
+    )
+    def revoke_token(token_id: str, request: Request) -> Response:
+        token, moved = auth.revoke_token(token_id)
+        if moved:
+            log.info("token %s (%r of %r) revoked by %s", token.id, token.name, token.account,
+                     principal_of(request).username)
+        return Response(status_code=204)
+
+    # -- audit ------------------------------------------------------------------------------------------
+
+    @app.get(
+        "/api/v1/audit",
+        response_model=AuditPage,
+        summary="Audit log",
+        description=(
+            "Every call that changes something (POST, PUT, PATCH, DELETE), allowed or refused, and every "
+            "login attempt: who (account or anonymous, role, token id), what (method, path, operation, "
+            "target), the answer's status and the client's address. Newest first, paged. Never holds a "
+            "password or a token."
+        ),
+        **needs("admin", _ERRORS),
+        tags=["audit"],
+    )
+    def list_audit(
+        limit: int = limit_q,
+        offset: int = offset_q,
+        actor: str | None = Query(None, description="only entries of this actor (an account name or anonymous)"),
+        since: int | None = Query(None, ge=0, description="only entries at or after this time (ms since the epoch)"),
+        refused: bool = Query(False, description="only refused or failed calls (status 400 and above)"),
+    ) -> Any:
+        page = auth.list_audit(limit=limit, offset=offset, actor=actor, since=since,
+                               status_min=400 if refused else None)
+        return {"items": [audit_view(e) for e in page.items], "total": page.total, "limit": limit,
+                "offset": offset}
+
     # -- console ----------------------------------------------------------------------------------------
 
     @app.get(
         "/",
         response_class=HTMLResponse,
         summary="Web console",
-        description="The operator console: one self-contained HTML page (no external resources).",
+        description=(
+            "The operator console: one self-contained HTML page (no external resources). Served without "
+            "a token: it asks for a username and password (or an API token) and then uses the API."
+        ),
         tags=["console"],
     )
     async def console() -> HTMLResponse:
         return HTMLResponse(index_html)
 
+    for route in app.routes:
+        role = (route.openapi_extra or {}).get("x-required-role") if isinstance(route, APIRoute) else None
+        if role is not None and route.description:
+            route.description += f" Needs role `{role}` or higher."
+    app.add_middleware(_Guard, cloud=state, routes=lambda: app.router.routes)
     return app

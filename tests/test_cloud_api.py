@@ -13,25 +13,29 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nacl.pwhash.argon2id as argon2id
 import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloud.api import CloudState, create_app
+from cloud.auth import AuthStore
 from cloud.fanout import Fanout
 from cloud.metrics import REJECT_REASONS, CloudMetrics
 from cloud.store import IngestItem, Reading, SqliteStore, StatusUpdate
 
 KEY = "A" * 43 + "="
+#: argon2id at its minimum cost: the tests hash many passwords (the cloud uses the interactive cost)
+FAST_PWHASH = (argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_MIN)
 
 
 class SyncClient:
     """``TestClient``-like: ``client.get(...)`` runs an ``httpx.AsyncClient`` request to completion."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, headers: dict[str, str] | None = None, address: str = "127.0.0.1") -> None:
         self._loop = asyncio.new_event_loop()
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        self._client = httpx.AsyncClient(transport=transport, base_url="http://cloud.test")
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=(address, 40000))
+        self._client = httpx.AsyncClient(transport=transport, base_url="http://cloud.test", headers=headers)
 
     def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
         return self._loop.run_until_complete(self._client.request(method, url, **kw))
@@ -59,8 +63,13 @@ class FakeDispatcher:
 
 
 class Env:
+    """The app on a real SQLite store; ``client`` is authenticated as an admin (``token``)."""
+
     def __init__(self, tmp_path: Path) -> None:
         self.store = SqliteStore(tmp_path / "cloud.db")
+        self.auth = AuthStore(tmp_path / "cloud.db", pwhash=FAST_PWHASH)
+        self.auth.create_account("root", "admin")
+        _, self.token = self.auth.create_token("root", "tests")
         self.dispatcher = FakeDispatcher()
         self.broker_up = True
         self.state = CloudState(
@@ -70,8 +79,10 @@ class Env:
             dispatcher=self.dispatcher,
             broker_connected=lambda: self.broker_up,
             clock=lambda: 1_767_225_600.0,
+            auth=self.auth,
         )
-        self.client = SyncClient(create_app(self.state))
+        self.app = create_app(self.state)
+        self.client = SyncClient(self.app, headers={"Authorization": f"Bearer {self.token}"})
         for i in range(5):
             self.store.upsert_node(f"dev-{i}", site="home" if i < 3 else "lab", role="device", public_key=KEY)
         self.store.upsert_node("gw-1", site="home", role="gateway", public_key=KEY)
@@ -98,6 +109,7 @@ class Env:
 
     def close(self) -> None:
         self.client.close()
+        self.auth.close()
         self.store.close()
 
 

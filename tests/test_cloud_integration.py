@@ -112,6 +112,7 @@ def test_cloud_end_to_end(tmp_path: Path) -> None:
         http=HttpConfig(host="127.0.0.1", port=http_port),
         database=db,
         ack_interval=0.05,
+        admin_token_file=tmp_path / "admin.token",
     )
     device = Endpoint(dev, SeqCounter(100, lambda m: None), lambda n: cloud.public_key if n == "cloud" else None)
 
@@ -128,7 +129,8 @@ def test_cloud_end_to_end(tmp_path: Path) -> None:
         agent = Client("dev-1", mqtt_port)
         changes: list[dict[str, Any]] = []
         try:
-            async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            admin = {"Authorization": f"Bearer {(tmp_path / 'admin.token').read_text().strip()}"}
+            async with httpx.AsyncClient(base_url=base, timeout=5, headers=admin) as http:
                 assert (await http.get("/healthz")).json() == {"status": "ok", "broker": "up", "db": "ok"}
 
                 subscribed = asyncio.Event()

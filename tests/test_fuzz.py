@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_cloud_api import Env
 
@@ -129,3 +129,77 @@ def test_non_json_bodies_are_refused_cleanly(env: Env, raw: bytes, ctype: str) -
         resp = env.client.post(url, content=raw, headers={"content-type": ctype})
         assert 200 <= resp.status_code < 500, (url, resp.status_code, resp.text)
         assert resp.status_code == 201 or resp.json(), resp.text
+
+
+# -- the operator API: login, accounts, tokens -------------------------------------------------------
+
+names = st.sampled_from(["root", "ROOT", "alice", "fuzzee", "nobody", "", "a b", "x" * 70, "dev-1"])
+roles = st.sampled_from(["viewer", "operator", "admin", "root", ""])
+passwords = st.text(max_size=40) | st.sampled_from(["correct horse battery", "short", "\x00" * 9, "p" * 1025])
+login_like = st.fixed_dictionaries(
+    {}, optional={"username": json_values | names, "password": json_values | passwords,
+                  "token": json_values | st.text(max_size=80) | st.sampled_from(["x" * 600]), "extra": json_values},
+)
+account_like = st.fixed_dictionaries(
+    {}, optional={"username": json_values | names, "role": json_values | roles, "password": json_values | passwords,
+                  "extra": json_values},
+)
+account_update_like = st.fixed_dictionaries(
+    {}, optional={"role": json_values | roles, "password": json_values | passwords, "extra": json_values},
+)
+token_like = st.fixed_dictionaries(
+    {}, optional={"account": json_values | names, "name": json_values | st.sampled_from(["ci", "bad/name", "", " x"]),
+                  "expires_days": json_values | st.floats(-1, 1e6), "extra": json_values},
+)
+good_names = st.sampled_from(["root", "alice", "fuzzee", "nobody"]) | st.from_regex(r"[a-z][a-z0-9.@_-]{0,10}", fullmatch=True)
+good_passwords = st.sampled_from(["correct horse battery"]) | st.text(min_size=8, max_size=30)
+good_roles = st.sampled_from(["viewer", "operator", "admin"])
+#: "METHOD url" -> body strategy, for every operator route that takes a body: plausible bodies
+#: (mostly accepted, or refused for what they mean: a wrong password, a taken name) and junk
+OPERATOR_BODIES = {
+    "POST /api/v1/auth/login": st.fixed_dictionaries({"username": good_names, "password": good_passwords})
+    | st.fixed_dictionaries({"token": st.text(max_size=60)}) | login_like,
+    "POST /api/v1/accounts": st.fixed_dictionaries(
+        {"username": good_names, "role": good_roles}, optional={"password": good_passwords}) | account_like,
+    "PATCH /api/v1/accounts/fuzzee": st.fixed_dictionaries(
+        {}, optional={"role": good_roles, "password": good_passwords}) | account_update_like,
+    "POST /api/v1/tokens": st.fixed_dictionaries(
+        {"account": good_names, "name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9 _.@:-]{0,20}", fullmatch=True)},
+        optional={"expires_days": st.floats(0, 40000) | st.integers(-5, 40000)}) | token_like,
+}
+
+
+def answered_cleanly(resp: object) -> None:
+    assert resp.status_code < 500, (resp.status_code, resp.text)  # type: ignore[attr-defined]
+    if resp.status_code != 204:  # type: ignore[attr-defined]
+        assert isinstance(resp.json(), dict) and resp.json(), resp.text  # type: ignore[attr-defined]
+    if resp.status_code >= 400:  # type: ignore[attr-defined]
+        assert set(resp.json()) == {"error"}, resp.text  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def op_env(env: Env) -> Env:
+    """``env`` with an operator account ``fuzzee`` (with a password) for the PATCH route to change."""
+    env.auth.create_account("fuzzee", "operator", "correct horse battery")
+    return env
+
+
+@FUZZ
+@given(route=st.sampled_from(sorted(OPERATOR_BODIES)), data=st.data())
+def test_any_operator_body_gets_a_2xx_or_a_json_4xx(op_env: Env, route: str, data: st.DataObject) -> None:
+    method, url = route.split()
+    body = data.draw(OPERATOR_BODIES[route] | json_values, label="body")
+    resp = op_env.client.request(method, url, json=body)
+    event(f"{route} -> {resp.status_code}")
+    answered_cleanly(resp)
+    assert op_env.auth.count_accounts(role="admin") >= 1  # nothing ever leaves the API without an admin
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200), ctype=st.sampled_from(["application/json", "text/plain", "application/cbor"]),
+       route=st.sampled_from(sorted(OPERATOR_BODIES)))
+def test_non_json_operator_bodies_are_refused_cleanly(op_env: Env, raw: bytes, ctype: str, route: str) -> None:
+    method, url = route.split()
+    resp = op_env.client.request(method, url, content=raw, headers={"content-type": ctype})
+    answered_cleanly(resp)
+    assert resp.status_code in (400, 401, 422, 429), resp.text  # no bytes make a valid body
