@@ -61,6 +61,8 @@ from cwsnet.errors import (
     UnknownSender,
 )
 from cwsnet.identity import public_key_from_b64
+from cwsnet.registry import Entry as RegistryEntry
+from cwsnet.registry import KeyRing, PastKey
 
 log = logging.getLogger("cwsnet.cloud.ingest")
 
@@ -68,7 +70,8 @@ UPLINK_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
 SEVERITIES = ("info", "warning", "error", "critical")
 REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired")
 #: rejection reasons the gateway is told about (it then drops the message from its outbox)
-NOTICE_REASONS = frozenset({"forged", "topic_mismatch", "wrong_recipient", "version", "malformed"})
+NOTICE_REASONS = frozenset({"forged", "topic_mismatch", "wrong_recipient", "version", "malformed", "revoked",
+                            "retired_key"})
 UINT_MAX = 2**63 - 1  # unsigned fields: SQLite's INTEGER is a signed 64-bit value
 INT_MIN = -(2**63)
 MAX_DEPTH = 32  # nesting of maps and arrays in a stored body
@@ -78,12 +81,14 @@ MAX_DEPTH = 32  # nesting of maps and arrays in a stored body
 
 
 class NodeDirectory:
-    """Cache of the registry's ``{node: (site, role, public key)}``, refreshed on a miss.
+    """Cache of the registry's nodes (site, role, versioned keys, revocation), refreshed on a miss.
 
     A miss (an unknown node) refreshes from the store at most once per ``min_refresh`` seconds,
     so a flood of messages from unregistered senders costs one query a second, while a node
-    registered by the CLI a moment ago is known within a second. Pass :meth:`public_key` to the
-    :class:`~cwsnet.endpoint.Endpoint` as its ``peer_key``.
+    registered by the CLI a moment ago is known within a second. :meth:`public_key` is the key to
+    seal *to* a node (its current one; None when revoked); :meth:`lookup` is the versioned key
+    lookup that opening uses (``Endpoint(..., versioned_key=directory.lookup)``): it raises
+    :class:`~cwsnet.registry.RevokedSender` or a key-version error instead of returning a key.
     """
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.monotonic, min_refresh: float = 1.0):
@@ -91,7 +96,7 @@ class NodeDirectory:
         self._clock = clock
         self._min_refresh = min_refresh
         self._entries: dict[str, NodeKey] = {}
-        self._keys: dict[str, nacl.public.PublicKey] = {}
+        self._ring = KeyRing()
         self._last_refresh: float | None = None
         self._lock = threading.Lock()
         self.refresh(force=True)
@@ -104,13 +109,18 @@ class NodeDirectory:
                 return False
             self._last_refresh = now
             entries = self._store.node_directory()
-            keys: dict[str, nacl.public.PublicKey] = {}
-            for node, entry in entries.items():
+            ring: dict[str, RegistryEntry] = {}
+            for node, e in entries.items():
                 try:
-                    keys[node] = public_key_from_b64(entry.public_key, f"registry: node {node!r} public_key")
+                    public_key_from_b64(e.public_key, f"registry: node {node!r} public_key")
+                    ring[node] = RegistryEntry(
+                        node, e.site, e.role, e.public_key, kv=e.kv,
+                        status="revoked" if e.revoked_at is not None else "active", revoked_at=e.revoked_at,
+                        previous_keys=tuple(PastKey(kv, pk, until) for kv, pk, until in e.previous_keys))
                 except Exception as exc:  # a corrupt row must not hide every other node
                     log.error("ignoring node %s: %s", node, exc)
-            self._entries, self._keys = entries, keys
+            self._entries = entries
+            self._ring.update(ring)
             return True
 
     def get(self, node: str) -> NodeKey | None:
@@ -120,16 +130,26 @@ class NodeDirectory:
         return entry
 
     def public_key(self, node: str) -> nacl.public.PublicKey | None:
-        key = self._keys.get(node)
-        if key is None and self.refresh():
-            key = self._keys.get(node)
-        return key
+        if self._ring.entry(node) is None:
+            self.refresh()
+        return self._ring.current(node)
+
+    def lookup(self, node: str, kv: int | None = None) -> nacl.public.PublicKey | None:
+        e = self._ring.entry(node)
+        if (e is None or (kv is not None and kv > e.kv)) and self.refresh():  # new node, or a rotation
+            pass
+        return self._ring.lookup(node, kv)
 
     def known(self, node: str) -> bool:
         return node in self._entries
 
+    def revoked(self, node: str) -> bool:
+        e = self._entries.get(node)
+        return e is not None and e.revoked_at is not None
+
     def gateways(self, site: str) -> list[str]:
-        return sorted(n for n, e in self._entries.items() if e.role == "gateway" and e.site == site)
+        return sorted(n for n, e in self._entries.items()
+                      if e.role == "gateway" and e.site == site and e.revoked_at is None)
 
 
 # -- rejection events, coalesced -----------------------------------------------------------------
@@ -320,10 +340,13 @@ class BatchResult:
     births: list[str] = field(default_factory=list)  # nodes whose birth was applied: dispatch their tasks
     #: (topic site, sender, seq, reason) of messages the site's gateway should stop retransmitting
     rejections: list[tuple[str, str, int, str, bytes]] = field(default_factory=list)
+    #: newly stored messages and their opened bodies, for the apps granted their topics
+    for_apps: list[tuple[IngestItem, Any]] = field(default_factory=list)
 
     def extend(self, other: BatchResult) -> None:
         """Append ``other`` (the result of a later part of the same batch)."""
         self.results.extend(other.results)
+        self.for_apps.extend(other.for_apps)
         self.acks.extend(other.acks)
         self.changes.extend(other.changes)
         self.births.extend(other.births)
@@ -336,6 +359,7 @@ class _Prepared:
     item: IngestItem
     site: str
     invalid: str | None  # body problem: stored (the seq is used) but without effects, reason malformed
+    body: Any = None  # the opened body, kept only when an app is granted the topic
 
 
 def _is_number(v: Any) -> bool:
@@ -413,7 +437,10 @@ class Ingest:
         timer: Callable[[], float] = time.perf_counter,
         offline_after: float = 60.0,
         reject_event_interval: float = 10.0,
+        for_apps: Callable[[str], bool] | None = None,
     ) -> None:
+        #: ``for_apps(topic)``: True if an app is granted the topic (its stored messages are passed on)
+        self.for_apps = for_apps
         self.endpoint = endpoint
         self.store = store
         self.metrics = metrics
@@ -607,6 +634,8 @@ class Ingest:
             log.log(logging.INFO if item.trace else logging.DEBUG, "stored %s from=%s seq=%d kind=%s%s",
                     item.topic, item.sender, item.seq, item.kind, trace)
             results[p.index] = IngestResult("stored", **base)
+            if p.body is not None:
+                batch.for_apps.append((item, p.body))
             if item.readings:
                 self.metrics.readings.inc(len(item.readings))
                 batch.changes.append(
@@ -733,13 +762,15 @@ class Ingest:
             ts=ts,
             received=received,
             trace=h.trace,
+            kv=h.key_version,
         )
         if invalid is None:
             try:
                 item = self._effects(item, parts, opened.body, received)
             except BodyError as exc:
                 invalid = str(exc)
-        return _Prepared(index, item, parts.site, invalid)
+        wanted = self.for_apps is not None and invalid is None and self.for_apps(topic)
+        return _Prepared(index, item, parts.site, invalid, opened.body if wanted else None)
 
     def _effects(self, item: IngestItem, parts: topics.TopicParts, body: Any, received: int) -> IngestItem:
         if not _is_map(body):

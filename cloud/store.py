@@ -87,15 +87,21 @@ class Node:
     will_seq: int | None = None
     status_seq: int | None = None
     agent: dict[str, Any] | None = None
+    kv: int = 1
+    revoked_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NodeKey:
-    """What a receiver needs to authenticate a node: its site, role and public key (base64)."""
+    """What a receiver needs to authenticate a node: its site, role, public key (base64), its key
+    version, the rotated-out keys still accepted (``((kv, key, until_ms), ...)``) and revocation."""
 
     site: str
     role: str
     public_key: str
+    kv: int = 1
+    previous_keys: tuple[tuple[int, str, int], ...] = ()
+    revoked_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +208,7 @@ class IngestItem:
     ts: int
     received: int
     trace: str | None = None
+    kv: int | None = None  # the sender's key version that sealed it (None: its current one, unstated)
     status: StatusUpdate | None = None
     stream: str | None = None
     readings: tuple[Reading, ...] = ()
@@ -394,6 +401,9 @@ class SqliteStore(Store):
                     "will_seq": int,
                     "status_seq": int,
                     "agent": str,
+                    "kv": int,
+                    "previous_keys": str,
+                    "revoked_at": int,
                 },
                 pk="id",
                 not_null=["site", "role", "public_key", "created", "online"],
@@ -412,6 +422,7 @@ class SqliteStore(Store):
                     "ts": int,
                     "received": int,
                     "trace": str,
+                    "kv": int,
                 },
                 pk=("sender", "seq"),  # the exactly-once key: UNIQUE(sender, seq)
                 not_null=["msg_id", "kind", "topic", "ts", "received"],
@@ -464,6 +475,12 @@ class SqliteStore(Store):
             db["tasks"].create_index(["target", "state"], if_not_exists=True)
             db["tasks"].create_index(["created"], if_not_exists=True)
             db["counters"].create({"name": str, "value": int}, pk="name", not_null=["value"], if_not_exists=True)
+            if "kv" not in db["messages"].columns_dict:  # databases made before key versions (issue 4)
+                db["messages"].add_column("kv", int)
+            have = set(db["nodes"].columns_dict)
+            for col, typ in (("kv", int), ("previous_keys", str), ("revoked_at", int)):
+                if col not in have:
+                    db["nodes"].add_column(col, typ)
 
     def close(self) -> None:
         with self._lock:
@@ -501,9 +518,12 @@ class SqliteStore(Store):
             will_seq=row["will_seq"],
             status_seq=row["status_seq"],
             agent=_from_json(row["agent"]),
+            kv=row.get("kv") or 1,
+            revoked_at=row.get("revoked_at"),
         )
 
-    def upsert_node(self, node_id: str, *, site: str, role: str, public_key: str) -> Node:
+    def upsert_node(self, node_id: str, *, site: str, role: str, public_key: str, kv: int = 1,
+                    previous_keys: Sequence[tuple[int, str, int]] = (), revoked_at: int | None = None) -> Node:
         check_name(node_id, "node id")
         check_name(site, "site")
         if role not in ROLES:
@@ -511,10 +531,14 @@ class SqliteStore(Store):
         public_key_from_b64(public_key, f"node {node_id!r}: public_key")  # ConfigError if not 32 bytes b64
         with self._lock, self.db.atomic():
             self.db.conn.execute(
-                "insert into nodes (id, site, role, public_key, created, online) values (?, ?, ?, ?, ?, 0) "
+                "insert into nodes (id, site, role, public_key, created, online, kv, previous_keys, revoked_at) "
+                "values (?, ?, ?, ?, ?, 0, ?, ?, ?) "
                 "on conflict(id) do update set site = excluded.site, role = excluded.role, "
-                "public_key = excluded.public_key",
-                [node_id, site, role, public_key, now_ms()],
+                "public_key = excluded.public_key, kv = excluded.kv, previous_keys = excluded.previous_keys, "
+                "revoked_at = excluded.revoked_at, online = case when excluded.revoked_at is null "
+                "then nodes.online else 0 end",
+                [node_id, site, role, public_key, now_ms(), kv, to_json([list(p) for p in previous_keys]),
+                 revoked_at],
             )
         node = self.get_node(node_id)
         assert node is not None
@@ -566,8 +590,9 @@ class SqliteStore(Store):
 
     def node_directory(self) -> dict[str, NodeKey]:
         return {
-            r["id"]: NodeKey(r["site"], r["role"], r["public_key"])
-            for r in self._rows("select id, site, role, public_key from nodes")
+            r["id"]: NodeKey(r["site"], r["role"], r["public_key"], r["kv"] or 1,
+                             tuple(tuple(p) for p in (_from_json(r["previous_keys"]) or [])), r["revoked_at"])
+            for r in self._rows("select id, site, role, public_key, kv, previous_keys, revoked_at from nodes")
         }
 
     def mark_offline(self, *, seen_before: int, roles: Sequence[str] = ("device", "gateway")) -> list[str]:
@@ -591,9 +616,10 @@ class SqliteStore(Store):
             telemetry_rows: list[dict[str, Any]] = []
             for item in items:
                 cur = conn.execute(
-                    "insert or ignore into messages (sender, seq, msg_id, kind, topic, ts, received, trace) "
-                    "values (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [item.sender, item.seq, item.msg_id, item.kind, item.topic, item.ts, item.received, item.trace],
+                    "insert or ignore into messages (sender, seq, msg_id, kind, topic, ts, received, trace, kv) "
+                    "values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [item.sender, item.seq, item.msg_id, item.kind, item.topic, item.ts, item.received, item.trace,
+                     item.kv],
                 )
                 if cur.rowcount == 0:
                     outcomes.append(IngestOutcome("duplicate"))
@@ -912,23 +938,31 @@ class SqliteStore(Store):
 
 
 def import_registry(store: Store, path: str | Path) -> list[Node]:
-    """Register every node listed in a registry file (as written by ``cwsnet init``).
+    """Register every node listed in a registry file (``cwsnet.registry`` format, or a bare array).
 
-    The file is a JSON array of ``{"id", "site", "role", "public_key"}`` objects; each is passed to
-    :meth:`Store.upsert_node`, so importing the same file again is harmless and a rotated key
-    replaces the old one. Raises ``ConfigError`` naming the file and the entry at fault.
+    Each entry is upserted with its key versions and revocation, so importing the same file again
+    is harmless, a rotation adds the new key (the old one stays accepted until its ``until``) and
+    a revocation takes effect. Raises ``ConfigError`` naming the file and the entry at fault.
     """
+    from cwsnet.registry import Registry
+
+    return sync_registry(store, Registry.load(path), str(path))
+
+
+def sync_registry(store: Store, reg: Any, where: str = "registry") -> list[Node]:
+    """Upsert every entry of a :class:`cwsnet.registry.Registry` with a public key into ``store``."""
     from cwsnet.errors import ConfigError, CwsError
-    from cwsnet.identity import read_registry_file
 
     nodes = []
-    for i, entry in enumerate(read_registry_file(path)):
-        where = f"{path}: entry {i}"
+    for e in reg.nodes.values():
+        if not e.public_key:  # an operator's MQTT-only credential: nothing to seal to or open from
+            continue
         try:
-            nodes.append(
-                store.upsert_node(entry["id"], site=entry["site"], role=entry["role"], public_key=entry["public_key"])
-            )
+            nodes.append(store.upsert_node(
+                e.id, site=e.site, role=e.role, public_key=e.public_key, kv=e.kv,
+                previous_keys=[(p.kv, p.public_key, p.until) for p in e.previous_keys],
+                revoked_at=(e.revoked_at or now_ms()) if not e.active else None,
+            ))
         except (CwsError, ValueError) as exc:
-            raise ConfigError(f"{where} ({entry['id']!r}): {exc}") from None
+            raise ConfigError(f"{where}: node {e.id!r}: {exc}") from None
     return nodes
-

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -50,7 +50,9 @@ from amqtt.session import Session
 from amqtt.utils import format_client_message, gen_client_id
 from transitions import MachineError
 
+from cwsnet.config import plaintext_bind_problem
 from cwsnet.errors import ConfigError
+from cwsnet.tls import is_loopback_host
 
 __all__ = [
     "DEFAULT_ANONYMOUS_CLIENT_IDS",
@@ -161,21 +163,6 @@ def filter_covers(pattern: str, a_filter: str) -> bool:
     return _covers_levels(pattern.split("/"), flt)
 
 
-def is_loopback_host(host: str | None) -> bool:
-    """True for 127.0.0.0/8, ::1 (with or without brackets) and ``localhost``."""
-    if not host:
-        return False
-    host = host.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _bind_is_loopback(bind: str | None) -> bool:
     if not bind:
         return False
@@ -253,6 +240,7 @@ class Rules:
 class User:
     token_sha256: bytes
     rules: Rules
+    loopback_only: bool = False  # may log in only on a listener bound to loopback
 
 
 @dataclass(frozen=True)
@@ -263,6 +251,8 @@ class Credentials:
     anonymous: bool = False
     anonymous_rules: Rules = Rules(client_ids=(("", True),))
     source: str = "<memory>"
+    #: usernames revoked for good (informational: they are not users; named in refusal logs)
+    revoked: frozenset[str] = frozenset()
     #: claims index built from ``users``: exact client id -> users; prefix length -> prefix -> users
     _exact_claims: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
     _prefix_claims: dict[int, dict[str, frozenset[str]]] = field(init=False, repr=False, compare=False)
@@ -405,9 +395,17 @@ def parse_credentials(data: Any, source: str = "<memory>") -> Credentials:
             digest = bytes.fromhex(token_hex)
         except ValueError:
             raise ConfigError(f"{where}.token_sha256: must be 64 hex characters (sha256 of the token)") from None
-        users[username] = User(token_sha256=digest, rules=_compile_rules(entry, where, username))
+        loopback_only = entry.get("loopback_only", False)
+        if not isinstance(loopback_only, bool):
+            raise ConfigError(f"{where}.loopback_only: must be true or false")
+        users[username] = User(token_sha256=digest, rules=_compile_rules(entry, where, username),
+                               loopback_only=loopback_only)
     anonymous_rules = _compile_rules(data.get("anonymous_rules"), f"{source}: anonymous_rules", None)
-    return Credentials(users=users, anonymous=anonymous, anonymous_rules=anonymous_rules, source=source)
+    revoked = data.get("revoked", [])
+    if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
+        raise ConfigError(f"{source}: 'revoked' must be a list of usernames")
+    return Credentials(users=users, anonymous=anonymous, anonymous_rules=anonymous_rules, source=source,
+                       revoked=frozenset(revoked) - set(users))
 
 
 def load_credentials(path: str | os.PathLike[str]) -> Credentials:
@@ -453,10 +451,10 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
     (:meth:`Credentials.client_id_refusal`); the check runs before an existing session with that
     client id is deleted or taken over, so no user can wipe or kick another user's session.
 
-    Existing connections are not disconnected when the file changes: a removed user is refused
-    on its next CONNECT, and because PUBLISH, SUBSCRIBE and every delivery (RECEIVE) are checked
-    against the *current* rules, a removed user can no longer publish or receive anything on the
-    connection it still holds.  A changed token only takes effect on the next CONNECT.
+    When the file changes, :class:`CwsBroker` disconnects every client whose user was removed or
+    whose token changed (:meth:`CwsBroker.enforce_credentials`, polled every half second), and a
+    removed user is refused on its next CONNECT.  Even before that, PUBLISH, SUBSCRIBE and every
+    delivery (RECEIVE) are checked against the *current* rules.
     """
 
     @dataclass
@@ -474,6 +472,7 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self._creds: Credentials | None = None
         self._signature: tuple[int, ...] | str | None = None
         self._last_check = time.monotonic()
+        self._denials: dict[tuple[str | None, str], tuple[float, int]] = {}
         if self._path is not None:
             self._signature = self._stat_signature()
             # raises ConfigError naming the file: a broker must not start with a broken file
@@ -517,6 +516,29 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         """Check the file now, ignoring the once-per-interval throttle (for tools and tests)."""
         self._last_check = float("-inf")
         self._maybe_reload()
+
+    def file_changed(self) -> bool:
+        """True if the credentials file differs from the version the rules were loaded from."""
+        return self._path is not None and self._stat_signature() != self._signature
+
+    def revocation(self, session: Session) -> str | None:
+        """Why a connected ``session`` may no longer hold its connection under the current rules
+        (its user was removed, its token changed, its client id is no longer its own), or None."""
+        creds = self._creds
+        if self._path is None or creds is None:
+            return None
+        username = session.username
+        if username is None:
+            return None if creds.anonymous else "anonymous access was disabled"
+        user = creds.users.get(username)
+        if user is None:
+            return f"user {username!r} was removed (revoked)"
+        password = session.password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        if password is None or not hmac.compare_digest(hashlib.sha256(password).digest(), user.token_sha256):
+            return f"the token of user {username!r} was changed"
+        return creds.client_id_refusal(username, session.client_id or "")
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -571,10 +593,16 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
             if isinstance(password, str):
                 password = password.encode("utf-8")
             if user is None:
-                log.info("auth: refused %s: unknown user %r", client, username)
+                if username in creds.revoked:
+                    log.warning("auth: refused %s: user %r is revoked", client, username)
+                else:
+                    log.info("auth: refused %s: unknown user %r", client, username)
                 return False
             if password is None or not hmac.compare_digest(hashlib.sha256(password).digest(), user.token_sha256):
                 log.info("auth: refused %s: bad token for user %r", client, username)
+                return False
+            if user.loopback_only and not self._listener_is_loopback(session):
+                log.warning("auth: refused %s: user %r may connect only on a loopback listener", client, username)
                 return False
             rules = user.rules
 
@@ -611,15 +639,39 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
             allowed = rules.may_receive(topic)
         else:
             allowed = False
-        if not allowed and log.isEnabledFor(logging.DEBUG):
-            who = session.username if session is not None else None
-            log.debug("acl: denied %s %r for user %r", action, topic, who)
+        if not allowed and action in (Action.PUBLISH, Action.SUBSCRIBE):
+            self._log_denial(session, action, topic)
         return allowed
+
+    DENIAL_LOG_INTERVAL = 10.0
+
+    def _log_denial(self, session: Session | None, action: Action, topic: str) -> None:
+        """A refused PUBLISH or SUBSCRIBE, logged at WARNING at most once per user and action every
+        ``DENIAL_LOG_INTERVAL`` seconds (with the count since), so a flood cannot fill the disk."""
+        who = session.username if session is not None else None
+        key = (who, action.value)
+        now = time.monotonic()
+        last, count = self._denials.get(key, (float("-inf"), 0))
+        if now - last < self.DENIAL_LOG_INTERVAL:
+            self._denials[key] = (last, count + 1)
+            return
+        self._denials[key] = (now, 0)
+        if len(self._denials) > 10_000:
+            self._denials.clear()
+        more = f" ({count} more since the last report)" if count else ""
+        client = session.client_id if session is not None else None
+        log.warning("acl: refused %s %r for user %r (client %r): not in its topic ACL%s", key[1], topic[:200],
+                    who, client, more)
 
 
 # ----------------------------------------------------------------------------------------------
 # The broker
 # ----------------------------------------------------------------------------------------------
+
+
+async def _close_quietly(writer: Any) -> None:
+    with contextlib.suppress(Exception):
+        await writer.close()
 
 
 class CwsBroker(Broker):
@@ -643,7 +695,11 @@ class CwsBroker(Broker):
        Now iterates a snapshot.
     7. IPv6 listener binds (``[::1]:1883``) failed: the brackets were passed to the resolver.
     8. When a listener failed to bind, the listeners bound before it stayed open.
+    9. A connection whose first packet was not a CONNECT, or that sent nothing, was never closed.
+    10. No time limit on receiving the CONNECT: now ``CONNECT_TIMEOUT`` seconds, then closed.
     """
+
+    CONNECT_TIMEOUT = 10.0
 
     def __init__(
         self,
@@ -690,6 +746,63 @@ class CwsBroker(Broker):
                 await server.close_instance()
             self._servers.clear()
             raise
+        plugin = self.access_plugin()
+        if plugin is not None and plugin._path is not None:
+            self._credentials_watch = asyncio.ensure_future(self._watch_credentials(plugin))
+
+    async def shutdown(self) -> None:
+        watch = getattr(self, "_credentials_watch", None)
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
+        await super().shutdown()
+
+    # -- revocation: connected clients lose their connection when their credential goes -----------
+
+    CREDENTIALS_POLL = 0.5
+
+    def access_plugin(self) -> CwsAccessPlugin | None:
+        for plugin in self.plugins_manager.plugins:
+            if isinstance(plugin, CwsAccessPlugin):
+                return plugin
+        return None
+
+    async def _watch_credentials(self, plugin: CwsAccessPlugin) -> None:
+        while True:
+            await asyncio.sleep(self.CREDENTIALS_POLL)
+            try:
+                if plugin.file_changed():
+                    await self.enforce_credentials()
+            except Exception:
+                log.exception("checking the credentials file for revocations failed; trying again")
+
+    async def enforce_credentials(self) -> list[str]:
+        """Reload the credentials file now and disconnect every client whose credential was revoked
+        (user removed, token changed, client id no longer its own); return their client ids.
+
+        Called by the daemons right after they rewrite the file, and by a watcher every
+        ``CREDENTIALS_POLL`` seconds, so a revocation takes effect within a second whoever wrote it.
+        """
+        plugin = self.access_plugin()
+        if plugin is None:
+            return []
+        plugin.reload_now()
+        kicked = []
+        for client_id, (session, handler) in list(self._sessions.items()):
+            if handler is None or not session.transitions.is_connected():
+                continue
+            why = plugin.revocation(session)
+            if why is None:
+                continue
+            log.warning("auth: disconnecting client %r from %s: %s", client_id, session.remote_address, why)
+            try:
+                await handler.handle_connection_closed()
+                await handler.stop()
+            except Exception as exc:  # the connection may be closing already
+                log.debug("disconnecting %r: %s", client_id, exc)
+            kicked.append(client_id)
+        return kicked
 
     # -- 7. IPv6 binds ---------------------------------------------------------------------------
 
@@ -727,24 +840,33 @@ class CwsBroker(Broker):
         # CWS: copy of amqtt 0.12.1 with one block added (marked) -- defect 5: upstream deletes the
         # old session (clean session) or merges the new CONNECT's will/credentials into it *before*
         # authenticating; the later failed authentication then still takes the session over.
+        # CWS: defect 9 -- upstream left the socket open when the first packet was not a CONNECT
+        # (AMQTTError) or the peer sent nothing (NoDataError): every such connection leaked.
+        # Defect 10 -- no time limit on the CONNECT: a peer sending nothing, or half a packet, held
+        # its connection open forever. Now it gets CONNECT_TIMEOUT seconds, then is closed.
+        who = format_client_message(address=remote_address, port=remote_port)
         try:
-            handler, client_session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, client_session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), self.CONNECT_TIMEOUT)
+        except TimeoutError as exc:
+            self.logger.warning(f"{who}: no CONNECT within {self.CONNECT_TIMEOUT:g} s; closing the connection")
+            await _close_quietly(writer)
+            raise AMQTTError("CONNECT timeout") from exc
         except AMQTTError as exc:
-            self.logger.warning(
-                f"[MQTT-3.1.0-1] {format_client_message(address=remote_address, port=remote_port)}:"
-                f" Can't read first packet as CONNECT: {exc}",
-            )
+            self.logger.warning(f"[MQTT-3.1.0-1] {who}: Can't read first packet as CONNECT: {exc}")
+            await _close_quietly(writer)
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
-            self.logger.warning(
-                f"Invalid connection from {format_client_message(address=remote_address, port=remote_port)}",
-            )
-            await writer.close()
+            self.logger.warning(f"Invalid connection from {who}: {exc}")
+            await _close_quietly(writer)
             raise MQTTError(exc) from exc
         except NoDataError as exc:
-            self.logger.error(
-                f"No data from {format_client_message(address=remote_address, port=remote_port)} : {exc}",
-            )
+            self.logger.warning(f"No data from {who}: {exc}")
+            await _close_quietly(writer)
+            raise AMQTTError(exc) from exc
+        except Exception as exc:  # a decoding error amqtt does not wrap (bad UTF-8, struct errors...)
+            self.logger.warning(f"{who}: malformed CONNECT ({type(exc).__name__}: {exc}); closing the connection")
+            await _close_quietly(writer)
             raise AMQTTError(exc) from exc
 
         # CWS: begin -- authenticate the incoming CONNECT before any existing session is touched.
@@ -1074,7 +1196,10 @@ class BrokerSettings:
     """Where and how the embedded broker listens (mirrors ``cwsnet.config.EmbeddedBroker``)."""
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int | None = 1883
+    """Plaintext MQTT port (None: no plaintext listener); it listens on ``plain_host``, loopback only."""
+    plain_host: str | None = None
+    """Address of the plaintext and websocket listeners (default: ``host``); must be loopback."""
     tls_port: int | None = None
     certfile: str | os.PathLike[str] | None = None
     keyfile: str | os.PathLike[str] | None = None
@@ -1106,9 +1231,10 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
         value = getattr(settings, name)
         if value is not None and (not isinstance(value, int) or not 0 < value < 65536):
             raise ConfigError(f"broker: {name} must be a TCP port 1-65535 (got {value!r})")
-    listeners: dict[str, Any] = {
-        "default": {"type": "tcp", "bind": _format_bind(settings.host, settings.port)},
-    }
+    plain = settings.plain_host or settings.host
+    listeners: dict[str, Any] = {}
+    if settings.port is not None:
+        listeners["default"] = {"type": "tcp", "bind": _format_bind(plain, settings.port)}
     if settings.tls_port is not None:
         if not settings.certfile or not settings.keyfile:
             raise ConfigError("broker: tls_port needs both certfile and keyfile")
@@ -1129,13 +1255,22 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
     elif settings.certfile or settings.keyfile:
         raise ConfigError("broker: certfile/keyfile given but no tls_port")
     if settings.ws_port is not None:
-        listeners["ws"] = {"type": "ws", "bind": _format_bind(settings.host, settings.ws_port)}
+        listeners["ws"] = {"type": "ws", "bind": _format_bind(plain, settings.ws_port)}
+    if not listeners:
+        raise ConfigError("broker: no listener: set tls_port (with certfile and keyfile) or port")
+    # amqtt needs a "default" listener (the others inherit its unset fields); without a plaintext
+    # port it is one that binds nothing (amqtt's own default would bind 0.0.0.0:1883)
+    listeners.setdefault("default", {"type": "tcp", "bind": None})
 
     plugin_cfg: dict[str, Any] = {}
     if settings.credentials_file is not None:
         path = os.fspath(settings.credentials_file)
         load_credentials(path)  # fail here, with the file name, rather than inside amqtt's loader
         plugin_cfg["credentials_file"] = path
+    problem = plaintext_bind_problem(plain, settings.port, settings.ws_port,
+                                     "plain_host" if settings.plain_host else "host")
+    if problem:  # beyond loopback every client must use TLS (checked after the files, which name themselves)
+        raise ConfigError(problem)
     return {
         "listeners": listeners,
         "session_expiry_interval": settings.session_expiry_interval,
@@ -1157,7 +1292,7 @@ async def start_broker(settings: BrokerSettings) -> CwsBroker:
     await broker.start()
     log.info(
         "broker listening on %s (%s)",
-        ", ".join(f"{name}={lc['bind']}" for name, lc in config["listeners"].items()),
+        ", ".join(f"{name}={lc['bind']}" for name, lc in config["listeners"].items() if lc["bind"]),
         f"credentials {os.fspath(settings.credentials_file)}" if settings.credentials_file else "anonymous, loopback",
     )
     return broker
@@ -1190,7 +1325,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Run CWSNet's embedded MQTT broker (amqtt with CWSNet fixes, auth and topic ACL).",
     )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=1883, help="MQTT/TCP port (default 1883)")
+    p.add_argument("--port", type=int, default=1883,
+                   help="plaintext MQTT/TCP port, loopback only (default 1883; 0: no plaintext listener)")
+    p.add_argument("--plain-host", help="address of the plaintext and websocket listeners (default: --host; "
+                                        "must be loopback, e.g. 127.0.0.1 when --host is 0.0.0.0 with --tls-port)")
     p.add_argument("--tls-port", type=int, help="MQTT/TLS port (needs --certfile and --keyfile)")
     p.add_argument("--certfile", help="server certificate (PEM)")
     p.add_argument("--keyfile", help="server private key (PEM)")
@@ -1214,7 +1352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("transitions").setLevel(logging.WARNING)  # amqtt's state machines log every step
     settings = BrokerSettings(
         host=args.host,
-        port=args.port,
+        port=args.port or None,
+        plain_host=args.plain_host,
         tls_port=args.tls_port,
         certfile=args.certfile,
         keyfile=args.keyfile,

@@ -1,7 +1,7 @@
 """Provisioning bundles: everything one node needs to join, in one 0600 JSON file.
 
 ``{"node", "site", "role", "secret_key", "public_key", "cloud_public_key", "mqtt_username",
-"mqtt_password", "gateway"?, "gateway_public_key"?}`` — the CPython agent, the gateway and the
+"mqtt_password", "kv", "gateway"?, "gateway_public_key"?}`` — the CPython agent, the gateway and the
 firmware all load this format. A device behind a gateway names it and its public key: the gateway
 seals custody acks to the device, and the device seals command receipts to the gateway.
 """
@@ -24,6 +24,7 @@ class Bundle:
     mqtt_password: str | None
     gateway: str | None = None
     gateway_public_key: nacl.public.PublicKey | None = None
+    kv: int = 1  # version of this node's key pair: bumped by `cwsnet device rotate`, sent in each header
 
     @classmethod
     def load(cls, path: Path) -> Bundle:
@@ -35,7 +36,13 @@ class Bundle:
             from cwsnet.errors import ConfigError
 
             raise ConfigError(f"{path}: 'gateway' and 'gateway_public_key' go together (a node name and its key)")
+        kv = d.get("kv", 1)
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1:
+            from cwsnet.errors import ConfigError
+
+            raise ConfigError(f"{path}: kv (key version) must be an integer >= 1 (got {kv!r})")
         return cls(
+            kv=kv,
             identity=ident,
             cloud_public_key=public_key_from_b64(cpk, f"{path}: cloud_public_key") if cpk else None,
             mqtt_username=str(d.get("mqtt_username") or ident.node),
@@ -71,6 +78,7 @@ class Bundle:
             d["gateway"] = self.gateway
             d["gateway_public_key"] = b64(bytes(self.gateway_public_key))
         d["mqtt_username"] = self.mqtt_username
+        d["kv"] = self.kv
         if self.mqtt_password is not None:
             d["mqtt_password"] = self.mqtt_password
         write_secret_file(path, d)

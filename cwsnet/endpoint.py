@@ -16,7 +16,7 @@ import nacl.public
 
 from cwsnet import envelope
 from cwsnet.envelope import Header, Opened
-from cwsnet.errors import EnvelopeError, UnknownSender
+from cwsnet.errors import EnvelopeError, ForgedEnvelope, UnknownSender
 from cwsnet.identity import Identity
 from cwsnet.replay import SeqCounter
 
@@ -28,15 +28,35 @@ class Endpoint:
         seq: SeqCounter,
         peer_key: Callable[[str], nacl.public.PublicKey | None],
         clock: Callable[[], float] = time.time,
+        *,
+        key_version: int | None = None,
+        versioned_key: Callable[[str, int | None], nacl.public.PublicKey | None] | None = None,
     ) -> None:
         self.identity = identity
         self.seq = seq
         self.peer_key = peer_key
         self.clock = clock
+        #: version of ``identity``'s key pair, sent in every header (None: not sent, version 1)
+        self.key_version = key_version
+        #: key lookup for opening that knows versions and revocation (else ``peer_key``)
+        self.versioned_key = versioned_key
+        #: secret keys this node held before a rotation: messages sealed to them still open
+        self.previous_secrets: list[nacl.public.PrivateKey] = []
         # Box(my_secret, peer_public) precomputes the X25519 shared key: keep the recent ones
         self._boxes: OrderedDict[bytes, nacl.public.Box] = OrderedDict()
 
     BOX_CACHE = 4096
+    PREVIOUS_KEPT = 2
+
+    def rekey(self, identity: Identity, key_version: int | None) -> None:
+        """Switch to a rotated key pair; the old secret key still opens what was sealed to it."""
+        if bytes(identity.secret_key) == bytes(self.identity.secret_key):
+            self.key_version = key_version
+            return
+        self.previous_secrets = [self.identity.secret_key, *self.previous_secrets][: self.PREVIOUS_KEPT]
+        self.identity = identity
+        self.key_version = key_version
+        self._boxes.clear()
 
     def box(self, peer: nacl.public.PublicKey) -> nacl.public.Box:
         raw = bytes(peer)
@@ -64,13 +84,16 @@ class Endpoint:
             kind=kind,
             trace=trace,
             expires=expires,
+            key_version=self.key_version,
         )
 
     def seal(
         self, topic: str, kind: str, body: Any, *, to: str, trace: str | None = None, seq: int | None = None,
-        expires: int | None = None,
+        expires: int | None = None, recipient_key: nacl.public.PublicKey | None = None,
     ) -> tuple[bytes, Header]:
-        key = self.peer_key(to)
+        """Seal ``body`` for ``to`` (with its key from ``peer_key``, or ``recipient_key``: the key
+        version a peer is known to hold right now, e.g. during its rotation)."""
+        key = recipient_key or self.peer_key(to)
         if key is None:
             raise UnknownSender(f"no public key for recipient {to!r}")
         header = self.header(kind, to, trace, seq, expires)
@@ -81,10 +104,19 @@ class Endpoint:
         return payload, header
 
     def open(self, payload: bytes, topic: str) -> Opened:
-        return envelope.open_envelope(
-            payload, topic=topic, me=self.identity.node, my_key=self.identity.secret_key, sender_key=self.peer_key,
-            box_for=self.box,
-        )
+        try:
+            return envelope.open_envelope(
+                payload, topic=topic, me=self.identity.node, my_key=self.identity.secret_key,
+                sender_key=self.peer_key, box_for=self.box, versioned_key=self.versioned_key,
+            )
+        except ForgedEnvelope:
+            for old in self.previous_secrets:  # sealed to the key this node had before a rotation?
+                try:
+                    return envelope.open_envelope(payload, topic=topic, me=self.identity.node, my_key=old,
+                                                  sender_key=self.peer_key, versioned_key=self.versioned_key)
+                except ForgedEnvelope:
+                    continue
+            raise
 
     def open_or_log(self, payload: bytes, topic: str, log: logging.Logger, what: str = "message") -> Opened | None:
         """Open a received message, or log why it was rejected (with its reason label) and return None."""

@@ -25,6 +25,7 @@ import nacl.exceptions
 import nacl.public
 
 from cwsnet.errors import (
+    EnvelopeError,
     ForgedEnvelope,
     MalformedEnvelope,
     NotForMe,
@@ -204,17 +205,27 @@ def open_envelope(
     my_key: nacl.public.PrivateKey,
     sender_key: Callable[[str], nacl.public.PublicKey | None],
     box_for: Callable[[nacl.public.PublicKey], nacl.public.Box] | None = None,
+    versioned_key: Callable[[str, int | None], nacl.public.PublicKey | None] | None = None,
 ) -> Opened:
     """Authenticate and open ``payload`` received on ``topic``.
 
-    ``sender_key(node_id)`` returns the sender's public key or None if unknown. Raises a subclass
-    of :class:`~cwsnet.errors.EnvelopeError`. Replay is the caller's to check (it needs state).
+    ``sender_key(node_id)`` returns the sender's public key or None if unknown. A receiver that
+    knows key versions passes ``versioned_key(node_id, kv)`` instead (``kv`` is the header's, None
+    when absent); it may raise an :class:`~cwsnet.errors.EnvelopeError` (revoked, retired key).
+    Raises a subclass of :class:`~cwsnet.errors.EnvelopeError`. Replay is the caller's to check.
     """
     header, h, n, c = _split(payload)
     kw = {"sender": header.sender, "seq": header.seq}
     if header.recipient != me:
         raise NotForMe(f"envelope is addressed to {header.recipient!r}, not {me!r}", **kw)
-    pk = sender_key(header.sender)
+    if versioned_key is not None:
+        try:
+            pk = versioned_key(header.sender, header.key_version)
+        except EnvelopeError as exc:
+            exc.sender, exc.seq = header.sender, header.seq
+            raise
+    else:
+        pk = sender_key(header.sender)
     if pk is None:
         raise UnknownSender(f"sender {header.sender!r} is not registered", **kw)
     try:

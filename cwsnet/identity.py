@@ -40,13 +40,13 @@ def public_key_from_b64(text: str, what: str) -> nacl.public.PublicKey:
     return nacl.public.PublicKey(raw)
 
 
-def write_secret_file(path: Path, data: dict[str, Any] | str) -> None:
-    """Write ``data`` (JSON or text) to ``path`` atomically with mode 0600."""
+def write_file_atomic(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` to ``path`` atomically (a reader sees the old file or the new one, never half)
+    and durably (fsync), with ``mode`` set before any byte is written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = data if isinstance(data, str) else json.dumps(data, indent=2, sort_keys=True) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -55,6 +55,23 @@ def write_secret_file(path: Path, data: dict[str, Any] | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_secret_file(path: Path, data: dict[str, Any] | str) -> None:
+    """Write ``data`` (JSON or text) to ``path`` atomically with mode 0600."""
+    text = data if isinstance(data, str) else json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_file_atomic(path, text, 0o600)
+
+
+def file_signature(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (inode, mtime, size); None if missing.
+
+    Daemons poll it to follow files other processes rewrite atomically (registry, bundle)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def new_token() -> str:
@@ -103,7 +120,8 @@ class Identity:
             raise ConfigError(f"{where}: missing field {exc.args[0]!r}") from None
 
 
-def load_json_file(path: Path, what: str) -> dict[str, Any]:
+def read_json_file(path: Path, what: str) -> Any:
+    """Parse a JSON file; a ``ConfigError`` names the file (and line and column) at fault."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -111,33 +129,13 @@ def load_json_file(path: Path, what: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: {what} is not valid JSON: {exc.msg}") from None
+
+
+def load_json_file(path: Path, what: str) -> dict[str, Any]:
+    data = read_json_file(path, what)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {what} must be a JSON object")
-    return data
-
-
-def read_registry_file(path: str | Path) -> list[dict[str, str]]:
-    """Read a registry file (as written by ``cwsnet init``): a JSON array of ``{"id", "site",
-    "role", "public_key"}`` objects. Raises ``ConfigError`` naming the file and the entry at fault."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: registry file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the registry file: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: registry is not valid JSON: {exc.msg}") from None
-    if not isinstance(data, list):
-        raise ConfigError(f"{p}: the registry must be a JSON array of nodes")
-    for i, entry in enumerate(data):
-        where = f"{p}: entry {i}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: must be an object with id, site, role and public_key")
-        missing = [k for k in ("id", "site", "role", "public_key") if not isinstance(entry.get(k), str)]
-        if missing:
-            raise ConfigError(f"{where}: missing or non-text field(s) {', '.join(missing)}")
     return data

@@ -359,6 +359,10 @@ class MqttLink:
 
     # -- public API ----------------------------------------------------------------------------
 
+    def set_credentials(self, username: str | None, password: str | None) -> None:
+        """Log in with these from the next connection on (a rotated token); the current one stays."""
+        self._username, self._password = username, password
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Add ``topic_filter`` to the desired subscriptions (re-made on every CONNACK).
 

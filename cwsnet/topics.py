@@ -64,8 +64,37 @@ def ack(site: str, node: str) -> str:
     return f"{base(site, node)}/ack"
 
 
+def config(site: str, node: str) -> str:
+    return f"{base(site, node)}/config"
+
+
 def receipt(site: str, node: str) -> str:
     return f"{base(site, node)}/receipt"
+
+
+#: app topics: ``cws/v1/_apps/{app}/{site}/{node}/{channel}...`` (``_`` cannot start a site name)
+APPS = "_apps"
+
+
+def app_topic(app: str, source_topic: str) -> str:
+    """Where the cloud re-publishes ``source_topic``'s messages for ``app``, sealed to it."""
+    head = f"{PREFIX}/{VERSION}/"
+    if not source_topic.startswith(head):
+        raise TopicError(f"topic {source_topic!r} is not under {head}")
+    return f"{head}{APPS}/{check_name(app, 'app')}/{source_topic[len(head):]}"
+
+
+def app_filter(app: str) -> str:
+    """The one filter an app may subscribe to on the cloud broker."""
+    return f"{PREFIX}/{VERSION}/{APPS}/{check_name(app, 'app')}/#"
+
+
+def parse_app_topic(topic: str) -> tuple[str, TopicParts]:
+    """Split an app topic into the app and the parts of the source topic."""
+    levels = topic.split("/")
+    if len(levels) < 4 or levels[:3] != [PREFIX, VERSION, APPS]:
+        raise TopicError(f"topic {topic!r} is not an app topic ({PREFIX}/{VERSION}/{APPS}/{{app}}/...)")
+    return check_name(levels[3], "app"), parse("/".join([PREFIX, VERSION, *levels[4:]]))
 
 
 def site_filter(site: str, channel: str) -> str:

@@ -22,8 +22,10 @@ from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
+from cwsnet.errors import ConfigError
+from cwsnet.identity import file_signature
 from cwsnet.links import link_for
-from cwsnet.mqtt import LinkDown, LinkError, Message, Will
+from cwsnet.mqtt import AuthRefused, LinkDown, LinkError, Message, Will
 from cwsnet.nodestate import NodeState
 from edge_agent.handlers import TaskFailed, registry
 from edge_agent.outbox import CLASS_NAMES, PRIORITY, AgentOutbox
@@ -33,6 +35,8 @@ log = logging.getLogger("cwsnet.agent")
 
 #: messages kept in memory while the outbox cannot be written (disk full, I/O error)
 UNSTORED_MAX = 1000
+#: seconds between checks of the provisioning bundle for a rotated key
+BUNDLE_POLL = 1.0
 
 
 @dataclass(slots=True)
@@ -58,7 +62,9 @@ class Agent:
         self.site = bundle.identity.site
         self.state = NodeState(cfg.data_dir / "agent.db")
         self.gateway = bundle.gateway  # custody acks come from it; command receipts go to it
-        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), bundle.peer_keys().get, clock)
+        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), self._peer_key, clock,
+                                 key_version=bundle.kv)
+        self._bundle_sig = file_signature(cfg.identity_file)
         self.cloud_window = self.state.replay_window("cloud")
         self.handlers = registry(cfg.handlers)
         self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
@@ -91,6 +97,58 @@ class Agent:
         )
         self.link.subscribe(topics.task_cmd(self.site, self.node), qos=1)
         self.link.subscribe(topics.ack(self.site, self.node), qos=1)
+
+    # ---- keys -------------------------------------------------------------------------------
+    def _peer_key(self, node: str) -> Any:
+        return self.bundle.peer_keys().get(node)
+
+    async def _bundle_watch(self) -> None:
+        """Follow the provisioning bundle: `cwsnet device rotate` writes a new key pair (and maybe
+        token) into it. New messages are sealed with the new key from then on; what the outbox holds
+        keeps the old key's seal, which the cloud accepts for the rotation's grace period."""
+        while True:
+            await asyncio.sleep(BUNDLE_POLL)
+            self._check_bundle()
+
+    def _check_bundle(self) -> bool:
+        """Reload the bundle if its file changed; True if it was reloaded."""
+        sig = file_signature(self.cfg.identity_file)
+        if sig == self._bundle_sig:
+            return False
+        self._bundle_sig = sig
+        try:
+            self.reload_bundle(Bundle.load_node(self.cfg.identity_file))
+        except ConfigError as exc:  # half-copied or broken: keep the keys in use
+            log.error("provisioning bundle not reloaded, keeping key version %d: %s", self.bundle.kv, exc)
+            return False
+        return True
+
+    async def _run_link(self) -> None:
+        """The MQTT link; a broker refusing our token right after a rotation (it learnt the new one
+        first) is not fatal if the bundle holds a new token: log in again with it."""
+        while True:
+            old = self.bundle.mqtt_password
+            try:
+                await self.link.run()
+                return
+            except AuthRefused:
+                if not self._check_bundle() or self.bundle.mqtt_password == old:
+                    raise
+                log.warning("the broker refused the old MQTT token; logging in with the rotated one")
+
+    def reload_bundle(self, new: Bundle) -> None:
+        old = self.bundle
+        if (new.identity.node, new.identity.site) != (old.identity.node, old.identity.site):
+            log.error("provisioning bundle %s now names %s of site %s; this agent is %s of %s: not reloaded "
+                      "(restart the agent to change identity)", self.cfg.identity_file, new.identity.node,
+                      new.identity.site, self.node, self.site)
+            return
+        self.bundle = new
+        self.endpoint.rekey(new.identity, new.kv)
+        if new.mqtt_password != old.mqtt_password:
+            self.link.set_credentials(new.mqtt_username, new.mqtt_password)
+        if new.identity.public_b64 != old.identity.public_b64:
+            log.info("key rotated: sealing with key version %d from now on", new.kv)
 
     # ---- status -------------------------------------------------------------------------
     def status_body(self, state: str = "online") -> dict[str, Any]:
@@ -472,8 +530,8 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                tasks = [tg.create_task(self.link.run()), tg.create_task(self._flusher()),
-                         tg.create_task(self._status_loop())]
+                tasks = [tg.create_task(self._run_link()), tg.create_task(self._flusher()),
+                         tg.create_task(self._status_loop()), tg.create_task(self._bundle_watch())]
                 tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
                 tasks.append(tg.create_task(self._report_interrupted()))
                 await stop.wait()

@@ -33,10 +33,11 @@ from cwsnet.bundle import Bundle
 from cwsnet.config import GatewayConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, CwsError, EnvelopeError, TopicError
-from cwsnet.identity import public_key_from_b64, read_registry_file
+from cwsnet.identity import file_signature, write_secret_file
 from cwsnet.links import link_for
 from cwsnet.mqtt import LinkDown, LinkError, Message, Will
 from cwsnet.nodestate import NodeState
+from cwsnet.registry import KeyRing, Registry, site_broker_users
 from edge_agent.sensors import system_snapshot
 from gateway.downlink import DownlinkStore
 from gateway.outbox import UplinkOutbox
@@ -55,13 +56,19 @@ class Gateway:
         self.outbox = UplinkOutbox(cfg.data_dir / "uplink-outbox.db")
         self.downlink = DownlinkStore(cfg.data_dir / "downlink.db")
         self.cloud_key = bundle.cloud_public_key
-        self.device_keys: dict[str, nacl.public.PublicKey] = {}
+        # the site's registry: device keys (versioned) and revocations, from registry_file and from
+        # the cloud's sealed pushes (kept in data_dir, so a restart offline enforces the last one)
+        self.registry = Registry(managed=False)
+        self.ring = KeyRing()
+        self.pushed_registry_file = cfg.data_dir / "site-registry.json"
         self._registry_checked = 0.0
-        self._registry_mtime: float | None = None
+        self._registry_sig: tuple[int, ...] | None = None
         self._no_key_warned: set[str] = set()
-        if cfg.registry_file is not None:
-            self._load_registry(strict=True)
-        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), self._peer_key, clock)
+        self.device_kv: dict[str, int | None] = {}
+        self._duplicates: dict[str, tuple[float, int]] = {}  # key version each device sealed its last message with
+        self._load_registries()
+        self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), self._peer_key, clock,
+                                 key_version=bundle.kv, versioned_key=self._versioned_key)
         self.cloud_window = self.state.replay_window("cloud")
         self.custody = custody.CustodyAcks(busy_for=cfg.store.busy_pause)
         self._custody_wake = asyncio.Event()
@@ -69,7 +76,7 @@ class Gateway:
         self.devices_online: set[str] = set()
         self.stats = {"received": 0, "duplicates": 0, "malformed": 0, "forwarded_up": 0, "forwarded_down": 0,
                       "acked": 0, "rejected_by_cloud": 0, "store_errors": 0, "custody_acks": 0,
-                      "refused_full": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0}
+                      "refused_full": 0, "refused_revoked": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0}
         self.store_error: str | None = None
         self._store_error_logged = float("-inf")
         self._refusals_logged = float("-inf")
@@ -98,37 +105,77 @@ class Gateway:
             self.uplink.subscribe(topics.site_filter(self.site, channel), qos=1)
 
     # ---- keys -----------------------------------------------------------------------------
-    def _load_registry(self, strict: bool = False) -> None:
-        """(Re)read the devices of this site and their public keys from ``registry_file``."""
-        path = self.cfg.registry_file
-        assert path is not None
-        try:
-            mtime = path.stat().st_mtime
-            if mtime == self._registry_mtime:
-                return
-            keys = {
-                e["id"]: public_key_from_b64(e["public_key"], f"{path}: {e['id']}: public_key")
-                for e in read_registry_file(path) if e["site"] == self.site and e["role"] == "device"
-            }
-        except (OSError, ConfigError) as exc:
-            if strict:
+    def _load_registries(self) -> None:
+        """At start: the newer of the last registry the cloud pushed and ``registry_file``."""
+        candidates = []
+        if self.pushed_registry_file.exists():
+            try:
+                candidates.append(Registry.load(self.pushed_registry_file))
+            except ConfigError as exc:  # damaged: registry_file (or the next push) replaces it
+                log.error("ignoring the last pushed registry: %s", exc)
+        if self.cfg.registry_file is not None:
+            try:
+                candidates.append(Registry.load(self.cfg.registry_file))
+                self._registry_sig = file_signature(self.cfg.registry_file)
+            except ConfigError as exc:
                 raise ConfigError(f"registry_file: {exc}") from None
-            log.warning("registry %s not reloaded (%s); keeping the %d device keys known", path, exc,
-                        len(self.device_keys))
+        # of one instance the higher rev wins; of two (a re-created cloud), registry_file, the newer
+        # provisioning (the cloud's next push settles it either way)
+        for reg in candidates:
+            self._use_registry(reg, "start")
+
+    def _use_registry(self, reg: Registry, source: str) -> bool:
+        """Take ``reg`` (or its part for this site) if it is newer; True if taken."""
+        if reg.managed and self.registry.managed and not reg.newer_than(self.registry):
+            return False
+        site = reg.site_view(self.site)
+        self.registry = site
+        self.ring.update({n: e for n, e in site.nodes.items() if e.role == "device" and e.site == self.site})
+        log.info("registry rev %d from %s: %d devices of site %s (%d revoked)", site.rev, source,
+                 len(site.active(site=self.site, role="device")), self.site,
+                 sum(1 for e in site.nodes.values() if not e.active))
+        return True
+
+    async def _apply_registry(self, reg: Registry, source: str) -> None:
+        """A newer registry: enforce it on the site broker (users, ACLs, revoked connections)."""
+        if not self._use_registry(reg, source):
             return
-        self._registry_mtime = mtime
-        self.device_keys = keys
-        log.info("registry: %d devices of site %s", len(keys), self.site)
+        if source == "cloud":
+            await self._db_call(write_secret_file, self.pushed_registry_file, self.registry.to_json())
+        b = self.cfg.broker
+        if b is not None and b.credentials_file is not None and self.registry.managed:
+            await self._db_call(write_secret_file, b.credentials_file, site_broker_users(self.registry, self.site))
+            if self.broker is not None:
+                kicked = await self.broker.enforce_credentials()
+                if kicked:
+                    log.info("registry: disconnected %s from the site broker", ", ".join(kicked))
+
+    async def _registry_watch(self) -> None:
+        """Follow ``registry_file`` too (a home lab's, edited by `cwsnet device`): the newer rev wins."""
+        path = self.cfg.registry_file
+        while path is not None:
+            await asyncio.sleep(0.5)
+            sig = file_signature(path)
+            if sig == self._registry_sig:
+                continue
+            self._registry_sig = sig
+            try:
+                await self._apply_registry(await self._db_call(Registry.load, path), "registry_file")
+            except ConfigError as exc:
+                log.warning("registry file not reloaded (%s); keeping rev %d", exc, self.registry.rev)
+            except Exception:
+                log.exception("applying %s failed", path)
 
     def _peer_key(self, node: str) -> nacl.public.PublicKey | None:
+        """The key to seal to ``node`` (the cloud, or a device of this site that is not revoked)."""
         if node == "cloud":
             return self.cloud_key
-        key = self.device_keys.get(node)
-        if key is None and self.cfg.registry_file is not None and time.monotonic() - self._registry_checked > 5.0:
-            self._registry_checked = time.monotonic()  # a device added since: at most one reread per 5 s
-            self._load_registry()
-            key = self.device_keys.get(node)
-        return key
+        return self.ring.current(node)
+
+    def _versioned_key(self, node: str, kv: int | None) -> nacl.public.PublicKey | None:
+        if node == "cloud":
+            return self.cloud_key
+        return self.ring.lookup(node, kv)
 
     # ---- up: site -> outbox -> cloud ------------------------------------------------------
     async def _from_site(self, msg: Message) -> None:
@@ -141,6 +188,14 @@ class Gateway:
             # Not an envelope this gateway may forward: never stored, never forwarded.
             self.stats["malformed"] += 1
             log.warning("dropped message on %s (%d bytes): %s", msg.topic, len(msg.payload), exc)
+            self.site_link.ack(msg)
+            return
+        self.device_kv[header.sender] = header.key_version
+        entry = self.registry.get(header.sender)
+        if entry is not None and not entry.active:
+            # its broker session is closed when the revocation arrives; this covers what was in flight
+            self.stats["refused_revoked"] += 1
+            log.warning("dropped %s seq %d from %s: the device is revoked", header.kind, header.seq, header.sender)
             self.site_link.ack(msg)
             return
         if parts.channel == "receipt":
@@ -237,11 +292,25 @@ class Gateway:
                 self.custody.stored(header.sender, header.seq)  # new or already held: ours now
                 self.stats["received"] += 1
                 self.stats["duplicates"] += int(not new)
+                if not new:
+                    self._note_duplicate(header.sender, header.seq)
                 if header.trace:
                     log.info("stored %s seq=%d from %s trace=%s", header.kind, header.seq, header.sender,
                              header.trace)
             self._custody_wake.set()
             self._pump_wake.set()
+
+    def _note_duplicate(self, sender: str, seq: int) -> None:
+        """A message already held (a device re-sending after a lost custody ack, or a replay): stored
+        once. Logged at most once per sender every 10 s."""
+        now = time.monotonic()
+        last, count = self._duplicates.get(sender, (float("-inf"), 0))
+        if now - last < 10.0:
+            self._duplicates[sender] = (last, count + 1)
+            return
+        self._duplicates[sender] = (now, 0)
+        more = f" (and {count} more since)" if count else ""
+        log.info("duplicate of %s seq %d, already held: stored once%s", sender, seq, more)
 
     async def _custody_sender(self) -> None:
         """Send each device a sealed custody ack for what was just committed (coalesced ranges).
@@ -256,7 +325,11 @@ class Gateway:
                     continue
                 topic = topics.ack(self.site, device)
                 try:
-                    payload, _h = self.endpoint.seal(topic, "ack", body, to=device)
+                    # sealed to the key the device used last: right after a rotation it may not hold
+                    # the new one yet
+                    payload, _h = self.endpoint.seal(
+                        topic, "ack", body, to=device,
+                        recipient_key=self.ring.key_for_reply(device, self.device_kv.get(device)))
                 except sqlite3.Error as exc:  # reserving seqs failed: keep the ack for the next round
                     self._storage_trouble("sealing a custody ack", exc)
                     self.custody.put_back(device, body)
@@ -440,6 +513,21 @@ class Gateway:
             self.state.save_replay_window("cloud", self.cloud_window)
         except sqlite3.Error as exc:  # kept in memory; acks are idempotent, so carry on
             self._storage_trouble("saving the cloud's replay window", exc)
+        if opened.header.kind == "config":
+            body = opened.body if isinstance(opened.body, dict) else {}
+            if "registry" in body:
+                try:
+                    reg = Registry.from_json(body["registry"], "the registry pushed by the cloud")
+                except ConfigError as exc:
+                    log.error("rejected the registry pushed by the cloud: %s", exc)
+                    return
+                foreign = [e.id for e in reg.nodes.values() if e.site != self.site and e.role != "operator"]
+                if foreign:
+                    log.error("rejected the registry pushed by the cloud: it lists nodes of other sites (%s)",
+                              ", ".join(foreign[:5]))
+                    return
+                await self._apply_registry(reg, "cloud")
+            return
         if opened.header.kind == "ack":
             body = opened.body if isinstance(opened.body, dict) else {}
             ranges = [
@@ -479,6 +567,7 @@ class Gateway:
             "backpressure": self._fill() >= self.cfg.store.high_water,
             "storage": "ok" if self.store_error is None else f"error: {self.store_error}",
             "commands_held": self.downlink.depth(),
+            "registry_rev": self.registry.rev,
             "uplink": "up" if self.uplink.connected.is_set() else "down",
             "link": "up" if self.uplink.connected.is_set() else "down",
             "site_link": "up" if self.site_link.connected.is_set() else "down",
@@ -538,13 +627,17 @@ class Gateway:
             from cwsnet.broker import BrokerSettings, start_broker
 
             b = self.cfg.broker
+            if b.credentials_file is not None and self.registry.managed:  # the registry it enforces now
+                write_secret_file(b.credentials_file, site_broker_users(self.registry, self.site))
             try:
                 self.broker = await start_broker(BrokerSettings.coerce(b))
             except ConfigError:
                 raise
             except Exception as exc:  # amqtt's BrokerError / OSError: port taken, bad certificate...
                 raise ConfigError(f"broker: cannot start the site broker on {b.host}:{b.port}: {exc}") from None
-            log.info("site broker (amqtt) listening on %s:%s", b.host, b.port)
+            log.info("site broker (amqtt) running: %s", ", ".join(
+                [f"TLS {b.host}:{b.tls_port}"] * (b.tls_port is not None)
+                + [f"plaintext {b.plain_host or b.host}:{b.port}"] * (b.port is not None)))
         metrics_server = None
         if self.cfg.metrics_port:
             metrics_server = self._start_metrics()
@@ -558,6 +651,7 @@ class Gateway:
                     tg.create_task(self._custody_sender()),
                     tg.create_task(self._downlink_sweeper()),
                     tg.create_task(self._status_loop()),
+                    tg.create_task(self._registry_watch()),
                 ]
                 if ready is not None:
                     ready.set()

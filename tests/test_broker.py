@@ -773,6 +773,19 @@ def test_anonymous_is_refused_on_non_loopback_listener(tmp_path: Path) -> None:
     assert asyncio.run(open_mode.authenticate(session=_session(bind="0.0.0.0:1883"))) is False
 
 
+def test_a_loopback_only_user_is_refused_on_other_listeners(tmp_path: Path) -> None:
+    path = tmp_path / "local.json"
+    write_json_atomic(path, {"users": {"local": {"token_sha256": hash_token("t"), "subscribe": ["x/#"],
+                                                 "loopback_only": True, "client_ids": ["*"]}}})
+    plugin = _plugin(path)
+    assert asyncio.run(plugin.authenticate(session=_session("local", "t", bind="127.0.0.1:1884"))) is True
+    assert asyncio.run(plugin.authenticate(session=_session("local", "t", bind="0.0.0.0:8884"))) is False
+    assert asyncio.run(plugin.authenticate(session=_session("local", "t", bind="192.0.2.7:8884"))) is False
+    write_json_atomic(path, {"users": {"local": {"token_sha256": hash_token("t"), "loopback_only": "yes"}}})
+    with pytest.raises(ConfigError, match=r"users.local.loopback_only: must be true or false"):
+        load_credentials(path)
+
+
 def test_token_is_never_logged(brokers: Callable[..., RunningBroker], creds_file: Path,
                                caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
@@ -863,7 +876,7 @@ def test_hot_reload_adds_and_removes_users(brokers: Callable[..., RunningBroker]
     assert not can_connect(rb, "dev-3")
     admin = connected(clients, rb, "admin")
     assert admin.subscribe(("#", 1)) == [1]
-    dev2 = connected(clients, rb, "dev-2")  # stays connected while dev-2 is removed
+    dev2 = connected(clients, rb, "dev-2")  # connected while dev-2 is removed
 
     doc = json.loads(creds_file.read_text())
     doc["users"]["dev-3"] = user("dev-3")
@@ -873,10 +886,27 @@ def test_hot_reload_adds_and_removes_users(brokers: Callable[..., RunningBroker]
     wait_for(lambda: can_connect(rb, "dev-3"), 2.0, interval=0.1, message="dev-3 accepted after reload")
     assert time.monotonic() - t0 < 2.0
     assert not can_connect(rb, "dev-2")  # refused on its next connect
-    # not kicked, but its existing connection can no longer publish (ACL uses the current rules)
-    dev2.publish("cws/v1/home/dev-2/status", b"from removed user", qos=1)
+    if USE_BASE:  # upstream keeps the connection; the ACL (current rules) stops its publishes
+        dev2.publish("cws/v1/home/dev-2/status", b"from removed user", qos=1)
+    else:  # CwsBroker disconnects a removed user's connections within a second (revocation)
+        assert dev2.disconnected.wait(2.0), "the removed user's connection was not closed"
+        assert time.monotonic() - t0 < 2.0
     connected(clients, rb, "dev-3").publish("cws/v1/home/dev-3/status", b"sentinel", qos=1)
     assert admin.wait_payload(b"sentinel") and admin.payloads() == [b"sentinel"]
+
+
+@pytest.mark.skipif(USE_BASE, reason="CwsBroker's revocation")
+def test_a_changed_token_ends_the_connections_that_used_the_old_one(
+        brokers: Callable[..., RunningBroker], creds_file: Path, clients: Callable[..., Client]) -> None:
+    rb = brokers(creds_file)
+    dev1 = connected(clients, rb, "dev-1")
+    admin = connected(clients, rb, "admin")
+    doc = json.loads(creds_file.read_text())
+    doc["users"]["dev-1"]["token_sha256"] = hashlib.sha256(b"a new token").hexdigest()
+    write_json_atomic(creds_file, doc)
+    assert dev1.disconnected.wait(2.0), "a connection made with the old token was kept"
+    assert not can_connect(rb, "dev-1") and can_connect(rb, "dev-1", token="a new token")
+    assert not admin.disconnected.is_set()  # everyone else keeps their connection
 
 
 def test_malformed_credentials_file_keeps_previous_rules(brokers: Callable[..., RunningBroker], creds_file: Path,
@@ -1003,13 +1033,14 @@ def test_websocket_listener(brokers: Callable[..., RunningBroker], creds_file: P
 
 def test_tls_listener(brokers: Callable[..., RunningBroker], creds_file: Path, tmp_path: Path,
                       clients: Callable[..., Client]) -> None:
+    from cwsnet import pki
+
+    ca = pki.ensure_ca(tmp_path / "ca")[0]
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
-                    str(cert)], check=True, capture_output=True, timeout=30)
+    pki.issue_server_cert(ca, cert, key, ["localhost", "127.0.0.1"])
     rb = brokers(creds_file, tls_port=free_port(), certfile=cert, keyfile=key)
     c = clients(rb, client_id="dev-1-tls", username="dev-1", password=TOKENS["dev-1"], port=rb.settings.tls_port)
-    c.c.tls_set(ca_certs=str(cert))
+    c.c.tls_set(ca_certs=str(ca.cert_path))
     assert c.connect()
     assert c.subscribe(("cws/v1/home/dev-1/ack", 1)) == [1]
 
@@ -1058,3 +1089,21 @@ def test_cli_refuses_public_host_without_credentials(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "cwsnet.broker", "--host", "0.0.0.0", "--port", str(free_port())],
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode == 2 and "without a credentials file" in out.stderr
+
+
+@pytest.mark.skipif(USE_BASE, reason="CwsBroker's fix (defects 9 and 10)")
+def test_a_connection_that_never_completes_its_connect_is_closed(brokers: Callable[..., RunningBroker],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CwsBroker, "CONNECT_TIMEOUT", 0.5)
+    rb = brokers()
+    silent = socket.create_connection((rb.host, rb.port), timeout=10)
+    half = socket.create_connection((rb.host, rb.port), timeout=10)
+    half.sendall(b"\x10\x20\x00\x04MQTT")  # a CONNECT announcing 32 bytes, then nothing more
+    garbage = socket.create_connection((rb.host, rb.port), timeout=10)
+    garbage.sendall(b"GET / HTTP/1.1\r\n\r\n" * 4)  # not MQTT at all
+    for sock in (silent, half, garbage):
+        with sock:
+            assert sock.recv(100) == b"", "the broker kept a connection that never sent a CONNECT"
+    c = Client(rb, client_id="after")  # and it still serves
+    assert c.connect()
+    c.close()

@@ -197,7 +197,7 @@ def test_acks_sealed_to_each_gateway_of_the_site(tmp_path: Path) -> None:
             assert d.store.get_counter(SEQ_COUNTER) >= d.seq.peek  # the cloud's seq reservation is persisted
             assert d.store.get_node("cloud").role == "cloud"  # type: ignore[union-attr]
         finally:
-            d.store.close()
+            d.close()
 
     asyncio.run(main())
 
@@ -266,13 +266,13 @@ def test_cloud_seq_never_below_the_wall_clock(tmp_path: Path) -> None:
         assert d.seq.next() == now_ms  # a fresh database starts at the clock, not at 0
         assert d.store.get_counter(SEQ_COUNTER) == now_ms + 1000
     finally:
-        d.store.close()
+        d.close()
     clock.t -= 3600  # clock set back: the persisted mark wins
     d = CloudDaemon(cfg, clock=clock)
     try:
         assert d.seq.next() == now_ms + 1000
     finally:
-        d.store.close()
+        d.close()
     for suffix in ("", "-wal", "-shm"):  # cloud.db lost and recreated: the clock keeps seqs fresh
         Path(f"{cfg.database}{suffix}").unlink(missing_ok=True)
     clock.t += 3600 + 5
@@ -280,7 +280,7 @@ def test_cloud_seq_never_below_the_wall_clock(tmp_path: Path) -> None:
     try:
         assert d.seq.next() == now_ms + 5000 > now_ms + 1000
     finally:
-        d.store.close()
+        d.close()
 
 
 def _seal_telemetry(ep: Endpoint, n: int) -> list[Message]:
@@ -376,7 +376,7 @@ def test_poison_message_is_isolated_given_up_and_acked(tmp_path: Path) -> None:
                       "rejected": [["dev-1", poison, "malformed", payload_digest(msgs[4].payload)]]}]
         }
     finally:
-        w.d.store.close()
+        w.d.close()
 
 
 def test_transient_store_error_retried_without_acking(tmp_path: Path) -> None:
@@ -412,7 +412,7 @@ def test_transient_store_error_retried_without_acking(tmp_path: Path) -> None:
         assert w.d.store.message_count("dev-1") == 5
         assert w.metric("cwsnet_cloud_messages_rejected_total", reason="malformed") == 0
     finally:
-        w.d.store.close()
+        w.d.close()
 
 
 def test_helper_loops_survive_a_failing_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -480,7 +480,7 @@ def test_helper_loops_survive_a_failing_store(tmp_path: Path, caplog: pytest.Log
                      "expiring overdue tasks failed", "offline sweep failed"):
             assert what in logged, what
     finally:
-        d.store.close()
+        d.close()
 
 
 def test_forever_logs_and_carries_on_but_cancel_ends_it(caplog: pytest.LogCaptureFixture) -> None:

@@ -256,7 +256,7 @@ def test_import_registry(store: SqliteStore, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"entry 2: missing or non-text field\(s\) public_key"):
         import_registry(store, reg)
     reg.write_text(json.dumps([{"id": "dev 3", "site": "home", "role": "device", "public_key": KEY}]))
-    with pytest.raises(ConfigError, match=r"entry 0 \('dev 3'\)"):
+    with pytest.raises(ConfigError, match=r"entry 0: node id 'dev 3' is not a valid name"):
         import_registry(store, reg)
     reg.write_text("[")
     with pytest.raises(ConfigError, match="registry.json:1:2: registry is not valid JSON"):

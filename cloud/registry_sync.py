@@ -1,0 +1,189 @@
+"""Keeps the running cloud in step with the registry file (``cwsnet.registry``).
+
+Every ``POLL`` seconds the file's signature is checked; on a change the cloud
+
+1. imports it into its store (ingest refuses a revoked node and a retired key from that moment),
+2. rewrites the cloud broker's users and ACLs from it and makes the broker disconnect every
+   client whose credential went (:meth:`cwsnet.broker.CwsBroker.enforce_credentials`),
+3. records what changed as events (``node.added``, ``node.revoked``, ``node.rotated``), and
+4. pushes each site's part of the registry to that site's gateways as a sealed ``config``
+   message from the cloud; a gateway applies it to its own broker the same way.
+
+A gateway also gets its site's registry on every birth, so one that was offline during a change
+catches up when it returns. The registry's ``rev`` orders versions: a gateway ignores an older one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cloud.fanout import Fanout
+from cloud.store import NewEvent, Store, now_ms, sync_registry
+from cloud.views import change, event_view
+from cwsnet import topics
+from cwsnet.endpoint import Endpoint
+from cwsnet.errors import ConfigError, CwsError
+from cwsnet.identity import file_signature, write_secret_file
+from cwsnet.mqtt import LinkError
+from cwsnet.registry import Registry, cloud_broker_users
+
+log = logging.getLogger("cwsnet.cloud.registry")
+
+POLL = 0.25
+RETRY = 10.0  # seconds between attempts to reach a gateway a push missed
+
+
+def describe_changes(old: Registry | None, new: Registry, now: int) -> list[NewEvent]:
+    """Events for the nodes added, revoked and rotated between two registry versions."""
+    events = []
+    before = old.nodes if old is not None else {}
+    for node, e in sorted(new.nodes.items()):
+        prev = before.get(node)
+        data = {"node": node, "site": e.site, "role": e.role, "kv": e.kv, "rev": new.rev}
+        if prev is None:
+            if old is not None:
+                events.append(NewEvent(now, node, "node.added", "info",
+                                       f"{e.role} {node} of site {e.site} added to the registry", data))
+        elif prev.active and not e.active:
+            events.append(NewEvent(now, node, "node.revoked", "warning",
+                                   f"{e.role} {node} revoked: its connections are closed and its messages refused",
+                                   data))
+        elif e.kv != prev.kv:
+            events.append(NewEvent(now, node, "node.rotated", "info",
+                                   f"{e.role} {node}: key rotated to version {e.kv}", data))
+    return events
+
+
+class RegistrySync:
+    def __init__(
+        self,
+        path: Path,
+        store: Store,
+        *,
+        refresh: Callable[[], Any],
+        endpoint: Endpoint,
+        link: Any,
+        fanout: Fanout,
+        users_file: Path | None = None,
+        broker: Callable[[], Any] = lambda: None,
+        on_registry: Callable[[Registry], None] = lambda _reg: None,
+    ) -> None:
+        self.on_registry = on_registry
+        self.path = path
+        self.store = store
+        self.refresh = refresh
+        self.endpoint = endpoint
+        self.link = link
+        self.fanout = fanout
+        self.users_file = users_file
+        self.broker = broker
+        self.registry: Registry | None = None
+        self._signature: tuple[int, ...] | None = None
+        self.pushed: dict[str, int] = {}  # gateway -> rev last delivered to its broker
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def load_initial(self) -> Registry:
+        """Import the file at start (raises ConfigError naming the file: the cloud must not start on
+        a broken registry)."""
+        self._signature = file_signature(self.path)
+        reg = Registry.load(self.path)
+        sync_registry(self.store, reg, str(self.path))
+        if self.users_file is not None and reg.managed:  # before the broker starts
+            write_secret_file(self.users_file, cloud_broker_users(reg))
+        self.registry = reg
+        self.on_registry(reg)
+        return reg
+
+    def _load_and_import(self) -> tuple[Registry, list[NewEvent]]:
+        reg = Registry.load(self.path)
+        sync_registry(self.store, reg, str(self.path))
+        events = describe_changes(self.registry, reg, now_ms())
+        recorded = self.store.add_events(events) if events else []
+        self.refresh()
+        if self.users_file is not None and reg.managed:
+            write_secret_file(self.users_file, cloud_broker_users(reg))
+        return reg, recorded
+
+    def _behind(self) -> bool:
+        reg = self.registry
+        return reg is not None and reg.managed and any(self.pushed.get(gw, -1) < reg.rev for _s, gw in self._gateways())
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        retry_at = loop.time() + RETRY
+        while True:
+            await asyncio.sleep(POLL)
+            sig = file_signature(self.path)
+            if sig == self._signature:
+                # a gateway a push could not reach (link down at the time): try again now and then
+                if loop.time() >= retry_at and self.link.connected.is_set() and self._behind():
+                    retry_at = loop.time() + RETRY
+                    await self.push_all(only_behind=True)
+                continue
+            self._signature = sig
+            try:
+                await self.apply()
+            except ConfigError as exc:  # a half-edited or broken file: keep enforcing the last good one
+                log.error("registry not reloaded, keeping rev %s: %s",
+                          self.registry.rev if self.registry else "none", exc)
+            except Exception:
+                log.exception("applying the registry %s failed; trying again at its next change", self.path)
+
+    async def apply(self) -> None:
+        reg, events = await asyncio.to_thread(self._load_and_import)
+        old_rev = self.registry.rev if self.registry is not None else None
+        self.registry = reg
+        self.on_registry(reg)
+        log.info("registry: rev %s -> %s (%d nodes)", old_rev, reg.rev, len(reg.nodes))
+        broker = self.broker()
+        if broker is not None and self.users_file is not None and reg.managed:
+            kicked = await broker.enforce_credentials()
+            if kicked:
+                log.info("registry: disconnected %s from the cloud broker", ", ".join(kicked))
+        if events:
+            self.fanout.publish_many([change("event", event_view(e)) for e in events])
+        await self.push_all()
+
+    # -- pushing to gateways ------------------------------------------------------------------
+
+    def _gateways(self) -> list[tuple[str, str]]:
+        reg = self.registry
+        return [] if reg is None else [(e.site, e.id) for e in reg.active(role="gateway")]
+
+    async def push_all(self, only_behind: bool = False) -> None:
+        rev = self.registry.rev if self.registry is not None else 0
+        for site, gw in self._gateways():
+            if not only_behind or self.pushed.get(gw, -1) < rev:
+                await self.push(site, gw)
+
+    async def on_birth(self, node: str) -> None:
+        for site, gw in self._gateways():
+            if gw == node:
+                await self.push(site, gw)
+
+    async def push(self, site: str, gateway: str) -> bool:
+        """Send ``gateway`` its site's registry, sealed as the cloud's; False if it could not go now
+        (it goes again on the gateway's next birth or the next change)."""
+        reg = self.registry
+        if reg is None or not reg.managed:
+            return False
+        topic = topics.config(site, gateway)
+        try:
+            payload, _header = self.endpoint.seal(topic, "config", {"registry": reg.site_view(site).to_json()},
+                                                  to=gateway)
+        except CwsError as exc:
+            log.error("cannot seal the registry for gateway %s: %s", gateway, exc)
+            return False
+        try:
+            await self.link.publish(topic, payload, qos=1)
+        except LinkError as exc:
+            log.info("registry rev %d not pushed to %s now (%s); it goes at its next birth", reg.rev, gateway, exc)
+            return False
+        self.pushed[gateway] = reg.rev
+        log.info("registry rev %d pushed to gateway %s", reg.rev, gateway)
+        return True
