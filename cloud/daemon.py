@@ -39,10 +39,13 @@ import uvicorn
 from amqtt.errors import AMQTTError, BrokerError
 
 from cloud.api import CloudState, create_app
+from cloud.apps import AppFanout
+from cloud.auth import AuthStore
 from cloud.fanout import Fanout
 from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
 from cloud.metrics import CloudMetrics, NodeStatusCollector
-from cloud.store import SqliteStore, Store, Task, import_registry
+from cloud.registry_sync import RegistrySync
+from cloud.store import SqliteStore, Store, Task
 from cloud.views import change, task_view
 from cwsnet import topics
 from cwsnet.broker import BrokerSettings, start_broker
@@ -318,21 +321,22 @@ class CloudDaemon:
             self.store.upsert_node(
                 self.identity.node, site=self.identity.site, role="cloud", public_key=self.identity.public_b64
             )
+            self.broker: Any = None
             registry_file = getattr(cfg, "registry_file", None)  # written by `cwsnet init`; optional
-            if registry_file is not None:
-                imported = import_registry(self.store, registry_file)
-                log.info("registry: %d nodes from %s", len(imported), registry_file)
+            self.registry_sync: RegistrySync | None = None
             # never below the wall clock in ms: a recreated cloud.db must not reuse seqs that gateways
             # and devices have already seen (they would refuse its acks and commands as replays)
             start = max(self.store.get_counter(SEQ_COUNTER) or 0, int(clock() * 1000))
             self.seq = SeqCounter(start, lambda mark: self.store.set_counter(SEQ_COUNTER, mark))
             self.directory = NodeDirectory(self.store)
-            self.endpoint = Endpoint(self.identity, self.seq, self.directory.public_key, clock)
+            self.endpoint = Endpoint(self.identity, self.seq, self.directory.public_key, clock,
+                                     key_version=None, versioned_key=self.directory.lookup)
             self.metrics = CloudMetrics()
             self.metrics.registry.register(NodeStatusCollector(
                 lambda: [n for role in ("device", "gateway")
                          for n in self.store.list_nodes(role=role, limit=100_000).items]))
             self.fanout = Fanout()
+            self.apps = AppFanout(self.endpoint, None)
             self.ingest = Ingest(
                 self.endpoint,
                 self.store,
@@ -340,6 +344,7 @@ class CloudDaemon:
                 directory=self.directory,
                 clock=clock,
                 offline_after=cfg.offline_after,
+                for_apps=self.apps.wants,
             )
             self.ingest.update_gauges()
             self.coalescer = AckCoalescer()
@@ -351,10 +356,24 @@ class CloudDaemon:
             )
             for flt in SUBSCRIPTIONS:
                 self.link.subscribe(flt, qos=1)
+            self.apps.link = self.link
             self.dispatcher = TaskDispatcher(
                 self.store, self.endpoint, self.link, self.metrics, self.fanout, clock=clock,
                 gateways=self.directory.gateways,
             )
+            if registry_file is not None:
+                self.registry_sync = RegistrySync(
+                    registry_file, self.store, refresh=lambda: self.directory.refresh(force=True),
+                    endpoint=self.endpoint, link=self.link, fanout=self.fanout,
+                    users_file=cfg.broker.credentials_file if cfg.broker is not None else None,
+                    broker=lambda: self.broker, on_registry=self.apps.update,
+                )
+                reg = self.registry_sync.load_initial()
+                self.directory.refresh(force=True)
+                log.info("registry: %d nodes from %s (rev %d)", len(reg.nodes), registry_file, reg.rev)
+            # operator accounts, API tokens and the audit log (cloud/auth.py); the first start makes the admin
+            self.auth = AuthStore(cfg.database, clock=clock)
+            self.auth.bootstrap(cfg.admin_token_file)
             self.state = CloudState(
                 store=self.store,
                 metrics=self.metrics,
@@ -362,9 +381,12 @@ class CloudDaemon:
                 dispatcher=self.dispatcher,
                 broker_connected=self.link.connected.is_set,
                 clock=clock,
+                auth=self.auth,
             )
             self.app = create_app(self.state)
         except BaseException:
+            if hasattr(self, "auth"):
+                self.auth.close()
             self.store.close()
             raise
 
@@ -416,12 +438,16 @@ class CloudDaemon:
         for site, sender, seq, reason, digest in result.rejections:
             if not self.coalescer.reject(site, sender, seq, reason, digest):
                 log.debug("rejection notice for %s seq %d dropped: too many pending for site %s", sender, seq, site)
+        if result.for_apps:
+            self.apps.offer(result.for_apps)
         try:
             self.fanout.publish_many(result.changes)
         except Exception:
             log.exception("announcing %d changes on the live stream failed", len(result.changes))
         for node in result.births:
             try:
+                if self.registry_sync is not None:
+                    await self.registry_sync.on_birth(node)  # a returning gateway gets its site's registry
                 await asyncio.to_thread(self.dispatcher.on_birth, node)
             except Exception:
                 log.exception("sending %s's queued tasks after its birth failed; they wait for its next birth", node)
@@ -542,13 +568,32 @@ class CloudDaemon:
             except Exception:
                 log.exception("offline sweep failed")
 
+    def _check_tls(self) -> None:
+        """Load every certificate a listener will use, so a bad one stops the cloud at start with
+        a message naming the file, and report their expiry in the metrics."""
+        from cwsnet.pki import cert_info
+        from cwsnet.tls import server_context
+
+        b, tls = self.cfg.broker, self.cfg.http.tls
+        for listener, where, cert, key in (
+            ("mqtt", "broker", b.certfile if b is not None else None, b.keyfile if b is not None else None),
+            ("http", "http.tls", tls.certfile if tls is not None else None, tls.keyfile if tls is not None else None),
+        ):
+            if cert is None or key is None:
+                continue
+            server_context(cert, key, where)
+            self.metrics.tls_cert_expiry.labels(listener=listener).set(cert_info(cert).not_after.timestamp())
+
     async def serve_http(self, sock: socket.socket, started: asyncio.Event) -> None:
+        tls = self.cfg.http.tls
         config = uvicorn.Config(
             self.app,
             log_level="warning",
             lifespan="off",
             access_log=False,
             timeout_graceful_shutdown=2,
+            ssl_certfile=str(tls.certfile) if tls is not None else None,
+            ssl_keyfile=str(tls.keyfile) if tls is not None else None,
         )
         server = _Server(config)
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -558,7 +603,8 @@ class CloudDaemon:
                     serving.result()
                     raise RuntimeError("the HTTP server stopped while starting")
                 await asyncio.sleep(0.02)
-            log.info("HTTP API and console on %s:%d", self.cfg.http.host, sock.getsockname()[1])
+            log.info("HTTP API and console on %s://%s:%d", "https" if tls is not None else "http",
+                     self.cfg.http.host, sock.getsockname()[1])
             started.set()
             await asyncio.shield(serving)
         except asyncio.CancelledError:
@@ -589,13 +635,15 @@ class CloudDaemon:
         broker = None
         sock: socket.socket | None = None
         try:
+            self._check_tls()  # fail fast, naming the file, on an unusable certificate or key
             sock = _listen_socket(self.cfg.http.host, self.cfg.http.port)  # fail fast on a taken port
             if self.cfg.broker is not None:
                 b = self.cfg.broker
                 try:
-                    broker = await start_broker(BrokerSettings.coerce(b))
+                    broker = self.broker = await start_broker(BrokerSettings.coerce(b))
                 except (AMQTTError, BrokerError, OSError) as exc:
-                    raise ConfigError(f"broker: cannot start the embedded broker on {b.host}:{b.port}: {exc}") from None
+                    ports = "/".join(str(n) for n in (b.tls_port, b.port, b.ws_port) if n)
+                    raise ConfigError(f"broker: cannot start the embedded broker on {b.host} (ports {ports}): {exc}") from None
             http_started = asyncio.Event()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="cloud-link")
@@ -603,6 +651,9 @@ class CloudDaemon:
                 tg.create_task(self.flush_acks(), name="cloud-acks")
                 tg.create_task(self.sweep(), name="cloud-sweep")
                 tg.create_task(self.dispatcher.run(), name="cloud-tasks")
+                tg.create_task(self.apps.run(), name="cloud-apps")
+                if self.registry_sync is not None:
+                    tg.create_task(self.registry_sync.run(), name="cloud-registry")
                 tg.create_task(self.serve_http(sock, http_started), name="cloud-http")
                 tg.create_task(self.announce_ready(http_started, ready), name="cloud-ready")
         except ExceptionGroup as eg:
@@ -617,8 +668,13 @@ class CloudDaemon:
             if broker is not None:
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(asyncio.shield(broker.shutdown()), 5.0)
-            self.store.close()
+            self.close()
             log.info("cloud stopped")
+
+    def close(self) -> None:
+        """Close the databases (``run`` does it when it ends; a test that never ran it calls this)."""
+        self.store.close()
+        self.auth.close()
 
 
 def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:

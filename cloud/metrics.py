@@ -88,6 +88,14 @@ class CloudMetrics:
         self.broker_connected = Gauge(
             "cwsnet_cloud_broker_connected", "1 while ingest is connected to the cloud broker", registry=r
         )
+        self.tls_cert_expiry = Gauge(
+            "cwsnet_tls_cert_expiry_timestamp_seconds",
+            "Unix time at which the TLS certificate a listener of this cloud loaded expires (listener: mqtt "
+            "for the embedded broker's TLS port, http for the HTTPS console); `cwsnet up` renews one 30 days "
+            "before, and the daemon loads the new one when it restarts",
+            ["listener"],
+            registry=r,
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
         for kind in MESSAGE_KINDS:

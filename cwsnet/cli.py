@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 import urllib.request
@@ -143,12 +144,13 @@ def _topology(args: argparse.Namespace):  # noqa: ANN202
     n = args.devices
     if n < 0 or n > 1000:
         raise ConfigError(f"--devices: expected 0..1000, got {n}")
-    ports = {"--http-port": args.http_port, "--cloud-port": args.cloud_port, "--gateway-port": args.gateway_port}
+    ports = {"--http-port": args.http_port, "--cloud-port": args.cloud_port, "--gateway-port": args.gateway_port,
+             "--cloud-tls-port": args.cloud_tls_port, "--gateway-tls-port": args.gateway_tls_port}
     for flag, port in ports.items():
         if not 1 <= port <= 65535:
             raise ConfigError(f"{flag}: expected a TCP port 1..65535, got {port}")
     if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"--http-port, --cloud-port and --gateway-port must differ, got {sorted(ports.values())}")
+        raise ConfigError(f"{', '.join(ports)} must differ from each other, got {sorted(ports.values())}")
     if args.telemetry_interval <= 0:
         raise ConfigError(f"--telemetry-interval: expected seconds > 0, got {args.telemetry_interval}")
     from cwsnet.topics import check_name
@@ -169,6 +171,10 @@ def _topology(args: argparse.Namespace):  # noqa: ANN202
         telemetry_interval=args.telemetry_interval,
         cloud_host=args.cloud_host,
         gateway_host=args.gateway_host,
+        cloud_mqtts_port=args.cloud_tls_port,
+        gateway_mqtts_port=args.gateway_tls_port,
+        https=args.https,
+        tls_names=list(args.tls_name or []),
     )
 
 
@@ -178,6 +184,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     lab = HomeLab(Path(args.data_dir))
     topo = lab.init(_topology(args))
     print(f"home lab ready in {lab.dir}: site {topo.site}, gateway {topo.gateway}, devices {', '.join(topo.devices)}")
+    print(f"  TLS certificates are issued by the CWSNet CA: clients trust {lab.ca_file}")
     return 0
 
 
@@ -189,9 +196,9 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, ssl_context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback URL we built
+        with urllib.request.urlopen(url, timeout=1, context=ssl_context) as r:  # noqa: S310 - loopback URL we built
             return r.status == 200
     except Exception:
         return False
@@ -203,10 +210,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     lab = HomeLab(Path(args.data_dir))
     topo = lab.init(_topology(args))
+    revoked = lab.revoked()
+    for d in sorted(revoked & set(topo.devices)):
+        print(f"note: {d} is revoked (`cwsnet device revoke`): not started", flush=True)
     eps = lab.endpoints(topo)
     local = "127.0.0.1" if topo.host in ("0.0.0.0", "::") else topo.host
     http_local = "127.0.0.1" if topo.http_host in ("0.0.0.0", "::") else topo.http_host
-    http_url = f"http://[{http_local}]:{topo.http_port}" if ":" in http_local else f"http://{http_local}:{topo.http_port}"
+    scheme = "https" if topo.console_tls else "http"
+    http_url = f"{scheme}://[{http_local}]:{topo.http_port}" if ":" in http_local else f"{scheme}://{http_local}:{topo.http_port}"
+    # the console's certificate is issued from the CWSNet CA; the probe verifies it like a browser would
+    http_ctx = ssl.create_default_context(cafile=str(lab.ca_file)) if topo.console_tls else None
     extra = ["--log-level", args.log_level, "--log-format", args.log_format]
 
     def child(name: str, kind: str, ready: Callable[[], bool] | None, tier: int) -> Child:
@@ -214,9 +227,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                      lab.path("run", f"{name}.pid"), ready, tier)
 
     children = [
-        child("cloud", "cloud", lambda: _http_ok(f"{http_url}/healthz"), 0),
-        child(topo.gateway, "gateway", lambda: _port_open(local, topo.gateway_mqtt_port), 1),
-    ] + [child(d, "agent", None, 2) for d in topo.devices]
+        child("cloud", "cloud", lambda: _http_ok(f"{http_url}/healthz", http_ctx), 0),
+        child(topo.gateway, "gateway", lambda: _port_open(local, topo.gateway_mqtts_port), 1),
+    ] + [child(d, "agent", None, 2) for d in topo.devices if d not in revoked]
 
     sup = Supervisor(children)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -225,7 +238,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     def announce() -> None:
         (lab.path("endpoints.json")).write_text(json.dumps(eps, indent=2) + "\n")
         print(f"CWSNet is up: console {eps['console']}", flush=True)
-        print(f"  cloud broker {eps['brokers']['cloud']}, site broker {eps['brokers'][topo.gateway]}", flush=True)
+        print(f"  MQTT over TLS: cloud broker {eps['brokers']['cloud']}, site broker {eps['brokers'][topo.gateway]} "
+              f"(plaintext on loopback only: {eps['brokers_plain']['cloud']}, "
+              f"{eps['brokers_plain'][topo.gateway]})", flush=True)
+        print(f"  TLS certificates are issued by the CWSNet CA: clients trust {eps['ca_file']}", flush=True)
+        token_file = lab.path("admin.token")
+        if token_file.exists():
+            print(f"  log in (console or 'Authorization: Bearer TOKEN') with the API token in {token_file}", flush=True)
+        else:
+            print("  log in with an operator account (see `cwsnet operator --help`)", flush=True)
+        print(f"  {lab.path('admin-mqtt.json')} holds a read-only MQTT debugging credential", flush=True)
         print(f"  data dir {lab.dir} (logs in {lab.path('logs')}); Ctrl-C stops everything", flush=True)
 
     started = time.monotonic()
@@ -257,33 +279,53 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--devices", type=int, default=3, help="number of simulated CPython agents (default: 3)")
         sp.add_argument("--site", default="home", help="site name (default: home)")
         sp.add_argument("--host", default="127.0.0.1",
-                        help="address the MQTT brokers listen on (default: 127.0.0.1; 0.0.0.0 to let boards "
-                             "on your LAN connect: every client must log in)")
+                        help="address the MQTT brokers' TLS listeners listen on (default: 127.0.0.1; 0.0.0.0 to "
+                             "let boards on your LAN connect: every client must log in and trust the CWSNet CA)")
         sp.add_argument("--http-host", default="127.0.0.1",
-                        help="address the console and REST API listen on (default: 127.0.0.1; they have no "
-                             "login yet, so expose them beyond this machine only on a trusted network)")
+                        help="address the console and REST API listen on (default: 127.0.0.1; beyond loopback "
+                             "they are served over HTTPS only; every request needs an operator login or API "
+                             "token, see `cwsnet operator`)")
         sp.add_argument("--http-port", type=int, default=8080, help="console and REST API port (default: 8080)")
-        sp.add_argument("--cloud-port", type=int, default=1884, help="cloud MQTT broker port (default: 1884)")
-        sp.add_argument("--gateway-port", type=int, default=1883, help="site MQTT broker port (default: 1883)")
+        sp.add_argument("--https", action="store_true",
+                        help="serve the console over HTTPS even on loopback (it always is when --http-host is "
+                             "not a loopback address), with a certificate from the CWSNet CA")
+        sp.add_argument("--cloud-tls-port", type=int, default=8884,
+                        help="cloud MQTT broker's TLS port, on --host: the gateway and the cloud connect here "
+                             "(default: 8884)")
+        sp.add_argument("--gateway-tls-port", type=int, default=8883,
+                        help="site MQTT broker's TLS port, on --host: devices and the gateway connect here "
+                             "(default: 8883)")
+        sp.add_argument("--cloud-port", type=int, default=1884,
+                        help="cloud MQTT broker's plaintext port, on loopback only, for local debugging tools "
+                             "(default: 1884)")
+        sp.add_argument("--gateway-port", type=int, default=1883,
+                        help="site MQTT broker's plaintext port, on loopback only, for local debugging tools "
+                             "(default: 1883)")
+        sp.add_argument("--tls-name", action="append", metavar="NAME",
+                        help="another host name or address clients use to reach this machine; the broker and "
+                             "console certificates cover it (repeatable)")
         sp.add_argument("--cloud-host", default=None,
                         help="host name the gateway uses to reach the cloud broker (default: the local address; "
-                             "'cloud' in docker-compose)")
+                             "'cloud' in docker-compose); the cloud broker's certificate covers it")
         sp.add_argument("--gateway-host", default=None,
                         help="host name devices use to reach the site broker (default: the local address; "
-                             "'gateway' in docker-compose)")
+                             "'gateway' in docker-compose); the site broker's certificate covers it")
         sp.add_argument("--telemetry-interval", type=float, default=2.0,
                         help="seconds between simulated sensor readings (default: 2)")
 
     sp = sub.add_parser("up", help="run the whole home lab: cloud, one gateway, N simulated devices, console",
                         description="Start the cloud, a gateway and --devices simulated agents as supervised "
-                                    "processes on this machine. First run creates keys and configs in --data-dir; "
-                                    "later runs reuse them. Writes {data-dir}/endpoints.json. Ctrl-C stops all.")
+                                    "processes on this machine. First run creates keys, the CWSNet CA, TLS "
+                                    "certificates and configs in --data-dir; later runs reuse them (renewing a "
+                                    "certificate 30 days before it expires). Every MQTT client connects over TLS. "
+                                    "Writes {data-dir}/endpoints.json. Ctrl-C stops all.")
     lab_args(sp)
     sp.set_defaults(func=cmd_up)
 
     sp = sub.add_parser("init", help="create the home-lab data dir (keys, broker users, configs) without starting",
-                        description="Create or complete --data-dir: identities (0600), broker users and ACLs, "
-                                    "one config per daemon. Existing keys are kept.")
+                        description="Create or complete --data-dir: identities (0600), the CWSNet CA and the TLS "
+                                    "certificates it issues (renewed 30 days before they expire), broker users and "
+                                    "ACLs, one config per daemon. Existing keys and the CA are kept.")
     lab_args(sp)
     sp.set_defaults(func=cmd_init)
 
@@ -296,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "(see docs/operations.md for every key). Stops cleanly on SIGTERM.")
         sp.add_argument("--config", required=True, help="YAML config file")
         sp.set_defaults(func=fn)
+
+    from cwsnet import cli_device
+
+    cli_device.add_parser(sub)
+
+    from cwsnet.cli_keys import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
+
+    from cwsnet.cli_operator import add_parser as add_operator_parser
+
+    add_operator_parser(sub)
 
     sp = sub.add_parser("version", help="print the version and wire protocol")
     sp.set_defaults(func=cmd_version)

@@ -90,7 +90,8 @@ def test_up_does_not_claim_success_when_the_cloud_cannot_start(tmp_path: Path) -
         taken.bind(("127.0.0.1", http))
         taken.listen()
         r = cwsnet("up", "--data-dir", str(tmp_path / "d"), "--http-port", str(http), "--cloud-port",
-                   str(free_port()), "--gateway-port", str(free_port()), timeout=90)
+                   str(free_port()), "--gateway-port", str(free_port()), "--cloud-tls-port", str(free_port()),
+                   "--gateway-tls-port", str(free_port()), timeout=90)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "CWSNet is up" not in r.stdout
     assert "cloud exited during start-up with code 2" in r.stderr and str(http) in r.stderr
@@ -102,7 +103,8 @@ def test_up_with_brokers_on_another_loopback_address(tmp_path: Path, procs: Proc
     """--host moves the brokers only; readiness is probed where each daemon really listens."""
     up = procs.start("up", [sys.executable, "-m", "cwsnet", "up", "--data-dir", str(tmp_path / "d"), "--devices", "1",
                             "--host", "127.0.0.2", "--http-port", str(free_port()), "--cloud-port", str(free_port()),
-                            "--gateway-port", str(free_port())])
+                            "--gateway-port", str(free_port()), "--cloud-tls-port", str(free_port()),
+                            "--gateway-tls-port", str(free_port())])
     up.wait_log(r"CWSNet is up: console http://127\.0\.0\.1:\d+/", timeout=60)
     assert "brokers" in (tmp_path / "d" / "endpoints.json").read_text()
     assert "127.0.0.2" in (tmp_path / "d" / "endpoints.json").read_text()

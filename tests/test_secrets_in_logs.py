@@ -9,13 +9,15 @@ import json
 import os
 import signal
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
 from harness import ProcessSet, free_port, wait_for
-from harness.deploy import get, post
+from harness.deploy import authenticate, get, post
 
 pytestmark = pytest.mark.integration
+OPERATOR_PASSWORD = "olga's long console password"
 
 
 def secrets_of(data_dir: Path) -> dict[str, str]:
@@ -29,6 +31,15 @@ def secrets_of(data_dir: Path) -> dict[str, str]:
     for token_file in (data_dir / "keys").glob("*.mqtt"):
         found[token_file.name] = token_file.read_text().strip()
     found["admin-mqtt.json: password"] = json.loads((data_dir / "admin-mqtt.json").read_text())["password"]
+    found["admin.token"] = (data_dir / "admin.token").read_text().strip()  # the REST API's first admin token
+    # TLS private keys: the CWSNet CA's and each listener's (the EC scalar, and the whole PEM body)
+    from cryptography.hazmat.primitives import serialization
+
+    for pem in [data_dir / "ca" / "ca.key", *sorted((data_dir / "tls").glob("*.key"))]:
+        key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
+        scalar = key.private_numbers().private_value.to_bytes(32, "big")  # type: ignore[union-attr]
+        found[f"{pem.parent.name}/{pem.name}: private key"] = base64.b64encode(scalar).decode()
+        found[f"{pem.parent.name}/{pem.name}: PEM"] = "".join(pem.read_text().splitlines()[1:-1])
     return found
 
 
@@ -49,8 +60,17 @@ def test_no_secret_in_any_log_of_a_full_run(tmp_path: Path, procs: ProcessSet) -
     base = f"http://127.0.0.1:{http}"
     up = procs.start("up", [sys.executable, "-m", "cwsnet", "--log-level", "debug", "up", "--data-dir", str(data),
                             "--devices", "2", "--http-port", str(http), "--cloud-port", str(free_port()),
-                            "--gateway-port", str(free_port()), "--telemetry-interval", "0.5"])
+                            "--gateway-port", str(free_port()), "--cloud-tls-port", str(free_port()),
+                            "--gateway-tls-port", str(free_port()), "--telemetry-interval", "0.5"])
     up.wait_log(r"CWSNet is up: console", timeout=60)
+    authenticate(base, data / "admin.token")
+    # REST API logins: a session from the admin token, an account with a password, a failed attempt
+    sessions = [post(f"{base}/api/v1/auth/login", {"token": (data / "admin.token").read_text().strip()})["token"]]
+    post(f"{base}/api/v1/accounts", {"username": "olga", "role": "viewer", "password": OPERATOR_PASSWORD})
+    sessions.append(post(f"{base}/api/v1/auth/login", {"username": "olga", "password": OPERATOR_PASSWORD})["token"])
+    made = post(f"{base}/api/v1/tokens", {"account": "olga", "name": "scanner"})["token"]
+    with pytest.raises(urllib.error.HTTPError):
+        post(f"{base}/api/v1/auth/login", {"username": "olga", "password": OPERATOR_PASSWORD[::-1]})
     wait_for(lambda: {d["id"] for d in get(f"{base}/api/v1/devices")["items"] if d["online"]} == {"dev-1", "dev-2"},
              timeout=30, message="both devices online")
     task = post(f"{base}/api/v1/tasks", {"target": "dev-1", "handler": "echo", "args": {"x": 1}})
@@ -74,6 +94,8 @@ def test_no_secret_in_any_log_of_a_full_run(tmp_path: Path, procs: ProcessSet) -
     assert len(text.splitlines()) > 200
     print(f"scanned {len(text.splitlines())} log lines in {len(logs)} files")
     secrets = secrets_of(data)
+    secrets |= {"operator password": OPERATOR_PASSWORD, "wrong password": OPERATOR_PASSWORD[::-1],
+                "API token": made, **{f"session {i}": t for i, t in enumerate(sessions)}}
     assert len(secrets) >= 2 * 5  # 4 bundles (cloud, gateway, 2 devices) with key and password, and more
     def leaks(logs: dict[Path, str]) -> list[tuple[str, str]]:
         return [(where, path.name) for where, secret in secrets.items() for f in forms(secret)

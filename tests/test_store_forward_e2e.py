@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from harness import ProcessSet, wait_for
 from harness.db import query
-from harness.deploy import OPENER, Deployment, get, post
+from harness.deploy import Deployment, get, post, text
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def test_custody_acks_free_the_agent_while_the_cloud_is_down(tmp_path: Path, pro
     d.start_cloud()
     wait_for(lambda: gateway_outbox(d) == 0, timeout=60, message="gateway outbox drained to the cloud")
     # the figures devices and the gateway report are Prometheus metrics at the cloud
-    metrics = wait_for(lambda: (m := OPENER.open(f"{d.base}/metrics", timeout=5).read().decode())
+    metrics = wait_for(lambda: (m := text(f"{d.base}/metrics"))
                        and 'cwsnet_node_outbox_dropped_total{class="telemetry",node="dev-1"} 0.0' in m and m,
                        timeout=30, message="device drop counters in /metrics")
     assert 'cwsnet_node_outbox_fill{node="gw-home"}' in metrics

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 import cbor2
 import pytest
 from harness import ProcessSet, free_port, wait_for
+from harness.deploy import authenticate, request
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +31,8 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def api(base: str, path: str, body: dict | None = None, method: str | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data else "GET"),
-                                 headers={"content-type": "application/json"})
+    req = request(base + path, data, method=method or ("POST" if data else "GET"),
+                  headers={"content-type": "application/json"})
     with OPENER.open(req, timeout=5) as r:
         return json.loads(r.read())
 
@@ -38,7 +40,7 @@ def api(base: str, path: str, body: dict | None = None, method: str | None = Non
 def metrics(base: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with OPENER.open(base + "/metrics", timeout=5) as r:
+    with OPENER.open(request(base + "/metrics"), timeout=5) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
@@ -54,10 +56,14 @@ class Lab:
         self.http = free_port()
         self.cloud_port = free_port()
         self.gw_port = free_port()
+        self.cloud_tls_port = free_port()
+        self.gw_tls_port = free_port()
         self.base = f"http://127.0.0.1:{self.http}"
+        authenticate(self.base, self.dir / "admin.token")  # the API needs the admin's token
         self.argv = [sys.executable, "-m", "cwsnet", "up", "--data-dir", str(self.dir), "--devices", "3",
                      "--http-port", str(self.http), "--cloud-port", str(self.cloud_port),
-                     "--gateway-port", str(self.gw_port), "--telemetry-interval", "0.5"]
+                     "--gateway-port", str(self.gw_port), "--cloud-tls-port", str(self.cloud_tls_port),
+                     "--gateway-tls-port", str(self.gw_tls_port), "--telemetry-interval", "0.5"]
         self.procs = procs
         self.proc = procs.start("up", self.argv)
 
@@ -105,14 +111,39 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_endpoints_file_and_console(lab: Lab) -> None:
     eps = json.loads((lab.dir / "endpoints.json").read_text())
     assert eps["console"] == f"{lab.base}/"
-    assert eps["brokers"]["cloud"] == f"127.0.0.1:{lab.cloud_port}"
-    assert eps["brokers"]["gw-home"] == f"127.0.0.1:{lab.gw_port}"
+    # clients use TLS; the plaintext listeners (mosquitto_sub below) are on loopback only
+    assert eps["brokers"] == {"cloud": f"127.0.0.1:{lab.cloud_tls_port}", "gw-home": f"127.0.0.1:{lab.gw_tls_port}"}
+    assert eps["brokers_plain"] == {"cloud": f"127.0.0.1:{lab.cloud_port}", "gw-home": f"127.0.0.1:{lab.gw_port}"}
+    assert eps["ca_file"] == str(lab.dir / "ca" / "ca.crt")
     with OPENER.open(lab.base + "/", timeout=5) as r:
         assert "text/html" in r.headers["content-type"]
+    # the API needs a login: `up` says where the admin's token is
+    lab.proc.wait_log(r"log in .* with the API token in .*admin\.token", timeout=5)
+    lab.proc.wait_log(r"admin-mqtt\.json holds a read-only MQTT debugging credential", timeout=5)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        OPENER.open(lab.base + "/api/v1/devices", timeout=5)
+    assert refused.value.code == 401
+    assert api(lab.base, "/api/v1/auth/me")["username"] == "admin"
+
+
+def test_every_daemon_connects_over_tls(lab: Lab) -> None:
+    import yaml
+
+    for node, section, port in (("cloud", "client", lab.cloud_tls_port), ("gw-home", "uplink", lab.cloud_tls_port),
+                                ("gw-home", "site_client", lab.gw_tls_port),
+                                *((d, "broker", lab.gw_tls_port) for d in ("dev-1", "dev-2", "dev-3"))):
+        ep = yaml.safe_load((lab.dir / "config" / f"{node}.yaml").read_text())[section]
+        assert (ep["port"], ep["tls"]["ca_file"]) == (port, "../ca/ca.crt"), (node, section)
+    for node in ("cloud", "gw-home", "dev-1"):  # each one logs its connection to a TLS port
+        log = lab.dir / "logs" / f"{node}.log"
+        wait_for(lambda: re.search(rf"connected to 127\.0\.0\.1:({lab.cloud_tls_port}|{lab.gw_tls_port})\b",
+                                   log.read_text()), timeout=30, message=f"{node} connected over TLS")  # noqa: B023
 
 
 def test_secret_files_are_0600(lab: Lab) -> None:
-    for p in [*(lab.dir / "keys").glob("*.json"), *(lab.dir / "brokers").glob("*.json"), lab.dir / "admin-mqtt.json"]:
+    for p in [*(lab.dir / "keys").glob("*.json"), *(lab.dir / "brokers").glob("*.json"), lab.dir / "admin-mqtt.json",
+              lab.dir / "admin.token",
+              lab.dir / "ca" / "ca.key", *(lab.dir / "tls").glob("*.key")]:
         assert p.stat().st_mode & 0o777 == 0o600, p
     for name in ("cloud", "gw-home", "dev-1", "dev-2", "dev-3"):
         assert (lab.dir / "run" / f"{name}.pid").exists()

@@ -17,16 +17,38 @@ from .proc import ProcessSet
 from .wait import wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+#: cloud base URL -> the file holding its admin API token (written by the cloud at its first start)
+TOKEN_FILES: dict[str, Path] = {}
+
+
+def authenticate(base: str, token_file: Path) -> None:
+    """Send ``Authorization: Bearer {token_file's token}`` with every request under ``base``."""
+    TOKEN_FILES[base.rstrip("/")] = token_file
+
+
+def request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None,
+            method: str | None = None) -> urllib.request.Request:
+    """A request to ``url``, with the admin token of its cloud when :func:`authenticate` named one."""
+    req = urllib.request.Request(url, data, headers=headers or {}, method=method)
+    for base, token_file in TOKEN_FILES.items():
+        if url.startswith(base + "/") and token_file.exists():
+            req.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
+    return req
+
+
+def text(url: str) -> str:
+    with OPENER.open(request(url), timeout=5) as r:
+        return r.read().decode()
 
 
 def get(url: str) -> Any:
-    with OPENER.open(url, timeout=5) as r:
+    with OPENER.open(request(url), timeout=5) as r:
         return json.loads(r.read())
 
 
 def prometheus(url: str) -> dict[str, float]:
     """A Prometheus text page as ``{"name{labels}": value}``."""
-    with OPENER.open(url, timeout=5) as r:
+    with OPENER.open(request(url), timeout=5) as r:
         out = {}
         for line in r.read().decode().splitlines():
             if line and not line.startswith("#"):
@@ -36,7 +58,7 @@ def prometheus(url: str) -> dict[str, float]:
 
 
 def post(url: str, body: dict) -> Any:
-    req = urllib.request.Request(url, json.dumps(body).encode(), headers={"content-type": "application/json"})
+    req = request(url, json.dumps(body).encode(), headers={"content-type": "application/json"})
     with OPENER.open(req, timeout=5) as r:
         return json.loads(r.read())
 
@@ -48,9 +70,11 @@ class Deployment:
         self.lab = HomeLab(tmp / "lab")
         self.topo = self.lab.init(Topology(devices=[f"dev-{i}" for i in range(1, devices + 1)],
                                            cloud_mqtt_port=free_port(), gateway_mqtt_port=free_port(),
+                                           cloud_mqtts_port=free_port(), gateway_mqtts_port=free_port(),
                                            http_port=free_port(), telemetry_interval=0.3))
         self.procs = procs
         self.base = f"http://127.0.0.1:{self.topo.http_port}"
+        authenticate(self.base, self.token_file)
 
     def edit(self, node: str, change: dict) -> None:
         p = self.lab.config_path(node)
@@ -61,6 +85,11 @@ class Deployment:
             else:
                 cfg[key] = value
         p.write_text(yaml.safe_dump(cfg))
+
+    @property
+    def token_file(self) -> Path:
+        """The admin's API token, written by the cloud at its first start (config key admin_token_file)."""
+        return self.lab.path("admin.token")
 
     def bundle(self, node: str) -> dict:
         return json.loads(self.lab.bundle_path(node).read_text())
