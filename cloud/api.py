@@ -203,6 +203,11 @@ class NodeOut(ApiModel):
         description="body of its latest status message (state, uptime, cpu, mem, load, disk, temp, outbox, link, ...)"
     )
     agent: dict[str, Any] | None = Field(description="agent version, platform and kind from its latest birth/status")
+    key_version: int = Field(description="version of its current key pair (bumped by `cwsnet device rotate`)")
+    revoked_at: int | None = Field(
+        description="ms since the epoch when it was revoked (`cwsnet device revoke`): its messages are refused; "
+        "null while it is active"
+    )
 
 
 class NodePage(ApiModel):
@@ -994,7 +999,7 @@ def create_app(state: CloudState) -> FastAPI:
         client = request.client.host if request.client else "unknown"
         key = req.username if req.token is None else "\x00token"
         assert key is not None
-        wait = state.throttle.retry_after(key, client)
+        wait = state.throttle.begin(key, client)  # counts this attempt as failed until it succeeds
         if wait > 0:
             request.state.audit_detail = "locked out after repeated failures"
             raise ApiError(
@@ -1016,8 +1021,7 @@ def create_app(state: CloudState) -> FastAPI:
                 parent = None
                 if known is not None:
                     request.state.audit_target = known.username
-        if username is None:
-            state.throttle.failed(key, client)
+        if username is None:  # (already counted as failed by throttle.begin)
             if req.token is not None:
                 request.state.audit_detail = "invalid, expired or revoked token"
             else:

@@ -84,7 +84,14 @@ class AppFanout:
             self.queue = asyncio.Queue(maxsize=QUEUE_MAX)
         while True:
             app, item, body = await self.queue.get()
-            await self._send(app, item, body)
+            if app not in self.grants:  # revoked (or its grants withdrawn) since it was queued
+                self.stats["dropped"] += 1
+                continue
+            try:
+                await self._send(app, item, body)
+            except Exception:  # one bad delivery must never stop the others (nor the cloud)
+                self.stats["dropped"] += 1
+                log.exception("delivering %s seq %d to app %s failed; skipped", item.sender, item.seq, app)
 
     async def _send(self, app: str, item: IngestItem, body: Any) -> None:
         topic = topics.app_topic(app, item.topic)

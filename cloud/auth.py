@@ -770,20 +770,42 @@ class LoginThrottle:
                 self._wait(self._addr_key(address), self.per_address, now),
             )
 
-    def failed(self, username: str, address: str) -> None:
+    def begin(self, username: str, address: str) -> float:
+        """Start a login attempt: the seconds to wait if this username or address is locked out (the
+        attempt must be refused), else 0, and the attempt is counted as a failure at once, so many
+        concurrent attempts cannot all get past the check before any of them has failed;
+        :meth:`succeeded` takes it back."""
         now = self.clock()
         with self._lock:
-            for key in (self._user_key(username, address), self._addr_key(address)):
-                entry = self._keys.get(key)
-                if entry is None or now - entry.last > self.forget_after:
-                    entry = _Failures(0, now)
-                entry.count += 1
-                entry.last = now
-                self._keys[key] = entry
-                self._keys.move_to_end(key)
-            while len(self._keys) > self.max_keys:
-                self._keys.popitem(last=False)
+            wait = max(self._wait(self._user_key(username, address), self.free, now),
+                       self._wait(self._addr_key(address), self.per_address, now))
+            if wait > 0:
+                return wait
+            self._count(username, address, now)
+            return 0.0
+
+    def failed(self, username: str, address: str) -> None:
+        with self._lock:
+            self._count(username, address, self.clock())
+
+    def _count(self, username: str, address: str, now: float) -> None:
+        """Count one failure (the caller holds the lock)."""
+        for key in (self._user_key(username, address), self._addr_key(address)):
+            entry = self._keys.get(key)
+            if entry is None or now - entry.last > self.forget_after:
+                entry = _Failures(0, now)
+            entry.count += 1
+            entry.last = now
+            self._keys[key] = entry
+            self._keys.move_to_end(key)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
 
     def succeeded(self, username: str, address: str) -> None:
+        """A login that worked: forget the username's failures here, and take back the failure
+        :meth:`begin` counted for the address."""
         with self._lock:
             self._keys.pop(self._user_key(username, address), None)
+            entry = self._keys.get(self._addr_key(address))
+            if entry is not None and entry.count > 0:
+                entry.count -= 1

@@ -368,6 +368,7 @@ class CloudDaemon:
                     users_file=cfg.broker.credentials_file if cfg.broker is not None else None,
                     broker=lambda: self.broker, on_registry=self.apps.update,
                 )
+                self.directory.catch_up = self.registry_sync.catch_up
                 reg = self.registry_sync.load_initial()
                 self.directory.refresh(force=True)
                 log.info("registry: %d nodes from %s (rev %d)", len(reg.nodes), registry_file, reg.rev)

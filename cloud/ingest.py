@@ -70,8 +70,9 @@ UPLINK_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
 SEVERITIES = ("info", "warning", "error", "critical")
 REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired")
 #: rejection reasons the gateway is told about (it then drops the message from its outbox)
-NOTICE_REASONS = frozenset({"forged", "topic_mismatch", "wrong_recipient", "version", "malformed", "revoked",
-                            "retired_key"})
+#: (not ``unknown_sender``/``unknown_key``: the registry may catch up; not ``retired_key``: a message
+#: sealed before a rotation and held past its grace is kept, not destroyed, until an operator decides)
+NOTICE_REASONS = frozenset({"forged", "topic_mismatch", "wrong_recipient", "version", "malformed", "revoked"})
 UINT_MAX = 2**63 - 1  # unsigned fields: SQLite's INTEGER is a signed 64-bit value
 INT_MIN = -(2**63)
 MAX_DEPTH = 32  # nesting of maps and arrays in a stored body
@@ -97,6 +98,8 @@ class NodeDirectory:
         self._min_refresh = min_refresh
         self._entries: dict[str, NodeKey] = {}
         self._ring = KeyRing()
+        #: import the registry file now if it changed (RegistrySync.catch_up); True if it did
+        self.catch_up: Callable[[], bool] = lambda: False
         self._last_refresh: float | None = None
         self._lock = threading.Lock()
         self.refresh(force=True)
@@ -136,8 +139,10 @@ class NodeDirectory:
 
     def lookup(self, node: str, kv: int | None = None) -> nacl.public.PublicKey | None:
         e = self._ring.entry(node)
-        if (e is None or (kv is not None and kv > e.kv)) and self.refresh():  # new node, or a rotation
-            pass
+        if e is not None and kv is not None and kv > e.kv and self.catch_up():
+            self.refresh(force=True)  # a rotation the registry file has and the store had not yet
+        elif e is None or (kv is not None and kv > e.kv):
+            self.refresh()  # a new node, or a rotation: reread the store (at most once per min_refresh)
         return self._ring.lookup(node, kv)
 
     def known(self, node: str) -> bool:
@@ -742,6 +747,9 @@ class Ingest:
         entry = self.directory.get(h.sender)
         if entry is None:  # it opened, so it was registered a moment ago; removed since
             raise UnknownSender(f"sender {h.sender!r} is not registered", **kw)
+        if entry.role not in ("device", "gateway"):  # an app's or the cloud's key sends no device data
+            raise TopicMismatch(f"{h.sender!r} is a{'n' * (entry.role == 'app')} {entry.role}: it sends no "
+                                f"{h.kind} messages", **kw)
         if parts.site != entry.site:
             raise TopicMismatch(
                 f"topic site {parts.site!r} is not {h.sender!r}'s registered site {entry.site!r}", **kw
@@ -770,6 +778,12 @@ class Ingest:
             except BodyError as exc:
                 invalid = str(exc)
         wanted = self.for_apps is not None and invalid is None and self.for_apps(topic)
+        if wanted:  # apps get only what can be re-encoded as is (no NaN, tags, odd keys, cycles)
+            try:
+                check_storable(opened.body, f"{h.kind} body")
+            except BodyError as exc:
+                log.info("%s seq %d from %s not passed to apps: %s", h.kind, h.seq, h.sender, exc)
+                wanted = False
         return _Prepared(index, item, parts.site, invalid, opened.body if wanted else None)
 
     def _effects(self, item: IngestItem, parts: topics.TopicParts, body: Any, received: int) -> IngestItem:

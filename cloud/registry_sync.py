@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,13 +86,16 @@ class RegistrySync:
         self.registry: Registry | None = None
         self._signature: tuple[int, ...] | None = None
         self.pushed: dict[str, int] = {}  # gateway -> rev last delivered to its broker
+        self._catch_up_lock = threading.Lock()
+        self._imported: tuple[int, ...] | None = None  # signature of the file version last imported
+        self._caught_up = float("-inf")
 
     # -- reading ---------------------------------------------------------------------------------
 
     def load_initial(self) -> Registry:
         """Import the file at start (raises ConfigError naming the file: the cloud must not start on
         a broken registry)."""
-        self._signature = file_signature(self.path)
+        self._signature = self._imported = file_signature(self.path)
         reg = Registry.load(self.path)
         sync_registry(self.store, reg, str(self.path))
         if self.users_file is not None and reg.managed:  # before the broker starts
@@ -99,40 +104,82 @@ class RegistrySync:
         self.on_registry(reg)
         return reg
 
+    def catch_up(self) -> bool:
+        """Import the file into the store now if it changed since the last apply (called from ingest's
+        worker thread when a node seals with a key version the store does not know yet: the CLI writes
+        the registry before the node's bundle, so the file has it). The event loop's next poll still
+        applies the change fully (broker users, events, pushes). At most once per ``POLL``."""
+        with self._catch_up_lock:
+            now = time.monotonic()
+            sig = file_signature(self.path)
+            if now - self._caught_up < POLL or sig == self._imported:
+                return False
+            self._caught_up = now
+            try:
+                sync_registry(self.store, Registry.load(self.path), str(self.path))
+            except ConfigError as exc:
+                log.warning("registry not imported early: %s", exc)
+                return False
+            self._imported = sig
+            return True
+
     def _load_and_import(self) -> tuple[Registry, list[NewEvent]]:
+        sig = file_signature(self.path)
         reg = Registry.load(self.path)
         sync_registry(self.store, reg, str(self.path))
-        events = describe_changes(self.registry, reg, now_ms())
-        recorded = self.store.add_events(events) if events else []
+        with self._catch_up_lock:
+            self._imported = sig
         self.refresh()
         if self.users_file is not None and reg.managed:
             write_secret_file(self.users_file, cloud_broker_users(reg))
-        return reg, recorded
+        # last, so that a failure above (retried) records nothing twice
+        events = describe_changes(self.registry, reg, now_ms())
+        return reg, self.store.add_events(events) if events else []
+
+    def _reported(self, gateway: str) -> int | None:
+        """The registry rev a gateway says (in its status) it enforces; None if unknown."""
+        node = self.store.get_node(gateway)
+        rev = (node.last_status or {}).get("registry_rev") if node is not None else None
+        return rev if isinstance(rev, int) and not isinstance(rev, bool) else None
+
+    def _lagging(self, gateway: str) -> bool:
+        """Not yet sent the current rev, or (status) still enforcing an older one: send it again."""
+        reg = self.registry
+        if reg is None or not reg.managed:
+            return False
+        reported = self._reported(gateway)
+        return self.pushed.get(gateway, -1) < reg.rev or (reported is not None and reported < reg.rev)
 
     def _behind(self) -> bool:
-        reg = self.registry
-        return reg is not None and reg.managed and any(self.pushed.get(gw, -1) < reg.rev for _s, gw in self._gateways())
+        return any(self._lagging(gw) for _s, gw in self._gateways())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         retry_at = loop.time() + RETRY
+        apply_at, delay = 0.0, POLL
         while True:
             await asyncio.sleep(POLL)
             sig = file_signature(self.path)
             if sig == self._signature:
-                # a gateway a push could not reach (link down at the time): try again now and then
-                if loop.time() >= retry_at and self.link.connected.is_set() and self._behind():
+                # a gateway a push did not reach (link down at the time) or that could not apply it
+                # (its status reports an older registry_rev): send it again now and then
+                if loop.time() >= retry_at and self.link.connected.is_set():
                     retry_at = loop.time() + RETRY
-                    await self.push_all(only_behind=True)
+                    if await asyncio.to_thread(self._behind):
+                        await self.push_all(only_behind=True)
                 continue
-            self._signature = sig
+            if loop.time() < apply_at:
+                continue
             try:
                 await self.apply()
             except ConfigError as exc:  # a half-edited or broken file: keep enforcing the last good one
                 log.error("registry not reloaded, keeping rev %s: %s",
                           self.registry.rev if self.registry else "none", exc)
-            except Exception:
-                log.exception("applying the registry %s failed; trying again at its next change", self.path)
+            except Exception:  # the store or the disk: try this version again, backing off
+                log.exception("applying the registry %s failed; trying again in %.1f s", self.path, delay)
+                apply_at, delay = loop.time() + delay, min(delay * 2, 10.0)
+                continue
+            self._signature, delay = sig, POLL
 
     async def apply(self) -> None:
         reg, events = await asyncio.to_thread(self._load_and_import)
@@ -156,9 +203,8 @@ class RegistrySync:
         return [] if reg is None else [(e.site, e.id) for e in reg.active(role="gateway")]
 
     async def push_all(self, only_behind: bool = False) -> None:
-        rev = self.registry.rev if self.registry is not None else 0
         for site, gw in self._gateways():
-            if not only_behind or self.pushed.get(gw, -1) < rev:
+            if not only_behind or self._lagging(gw):
                 await self.push(site, gw)
 
     async def on_birth(self, node: str) -> None:

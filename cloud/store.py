@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -373,6 +374,10 @@ class SqliteStore(Store):
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # opened device data, password hashes and token hashes: the owner's only (SQLite gives
+            # its -wal and -shm files the database's mode)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(self.path, 0o600)
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=busy_timeout_ms / 1000)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()

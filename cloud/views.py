@@ -21,6 +21,8 @@ def node_view(node: Node) -> dict[str, Any]:
         "created": node.created,
         "status": node.last_status or {},
         "agent": node.agent,
+        "key_version": node.kv,
+        "revoked_at": node.revoked_at,
     }
 
 

@@ -216,6 +216,9 @@ class Rules:
     publish: tuple[tuple[str, ...], ...] = ()
     subscribe: tuple[tuple[str, ...], ...] = ()
     client_ids: tuple[ClientIdPattern, ...] = ()
+    #: topics never delivered to the user even where ``subscribe`` matches (e.g. a `#` reader must
+    #: not receive what the cloud publishes unsealed for a loopback-only app)
+    deny_receive: tuple[tuple[str, ...], ...] = ()
 
     def may_use_client_id(self, client_id: str) -> bool:
         """True if one of the user's own ``client_ids`` patterns matches (ignores other users' claims)."""
@@ -227,7 +230,8 @@ class Rules:
 
     def may_receive(self, topic: str) -> bool:
         levels = topic.split("/")
-        return any(_matches_levels(p, levels) for p in self.subscribe)
+        return any(_matches_levels(p, levels) for p in self.subscribe) and \
+            not any(_matches_levels(p, levels) for p in self.deny_receive)
 
     def may_subscribe(self, a_filter: str) -> bool:
         levels = a_filter.split("/")
@@ -365,6 +369,7 @@ def _compile_rules(raw: Any, where: str, username: str | None) -> Rules:
         publish=_compile_patterns(raw.get("publish"), f"{where}.publish", username),
         subscribe=_compile_patterns(raw.get("subscribe"), f"{where}.subscribe", username),
         client_ids=_compile_client_ids(raw.get("client_ids", default_ids), f"{where}.client_ids", username),
+        deny_receive=_compile_patterns(raw.get("deny_receive"), f"{where}.deny_receive", username),
     )
 
 
@@ -516,10 +521,6 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         """Check the file now, ignoring the once-per-interval throttle (for tools and tests)."""
         self._last_check = float("-inf")
         self._maybe_reload()
-
-    def file_changed(self) -> bool:
-        """True if the credentials file differs from the version the rules were loaded from."""
-        return self._path is not None and self._stat_signature() != self._signature
 
     def revocation(self, session: Session) -> str | None:
         """Why a connected ``session`` may no longer hold its connection under the current rules
@@ -769,10 +770,15 @@ class CwsBroker(Broker):
         return None
 
     async def _watch_credentials(self, plugin: CwsAccessPlugin) -> None:
+        # its own record of the version last enforced: an ACL check may have reloaded the rules
+        # (and moved the plugin's signature) without disconnecting anyone
+        enforced = plugin._stat_signature()
         while True:
             await asyncio.sleep(self.CREDENTIALS_POLL)
             try:
-                if plugin.file_changed():
+                current = plugin._stat_signature()
+                if current != enforced:
+                    enforced = current
                     await self.enforce_credentials()
             except Exception:
                 log.exception("checking the credentials file for revocations failed; trying again")

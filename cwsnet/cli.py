@@ -224,7 +224,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     def child(name: str, kind: str, ready: Callable[[], bool] | None, tier: int) -> Child:
         return Child(name, daemon_argv(kind, lab.config_path(name), extra), lab.path("logs", f"{name}.log"),
-                     lab.path("run", f"{name}.pid"), ready, tier)
+                     lab.path("run", f"{name}.pid"), ready, tier, essential=kind != "agent")
 
     children = [
         child("cloud", "cloud", lambda: _http_ok(f"{http_url}/healthz", http_ctx), 0),

@@ -18,6 +18,7 @@ from typing import Any
 from cwsnet import registry as reg_mod
 from cwsnet.bundle import Bundle
 from cwsnet.errors import ConfigError
+from cwsnet.homelab import HomeLab, Topology
 from cwsnet.identity import Identity, new_token, public_key_from_b64
 from cwsnet.topics import check_name
 
@@ -80,6 +81,10 @@ def cmd_add(args: argparse.Namespace) -> int:
     Bundle(ident, cloud_pk, name, token, gw.id if gw else None, gw_pk).save(out)
     print(f"device {name} added to site {site} (key {fingerprint(ident.public_b64)}, version 1)")
     print(f"  provisioning bundle: {out} (mode 0600: copy it to the device, keep it secret)")
+    lab = HomeLab(data_dir)
+    if lab.exists() and not args.out and Topology.load(lab.topology_file).site == site:
+        config = lab.write_device_config(name, gateway=gw is not None)
+        print(f"  run it here with: cwsnet agent --config {config}")
     print(f"  it connects to {'gateway ' + gw.id + ' (the site broker)' if gw else 'the cloud broker (no gateway)'}; "
           "running brokers accept it within a second")
     return 0
@@ -170,25 +175,34 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
+    """Crash-safe order: the new bundle goes to ``{bundle}.new`` (0600) first, then the registry
+    (the cloud knows the new key before the device can use it), then the rename. Interrupted after
+    the registry, the next ``rotate`` of the device finds the ``.new`` bundle and completes it."""
     if not 0 <= args.grace <= 365 * 86400:
         raise ConfigError(f"--grace must be between 0 and {365 * 86400} seconds (got {args.grace:g})")
     path = _registry_path(args)
     out = _bundle_path(args, args.name)
-    old = Bundle.load(out) if out.exists() else None
-    ident = Identity.generate(args.name, "x", "device")  # site/role are set from the registry below
-    token = new_token() if args.mqtt_token or old is None or old.mqtt_password is None else old.mqtt_password
+    pending = out.with_name(out.name + ".new")
     with reg_mod.editing(path) as reg:
         e = reg.require(args.name)
         if e.role != "device":
             raise ConfigError(f"{args.name!r} is a {e.role}, not a device")
-        ident = Identity(e.id, e.site, e.role, ident.secret_key)
+        if pending.exists() and Bundle.load(pending).identity.public_b64 == e.public_key:
+            pending.replace(out)  # a rotation interrupted between the registry and the rename
+            print(f"device {e.id}: completed the interrupted rotation to key version {e.kv}; run `cwsnet device "
+                  "rotate` again for another key")
+            return 0
+        old = Bundle.load(out) if out.exists() else None
+        token = new_token() if args.mqtt_token or old is None or old.mqtt_password is None else old.mqtt_password
+        ident = Identity.generate(e.id, e.site, e.role)
+        gw = reg.get(e.gateway) if e.gateway else None
+        cloud_pk = old.cloud_public_key if old is not None and old.cloud_public_key else \
+            _cloud_key(Path(args.data_dir))
+        gw_pk = public_key_from_b64(gw.public_key, f"registry: {gw.id}") if gw is not None else None
+        Bundle(ident, cloud_pk, e.id, token, gw.id if gw else None, gw_pk, kv=e.kv + 1).save(pending)
         new = reg.rotate(e.id, ident.public_b64, grace=args.grace,
                          mqtt_token_sha256=hashlib.sha256(token.encode()).hexdigest())
-        gw = reg.get(e.gateway) if e.gateway else None
-    # the registry first: the cloud knows the new key before the device can use it
-    cloud_pk = old.cloud_public_key if old is not None and old.cloud_public_key else _cloud_key(Path(args.data_dir))
-    gw_pk = public_key_from_b64(gw.public_key, f"registry: {gw.id}") if gw is not None else None
-    Bundle(ident, cloud_pk, e.id, token, gw.id if gw else None, gw_pk, kv=new.kv).save(out)
+    pending.replace(out)
     print(f"device {e.id}: key rotated to version {new.kv} ({fingerprint(new.public_key)})")
     print(f"  provisioning bundle rewritten: {out} (a running CPython agent reloads it within a second; copy it "
           "to a remote device)")

@@ -36,6 +36,10 @@ class BrokerEndpoint(Model):
     password_file: Path | None = Field(None, description="file holding the broker password (mode 0600)")
     tls: TLSClient | None = None
     keepalive: int = Field(30, ge=5, le=3600)
+    plaintext: bool = Field(
+        False, description="allow plain MQTT (no TLS) to a host that is not loopback: the token and all "
+        "traffic cross the network in the clear; only for a trusted network and a broker without TLS",
+    )
 
     def password(self) -> str | None:
         if self.password_file is None:

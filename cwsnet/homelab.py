@@ -221,13 +221,39 @@ class HomeLab:
         b.save(path)
         return b
 
+    def _dump(self, node: str, data: dict[str, Any]) -> None:
+        text = ("# generated from homelab.json by `cwsnet init`/`cwsnet up`/`cwsnet device add`, and rewritten by\n"
+                "# each run; to customise, copy it elsewhere and run `cwsnet <daemon> --config COPY`.\n"
+                "# Secrets are not here: they live in the 0600 files it points at.\n")
+        text += yaml.safe_dump(data, sort_keys=False)
+        self.config_path(node).write_text(text)
+
+    def device_config(self, t: Topology, node: str, *, gateway: bool = True) -> dict[str, Any]:
+        """An agent's config: its bundle, the site broker (or, for a device without a gateway, the
+        cloud broker) over TLS, a system and a simulated sensor."""
+        local = "127.0.0.1" if t.host in ("0.0.0.0", "::") else t.host
+        broker = ({"host": t.gateway_host or local, "port": t.gateway_mqtts_port} if gateway
+                  else {"host": t.cloud_host or local, "port": t.cloud_mqtts_port})
+        return {
+            "identity_file": f"../keys/{node}.json",
+            "data_dir": f"../agents/{node}",
+            "broker": {**broker, "tls": {"ca_file": "../ca/ca.crt"}},
+            "status_interval": t.status_interval,
+            "sensors": [
+                {"type": "system", "stream": "system", "interval": max(t.telemetry_interval, 5.0)},
+                {"type": "simulated", "stream": "env", "interval": t.telemetry_interval,
+                 "pattern": "sine", "fields": ["temperature", "humidity"], "period": 120},
+            ],
+            "batching": {"max_readings": 5, "max_delay": 1.0},
+        }
+
+    def write_device_config(self, node: str, *, gateway: bool = True) -> Path:
+        """Write ``config/{node}.yaml`` for a device `cwsnet device add` made; return its path."""
+        self._dump(node, self.device_config(Topology.load(self.topology_file), node, gateway=gateway))
+        return self.config_path(node)
+
     def _write_configs(self, t: Topology) -> None:
-        def dump(node: str, data: dict[str, Any]) -> None:
-            text = ("# generated from homelab.json by `cwsnet init`/`cwsnet up`, and rewritten by each run;\n"
-                    "# to customise, copy it elsewhere and run `cwsnet <daemon> --config COPY`.\n"
-                    "# Secrets are not here: they live in the 0600 files it points at.\n")
-            text += yaml.safe_dump(data, sort_keys=False)
-            self.config_path(node).write_text(text)
+        dump = self._dump
         dump("cloud", {
             "identity_file": "../keys/cloud.json",
             "registry_file": "../registry.json",
@@ -256,19 +282,7 @@ class HomeLab:
             "uplink": {"host": t.cloud_host or local, "port": t.cloud_mqtts_port, "tls": {"ca_file": "../ca/ca.crt"}},
         })
         for d in t.devices:
-            dump(d, {
-                "identity_file": f"../keys/{d}.json",
-                "data_dir": f"../agents/{d}",
-                "broker": {"host": t.gateway_host or local, "port": t.gateway_mqtts_port,
-                           "tls": {"ca_file": "../ca/ca.crt"}},
-                "status_interval": t.status_interval,
-                "sensors": [
-                    {"type": "system", "stream": "system", "interval": max(t.telemetry_interval, 5.0)},
-                    {"type": "simulated", "stream": "env", "interval": t.telemetry_interval,
-                     "pattern": "sine", "fields": ["temperature", "humidity"], "period": 120},
-                ],
-                "batching": {"max_readings": 5, "max_delay": 1.0},
-            })
+            dump(d, self.device_config(t, d))
 
     def endpoints(self, t: Topology) -> dict[str, Any]:
         host = "127.0.0.1" if t.host in ("0.0.0.0", "::") else t.host

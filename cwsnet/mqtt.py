@@ -363,6 +363,11 @@ class MqttLink:
         """Log in with these from the next connection on (a rotated token); the current one stays."""
         self._username, self._password = username, password
 
+    @property
+    def password(self) -> str | None:
+        """The password the next connection logs in with."""
+        return self._password
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Add ``topic_filter`` to the desired subscriptions (re-made on every CONNACK).
 

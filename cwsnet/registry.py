@@ -30,7 +30,7 @@ import fcntl
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -393,9 +393,12 @@ class KeyRing:
 
 
 def device_rules(site: str, node: str) -> dict[str, list[str]]:
-    """A device publishes only under its own prefix and reads only what is addressed to it."""
+    """A device publishes only its own uplink channels and receipts (never a command or an ack, not
+    even on its own prefix) and reads only what is addressed to it."""
     base = f"cws/v1/{site}/{node}"
-    return {"publish": [f"{base}/#"], "subscribe": [f"{base}/task/cmd", f"{base}/ack", f"{base}/config"]}
+    return {"publish": [f"{base}/status", f"{base}/telemetry/+", f"{base}/event/+", f"{base}/task/result",
+                        f"{base}/receipt"],
+            "subscribe": [f"{base}/task/cmd", f"{base}/ack", f"{base}/config"]}
 
 
 def gateway_uplink_rules(site: str) -> dict[str, list[str]]:
@@ -410,14 +413,19 @@ def _user(e: Entry, rules: dict[str, list[str]], **extra: Any) -> dict[str, Any]
     return {"token_sha256": e.mqtt_token_sha256, **rules, **extra}
 
 
-def _reader(e: Entry) -> dict[str, Any] | None:
-    # operators' MQTT credential: read-only, any client id (mosquitto_sub picks random ones)
-    return _user(e, {"publish": [], "subscribe": list(e.subscribe) or ["#"]}, client_ids=["*"])
+def _reader(e: Entry, unsealed: Sequence[str] = ()) -> dict[str, Any] | None:
+    # operators' MQTT credential: read-only, any client id (mosquitto_sub picks random ones), and
+    # never what the cloud publishes unsealed for a loopback-only app (``unsealed`` prefixes)
+    extra: dict[str, Any] = {"client_ids": ["*"]}
+    if unsealed:
+        extra["deny_receive"] = list(unsealed)
+    return _user(e, {"publish": [], "subscribe": list(e.subscribe) or ["#"]}, **extra)
 
 
 def cloud_broker_users(reg: Registry) -> dict[str, Any]:
     """The cloud broker's credentials document (``cwsnet.broker`` format) for the active nodes."""
     users: dict[str, Any] = {}
+    unsealed = [f"cws/v1/_apps/{e.id}/#" for e in reg.active(role="app") if e.plaintext]
     for e in reg.active():
         u: dict[str, Any] | None = None
         if e.role == "cloud":
@@ -430,7 +438,7 @@ def cloud_broker_users(reg: Registry) -> dict[str, Any]:
             u = _user(e, {"publish": [], "subscribe": [f"cws/v1/_apps/{e.id}/#"]},
                       **({"loopback_only": True} if e.plaintext else {}))
         elif e.role == "operator":
-            u = _reader(e)
+            u = _reader(e, unsealed)
         if u is not None:
             users[e.id] = u
     revoked = sorted(e.id for e in reg.nodes.values() if not e.active)

@@ -33,6 +33,10 @@ class Child:
     pid_path: Path
     ready: Callable[[], bool] | None = None
     tier: int = 0  # shutdown order: higher tiers stop first
+    #: when it exits with FATAL_EXIT: stop everything (True), or leave just it stopped (a device
+    #: agent refused by its broker, e.g. revoked, must not take the home lab down with it)
+    essential: bool = True
+    retired: bool = False
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -95,7 +99,15 @@ class Supervisor:
         while not self._stopping:
             now = time.monotonic()
             for child in self.children:
+                if child.retired:
+                    continue
                 if child.proc is not None and not child.alive() and child.proc.returncode == FATAL_EXIT:
+                    if not child.essential:
+                        log.error("%s exited with code %d (bad configuration or refused credentials, e.g. "
+                                  "revoked); not restarted, the rest keeps running; see %s", child.name, FATAL_EXIT,
+                                  child.log_path)
+                        child.retired = True
+                        continue
                     log.error("%s exited with code %d (bad configuration or refused credentials; restarting "
                               "cannot help): stopping everything; see %s", child.name, FATAL_EXIT, child.log_path)
                     self.failed = True

@@ -43,8 +43,13 @@ def client_context(ep: BrokerEndpoint, where: str = "broker.tls") -> ssl.SSLCont
     if ep.tls is None:
         if not is_loopback_host(ep.host):
             section = where.removesuffix(".tls")
-            log.warning("%s: connecting to %s:%s without TLS: the login and all traffic cross the network "
-                        "in the clear (set %s.tls.ca_file)", section, ep.host, ep.port, section)
+            if not ep.plaintext:
+                raise ConfigError(
+                    f"{section}: {ep.host}:{ep.port} is not a loopback address, and clients use TLS beyond "
+                    f"loopback: set {section}.tls.ca_file (the CWSNet CA: ca/ca.crt), or {section}.plaintext: true "
+                    "to send the token and all traffic in the clear")
+            log.warning("%s: connecting to %s:%s without TLS (plaintext: true): the login and all traffic cross "
+                        "the network in the clear", section, ep.host, ep.port)
         return None
     try:
         ctx = ssl.create_default_context(cafile=str(ep.tls.ca_file))

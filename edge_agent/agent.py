@@ -37,6 +37,8 @@ log = logging.getLogger("cwsnet.agent")
 UNSTORED_MAX = 1000
 #: seconds between checks of the provisioning bundle for a rotated key
 BUNDLE_POLL = 1.0
+#: seconds after a token rotation during which a refused login tries the other token
+TOKEN_SETTLE = 60.0
 
 
 @dataclass(slots=True)
@@ -65,6 +67,8 @@ class Agent:
         self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), self._peer_key, clock,
                                  key_version=bundle.kv)
         self._bundle_sig = file_signature(cfg.identity_file)
+        self._previous_token: str | None = None  # the MQTT token before the last rotation
+        self._token_rotated_at = float("-inf")
         self.cloud_window = self.state.replay_window("cloud")
         self.handlers = registry(cfg.handlers)
         self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
@@ -124,17 +128,28 @@ class Agent:
         return True
 
     async def _run_link(self) -> None:
-        """The MQTT link; a broker refusing our token right after a rotation (it learnt the new one
-        first) is not fatal if the bundle holds a new token: log in again with it."""
+        """The MQTT link. Right after a token rotation the two brokers' views differ for a moment (the
+        site broker learns the new token from the cloud's push): a refusal within TOKEN_SETTLE seconds
+        of a rotation is not fatal, the agent logs in with the other token (new, then old) until one
+        is accepted. Any other refusal ends the agent (exit code 2: its credentials are wrong)."""
         while True:
-            old = self.bundle.mqtt_password
             try:
                 await self.link.run()
                 return
             except AuthRefused:
-                if not self._check_bundle() or self.bundle.mqtt_password == old:
+                reloaded = self._check_bundle()  # (a new token is then the one the link uses)
+                settling = time.monotonic() - self._token_rotated_at < TOKEN_SETTLE
+                if not settling or self._previous_token is None:
                     raise
-                log.warning("the broker refused the old MQTT token; logging in with the rotated one")
+                if reloaded:
+                    log.warning("the broker refused the old MQTT token; logging in with the rotated one")
+                else:
+                    new = self.link.password == self.bundle.mqtt_password
+                    log.warning("the broker refused the %s MQTT token right after a rotation; trying the %s one",
+                                "new" if new else "old", "old" if new else "new")
+                    self.link.set_credentials(self.bundle.mqtt_username,
+                                              self._previous_token if new else self.bundle.mqtt_password)
+                await asyncio.sleep(1.0)
 
     def reload_bundle(self, new: Bundle) -> None:
         old = self.bundle
@@ -146,6 +161,7 @@ class Agent:
         self.bundle = new
         self.endpoint.rekey(new.identity, new.kv)
         if new.mqtt_password != old.mqtt_password:
+            self._previous_token, self._token_rotated_at = old.mqtt_password, time.monotonic()
             self.link.set_credentials(new.mqtt_username, new.mqtt_password)
         if new.identity.public_b64 != old.identity.public_b64:
             log.info("key rotated: sealing with key version %d from now on", new.kv)

@@ -124,9 +124,12 @@ class Gateway:
         for reg in candidates:
             self._use_registry(reg, "start")
 
+    def _newer(self, reg: Registry) -> bool:
+        return not (reg.managed and self.registry.managed and not reg.newer_than(self.registry))
+
     def _use_registry(self, reg: Registry, source: str) -> bool:
         """Take ``reg`` (or its part for this site) if it is newer; True if taken."""
-        if reg.managed and self.registry.managed and not reg.newer_than(self.registry):
+        if not self._newer(reg):
             return False
         site = reg.site_view(self.site)
         self.registry = site
@@ -137,18 +140,24 @@ class Gateway:
         return True
 
     async def _apply_registry(self, reg: Registry, source: str) -> None:
-        """A newer registry: enforce it on the site broker (users, ACLs, revoked connections)."""
-        if not self._use_registry(reg, source):
+        """A newer registry: enforce it on the site broker (users, ACLs, revoked connections).
+
+        Its files are written before it is taken, so a failed write (disk full) leaves the older
+        registry in force and the same version is applied again when it comes again (each gateway
+        birth, or the next poll of ``registry_file``)."""
+        if not self._newer(reg):
             return
+        site = reg.site_view(self.site)
         if source == "cloud":
-            await self._db_call(write_secret_file, self.pushed_registry_file, self.registry.to_json())
+            await self._db_call(write_secret_file, self.pushed_registry_file, site.to_json())
         b = self.cfg.broker
-        if b is not None and b.credentials_file is not None and self.registry.managed:
-            await self._db_call(write_secret_file, b.credentials_file, site_broker_users(self.registry, self.site))
-            if self.broker is not None:
-                kicked = await self.broker.enforce_credentials()
-                if kicked:
-                    log.info("registry: disconnected %s from the site broker", ", ".join(kicked))
+        if b is not None and b.credentials_file is not None and site.managed:
+            await self._db_call(write_secret_file, b.credentials_file, site_broker_users(site, self.site))
+        self._use_registry(reg, source)
+        if b is not None and b.credentials_file is not None and site.managed and self.broker is not None:
+            kicked = await self.broker.enforce_credentials()
+            if kicked:
+                log.info("registry: disconnected %s from the site broker", ", ".join(kicked))
 
     async def _registry_watch(self) -> None:
         """Follow ``registry_file`` too (a home lab's, edited by `cwsnet device`): the newer rev wins."""
@@ -164,7 +173,9 @@ class Gateway:
             except ConfigError as exc:
                 log.warning("registry file not reloaded (%s); keeping rev %d", exc, self.registry.rev)
             except Exception:
-                log.exception("applying %s failed", path)
+                log.exception("applying %s failed; trying again", path)
+                self._registry_sig = None
+                await asyncio.sleep(2.0)
 
     def _peer_key(self, node: str) -> nacl.public.PublicKey | None:
         """The key to seal to ``node`` (the cloud, or a device of this site that is not revoked)."""
@@ -190,7 +201,8 @@ class Gateway:
             log.warning("dropped message on %s (%d bytes): %s", msg.topic, len(msg.payload), exc)
             self.site_link.ack(msg)
             return
-        self.device_kv[header.sender] = header.key_version
+        if header.key_version is not None:  # the newest key version the device has used: it holds that key
+            self.device_kv[header.sender] = max(header.key_version, self.device_kv.get(header.sender) or 0)
         entry = self.registry.get(header.sender)
         if entry is not None and not entry.active:
             # its broker session is closed when the revocation arrives; this covers what was in flight
@@ -325,8 +337,8 @@ class Gateway:
                     continue
                 topic = topics.ack(self.site, device)
                 try:
-                    # sealed to the key the device used last: right after a rotation it may not hold
-                    # the new one yet
+                    # sealed to the newest key the device has used: right after a rotation it may not
+                    # hold the registry's new one yet (and after a restart, the old one no more)
                     payload, _h = self.endpoint.seal(
                         topic, "ack", body, to=device,
                         recipient_key=self.ring.key_for_reply(device, self.device_kv.get(device)))
@@ -405,6 +417,11 @@ class Gateway:
             await self._own_message(msg)
             return
         if parts.channel in ("task/cmd", "config"):
+            entry = self.registry.get(parts.node)
+            if self.registry.managed and (entry is None or entry.gateway != self.node or not entry.active):
+                # not a device this gateway serves: holding it would only fill the disk
+                log.warning("ignored %s for %s: not an active device behind this gateway", parts.channel, parts.node)
+                return
             await self._hold_command(msg, parts.node)
             return
         try:
@@ -526,7 +543,11 @@ class Gateway:
                     log.error("rejected the registry pushed by the cloud: it lists nodes of other sites (%s)",
                               ", ".join(foreign[:5]))
                     return
-                await self._apply_registry(reg, "cloud")
+                try:
+                    await self._apply_registry(reg, "cloud")
+                except Exception:  # disk full...: the older registry stays; the cloud sees our registry_rev
+                    log.exception("the registry rev %d pushed by the cloud could not be applied; the cloud "
+                                  "pushes it again", reg.rev)
             return
         if opened.header.kind == "ack":
             body = opened.body if isinstance(opened.body, dict) else {}

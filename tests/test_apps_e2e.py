@@ -150,4 +150,13 @@ def test_a_plaintext_app_reads_json_on_loopback(tmp_path: Path, procs: ProcessSe
     msg = json.loads(payload)
     assert topic.startswith("cws/v1/_apps/nodered/home/dev-1/telemetry/")
     assert msg["from"] == "dev-1" and msg["kind"] == "telemetry" and msg["body"]["readings"]
+    # the `#` debugging user sees everything else, but not this unsealed data
+    admin = json.loads(d.lab.path("admin-mqtt.json").read_text())
+    sniffer = Sniffer(d.topo.cloud_mqtt_port, admin["username"], admin["password"], "admin-sniffer")
+    assert sniffer.subscribe("#") == 1
+    n = len(tool.messages)
+    wait_for(lambda: len(tool.messages) >= n + 3 and any("/telemetry/" in t for t, _ in sniffer.messages),
+             timeout=30, message="more deliveries to the tool, and telemetry seen by the sniffer")
+    assert not [t for t, _ in sniffer.messages if t.startswith("cws/v1/_apps/nodered/")]
+    sniffer.close()
     tool.close()

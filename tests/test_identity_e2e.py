@@ -67,8 +67,8 @@ class Probe:
 
 def test_rotating_a_key_twice_at_50_messages_a_second_loses_nothing(tmp_path: Path, procs: ProcessSet) -> None:
     d = Deployment(tmp_path, procs, devices=1)
-    # one reading per sealed message, 50 a second
-    d.edit("dev-1", {"sensors": [{"type": "simulated", "stream": "fast", "interval": 0.02, "pattern": "ramp"}],
+    # one reading per sealed message, 50-60 a second (the sensor asks for 66; timers and load take some)
+    d.edit("dev-1", {"sensors": [{"type": "simulated", "stream": "fast", "interval": 0.015, "pattern": "ramp"}],
                      "batching": {"max_readings": 1, "max_delay": 0}})
     cloud = d.start_cloud()
     d.start("gateway", d.topo.gateway)
@@ -162,8 +162,11 @@ def test_revocation_reaches_the_site_broker_the_cloud_broker_and_ingest_within_2
     assert reasons == ["revoked"]
     assert cloud_db(d, "select count(*) from messages where sender = 'dev-2' and seq = ?", (header.seq,)) == [(0,)]
 
-    # nobody crashed: the revoked agent keeps running (refused at each reconnect), dev-1 goes on
-    assert procs["dev-2"].alive and procs[d.topo.gateway].alive and procs["cloud"].alive
+    # the revoked agent stops with exit code 2 and says why (its credentials are refused: restarting
+    # cannot help); the gateway and the cloud run on, and dev-1 goes on
+    wait_for(lambda: not procs["dev-2"].alive, timeout=20, message="the revoked agent stopped")
+    assert procs["dev-2"].returncode == 2 and "refused our credentials" in procs["dev-2"].log_text()
+    assert procs[d.topo.gateway].alive and procs["cloud"].alive
     procs[d.topo.gateway].wait_log("disconnecting client 'dev-2'", timeout=5)
     n = cloud_db(d, "select count(*) from messages where sender = 'dev-1'")[0][0]
     wait_for(lambda: cloud_db(d, "select count(*) from messages where sender = 'dev-1'")[0][0] > n + 3, timeout=20,

@@ -292,6 +292,18 @@ def test_failed_logins_are_rate_limited_per_username_and_address(env: Any) -> No
     assert_error(sprayer.post("/api/v1/auth/login", json=right), 429, "too_many_requests")
 
 
+def test_concurrent_login_attempts_cannot_outrun_the_throttle() -> None:
+    """200 attempts in flight at once from one address: each is counted when it starts, so only the
+    free ones get their password checked; a success takes its own count back."""
+    t = LoginThrottle(clock=lambda: 1000.0)
+    started = [t.begin("olga", "198.51.100.1") for _ in range(200)]
+    assert started[:5] == [0.0] * 5 and all(w > 0 for w in started[5:])
+    t2 = LoginThrottle(clock=lambda: 1000.0)
+    for _ in range(30):  # a user logging in successfully, again and again, never locks herself out
+        assert t2.begin("olga", "10.0.0.1") == 0.0
+        t2.succeeded("olga", "10.0.0.1")
+
+
 def test_password_check_runs_off_the_event_loop(env: Any) -> None:
     env.client.post("/api/v1/accounts", json={"username": "olga", "role": "viewer", "password": PASSWORD})
     threads = []

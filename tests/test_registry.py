@@ -279,3 +279,17 @@ def test_revs_order_versions_of_one_registry_only(tmp_path: Path) -> None:
     Registry({"dev-1": entry()}).save(tmp_path / "again.json")  # a re-created registry, rev 1 again
     recreated = Registry.load(tmp_path / "again.json")
     assert recreated.rev < second.rev and recreated.newer_than(second)
+
+
+def test_a_rotation_interrupted_before_its_rename_is_completed_by_the_next(lab: HomeLab) -> None:
+    assert cwsnet("device", "add", "porch", "--site", "home", "--data-dir", str(lab.dir)).returncode == 0
+    bundle = lab.bundle_path("porch")
+    before = bundle.read_text()
+    assert cwsnet("device", "rotate", "porch", "--data-dir", str(lab.dir)).returncode == 0
+    rotated = bundle.read_text()
+    # as if it had stopped after writing the registry: the new bundle still under .new
+    bundle.with_name("porch.json.new").write_text(rotated)
+    bundle.write_text(before)
+    r = cwsnet("device", "rotate", "porch", "--data-dir", str(lab.dir))
+    assert r.returncode == 0 and "completed the interrupted rotation" in r.stdout
+    assert bundle.read_text() == rotated and not bundle.with_name("porch.json.new").exists()

@@ -541,3 +541,19 @@ def test_up_runs_every_link_over_tls_and_the_console_over_https(tmp_path: Path) 
         raise
     finally:
         procs.close()
+
+
+def test_a_client_refuses_plain_mqtt_beyond_loopback_unless_told(tmp_path: Path) -> None:
+    from cwsnet.bundle import Bundle
+    from cwsnet.config import BrokerEndpoint, Reconnect
+    from cwsnet.identity import Identity
+    from cwsnet.links import link_for
+
+    b = Bundle(Identity.generate("gw", "home", "gateway"), Identity.generate("cloud", "home", "cloud").public_key,
+               "gw", "token")
+    with pytest.raises(ConfigError, match=r"uplink: 192\.0\.2\.1:1883 is not a loopback address.*uplink\.tls\.ca_file"):
+        link_for(BrokerEndpoint(host="192.0.2.1"), b, Reconnect(), client_id="gw", section="uplink", name="t")
+    assert link_for(BrokerEndpoint(host="192.0.2.1", plaintext=True), b, Reconnect(), client_id="gw",
+                    section="uplink", name="t").port == 1883
+    assert link_for(BrokerEndpoint(host="127.0.0.1"), b, Reconnect(), client_id="gw", section="uplink",
+                    name="t") is not None

@@ -248,6 +248,25 @@ def test_gateway_sigkill_is_restarted_and_devices_reconnect(lab: Lab) -> None:
     wait_for(fresh, timeout=45, message="fresh telemetry from every device after the gateway restart")
 
 
+def test_revoking_a_device_stops_only_that_device(lab: Lab) -> None:
+    r = subprocess.run([sys.executable, "-m", "cwsnet", "device", "revoke", "dev-3", "--data-dir", str(lab.dir)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lab.proc.wait_log(r"dev-3 exited with code 2 .*not restarted, the rest keeps running", timeout=20)
+    mark = int(time.time() * 1000)
+
+    def fresh() -> bool:
+        for d in ("dev-1", "dev-2"):
+            items = api(lab.base, f"/api/v1/devices/{d}/telemetry?limit=5")["items"]
+            if not items or max(i["ts"] for i in items) <= mark:
+                return False
+        return True
+
+    wait_for(fresh, timeout=30, message="the other devices go on")
+    assert lab.proc.alive
+    assert not [d for d in api(lab.base, "/api/v1/devices")["items"] if d["id"] == "dev-3" and d["online"]]
+
+
 def test_sigterm_stops_everything_within_10s(lab: Lab) -> None:
     children = [lab.pid(n) for n in ("cloud", "gw-home", "dev-1", "dev-2", "dev-3")]
     t0 = time.monotonic()
@@ -274,7 +293,10 @@ def test_second_run_reuses_keys(lab: Lab) -> None:
         proc.wait_log(r"CWSNet is up", timeout=60)
         after = {p.name: p.read_text() for p in (lab.dir / "keys").glob("*.json")}
         assert after == before
-        wait_for(lambda: len([d for d in api(lab.base, "/api/v1/devices")["items"] if d["online"]]) == 3,
+        revoked = "dev-3" in {d["id"] for d in api(lab.base, "/api/v1/devices")["items"] if d.get("revoked_at")} \
+            or "note: dev-3 is revoked" in proc.log_text()
+        expect = 2 if revoked else 3  # (when this test runs alone, nothing was revoked)
+        wait_for(lambda: len([d for d in api(lab.base, "/api/v1/devices")["items"] if d["online"]]) == expect,
                  timeout=30, message="devices online again with the same keys")
     finally:
         assert proc.terminate(timeout=12) == 0
