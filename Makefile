@@ -14,7 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# The MicroPython WebAssembly port (npm, pinned in package-lock.json) for tests/test_firmware_core.py
+NODE_FW = tests/firmware/node
+$(NODE_FW)/node_modules/.installed: $(NODE_FW)/package-lock.json
+	cd $(NODE_FW) && npm ci --no-audit --no-fund --silent
+	touch $@
+
+install: $(VENV)/.installed $(NODE_FW)/node_modules/.installed
 
 # Debian packages the tests need, only when root: Mosquitto (the interoperability broker and
 # its clients) and Chromium (the console's browser test). TLS certificates come from cwsnet.pki.

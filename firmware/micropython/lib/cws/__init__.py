@@ -1,0 +1,1 @@
+"""CWSNet firmware for MicroPython: nacl (crypto_box), cbor, envelope (protocol v1)."""
