@@ -852,8 +852,11 @@ class CwsBroker(Broker):
         # its connection open forever. Now it gets CONNECT_TIMEOUT seconds, then is closed.
         who = format_client_message(address=remote_address, port=remote_port)
         try:
-            handler, client_session = await asyncio.wait_for(
-                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), self.CONNECT_TIMEOUT)
+            # asyncio.timeout, not wait_for: the CONNECT must be read in this task. Read in another
+            # task (wait_for's), amqtt lost the first PUBLISHes of some clients after their PUBACK.
+            async with asyncio.timeout(self.CONNECT_TIMEOUT):
+                handler, client_session = await BrokerProtocolHandler.init_from_connect(
+                    reader, writer, self.plugins_manager)
         except TimeoutError as exc:
             self.logger.warning(f"{who}: no CONNECT within {self.CONNECT_TIMEOUT:g} s; closing the connection")
             await _close_quietly(writer)
