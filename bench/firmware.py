@@ -84,7 +84,8 @@ def cpython(n_seal: int, n_x: int) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (what the test runs)")
-    ap.add_argument("--heap", default="100k", help="unix port heap cap (default 100k)")
+    ap.add_argument("--heap", default="100k",
+                    help="unix port heap cap (default 100k; importing .py sources needs the compiler's room too)")
     a = ap.parse_args()
     n_seal, n_x = (20, 3) if a.quick else (200, 20)
     v = mpdata.vectors()[[p.stem for p in mpdata.VECTORS].index("telemetry")]

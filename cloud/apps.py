@@ -76,6 +76,7 @@ class AppFanout:
             for app in self.recipients(item.topic):
                 if self.queue.full():
                     self.queue.get_nowait()
+                    self.queue.task_done()
                     self.stats["dropped"] += 1
                 self.queue.put_nowait((app, item, body))
 
@@ -84,14 +85,16 @@ class AppFanout:
             self.queue = asyncio.Queue(maxsize=QUEUE_MAX)
         while True:
             app, item, body = await self.queue.get()
-            if app not in self.grants:  # revoked (or its grants withdrawn) since it was queued
-                self.stats["dropped"] += 1
-                continue
             try:
+                if app not in self.grants:  # revoked (or its grants withdrawn) since it was queued
+                    self.stats["dropped"] += 1
+                    continue
                 await self._send(app, item, body)
             except Exception:  # one bad delivery must never stop the others (nor the cloud)
                 self.stats["dropped"] += 1
                 log.exception("delivering %s seq %d to app %s failed; skipped", item.sender, item.seq, app)
+            finally:
+                self.queue.task_done()
 
     async def _send(self, app: str, item: IngestItem, body: Any) -> None:
         topic = topics.app_topic(app, item.topic)

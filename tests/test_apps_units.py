@@ -25,9 +25,19 @@ GRANT = "cws/v1/home/+/telemetry/#"
 class Link:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.changed = asyncio.Event()
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         self.sent.append((topic, payload))
+        self.changed.set()
+
+    async def until(self, n: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.sent) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+
 
 
 def registry(app: Identity, *, plaintext: bool = False) -> Registry:
@@ -70,9 +80,7 @@ def test_a_delivery_that_fails_never_stops_the_fan_out(w: World, tmp_path: Path)
     async def run() -> None:
         task = asyncio.ensure_future(fan.run())
         fan.offer([item(1), item(2, {"stream": "env", "unencodable": object()}), item(3)])
-        while fan.queue is not None and not fan.queue.empty():
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await link.until(2)  # the third goes out after the second failed
         assert not task.done(), task
         task.cancel()
 
@@ -94,11 +102,15 @@ def test_a_plaintext_app_gets_json_and_a_revoked_one_nothing(w: World) -> None:
     async def run() -> None:
         task = asyncio.ensure_future(fan.run())
         fan.offer([item(1, {"stream": "env", "raw": b"\x00\x01", "readings": []})])
-        while not link.sent:
-            await asyncio.sleep(0.01)
-        fan.offer([item(2)])
-        fan.update(Registry())  # revoked before its queued message went out
-        await asyncio.sleep(0.05)
+        await link.until(1)
+        fan.update(Registry())  # revoked before its next queued message goes out
+        fan.offer([item(2)])  # (the app has no grant now: not even queued)
+        fan.grants = {"local": (GRANT,)}  # ...and one queued just before a revocation
+        fan.offer([item(3)])
+        fan.update(Registry())
+        fan.offer([item(4)])
+        async with asyncio.timeout(10):
+            await fan.queue.join()  # type: ignore[union-attr]
         task.cancel()
 
     asyncio.run(run())
