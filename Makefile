@@ -24,7 +24,8 @@ install: $(VENV)/.installed $(NODE_FW)/node_modules/.installed
 
 # Debian packages the tests need, only when root: Mosquitto (the interoperability broker and
 # its clients) and Chromium (the console's browser test). TLS certificates come from cwsnet.pki.
-DEBS = mosquitto mosquitto-clients chromium
+# systemd (systemd-analyze) and shellcheck check the Raspberry Pi unit and installer (deploy/pi).
+DEBS = mosquitto mosquitto-clients chromium systemd shellcheck
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \

@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cwsnet import cli_device
 
     cli_device.add_parser(sub)
+    from cwsnet import cli_flash
+
+    cli_flash.add_parser(sub)
 
     from cwsnet.cli_keys import add_parser as add_keys_parser
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cwsnet
-from cwsnet import custody, topics
+from cwsnet import custody, sdnotify, topics
 from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
@@ -39,6 +39,8 @@ UNSTORED_MAX = 1000
 BUNDLE_POLL = 1.0
 #: seconds after a token rotation during which a refused login tries the other token
 TOKEN_SETTLE = 60.0
+#: seconds between two systemd STATUS= updates when systemd asks for no watchdog
+SYSTEMD_STATUS_EVERY = 5.0
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class Agent:
         self._task_slots = asyncio.Semaphore(4)
         self._tg: asyncio.TaskGroup | None = None
         self._task_runs: set[asyncio.Task[None]] = set()
+        self.systemd = sdnotify.Notifier()  # a no-op unless run by systemd (Type=notify)
         self.link = link_for(
             cfg.broker, bundle, cfg.reconnect, client_id=self.node, section="broker", name=f"agent:{self.node}",
             will_factory=self._make_will, on_connect=self._on_connect, on_message=self._on_message,
@@ -216,6 +219,7 @@ class Agent:
             self._wake_flush.set()
             return
         log.info("connected to %s:%s; birth sent", self.cfg.broker.host, self.cfg.broker.port)
+        self.systemd.status(self.systemd_status())
         self.window.reconnected()  # whatever the old connection carried may be lost: send it again
         try:
             await self.link.publish(topic, payload, qos=1, retain=True)
@@ -525,6 +529,26 @@ class Agent:
             )
             log.info("task %s: %s", task_id, state)
 
+    # ---- systemd (Type=notify, WatchdogSec=) ------------------------------------------------
+    def systemd_status(self) -> str:
+        """One line for ``systemctl status``: the link and what the outbox holds."""
+        where = f"{self.cfg.broker.host}:{self.cfg.broker.port}"
+        text = (f"{'connected to' if self.link.connected.is_set() else 'connecting to'} {where}, "
+                f"{self.outbox.depth()} messages held")
+        if self.storage_error is not None:
+            text += f"; cannot write the outbox: {self.storage_error}"
+        return text
+
+    async def _systemd_loop(self) -> None:
+        """``WATCHDOG=1`` every half ``WATCHDOG_USEC``, from a task of the agent's TaskGroup: a wedged
+        event loop stops pinging and systemd restarts the agent. Refreshes ``STATUS=`` as it goes."""
+        every = self.systemd.watchdog or SYSTEMD_STATUS_EVERY
+        while True:
+            if self.systemd.watchdog:
+                self.systemd.ping()
+            self.systemd.status(self.systemd_status())
+            await asyncio.sleep(every)
+
     # ---- lifecycle ----------------------------------------------------------------------
     async def _goodbye(self) -> None:
         """A clean stop sends no MQTT will, so say offline ourselves (bounded: 2 s)."""
@@ -550,11 +574,17 @@ class Agent:
                          tg.create_task(self._status_loop()), tg.create_task(self._bundle_watch())]
                 tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
                 tasks.append(tg.create_task(self._report_interrupted()))
+                if self.systemd.enabled:
+                    tasks.append(tg.create_task(self._systemd_loop()))
+                    self.systemd.ready(self.systemd_status())
                 await stop.wait()
+                self.systemd.stopping()
                 await self._goodbye()
                 for t in [*tasks, *self._task_runs]:
                     t.cancel()
         finally:
+            self.systemd.stopping()
+            self.systemd.close()
             self.outbox.close()
             self.state.close()
             log.info("agent %s stopped", self.node)
