@@ -204,6 +204,9 @@ class GatewayConfig(Model):
         None, description="JSON list of nodes (id, site, role, public_key): the devices the gateway custody-acks"
     )
     data_dir: Path = Path("./gateway-data")
+    ota_dir: Path | None = Field(
+        None, description="firmware releases served to the site's devices over the air, one folder per version "
+                          "(`cwsnet firmware release` writes them); default: {data_dir}/ota")
     store: GatewayStore = Field(default_factory=GatewayStore, description="bounds of the uplink outbox")
     downlink: Downlink = Field(default_factory=Downlink, description="commands held for offline devices")
     status_interval: float = Field(10.0, gt=0, le=86400)

@@ -393,12 +393,12 @@ class KeyRing:
 
 
 def device_rules(site: str, node: str) -> dict[str, list[str]]:
-    """A device publishes only its own uplink channels and receipts (never a command or an ack, not
-    even on its own prefix) and reads only what is addressed to it."""
+    """A device publishes only its own uplink channels, receipts and firmware requests (never a
+    command or an ack, not even on its own prefix) and reads only what is addressed to it."""
     base = f"cws/v1/{site}/{node}"
     return {"publish": [f"{base}/status", f"{base}/telemetry/+", f"{base}/event/+", f"{base}/task/result",
-                        f"{base}/receipt"],
-            "subscribe": [f"{base}/task/cmd", f"{base}/ack", f"{base}/config"]}
+                        f"{base}/receipt", f"{base}/ota/get"],
+            "subscribe": [f"{base}/task/cmd", f"{base}/ack", f"{base}/config", f"{base}/ota/data"]}
 
 
 def gateway_uplink_rules(site: str) -> dict[str, list[str]]:

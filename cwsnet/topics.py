@@ -18,6 +18,8 @@ UPLINK_CHANNELS = ("status", "telemetry", "event", "task/result")
 DOWNLINK_CHANNELS = ("task/cmd", "ack", "config")
 #: Published by a device for its gateway only (never forwarded): receipts for held commands.
 LOCAL_CHANNELS = ("receipt",)
+#: Firmware updates between a gateway and its devices (never forwarded, not sealed: §8).
+OTA_CHANNELS = ("ota/get", "ota/data")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -72,6 +74,14 @@ def receipt(site: str, node: str) -> str:
     return f"{base(site, node)}/receipt"
 
 
+def ota_get(site: str, node: str) -> str:
+    return f"{base(site, node)}/ota/get"
+
+
+def ota_data(site: str, node: str) -> str:
+    return f"{base(site, node)}/ota/data"
+
+
 #: app topics: ``cws/v1/_apps/{app}/{site}/{node}/{channel}...`` (``_`` cannot start a site name)
 APPS = "_apps"
 
@@ -112,7 +122,7 @@ def all_sites_filter(channel: str) -> str:
 class TopicParts:
     site: str
     node: str
-    channel: str  # "status", "telemetry", "event", "task/cmd", "task/result", "ack", "config", "receipt"
+    channel: str  # "status", "telemetry", "event", "task/cmd", "task/result", "ack", "config", "receipt", "ota/get", ...
     sub: str | None  # stream for telemetry, event type for events
 
     @property
@@ -134,7 +144,7 @@ def parse(topic: str) -> TopicParts:
         return TopicParts(site, node, "status", None)
     if len(rest) == 2 and rest[0] in ("telemetry", "event"):
         return TopicParts(site, node, rest[0], check_name(rest[1], rest[0] + " name"))
-    if rest in (["task", "cmd"], ["task", "result"]):
+    if rest in (["task", "cmd"], ["task", "result"], ["ota", "get"], ["ota", "data"]):
         return TopicParts(site, node, "/".join(rest), None)
     if rest in (["ack"], ["config"], ["receipt"]):
         return TopicParts(site, node, rest[0], None)

@@ -40,6 +40,7 @@ from cwsnet.nodestate import NodeState
 from cwsnet.registry import KeyRing, Registry, site_broker_users
 from edge_agent.sensors import system_snapshot
 from gateway.downlink import DownlinkStore
+from gateway.ota import OtaServer
 from gateway.outbox import UplinkOutbox
 
 log = logging.getLogger("cwsnet.gateway")
@@ -76,7 +77,8 @@ class Gateway:
         self.devices_online: set[str] = set()
         self.stats = {"received": 0, "duplicates": 0, "malformed": 0, "forwarded_up": 0, "forwarded_down": 0,
                       "acked": 0, "rejected_by_cloud": 0, "store_errors": 0, "custody_acks": 0,
-                      "refused_full": 0, "refused_revoked": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0}
+                      "refused_full": 0, "refused_revoked": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0,
+                      "ota_chunks": 0}
         self.store_error: str | None = None
         self._store_error_logged = float("-inf")
         self._refusals_logged = float("-inf")
@@ -94,6 +96,8 @@ class Gateway:
         )
         for channel in (*topics.UPLINK_CHANNELS, *topics.LOCAL_CHANNELS):
             self.site_link.subscribe(topics.site_filter(self.site, channel), qos=1)
+        self.ota = OtaServer(cfg.ota_dir or cfg.data_dir / "ota")
+        self.site_link.subscribe(topics.site_filter(self.site, "ota/get"), qos=0)
 
         self.uplink = link_for(
             cfg.uplink, bundle, cfg.reconnect, client_id=self.node, section="uplink", name=f"gateway:{self.node}:uplink",
@@ -190,6 +194,9 @@ class Gateway:
 
     # ---- up: site -> outbox -> cloud ------------------------------------------------------
     async def _from_site(self, msg: Message) -> None:
+        if msg.topic.endswith("/ota/get"):
+            await self._ota_request(msg)
+            return
         try:
             parts = topics.parse(msg.topic)
             header = envelope.peek_header(msg.payload)
@@ -223,6 +230,25 @@ class Gateway:
         elif header.kind == "death":
             self.devices_online.discard(header.sender)
         await self._incoming.put((msg, header, parts.channel == "status"))
+
+    async def _ota_request(self, msg: Message) -> None:
+        """A device asks for a piece of a firmware release (protocol §8): answer on its ota/data."""
+        self.site_link.ack(msg)
+        try:
+            parts = topics.parse(msg.topic)
+        except TopicError:
+            return
+        entry = self.registry.get(parts.node)
+        if parts.site != self.site or entry is None or not entry.active or entry.role != "device":
+            log.warning("firmware request on %s ignored: %s is not an active device of site %s", msg.topic,
+                        parts.node, self.site)
+            return
+        reply, problem = await self._db_call(self.ota.reply_bytes, msg.payload)
+        if problem is not None:
+            log.warning("firmware request from %s: %s", parts.node, problem)
+        if reply is not None:
+            self.stats["ota_chunks"] += 1
+            await self.site_link.publish(topics.ota_data(self.site, parts.node), reply, qos=0)
 
     def _fill(self, extra_messages: int = 0, extra_bytes: int = 0) -> float:
         """How full the uplink outbox is: the larger of its count and byte fractions."""

@@ -44,7 +44,7 @@ function copyTree(src, dst) {
     const s = join(src, name);
     const d = dst + "/" + name;
     if (statSync(s).isDirectory()) copyTree(s, d);
-    else if (name.endsWith(".py")) mp.FS.writeFile(d, readFileSync(s));
+    else if (name.endsWith(".py") || name.endsWith(".mpy")) mp.FS.writeFile(d, readFileSync(s));
   }
 }
 

@@ -1,0 +1,530 @@
+"""The ESP32 agent: WiFi, MQTT, sealed status/telemetry, a flash buffer, custody acks, tasks, OTA.
+
+One asyncio program (``Agent.run``). Everything it sends is sealed to the cloud (docs/protocol.md
+§2) with the shared keys computed once at boot; telemetry, events and task results go through
+the flash buffer (``cws.buffer``) and leave it only when the gateway's custody ack (or, for a
+device without a gateway, the cloud's end-to-end ack) names their ``seq`` (§5). Statuses are not
+buffered: the next one supersedes them.
+
+The network sits behind ``network`` (WiFi) and ``MQTTClient.open_stream`` (sockets), so the
+MicroPython unix port runs this file unchanged against real brokers in the tests.
+"""
+
+import asyncio
+import gc
+import json
+import os
+import sys
+from binascii import a2b_base64
+
+from cws import envelope
+from cws.buffer import Buffer, SeqMark
+from cws.compat import clock_is_set, now_ms, sleep_ms, ticks_diff, ticks_ms, wait_for_ms
+from cws.mqtt import MQTTClient, MQTTError
+from cws.nacl import box_beforenm
+
+try:
+    from cws.version import VERSION
+except ImportError:  # running from source, not a `cwsnet firmware build`
+    from cws import __version__ as VERSION  # noqa: N812
+
+CLS_TELEMETRY, CLS_EVENT, CLS_RESULT, CLS_OTHER = 0, 1, 2, 3
+RESET_CAUSES = {1: "power_on", 2: "hard_reset", 3: "watchdog", 4: "deep_sleep", 5: "soft_reset"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def log(*args):
+    print("[%d]" % (ticks_ms() // 1000), *args)
+
+
+def load_json(path, what):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError:
+        raise ConfigError("%s: %s not found" % (path, what)) from None
+    except ValueError as e:
+        raise ConfigError("%s: %s is not valid JSON (%s)" % (path, what, e)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("%s: %s must be a JSON object" % (path, what))
+    return data
+
+
+def _get(d, key, typ, where, default=None, required=False):
+    if key not in d or d[key] is None:
+        if required:
+            raise ConfigError("%s: '%s' is required" % (where, key))
+        return default
+    v = d[key]
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ConfigError("%s: '%s' must be %s, got %r" % (where, key, typ.__name__, v))
+    return v
+
+
+def _b64key(bundle, key, path):
+    try:
+        k = a2b_base64(bundle[key].encode())
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise ConfigError("%s: '%s' is missing or not base64" % (path, key)) from None
+    if len(k) != 32:
+        raise ConfigError("%s: '%s' must be a 32-byte key" % (path, key))
+    return k
+
+
+class Settings:
+    """``cwsnet/config.json`` and ``cwsnet/bundle.json``, checked: every error names the file and key."""
+
+    def __init__(self, cfg, bundle, cfg_path="cwsnet/config.json", bundle_path="cwsnet/bundle.json"):
+        where = cfg_path
+        b = _get(cfg, "broker", dict, where, required=True)
+        bw = where + " broker"
+        self.host = _get(b, "host", str, bw, required=True)
+        self.port = _get(b, "port", int, bw, 8883)
+        if not 0 < self.port < 65536:
+            raise ConfigError("%s: 'port' must be 1..65535, got %d" % (bw, self.port))
+        self.tls = _get(b, "tls", bool, bw, True)
+        self.ca_file = _get(b, "ca_file", str, bw, "cwsnet/ca.pem")
+        if not self.tls and not _get(b, "plaintext", bool, bw, False) and self.host not in ("127.0.0.1", "localhost"):
+            raise ConfigError("%s: 'tls' is false for %s; the MQTT token would travel in clear: "
+                              "set \"plaintext\": true to accept that" % (bw, self.host))
+        self.keepalive = _get(b, "keepalive", int, bw, 30)
+        w = _get(cfg, "wifi", dict, where, None)
+        self.wifi = None
+        if w is not None:
+            self.wifi = (_get(w, "ssid", str, where + " wifi", required=True),
+                         _get(w, "password", str, where + " wifi", ""), _get(w, "hostname", str, where + " wifi"))
+        self.ntp_host = _get(cfg, "ntp_host", str, where)
+        self.status_interval = _get(cfg, "status_interval", float, where, 30.0)
+        bt = _get(cfg, "batch", dict, where, {})
+        self.max_readings = _get(bt, "max_readings", int, where + " batch", 10)
+        self.max_delay = _get(bt, "max_delay", float, where + " batch", 60.0)
+        bf = _get(cfg, "buffer", dict, where, {})
+        self.segment_bytes = _get(bf, "segment_bytes", int, where + " buffer", 4096)
+        self.max_segments = _get(bf, "max_segments", int, where + " buffer", 32)
+        self.window = _get(bf, "window", int, where + " buffer", 8)
+        self.retransmit = _get(bf, "retransmit_after", float, where + " buffer", 5.0)
+        ota = _get(cfg, "ota", dict, where, {})
+        self.health_timeout = _get(ota, "health_timeout", float, where + " ota", 120.0)
+        self.sensors = _get(cfg, "sensors", list, where, [])
+        p = bundle_path
+        for key in ("node", "site", "mqtt_password"):
+            _get(bundle, key, str, p, required=True)
+        if bundle.get("role", "device") != "device":
+            raise ConfigError("%s: this bundle is for a %s, not a device" % (p, bundle.get("role")))
+        self.node, self.site = bundle["node"], bundle["site"]
+        self.username = _get(bundle, "mqtt_username", str, p, self.node)
+        self.password = bundle["mqtt_password"]
+        self.kv = _get(bundle, "kv", int, p, 1)
+        self.secret = _b64key(bundle, "secret_key", p)
+        self.cloud_pk = _b64key(bundle, "cloud_public_key", p)
+        self.gateway = _get(bundle, "gateway", str, p)
+        self.gateway_pk = _b64key(bundle, "gateway_public_key", p) if self.gateway else None
+
+
+def shared_key(secret, peer_public, cache_dir="cwsnet/state"):
+    """crypto_box's shared key with a peer: X25519 once (seconds on an ESP32), then cached on flash.
+
+    The cache file is named by a hash of both keys, so a new bundle or peer key never reuses a stale one.
+    """
+    from hashlib import sha256
+    from binascii import hexlify
+
+    name = "%s/k%s.bin" % (cache_dir, str(hexlify(sha256(secret + peer_public).digest()[:8]), "ascii"))
+    try:
+        with open(name, "rb") as f:
+            k = f.read()
+        if len(k) == 32:
+            return k
+    except OSError:
+        pass
+    k = box_beforenm(peer_public, secret)
+    try:
+        _mkdirs(cache_dir)
+        with open(name, "wb") as f:
+            f.write(k)
+    except OSError:
+        pass
+    return k
+
+
+def _mkdirs(path):
+    cur = ""
+    for part in path.split("/"):
+        if not part:
+            continue
+        cur = cur + "/" + part if cur else part
+        try:
+            os.mkdir(cur)
+        except OSError:
+            pass
+
+
+class ReplayWindow:
+    """The last 1,024 ``seq``s accepted from one sender (docs/protocol.md §2, check 8)."""
+
+    SIZE = 1024
+
+    def __init__(self):
+        self.top = -1
+        self.bits = 0  # bit i: top - i was seen
+
+    def check(self, seq):
+        """True (and remembered) if ``seq`` is new, False for a replay or one too old to judge."""
+        if seq > self.top:
+            shift = seq - self.top
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.SIZE) - 1) if shift < self.SIZE else 1
+            self.top = seq
+            return True
+        age = self.top - seq
+        if age >= self.SIZE or self.bits >> age & 1:
+            return False
+        self.bits |= 1 << age
+        return True
+
+
+class Agent:
+    def __init__(self, settings, hw=None, sensors=None, handlers=None, state_dir="cwsnet/state"):
+        s = self.s = settings
+        self.hw = hw
+        self.state_dir = state_dir
+        _mkdirs(state_dir)
+        t0 = ticks_ms()
+        self.k_cloud = shared_key(s.secret, s.cloud_pk, state_dir)
+        self.k_gw = shared_key(s.secret, s.gateway_pk, state_dir) if s.gateway else None
+        log("keys ready in %d ms" % ticks_diff(ticks_ms(), t0))
+        self.base = "cws/v1/%s/%s/" % (s.site, s.node)
+        self.buf = Buffer("cwsnet/buf", s.segment_bytes, s.max_segments)
+        self.mark = SeqMark(state_dir + "/seq")
+        self.sensors = sensors or []
+        self.handlers = handlers if handlers is not None else {}
+        self.batches = {}  # stream -> [readings], [first reading ticks]
+        self.inflight = {}  # seq -> [sent ticks, attempts]
+        self.replay = ReplayWindow()
+        self.busy_until = None
+        self.wake = asyncio.Event()
+        self.healthy = asyncio.Event()  # set when the gateway (or cloud) acked this run's birth
+        self.birth_seq = None
+        self.started = ticks_ms()
+        self._uptime_ms, self._uptime_at = 0, self.started
+        self.stats = {"connects": 0, "sensor_errors": 0, "rejected": 0, "sent": 0, "acked": 0}
+        self.mqtt = MQTTClient(s.node, s.host, s.port, s.username, s.password, s.keepalive,
+                               ssl_ctx=self._ssl(), on_message=self.on_message,
+                               retransmit_ms=int(s.retransmit * 1000))
+        self.tasks = None  # cws.tasks.TaskRunner, set by the app
+        self.ota = None  # cws.ota.Updater, set by the app
+
+    # ---- clocks ------------------------------------------------------------------------------
+    def uptime_ms(self):
+        """Milliseconds since boot, correct past ticks_ms's wrap (about 12 days on an ESP32)."""
+        now = ticks_ms()
+        self._uptime_ms += ticks_diff(now, self._uptime_at)
+        self._uptime_at = now
+        return self._uptime_ms
+
+    # ---- sealing -----------------------------------------------------------------------------
+    def seal(self, channel, kind, body, to="cloud", seq=None):
+        """Seal ``body`` on ``cws/v1/{site}/{node}/{channel}``; returns (topic, seq, payload)."""
+        topic = self.base + channel
+        if seq is None:
+            seq = self.mark.next(now_ms())
+        header = {"from": self.s.node, "to": to, "seq": seq, "ts": now_ms(), "kind": kind, "kv": self.s.kv}
+        key = self.k_cloud if to == "cloud" else self.k_gw
+        return topic, seq, envelope.seal(topic, header, body, key)
+
+    def store(self, channel, kind, body, cls):
+        """Seal and put in the flash buffer; the sender takes it from there."""
+        topic, seq, payload = self.seal(channel, kind, body)
+        self.buf.put(seq, cls, topic, payload)
+        self.wake.set()
+        return seq
+
+    def event(self, etype, message, severity="info", data=None):
+        return self.store("event/" + etype, "event",
+                          {"type": etype, "severity": severity, "message": message, "data": data or {}}, CLS_EVENT)
+
+    # ---- status ------------------------------------------------------------------------------
+    def status_body(self, state="online"):
+        gc.collect()
+        free, alloc = gc.mem_free(), gc.mem_alloc()
+        body = {
+            "state": state,
+            "uptime": self.uptime_ms() / 1000,
+            "mem": round(100 * alloc / (free + alloc), 1),
+            "heap_free": free, "heap_alloc": alloc,
+            "link": "up" if self.mqtt.connected else "down",
+            "outbox": len(self.buf), "outbox_bytes": self.buf.bytes(),
+            "dropped": dict(self.buf.dropped),
+            "unacked": len(self.inflight),
+            "agent": {"version": VERSION, "platform": sys.platform, "kind": "micropython"},
+            "handlers": sorted(self.handlers),
+            "sensor_errors": self.stats["sensor_errors"],
+            "clock": "set" if clock_is_set() else "unset",
+        }
+        if self.hw is not None:
+            body.update(self.hw.status())
+        if self.ota is not None:
+            body["firmware"] = self.ota.status()
+        return body
+
+    async def send_status(self, kind="status"):
+        body = self.status_body()
+        if kind == "birth":
+            body["will_seq"] = self.will_seq
+        topic, seq, payload = self.seal("status", kind, body)
+        if kind == "birth":
+            self.birth_seq = seq
+        await self.mqtt.publish(topic, payload, qos=1, retain=True, wait=False)
+
+    # ---- downlink ----------------------------------------------------------------------------
+    def _key_for(self, sender, kv):
+        if sender == "cloud":
+            return self.k_cloud
+        if self.s.gateway is not None and sender == self.s.gateway:
+            return self.k_gw
+        return None
+
+    async def on_message(self, topic, payload, retain):
+        if not topic.startswith(self.base):
+            return
+        channel = topic[len(self.base):]
+        if channel == "ota/data":
+            if self.ota is not None:
+                await self.ota.on_data(payload)
+            return
+        try:
+            header, body = envelope.open(payload, topic, self.s.node, self._key_for)
+        except envelope.EnvelopeError as e:
+            self.stats["rejected"] += 1
+            log("rejected a message on %s: %s (%s)" % (topic, e.reason, e))
+            return
+        kind = header["kind"]
+        if channel == "ack" and kind == "ack":
+            self.on_ack(header, body)
+            return
+        if header["from"] != "cloud" or channel not in ("task/cmd", "config"):
+            self.stats["rejected"] += 1
+            log("ignored %s from %s on %s" % (kind, header["from"], channel))
+            return
+        fresh = self.replay.check(header["seq"])
+        await self.receipt(header["seq"])  # new or repeated: the gateway may forget it
+        if not fresh:
+            log("replayed %s seq %d ignored" % (kind, header["seq"]))
+            return
+        if channel == "task/cmd" and kind == "task_cmd" and self.tasks is not None:
+            self.tasks.submit(body)
+        elif kind == "config":
+            log("config from the cloud ignored (no device settings are pushed yet)")
+
+    async def receipt(self, seq):
+        if self.s.gateway is None or not self.mqtt.connected:
+            return
+        topic, _, payload = self.seal("receipt", "ack", {"received": [[seq, seq]]}, to=self.s.gateway)
+        try:
+            await self.mqtt.publish(topic, payload, qos=0)
+        except OSError:
+            pass
+
+    def on_ack(self, header, body):
+        if not isinstance(body, dict):
+            return
+        ranges = []
+        if header["from"] == self.s.gateway or header["from"] == "cloud" and self.s.gateway is None:
+            ranges = list(body.get("custody") or [])
+            for e in body.get("acks") or ():  # a device without a gateway: the cloud's end-to-end acks
+                if isinstance(e, list) and len(e) == 3 and e[0] == self.s.node:
+                    ranges.append(e[1:])
+        freed = 0
+        for r in ranges:
+            if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], int)):
+                continue
+            first, last = r
+            freed += self.buf.ack(first, last)
+            for seq in list(self.inflight):
+                if first <= seq <= last:
+                    del self.inflight[seq]
+            if self.birth_seq is not None and first <= self.birth_seq <= last:
+                self.healthy.set()
+        busy = body.get("busy")
+        if isinstance(busy, (int, float)) and busy > 0:
+            self.busy_until = ticks_ms() + int(busy * 1000)
+            for r in body.get("refused") or ():
+                if isinstance(r, list) and len(r) == 2:
+                    for seq in list(self.inflight):
+                        if r[0] <= seq <= r[1]:
+                            del self.inflight[seq]
+        self.stats["acked"] += freed
+        if freed:
+            self.wake.set()
+
+    # ---- uplink ------------------------------------------------------------------------------
+    def _paused(self, now):
+        if self.busy_until is None:
+            return False
+        if ticks_diff(self.busy_until, now) > 0:
+            return True
+        self.busy_until = None
+        return False
+
+    async def sender(self):
+        """Keep up to ``window`` buffered messages in flight; retransmit unacked ones with backoff."""
+        base = int(self.s.retransmit * 1000)
+        while True:
+            try:
+                await wait_for_ms(self.wake.wait(), 250)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            if not self.mqtt.connected:
+                continue
+            now = ticks_ms()
+            for seq in list(self.inflight):
+                st = self.inflight.get(seq)
+                if st is None or ticks_diff(now, st[0]) < min(base << st[1], 60000):
+                    continue
+                await self._send_one(seq, st[1] + 1)
+            room = self.s.window - len(self.inflight)
+            if room <= 0:
+                continue
+            paused = self._paused(now)
+            for seq, topic in self.buf.pending(room + (4 if paused else 0), self.inflight):
+                if paused and "/telemetry/" in topic:
+                    continue
+                await self._send_one(seq, 0)
+                room -= 1
+                if room <= 0 or not self.mqtt.connected:
+                    break
+
+    async def _send_one(self, seq, attempts):
+        rec = self.buf.get(seq)
+        if rec is None:
+            self.inflight.pop(seq, None)
+            return
+        topic, payload = rec
+        try:
+            await self.mqtt.publish(topic, payload, qos=1, wait=False)
+        except OSError:
+            return
+        self.inflight[seq] = [ticks_ms(), attempts]
+        self.stats["sent"] += 1
+
+    # ---- sensors -----------------------------------------------------------------------------
+    async def sensor_loop(self):
+        if not self.sensors:
+            return
+        due = [ticks_ms()] * len(self.sensors)
+        while True:
+            now = ticks_ms()
+            for i, sensor in enumerate(self.sensors):
+                if ticks_diff(now, due[i]) < 0:
+                    continue
+                due[i] = now + int(sensor.interval * 1000)
+                try:
+                    values = sensor.read(self.uptime_ms() / 1000)
+                except Exception as e:  # noqa: BLE001 - a sensor's failure is reported, never fatal
+                    self.stats["sensor_errors"] += 1
+                    log("sensor %s failed: %s" % (sensor.stream, e))
+                    if self.stats["sensor_errors"] in (1, 10, 100, 1000):
+                        self.event("sensor", "sensor %s failed: %s" % (sensor.stream, e), "warning",
+                                   {"stream": sensor.stream, "errors": self.stats["sensor_errors"]})
+                    continue
+                self.add_reading(sensor.stream, values)
+            self.flush_batches(False)
+            nxt = min(ticks_diff(d, ticks_ms()) for d in due)
+            await sleep_ms(max(20, min(nxt, 1000)))
+
+    def add_reading(self, stream, values):
+        b = self.batches.get(stream)
+        if b is None:
+            b = self.batches[stream] = [[], ticks_ms()]
+        if not b[0]:
+            b[1] = ticks_ms()
+        b[0].append({"ts": now_ms(), "values": values})
+        if len(b[0]) >= self.s.max_readings:
+            self._flush(stream, b)
+
+    def flush_batches(self, force):
+        now = ticks_ms()
+        for stream, b in self.batches.items():
+            if b[0] and (force or ticks_diff(now, b[1]) >= self.s.max_delay * 1000):
+                self._flush(stream, b)
+
+    def _flush(self, stream, b):
+        self.store("telemetry/" + stream, "telemetry", {"stream": stream, "readings": b[0]}, CLS_TELEMETRY)
+        b[0] = []
+        gc.collect()
+
+    # ---- connection --------------------------------------------------------------------------
+    def _ssl(self):
+        if not self.s.tls:
+            return None
+        import ssl
+
+        try:
+            with open(self.s.ca_file, "rb") as f:
+                ca = f.read()
+        except OSError:
+            raise ConfigError("%s: the CA certificate for TLS to the broker is missing" % self.s.ca_file) from None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if ca.startswith(b"-----BEGIN"):  # PEM -> DER: not every port's mbedTLS parses PEM
+            ca = a2b_base64(b"".join(ln for ln in ca.split(b"\n") if ln.strip() and not ln.startswith(b"-----")))
+        ctx.load_verify_locations(cadata=ca)
+        return ctx
+
+    async def session(self):
+        """One MQTT connection: will, CONNECT, subscriptions, birth; returns when it drops."""
+        _, self.will_seq, will = self.seal("status", "death", {"state": "offline", "reason": "connection lost"})
+        await self.mqtt.connect(will=(self.base + "status", will, True))
+        self.stats["connects"] += 1
+        log("connected to %s:%d" % (self.s.host, self.s.port))
+        for channel in ("ack", "task/cmd", "config", "ota/data"):
+            await self.mqtt.subscribe(self.base + channel, 1)
+        self.inflight = {}  # resend everything unacked at once (the gateway dedupes)
+        await self.send_status("birth")
+        if self.tasks is not None:
+            self.tasks.connected()
+        self.wake.set()
+        await self.mqtt.down.wait()
+        log("connection lost:", self.mqtt.error)
+
+    async def status_loop(self):
+        while True:
+            await sleep_ms(int(self.s.status_interval * 1000))
+            if self.mqtt.connected:
+                try:
+                    await self.send_status()
+                except OSError:
+                    pass
+
+    async def link_loop(self, wifi):
+        """WiFi, then MQTT, forever: back off 1 s doubling to 60 s after each failure."""
+        backoff = 1000
+        while True:
+            try:
+                if wifi is not None:
+                    await wifi.up()
+                await self.session()
+                backoff = 1000
+            except (OSError, MQTTError, asyncio.TimeoutError) as e:
+                log("broker %s:%d: %r; retrying in %d s" % (self.s.host, self.s.port, e, backoff // 1000))
+                if isinstance(e, MQTTError) and e.code in (4, 5):
+                    backoff = max(backoff, 30000)  # refused credentials: do not hammer the broker
+            await self.mqtt.close()
+            await sleep_ms(backoff)
+            backoff = min(backoff * 2, 60000)
+
+    async def run(self, wifi=None):
+        log("agent %s of site %s, firmware %s, %d buffered" % (self.s.node, self.s.site, VERSION, len(self.buf)))
+        jobs = [self.link_loop(wifi), self.sender(), self.sensor_loop(), self.status_loop()]
+        if wifi is not None:
+            jobs.append(wifi.watch(self.mqtt))
+        if self.tasks is not None:
+            jobs.append(self.tasks.run())
+        if self.ota is not None:
+            jobs.append(self.ota.watch())
+        await asyncio.gather(*jobs)

@@ -1,0 +1,152 @@
+"""Tasks on the device: registered handlers, at most once per task id, results through the buffer.
+
+A handler is ``fn(args) -> dict | None`` (or a coroutine function); built in: ``echo``, ``sha256``,
+``sleep`` (docs/protocol.md §3) and, from ``cws.ota``, ``ota``. A module ``cws_handlers`` on the
+board (``lib/cws_handlers.py``) can add more: ``def register(handlers): handlers["name"] = fn``.
+
+``cwsnet/state/tasks.json`` remembers the recent task ids and the one running, so a command
+delivered twice runs once, and a task cut short by a reset is reported ``failed`` ("interrupted")
+at the next start instead of running again.
+"""
+
+import asyncio
+import json
+import os
+
+from cws.compat import clock_is_set, now_ms
+
+PENDING = object()  # a handler's return value: its result will be reported later (OTA, after a reboot)
+CLS_RESULT = 2
+
+
+def h_echo(args):
+    return args
+
+
+def h_sha256(args):
+    from binascii import a2b_base64, hexlify
+    from hashlib import sha256
+
+    data = args.get("data", "")
+    if not isinstance(data, str):
+        raise ValueError("'data' must be base64 text")
+    data = a2b_base64(data.encode())
+    return {"sha256": str(hexlify(sha256(data).digest()), "ascii"), "bytes": len(data)}
+
+
+async def h_sleep(args):
+    seconds = args.get("seconds", 1)
+    if not isinstance(seconds, (int, float)) or not 0 <= seconds <= 3600:
+        raise ValueError("'seconds' must be a number from 0 to 3600")
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}
+
+
+def builtin_handlers():
+    return {"echo": h_echo, "sha256": h_sha256, "sleep": h_sleep}
+
+
+class TaskRunner:
+    def __init__(self, agent, handlers, path="cwsnet/state/tasks.json", keep=32):
+        self.agent = agent
+        self.handlers = handlers
+        self.path = path
+        self.keep = keep
+        self.queue = []
+        self.ev = asyncio.Event()
+        self.done, self.running = [], None
+        try:
+            with open(path) as f:
+                mem = json.load(f)
+            self.done = [t for t in mem.get("done", []) if isinstance(t, str)][-keep:]
+            self.running = mem.get("running")
+        except (OSError, ValueError, AttributeError):
+            pass
+        if isinstance(self.running, str):  # a reset cut it short: report it, never run it again
+            self.result(self.running, "failed", error="interrupted: the device restarted while running it")
+            self._remember(self.running)
+        self.running = None
+        self._save()
+
+    def _save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"done": self.done, "running": self.running}, f)
+        os.rename(tmp, self.path)
+
+    def _remember(self, task_id):
+        if task_id not in self.done:
+            self.done.append(task_id)
+            del self.done[:-self.keep]
+
+    def result(self, task_id, state, result=None, error=None, started=None):
+        body = {"task_id": task_id, "state": state, "result": result, "error": error,
+                "started": started, "finished": now_ms() if state != "running" else None}
+        self.agent.store("task/result", "task_result", body, CLS_RESULT)
+
+    def submit(self, body):
+        task_id = body.get("task_id") if isinstance(body, dict) else None
+        if not isinstance(task_id, str):
+            print("task command without a task_id ignored")
+            return
+        if task_id in self.done or task_id == self.running or any(b["task_id"] == task_id for b in self.queue):
+            print("task", task_id, "already run or queued: not run again")
+            return
+        self.queue.append(body)
+        self.ev.set()
+
+    def connected(self):
+        pass
+
+    async def run(self):
+        while True:
+            await self.ev.wait()
+            self.ev.clear()
+            while self.queue:
+                await self.execute(self.queue.pop(0))
+
+    async def execute(self, body):
+        task_id, name = body["task_id"], body.get("handler")
+        args, deadline = body.get("args"), body.get("deadline")
+        if args is None:
+            args = {}
+        if not isinstance(name, str) or not isinstance(args, dict) or \
+                (deadline is not None and (not isinstance(deadline, int) or isinstance(deadline, bool))):
+            self._remember(task_id)
+            self._save()
+            self.result(task_id, "failed", error="bad command: 'handler' must be text, 'args' a map and "
+                                                 "'deadline' an integer or null")
+            return
+        if deadline is not None and clock_is_set() and now_ms() > deadline:
+            self._remember(task_id)
+            self._save()
+            self.result(task_id, "expired", error="received after its deadline")
+            return
+        fn = self.handlers.get(name)
+        if fn is None:
+            self._remember(task_id)
+            self._save()
+            self.result(task_id, "failed", error="unknown handler %r; this node has: %s"
+                        % (name, ", ".join(sorted(self.handlers))))
+            return
+        started = now_ms()
+        self.running = task_id
+        self._save()
+        self.result(task_id, "running", started=started)
+        try:
+            out = fn(args)
+            if out is not None and hasattr(out, "send"):
+                out = await out
+            if out is PENDING:
+                state = None
+            elif out is not None and not isinstance(out, dict):
+                state, out, err = "failed", None, "handler returned %s, not a map" % type(out).__name__
+            else:
+                state, err = "succeeded", None
+        except Exception as e:  # noqa: BLE001 - a failing handler is a failed task, not a dead agent
+            state, out, err = "failed", None, "%s: %s" % (type(e).__name__, e)
+        self.running = None
+        self._remember(task_id)
+        self._save()
+        if state is not None:
+            self.result(task_id, state, out, err, started)
