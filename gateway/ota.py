@@ -64,7 +64,8 @@ class OtaServer:
         if not _VERSION.match(version):
             return {**reply, "error": f"bad version name {version!r}"}, f"bad version name {version!r}"
         try:
-            if path != "manifest.json" and path not in self._files(version):
+            files = self._files(version)  # KeyError if there is no such release
+            if path != "manifest.json" and path not in files:
                 raise KeyError(f"{path!r} is not in release {version!r}")
             data = (self.ota_dir / version / path).read_bytes()
         except KeyError as exc:

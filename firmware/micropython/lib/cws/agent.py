@@ -12,8 +12,6 @@ MicroPython unix port runs this file unchanged against real brokers in the tests
 
 import asyncio
 import gc
-import json
-import os
 import sys
 from binascii import a2b_base64
 
@@ -21,7 +19,6 @@ from cws import envelope
 from cws.buffer import Buffer, SeqMark
 from cws.compat import clock_is_set, now_ms, sleep_ms, ticks_diff, ticks_ms, wait_for_ms
 from cws.mqtt import MQTTClient, MQTTError
-from cws.nacl import box_beforenm
 
 try:
     from cws.version import VERSION
@@ -29,139 +26,10 @@ except ImportError:  # running from source, not a `cwsnet firmware build`
     from cws import __version__ as VERSION  # noqa: N812
 
 CLS_TELEMETRY, CLS_EVENT, CLS_RESULT, CLS_OTHER = 0, 1, 2, 3
-RESET_CAUSES = {1: "power_on", 2: "hard_reset", 3: "watchdog", 4: "deep_sleep", 5: "soft_reset"}
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def log(*args):
     print("[%d]" % (ticks_ms() // 1000), *args)
-
-
-def load_json(path, what):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError:
-        raise ConfigError("%s: %s not found" % (path, what)) from None
-    except ValueError as e:
-        raise ConfigError("%s: %s is not valid JSON (%s)" % (path, what, e)) from None
-    if not isinstance(data, dict):
-        raise ConfigError("%s: %s must be a JSON object" % (path, what))
-    return data
-
-
-def _get(d, key, typ, where, default=None, required=False):
-    if key not in d or d[key] is None:
-        if required:
-            raise ConfigError("%s: '%s' is required" % (where, key))
-        return default
-    v = d[key]
-    if typ is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise ConfigError("%s: '%s' must be %s, got %r" % (where, key, typ.__name__, v))
-    return v
-
-
-def _b64key(bundle, key, path):
-    try:
-        k = a2b_base64(bundle[key].encode())
-    except (KeyError, ValueError, TypeError, AttributeError):
-        raise ConfigError("%s: '%s' is missing or not base64" % (path, key)) from None
-    if len(k) != 32:
-        raise ConfigError("%s: '%s' must be a 32-byte key" % (path, key))
-    return k
-
-
-class Settings:
-    """``cwsnet/config.json`` and ``cwsnet/bundle.json``, checked: every error names the file and key."""
-
-    def __init__(self, cfg, bundle, cfg_path="cwsnet/config.json", bundle_path="cwsnet/bundle.json"):
-        where = cfg_path
-        b = _get(cfg, "broker", dict, where, required=True)
-        bw = where + " broker"
-        self.host = _get(b, "host", str, bw, required=True)
-        self.port = _get(b, "port", int, bw, 8883)
-        if not 0 < self.port < 65536:
-            raise ConfigError("%s: 'port' must be 1..65535, got %d" % (bw, self.port))
-        self.tls = _get(b, "tls", bool, bw, True)
-        self.ca_file = _get(b, "ca_file", str, bw, "cwsnet/ca.pem")
-        if not self.tls and not _get(b, "plaintext", bool, bw, False) and self.host not in ("127.0.0.1", "localhost"):
-            raise ConfigError("%s: 'tls' is false for %s; the MQTT token would travel in clear: "
-                              "set \"plaintext\": true to accept that" % (bw, self.host))
-        self.keepalive = _get(b, "keepalive", int, bw, 30)
-        w = _get(cfg, "wifi", dict, where, None)
-        self.wifi = None
-        if w is not None:
-            self.wifi = (_get(w, "ssid", str, where + " wifi", required=True),
-                         _get(w, "password", str, where + " wifi", ""), _get(w, "hostname", str, where + " wifi"))
-        self.ntp_host = _get(cfg, "ntp_host", str, where)
-        self.status_interval = _get(cfg, "status_interval", float, where, 30.0)
-        bt = _get(cfg, "batch", dict, where, {})
-        self.max_readings = _get(bt, "max_readings", int, where + " batch", 10)
-        self.max_delay = _get(bt, "max_delay", float, where + " batch", 60.0)
-        bf = _get(cfg, "buffer", dict, where, {})
-        self.segment_bytes = _get(bf, "segment_bytes", int, where + " buffer", 4096)
-        self.max_segments = _get(bf, "max_segments", int, where + " buffer", 32)
-        self.window = _get(bf, "window", int, where + " buffer", 8)
-        self.retransmit = _get(bf, "retransmit_after", float, where + " buffer", 5.0)
-        ota = _get(cfg, "ota", dict, where, {})
-        self.health_timeout = _get(ota, "health_timeout", float, where + " ota", 120.0)
-        self.sensors = _get(cfg, "sensors", list, where, [])
-        p = bundle_path
-        for key in ("node", "site", "mqtt_password"):
-            _get(bundle, key, str, p, required=True)
-        if bundle.get("role", "device") != "device":
-            raise ConfigError("%s: this bundle is for a %s, not a device" % (p, bundle.get("role")))
-        self.node, self.site = bundle["node"], bundle["site"]
-        self.username = _get(bundle, "mqtt_username", str, p, self.node)
-        self.password = bundle["mqtt_password"]
-        self.kv = _get(bundle, "kv", int, p, 1)
-        self.secret = _b64key(bundle, "secret_key", p)
-        self.cloud_pk = _b64key(bundle, "cloud_public_key", p)
-        self.gateway = _get(bundle, "gateway", str, p)
-        self.gateway_pk = _b64key(bundle, "gateway_public_key", p) if self.gateway else None
-
-
-def shared_key(secret, peer_public, cache_dir="cwsnet/state"):
-    """crypto_box's shared key with a peer: X25519 once (seconds on an ESP32), then cached on flash.
-
-    The cache file is named by a hash of both keys, so a new bundle or peer key never reuses a stale one.
-    """
-    from hashlib import sha256
-    from binascii import hexlify
-
-    name = "%s/k%s.bin" % (cache_dir, str(hexlify(sha256(secret + peer_public).digest()[:8]), "ascii"))
-    try:
-        with open(name, "rb") as f:
-            k = f.read()
-        if len(k) == 32:
-            return k
-    except OSError:
-        pass
-    k = box_beforenm(peer_public, secret)
-    try:
-        _mkdirs(cache_dir)
-        with open(name, "wb") as f:
-            f.write(k)
-    except OSError:
-        pass
-    return k
-
-
-def _mkdirs(path):
-    cur = ""
-    for part in path.split("/"):
-        if not part:
-            continue
-        cur = cur + "/" + part if cur else part
-        try:
-            os.mkdir(cur)
-        except OSError:
-            pass
 
 
 class ReplayWindow:
@@ -192,11 +60,7 @@ class Agent:
         s = self.s = settings
         self.hw = hw
         self.state_dir = state_dir
-        _mkdirs(state_dir)
-        t0 = ticks_ms()
-        self.k_cloud = shared_key(s.secret, s.cloud_pk, state_dir)
-        self.k_gw = shared_key(s.secret, s.gateway_pk, state_dir) if s.gateway else None
-        log("keys ready in %d ms" % ticks_diff(ticks_ms(), t0))
+        self.k_cloud, self.k_gw = s.k_cloud, s.k_gw
         self.base = "cws/v1/%s/%s/" % (s.site, s.node)
         self.buf = Buffer("cwsnet/buf", s.segment_bytes, s.max_segments)
         self.mark = SeqMark(state_dir + "/seq")
@@ -267,8 +131,7 @@ class Agent:
         }
         if self.hw is not None:
             body.update(self.hw.status())
-        if self.ota is not None:
-            body["firmware"] = self.ota.status()
+        body["firmware"] = self.ota.status() if self.ota is not None else {"version": VERSION}
         return body
 
     async def send_status(self, kind="status"):

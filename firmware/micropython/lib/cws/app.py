@@ -3,27 +3,63 @@ with its sensors, task handlers and OTA updater, and run it for ever.
 
 A settings error is printed with the file and key at fault and the board waits (it does not
 reboot in a loop, so the REPL stays usable to fix it); an unexpected crash resets the board.
+Modules needed only at boot (settings checks) or rarely (OTA) are not kept in the heap.
 """
 
 import asyncio
+import gc
 import sys
 
-from cws.agent import VERSION, Agent, ConfigError, Settings, load_json, log
+from cws.agent import VERSION, Agent, log
 
 
-def build(root=None):
+def _drop(name):
+    """Forget module ``cws.{name}`` (needed at boot only) so the collector can have its code."""
+    import cws
+
+    sys.modules.pop("cws." + name, None)
+    if hasattr(cws, name):
+        delattr(cws, name)
+
+
+def _settings(root):
     import os
 
     if root:
         os.chdir(root)
-    cfg = load_json("cwsnet/config.json", "device settings")
-    bundle = load_json("cwsnet/bundle.json", "provisioning bundle")
-    s = Settings(cfg, bundle)
+    from cws import config
+
+    try:
+        return config.load()
+    finally:
+        _drop("config")
+
+
+def ota_handler(agent):
+    """The ``ota`` task handler: cws.ota is imported when an update is asked for, not before."""
+    async def handle(args):
+        return await updater(agent).handle(args)
+    return handle
+
+
+def updater(agent):
+    if agent.ota is None:
+        from cws.ota import Updater
+
+        agent.ota = Updater(agent, agent.hw, VERSION)
+    return agent.ota
+
+
+def build(root=None):
+    s = _settings(root)
     from cws import sensors as sensors_mod
 
-    sensors = [sensors_mod.build(spec, i) for i, spec in enumerate(s.sensors)]
+    try:
+        sensors = [sensors_mod.build(spec, i) for i, spec in enumerate(s.sensors)]
+    finally:
+        del sensors_mod
+        _drop("sensors")  # the drivers stay, the configuration checks go
     from cws.board import Board
-    from cws.ota import Updater
     from cws.tasks import TaskRunner, builtin_handlers
     from cws.wifi import Wifi
 
@@ -37,16 +73,23 @@ def build(root=None):
     except ImportError:
         pass
     agent = Agent(s, hw=board, sensors=sensors, handlers=handlers)
-    agent.ota = Updater(agent, board, VERSION)
-    handlers["ota"] = agent.ota.handle
+    handlers["ota"] = ota_handler(agent)
     agent.tasks = TaskRunner(agent, handlers)
+    try:
+        import os
+
+        os.stat("cwsnet/ota/state.json")
+        updater(agent)  # an update is on trial or was decided: report it
+    except OSError:
+        pass
+    gc.collect()
     return agent, wifi
 
 
 def main(root=None):
     try:
         agent, wifi = build(root)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # config.ConfigError and the sensors' configuration errors
         print("CONFIG ERROR:", e)
         return 2
     try:
