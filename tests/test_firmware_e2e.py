@@ -106,3 +106,50 @@ def test_cut_link_buffers_to_flash_and_everything_arrives_once(tmp_path: Path, p
     gaps = sorted(b - a for a, b in zip(ts, ts[1:], strict=False))
     assert len(ts) >= 40, len(ts)
     assert gaps[-2] < 1500, f"readings missing: largest gaps {gaps[-3:]} ms"  # one gap: the power cut itself
+
+
+def test_wifi_that_joins_late_and_drops_later_loses_nothing(tmp_path: Path, procs: ProcessSet) -> None:
+    """The access point refuses the first two joins, then vanishes for a while: the firmware keeps
+    retrying, the broker publishes its death, and every reading taken meanwhile arrives after."""
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    down = tmp_path / "ap-down"
+    board = board_for(d, tmp_path, hardware={"wifi": {"ssid": "lab", "password": "lab-password", "fail_connects": 2},
+                                             "wifi_down_file": str(down)})
+    fw = board.start(procs)
+    wait_for(lambda: d.online() == {"dev-1"}, timeout=60, message="online after two failed joins")
+    assert "(attempt 3)" in fw.log_text() and "could not join 'lab'" in fw.log_text()
+    wait_for(lambda: len(cloud_rows(d, "select 1 from telemetry where sender = 'dev-1'")) >= 5, timeout=30,
+             message="telemetry before the WiFi drops")
+    down.touch()
+    wait_for(lambda: d.online() == set(), timeout=30, message="the broker's will marks the firmware offline")
+    wait_for(lambda: buffered(board) > 1500, timeout=60, message="readings buffered while WiFi is down")
+    down.unlink()
+    wait_for(lambda: d.online() == {"dev-1"}, timeout=90, message="back online after WiFi returns")
+    wait_for(lambda: buffered(board) == 0, timeout=60, message="the buffer drained")
+    ts = sorted(t for (t,) in cloud_rows(d, "select ts from telemetry where sender = 'dev-1'"))
+    assert len(ts) == len(set(ts))
+    assert max(b - a for a, b in zip(ts, ts[1:], strict=False)) < 1500, "readings lost while WiFi was down"
+    assert board.resets() == 0
+
+
+def test_a_task_cut_short_by_a_power_loss_is_reported_interrupted_not_rerun(tmp_path: Path,
+                                                                             procs: ProcessSet) -> None:
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    board = board_for(d, tmp_path)
+    fw = board.start(procs)
+    wait_for(lambda: d.online() == {"dev-1"}, timeout=60, message="the firmware online")
+    task = post(f"{d.base}/api/v1/tasks", {"target": "dev-1", "handler": "sleep", "args": {"seconds": 600}})
+    wait_for(lambda: get(f"{d.base}/api/v1/tasks/{task['id']}")["state"] == "running", timeout=30,
+             message="the sleep task running on the board")
+    fw.kill(signal.SIGKILL)
+    fw.start()
+    t = wait_for(lambda: (t := get(f"{d.base}/api/v1/tasks/{task['id']}"))["state"] == "failed" and t, timeout=60,
+                 message="the interrupted task reported failed")
+    assert t["error"].startswith("interrupted"), t
+    done = run_task(d, "echo", {"after": "restart"})  # the board still runs tasks
+    assert done["result"] == {"after": "restart"}
+    assert get(f"{d.base}/api/v1/tasks/{task['id']}")["state"] == "failed"  # never run a second time
