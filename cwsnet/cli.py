@@ -345,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cwsnet import cli_flash
 
     cli_flash.add_parser(sub)
+    cli_flash.add_firmware_parser(sub)
 
     from cwsnet.cli_keys import add_parser as add_keys_parser
 
