@@ -17,7 +17,7 @@ from binascii import a2b_base64
 
 from cws import envelope
 from cws.buffer import Buffer, SeqMark
-from cws.compat import clock_is_set, now_ms, sleep_ms, ticks_diff, ticks_ms, wait_for_ms
+from cws.compat import clock_is_set, heap, now_ms, sleep_ms, ticks_diff, ticks_ms, wait_for_ms
 from cws.mqtt import MQTTClient, MQTTError
 
 try:
@@ -70,6 +70,8 @@ class Agent:
         self.inflight = {}  # seq -> [sent ticks, attempts]
         self.replay = ReplayWindow()
         self.busy_until = None
+        self.storage_error = None
+        self.unstored = {}  # class -> messages the flash would not take
         self.wake = asyncio.Event()
         self.healthy = asyncio.Event()  # set when the gateway (or cloud) acked this run's birth
         self.birth_seq = None
@@ -101,11 +103,29 @@ class Agent:
         return topic, seq, envelope.seal(topic, header, body, key)
 
     def store(self, channel, kind, body, cls):
-        """Seal and put in the flash buffer; the sender takes it from there."""
+        """Seal and put in the flash buffer; the sender takes it from there.
+
+        A flash that refuses the write (full, worn out) or a message too big for a segment costs
+        that message, counted in ``dropped`` and reported in ``storage``: never the agent.
+        """
         topic, seq, payload = self.seal(channel, kind, body)
-        self.buf.put(seq, cls, topic, payload)
+        try:
+            self.buf.put(seq, cls, topic, payload)
+        except (OSError, ValueError) as e:
+            self.storage_error = "%s: %s" % (kind, e)
+            self.unstored[cls] = self.unstored.get(cls, 0) + 1
+            log("could not buffer %s seq %d (%d bytes): %r" % (kind, seq, len(payload), e))
+            return None
+        self.storage_error = None
         self.wake.set()
         return seq
+
+    def _dropped(self):
+        out = dict(self.buf.dropped)
+        for cls, n in self.unstored.items():
+            name = ("telemetry", "event", "result", "other")[cls]
+            out[name] = out.get(name, 0) + n
+        return out
 
     def event(self, etype, message, severity="info", data=None):
         return self.store("event/" + etype, "event",
@@ -113,16 +133,16 @@ class Agent:
 
     # ---- status ------------------------------------------------------------------------------
     def status_body(self, state="online"):
-        gc.collect()
-        free, alloc = gc.mem_free(), gc.mem_alloc()
+        free, alloc = heap()
         body = {
             "state": state,
             "uptime": self.uptime_ms() / 1000,
-            "mem": round(100 * alloc / (free + alloc), 1),
+            "mem": round(100 * alloc / (free + alloc), 1) if free + alloc else 0.0,
             "heap_free": free, "heap_alloc": alloc,
             "link": "up" if self.mqtt.connected else "down",
             "outbox": len(self.buf), "outbox_bytes": self.buf.bytes(),
-            "dropped": dict(self.buf.dropped),
+            "dropped": self._dropped(),
+            "storage": "ok" if self.storage_error is None else "error: " + self.storage_error,
             "unacked": len(self.inflight),
             "agent": {"version": VERSION, "platform": sys.platform, "kind": "micropython"},
             "handlers": sorted(self.handlers),
@@ -197,8 +217,9 @@ class Agent:
             return
         ranges = []
         if header["from"] == self.s.gateway or header["from"] == "cloud" and self.s.gateway is None:
-            ranges = list(body.get("custody") or [])
-            for e in body.get("acks") or ():  # a device without a gateway: the cloud's end-to-end acks
+            custody, acks = body.get("custody"), body.get("acks")
+            ranges = list(custody) if isinstance(custody, list) else []
+            for e in acks if isinstance(acks, list) else ():  # a device without a gateway: the cloud's end-to-end acks
                 if isinstance(e, list) and len(e) == 3 and e[0] == self.s.node:
                     ranges.append(e[1:])
         freed = 0
@@ -215,8 +236,9 @@ class Agent:
         busy = body.get("busy")
         if isinstance(busy, (int, float)) and busy > 0:
             self.busy_until = ticks_ms() + int(busy * 1000)
-            for r in body.get("refused") or ():
-                if isinstance(r, list) and len(r) == 2:
+            refused = body.get("refused")
+            for r in refused if isinstance(refused, list) else ():
+                if isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], int):
                     for seq in list(self.inflight):
                         if r[0] <= seq <= r[1]:
                             del self.inflight[seq]

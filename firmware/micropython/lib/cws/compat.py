@@ -47,3 +47,13 @@ CLOCK_SET_MS = 1577836800000  # 2020-01-01: a clock below this has not been set
 
 def clock_is_set():
     return now_ms() >= CLOCK_SET_MS
+
+
+def heap():
+    """(free, allocated) bytes of the MicroPython heap; (0, 0) on CPython, which has no such figures."""
+    import gc
+
+    gc.collect()
+    if hasattr(gc, "mem_free"):
+        return gc.mem_free(), gc.mem_alloc()
+    return 0, 0
