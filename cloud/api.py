@@ -820,7 +820,8 @@ def create_app(state: CloudState) -> FastAPI:
             "(`state: expired` with the reason in `error`; a held command is dropped at that moment and never "
             "runs; a task still running has its late result ignored). 404 if the target is not "
             "registered, 422 if it is not a device, 413 if the command would not fit in one envelope "
-            f"({MAX_TASK_BODY} bytes of CBOR-encoded task command)."
+            f"({MAX_TASK_BODY} bytes of CBOR-encoded task command) or the device's own limit (the `max_payload` "
+            "its agent announces: the ESP32 firmware takes 8 KB by default)."
         ),
         **needs("operator", {
             413: {"model": ErrorResponse, "description": "the args make the task command too large for one message"},
@@ -854,6 +855,14 @@ def create_app(state: CloudState) -> FastAPI:
                 413,
                 f"body.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in one "
                 f"message (envelope limit {MAX_PAYLOAD} bytes)",
+            )
+        # a small device (the ESP32 firmware) announces the largest message it can take in its birth
+        limit = (node.agent or {}).get("max_payload")
+        if isinstance(limit, int) and not isinstance(limit, bool) and size + ENVELOPE_HEADROOM > limit:
+            raise ApiError(
+                413,
+                f"body.args: the task command would be about {size + ENVELOPE_HEADROOM} bytes sealed; device "
+                f"{req.target!r} takes messages of at most {limit} bytes (its agent's max_payload)",
             )
         task = store.create_task(
             target=req.target,

@@ -35,7 +35,7 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> fw_agent.Agent:
     monkeypatch.chdir(tmp_path)
     os.makedirs("cwsnet/state")
     s = SimpleNamespace(node="dev-1", site="home", gateway="gw-home", kv=1, host="127.0.0.1", port=1883,
-                        username="dev-1", password="t", keepalive=30, tls=False, ca_file=None, retransmit=5.0,
+                        username="dev-1", password="t", keepalive=30, tls=False, ca_file=None, retransmit=5.0, max_packet=8192, log_stores=False,
                         segment_bytes=4096, max_segments=4, window=8, max_readings=3, max_delay=60.0,
                         status_interval=30.0, health_timeout=120.0,
                         k_cloud=shared(DEVICE, CLOUD), k_gw=shared(DEVICE, GATEWAY))
@@ -128,3 +128,34 @@ def test_replay_window_accepts_each_seq_once_within_1024() -> None:
     assert w.check(base + 5000)  # a jump forward
     assert not w.check(base + 5000 - 1024)  # now too old to judge: refused
     assert w.check(base + 5000 - 1023)
+
+
+def test_a_busy_gateway_pauses_telemetry_not_events_and_refused_messages_wait(agent: fw_agent.Agent) -> None:
+    tele = [agent.store("telemetry/env", "telemetry", {"stream": "env", "readings": []}, fw_agent.CLS_TELEMETRY)
+            for _ in range(12)]
+    ev = agent.store("event/x", "event", {"type": "x", "severity": "info", "message": "m", "data": {}},
+                     fw_agent.CLS_EVENT)
+    refused_ev = agent.store("event/x", "event", {"type": "x", "severity": "info", "message": "n", "data": {}},
+                             fw_agent.CLS_EVENT)
+    agent.inflight = {s: [0, 0] for s in tele[:3]}
+    body = {"custody": [], "busy": 30, "refused": [[tele[0], tele[2]], [refused_ev, refused_ev]]}
+    asyncio.run(agent.on_message(*from_gateway(body), False))
+    now = fw_agent.ticks_ms()
+    assert agent.inflight == {}  # what it refused is no longer in flight
+    assert [s for s, _ in agent.due(now)] == [ev]  # the event goes; telemetry and the refused event wait
+    later = fw_agent.ticks_add(now, 31_000)
+    assert [s for s, _ in agent.due(later)] == tele[:8]  # the pause is over: oldest first, a window's worth
+    asyncio.run(agent.on_message(*from_gateway({"busy": float("inf")}, seq=2), False))  # clamped, not a crash
+    assert fw_agent.ticks_diff(agent.busy_until, fw_agent.ticks_ms()) <= 3_600_000
+
+
+def test_messages_the_gateway_never_acks_do_not_hold_the_window(agent: fw_agent.Agent) -> None:
+    ghosts = [agent.store("event/x", "event", {"type": "x", "severity": "info", "message": "g", "data": {}},
+                          fw_agent.CLS_EVENT) for _ in range(8)]
+    fresh = agent.store("event/x", "event", {"type": "x", "severity": "info", "message": "f", "data": {}},
+                        fw_agent.CLS_EVENT)
+    now = fw_agent.ticks_ms()
+    agent.inflight = {s: [now, 0] for s in ghosts}
+    assert agent.due(now) == []  # a full window of first tries
+    agent.inflight = {s: [now, 2] for s in ghosts}  # each retransmitted twice, never acked
+    assert [s for s, _ in agent.due(now)] == [fresh]

@@ -87,26 +87,28 @@ def test_cut_link_buffers_to_flash_and_everything_arrives_once(tmp_path: Path, p
 
     wait_for(lambda: len(telemetry_seqs()) >= 2, timeout=30, message="telemetry before the cut")
     proxy.cut()
-    before = len(telemetry_seqs())
     wait_for(lambda: buffered(board) > 2000, timeout=60, message="readings buffered on flash during the outage")
+    cut_seqs = set(board.stored())
     fw.kill(signal.SIGKILL)  # power cut while offline: the buffer is on flash
     fw.start()
     wait_for(lambda: buffered(board) > 4000, timeout=60, message="more readings buffered after the power cut")
-    assert len(telemetry_seqs()) == before  # nothing got through the cut link
+    assert not set(telemetry_seqs()) & (set(board.stored()) - cut_seqs)  # nothing new got through the cut link
     proxy.restore()
     wait_for(lambda: buffered(board) == 0, timeout=90, message="the buffer drained after the link returned")
+    assert_all_stored_once(d, board)
 
-    seqs = telemetry_seqs()
-    assert len(seqs) == len(set(seqs)), "a message was stored twice"
-    # a reading re-sealed into a second message would be stored twice under another seq: each
-    # reading's timestamp is unique, so a repeated one is a duplicate
-    ts = sorted(t for (t,) in cloud_rows(d, "select ts from telemetry where sender = 'dev-1'"))
+
+def assert_all_stored_once(d: Deployment, board: FirmwareBoard) -> None:
+    """Every telemetry message the board put on flash (its log says so once put() returned) is
+    at the cloud exactly once, and no reading is stored twice under another seq."""
+    stored = board.stored()
+    assert len(stored) == len(set(stored)) and len(stored) >= 5, stored  # seqs never reused, across boots
+    at_cloud = [s for (s,) in cloud_rows(d, "select seq from messages where sender = 'dev-1' and kind = 'telemetry'")]
+    assert len(at_cloud) == len(set(at_cloud))
+    missing = set(stored) - set(at_cloud)
+    assert not missing, f"{len(missing)} telemetry messages the board buffered never reached the cloud"
+    ts = [t for (t,) in cloud_rows(d, "select ts from telemetry where sender = 'dev-1'")]
     assert len(ts) == len(set(ts)), "a reading was stored twice"
-    # nothing lost: the simulated sensor reads every 0.2 s, so the stored readings have no hole
-    # longer than the board was actually off (power cut to the first reading after restart)
-    gaps = sorted(b - a for a, b in zip(ts, ts[1:], strict=False))
-    assert len(ts) >= 40, len(ts)
-    assert gaps[-2] < 1500, f"readings missing: largest gaps {gaps[-3:]} ms"  # one gap: the power cut itself
 
 
 def test_wifi_that_joins_late_and_drops_later_loses_nothing(tmp_path: Path, procs: ProcessSet) -> None:
@@ -129,9 +131,7 @@ def test_wifi_that_joins_late_and_drops_later_loses_nothing(tmp_path: Path, proc
     down.unlink()
     wait_for(lambda: d.online() == {"dev-1"}, timeout=90, message="back online after WiFi returns")
     wait_for(lambda: buffered(board) == 0, timeout=60, message="the buffer drained")
-    ts = sorted(t for (t,) in cloud_rows(d, "select ts from telemetry where sender = 'dev-1'"))
-    assert len(ts) == len(set(ts))
-    assert max(b - a for a, b in zip(ts, ts[1:], strict=False)) < 1500, "readings lost while WiFi was down"
+    assert_all_stored_once(d, board)
     assert board.resets() == 0
 
 
@@ -184,15 +184,20 @@ def test_ota_update_is_committed_and_a_bad_one_rolls_back(tmp_path: Path, procs:
              timeout=30, message="the new version in the device's status")
     assert not board.path("cwsnet", "ota", "prev").exists() and not board.path("cwsnet", "ota", "state.json").exists()
 
-    # 3.0.0 connects but never sends its birth: never healthy, so it must not stay
+    # 3.0.0 connects but seals nothing the gateway takes: never healthy, so it must not stay
     src = tmp_path / "bad-src"
     shutil.copytree(firmware.source_root(), src)
     agent_py = src / "lib" / "cws" / "agent.py"
-    agent_py.write_text(agent_py.read_text().replace('await self.send_status("birth")', "pass"))
+    text = agent_py.read_text()
+    assert 'header = {"from": self.s.node, "to": to,' in text
+    agent_py.write_text(text.replace('header = {"from": self.s.node, "to": to,', 'header = {"from": "nobody", "to": to,'))
     bad = firmware.build(ota_dir, root=src, version="3.0.0")
     done = run_task(d, "ota", {"version": "3.0.0", "manifest_sha256": bad.manifest_sha256}, timeout=120)
     assert done["state"] == "failed" and "rolled back to 2.0.0" in done["error"], done
-    assert board.resets() == 3  # into 3.0.0, then its health timeout, then 2.0.0 again
+    assert board.resets() == 4  # into 3.0.0, its health timeout on trial boots 1 and 2, then 2.0.0 again
     wait_for(lambda: get(f"{d.base}/api/v1/devices/dev-1")["status"]["firmware"]["version"] == "2.0.0",
              timeout=30, message="2.0.0 running again")
-    wait_for(lambda: buffered(board) == 0, timeout=60, message="the buffer drained after the rollback")
+    # 3.0.0's messages (sealed under a wrong name) are never acked; they must not block 2.0.0's
+    n = len(cloud_rows(d, "select 1 from messages where sender = 'dev-1' and kind = 'telemetry'"))
+    wait_for(lambda: len(cloud_rows(d, "select 1 from messages where sender = 'dev-1' and kind = 'telemetry'"))
+             > n + 3, timeout=60, message="telemetry flowing again after the rollback")

@@ -7,8 +7,12 @@ broker ends the session instead of the program."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import struct
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -169,3 +173,78 @@ def test_connect_packet_carries_credentials_and_a_retained_qos1_will() -> None:
     assert body[7] == 0x02 | 0x04 | 0x08 | 0x20 | 0x80 | 0x40  # clean, will, will QoS 1, retain, user, password
     assert struct.unpack("!H", body[8:10])[0] == 30
     assert b"\x00\x05dev-1" in body and b"\x00\x05\x00dead" in body and body.endswith(b"\x00\x03tok")
+
+
+# ---- the same client under MicroPython (unix port): what CPython's asyncio cannot show -----------
+
+def _serve(sock: socket.socket, script) -> None:
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=script, args=(conn,), daemon=True).start()
+    threading.Thread(target=run, daemon=True).start()
+
+
+def _silent(conn: socket.socket) -> None:
+    conn.recv(65536)  # the TLS ClientHello; never answered
+    conn.settimeout(30)
+    try:
+        conn.recv(1)
+    except OSError:
+        pass
+    conn.close()
+
+
+def _oversize(conn: socket.socket) -> None:
+    conn.recv(65536)  # CONNECT
+    conn.sendall(CONNACK_OK)
+    big = b"\x00\x01t" + b"\x00\x07" + b"x" * 20000  # QoS 1, topic "t", pid 7, 20,000 bytes
+    small = b"\x00\x01s" + b"hello"
+    conn.sendall(bytes([0x32]) + _varint(len(big)) + big + bytes([0x30]) + _varint(len(small)) + small)
+    conn.settimeout(10)
+    data = b""
+    try:
+        while b"\x40\x02\x00\x07" not in data:  # the PUBACK for the big one
+            chunk = conn.recv(1024)
+            if not chunk:
+                break
+            data += chunk
+        conn.recv(1024)
+    except OSError:
+        pass
+    conn.close()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def test_under_micropython_a_silent_tls_peer_is_bounded_and_an_oversized_message_is_skipped() -> None:
+    servers = []
+    for script in (_silent, _oversize):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _serve(s, script)
+        servers.append(s)
+    try:
+        env = dict(os.environ, MICROPYPATH=f"{FIRMWARE_LIB}:.frozen")
+        r = subprocess.run([str(Path(sys.executable).parent / "micropython"), "-X", "heapsize=256k",
+                            str(Path(__file__).parent / "firmware" / "mp" / "mqtt_checks.py"),
+                            *(str(s.getsockname()[1]) for s in servers)],
+                           env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        for s in servers:
+            s.close()
+    out = r.stdout
+    assert r.returncode == 0 and out.strip().endswith("END"), out + r.stderr
+    assert "silent_tls bounded no CONNACK" in out, out
+    assert "oversize [('t', 20005)] [('s', 5)] connected" in out, out

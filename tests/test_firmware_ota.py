@@ -81,7 +81,7 @@ def test_server_ignores_garbage_requests(tmp_path: Path, payload: bytes) -> None
 
 # ---- the loader: swap, trial, rollback --------------------------------------------------------
 
-APP = 'VERSION = "{v}"\n{extra}\ndef main(root=None):\n    print("running", VERSION)\n    return 0\n'
+APP = 'VERSION = "{v}"\n\n\ndef main(root=None):\n    print("running", VERSION)\n    return 0\n{extra}\n'
 
 
 def board(tmp_path: Path, current: str, staged: str | None = None, state: dict | None = None,
@@ -102,10 +102,13 @@ def board(tmp_path: Path, current: str, staged: str | None = None, state: dict |
     return root
 
 
-def boot(root: Path) -> tuple[str, dict | None]:
-    r = subprocess.run([str(MICROPYTHON), "main.py"], cwd=root, env={"MICROPYPATH": "lib:.frozen"},
+FAKES = ROOT / "tests" / "firmware" / "board"  # machine.reset() exits 75, as a board resets
+
+
+def boot(root: Path, status: int = 0) -> tuple[str, dict | None]:
+    r = subprocess.run([str(MICROPYTHON), "main.py"], cwd=root, env={"MICROPYPATH": f"lib:{FAKES}:.frozen"},
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == status, r.stdout + r.stderr
     st = root / "cwsnet" / "ota" / "state.json"
     return r.stdout, (json.loads(st.read_text()) if st.exists() else None)
 
@@ -149,9 +152,35 @@ def test_firmware_that_never_reports_healthy_is_rolled_back_after_two_boots(tmp_
 def test_firmware_that_cannot_even_import_is_rolled_back_at_once(tmp_path: Path) -> None:
     root = board(tmp_path, "1", "2", {"phase": "swap", "version": "2", "previous": "1", "boots": 0},
                  staged_extra="raise ImportError('broken build')")
+    out, st = boot(root, status=75)  # rolled back, then a reset
+    assert st["phase"] == "rolled_back" and "failed to start" in st["reason"] and "broken build" in st["reason"]
     out, st = boot(root)
     assert "running 1" in out
-    assert st["phase"] == "rolled_back" and "failed to start" in st["reason"] and "broken build" in st["reason"]
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ("def main(root=None):\n    raise TypeError('bad state')\n", "stopped: TypeError"),
+    ("def main(root=None):\n    print('CONFIG ERROR: x')\n    return 2\n", "exited with status 2"),
+])
+def test_firmware_on_trial_that_stops_with_an_error_is_rolled_back(tmp_path: Path, extra: str, why: str) -> None:
+    """It imports, but its main() fails (or finds its settings unusable): on an ESP32 that would
+    leave the REPL with nothing running; the loader puts the previous firmware back and resets."""
+    root = board(tmp_path, "1", "2", {"phase": "swap", "version": "2", "previous": "1", "task_id": "t", "boots": 0},
+                 staged_extra=extra)
+    out, st = boot(root, status=75)
+    assert st["phase"] == "rolled_back" and why in st["reason"], st
+    out, st = boot(root)
+    assert "running 1" in out
+
+
+def test_outside_a_trial_an_agent_error_resets_and_a_settings_error_waits(tmp_path: Path) -> None:
+    root = board(tmp_path, "1")
+    app = root / "lib" / "cws" / "app.py"
+    app.write_text("def main(root=None):\n    raise OSError(5, 'EIO')\n")
+    out, st = boot(root, status=75)
+    assert "resetting" in out and st is None
+    app.write_text("def main(root=None):\n    return 2\n")
+    boot(root, status=2)  # the REPL stays usable to fix the settings
 
 
 def test_a_committed_or_absent_state_boots_the_current_firmware_untouched(tmp_path: Path) -> None:

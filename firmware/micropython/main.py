@@ -1,6 +1,9 @@
 # CWSNet firmware loader (main.py). It is never replaced over the air, so it alone decides
 # whether new firmware stays: it finishes an interrupted swap, gives new firmware two boots to
-# report healthy (cws.ota commits it then), and otherwise puts the previous firmware back.
+# report healthy (cws.ota commits it then), and otherwise puts the previous firmware back. New
+# firmware that fails to import or stops with an error while on trial is rolled back at once.
+# Outside a trial, an agent that stops with an error resets the board (its data is on flash); a
+# settings error (exit status 2) leaves the REPL to the user instead of rebooting in a loop.
 #
 # OTA state, cwsnet/ota/state.json: {"phase": "swap" | "trial" | "committed" | "rolled_back",
 #   "version", "previous", "task_id", "boots", "reason"}; lib/cws is the running firmware,
@@ -74,22 +77,53 @@ def rollback(st, reason):
         del sys.modules[m]
 
 
+def on_trial():
+    try:
+        with open(STATE) as f:
+            st = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return st if st.get("phase") == "trial" else None
+
+
+def reset():
+    try:
+        import machine
+    except ImportError:
+        sys.exit(75)
+    machine.reset()
+
+
 def start():
     boot()
     try:
         import cws.app
     except Exception as e:  # new firmware that does not even import: back to the previous one
         getattr(sys, "print_exception", print)(e)
-        try:
-            with open(STATE) as f:
-                st = json.load(f)
-        except (OSError, ValueError):
-            raise e from None
-        if st.get("phase") != "trial":
+        st = on_trial()
+        if st is None:
             raise
         rollback(st, "firmware %s failed to start: %r" % (st.get("version"), e))
-        import cws.app
-    return cws.app.main()
+        reset()
+    try:
+        rc = cws.app.main()
+        why = "exited with status %r" % (rc,)
+    except Exception as e:  # noqa: BLE001
+        getattr(sys, "print_exception", print)(e)
+        rc, why = 1, "stopped: %r" % (e,)
+    if not rc:
+        return 0  # interrupted at the console (Ctrl-C): the user has the REPL
+    st = on_trial()
+    if st is not None:
+        rollback(st, "firmware %s %s" % (st.get("version"), why))
+        reset()
+    if rc == 2:
+        return 2  # a settings error: printed; the REPL stays usable to fix it
+    print("agent", why, "- resetting in 5 s")
+    import time
+
+    time.sleep(5)
+    reset()
 
 
 if __name__ == "__main__":

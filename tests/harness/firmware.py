@@ -46,6 +46,7 @@ class FirmwareBoard:
                 {"type": "simulated", "stream": "env", "interval": 0.2, "fields": ["temperature", "humidity"]}],
             "batch": {"max_readings": 5, "max_delay": 1},
             "buffer": {"segment_bytes": 4096, "max_segments": 32, "retransmit_after": 2},
+            "log_stores": True,  # "stored KIND seq N" once a message is on flash: what the tests audit
         }
         cfg.update(settings or {})
         (root / "cwsnet").mkdir(exist_ok=True)
@@ -73,6 +74,14 @@ class FirmwareBoard:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
+
+    def stored(self, kind: str = "telemetry") -> list[int]:
+        """Seqs of the messages of ``kind`` the board put on flash, across every boot so far."""
+        if self.proc is None:
+            return []
+        mark = f" stored {kind} seq "
+        return [int(line.rsplit(" ", 1)[1]) for line in self.proc.log_path.read_text().splitlines()
+                if mark in line]
 
     def resets(self) -> int:
         return self.proc.log_text().splitlines().count("=== board reset") if self.proc else 0

@@ -17,7 +17,7 @@ from binascii import a2b_base64
 
 from cws import envelope
 from cws.buffer import Buffer, SeqMark
-from cws.compat import clock_is_set, heap, now_ms, sleep_ms, ticks_diff, ticks_ms, wait_for_ms
+from cws.compat import clock_is_set, heap, now_ms, sleep_ms, ticks_add, ticks_diff, ticks_ms, wait_for_ms
 from cws.mqtt import MQTTClient, MQTTError
 
 try:
@@ -70,17 +70,19 @@ class Agent:
         self.inflight = {}  # seq -> [sent ticks, attempts]
         self.replay = ReplayWindow()
         self.busy_until = None
+        self.refused = []  # (first, last) seqs the gateway refused for lack of room, until the pause ends
         self.storage_error = None
         self.unstored = {}  # class -> messages the flash would not take
         self.wake = asyncio.Event()
-        self.healthy = asyncio.Event()  # set when the gateway (or cloud) acked this run's birth
-        self.birth_seq = None
+        self.healthy = asyncio.Event()  # set when the gateway (or cloud) acks a message of this run
+        self.run_first_seq = None
         self.started = ticks_ms()
         self._uptime_ms, self._uptime_at = 0, self.started
         self.stats = {"connects": 0, "sensor_errors": 0, "rejected": 0, "sent": 0, "acked": 0}
         self.mqtt = MQTTClient(s.node, s.host, s.port, s.username, s.password, s.keepalive,
                                ssl_ctx=self._ssl(), on_message=self.on_message,
-                               retransmit_ms=int(s.retransmit * 1000))
+                               retransmit_ms=int(s.retransmit * 1000), max_packet=s.max_packet,
+                               on_oversize=self.on_oversize)
         self.tasks = None  # cws.tasks.TaskRunner, set by the app
         self.ota = None  # cws.ota.Updater, set by the app
 
@@ -98,6 +100,8 @@ class Agent:
         topic = self.base + channel
         if seq is None:
             seq = self.mark.next(now_ms())
+        if self.run_first_seq is None:
+            self.run_first_seq = seq
         header = {"from": self.s.node, "to": to, "seq": seq, "ts": now_ms(), "kind": kind, "kv": self.s.kv}
         key = self.k_cloud if to == "cloud" else self.k_gw
         return topic, seq, envelope.seal(topic, header, body, key)
@@ -108,15 +112,18 @@ class Agent:
         A flash that refuses the write (full, worn out) or a message too big for a segment costs
         that message, counted in ``dropped`` and reported in ``storage``: never the agent.
         """
-        topic, seq, payload = self.seal(channel, kind, body)
+        seq = None
         try:
+            topic, seq, payload = self.seal(channel, kind, body)  # (the seq mark is on flash too)
             self.buf.put(seq, cls, topic, payload)
         except (OSError, ValueError) as e:
             self.storage_error = "%s: %s" % (kind, e)
             self.unstored[cls] = self.unstored.get(cls, 0) + 1
-            log("could not buffer %s seq %d (%d bytes): %r" % (kind, seq, len(payload), e))
+            log("could not buffer %s seq %s: %r" % (kind, seq, e))
             return None
         self.storage_error = None
+        if self.s.log_stores:
+            log("stored %s seq %d" % (kind, seq))
         self.wake.set()
         return seq
 
@@ -144,7 +151,8 @@ class Agent:
             "dropped": self._dropped(),
             "storage": "ok" if self.storage_error is None else "error: " + self.storage_error,
             "unacked": len(self.inflight),
-            "agent": {"version": VERSION, "platform": sys.platform, "kind": "micropython"},
+            "agent": {"version": VERSION, "platform": sys.platform, "kind": "micropython",
+                      "max_payload": self.s.max_packet},
             "handlers": sorted(self.handlers),
             "sensor_errors": self.stats["sensor_errors"],
             "clock": "set" if clock_is_set() else "unset",
@@ -159,8 +167,6 @@ class Agent:
         if kind == "birth":
             body["will_seq"] = self.will_seq
         topic, seq, payload = self.seal("status", kind, body)
-        if kind == "birth":
-            self.birth_seq = seq
         await self.mqtt.publish(topic, payload, qos=1, retain=True, wait=False)
 
     # ---- downlink ----------------------------------------------------------------------------
@@ -194,14 +200,19 @@ class Agent:
             log("ignored %s from %s on %s" % (kind, header["from"], channel))
             return
         fresh = self.replay.check(header["seq"])
-        await self.receipt(header["seq"])  # new or repeated: the gateway may forget it
         if not fresh:
             log("replayed %s seq %d ignored" % (kind, header["seq"]))
-            return
-        if channel == "task/cmd" and kind == "task_cmd" and self.tasks is not None:
-            self.tasks.submit(body)
+        elif channel == "task/cmd" and kind == "task_cmd" and self.tasks is not None:
+            self.tasks.submit(body)  # saved on flash before the receipt lets the gateway forget it
         elif kind == "config":
             log("config from the cloud ignored (no device settings are pushed yet)")
+        await self.receipt(header["seq"])  # new or repeated: the gateway may forget it
+
+    def on_oversize(self, topic, size):
+        """A message too big for this device's heap was read through and dropped: say so."""
+        self.stats["rejected"] += 1
+        self.event("oversize", "dropped a %d-byte message on %s: this device takes at most %d bytes"
+                   % (size, topic, self.s.max_packet), "error", {"topic": topic, "bytes": size})
 
     async def receipt(self, seq):
         if self.s.gateway is None or not self.mqtt.connected:
@@ -231,17 +242,21 @@ class Agent:
             for seq in list(self.inflight):
                 if first <= seq <= last:
                     del self.inflight[seq]
-            if self.birth_seq is not None and first <= self.birth_seq <= last:
-                self.healthy.set()
+            if self.run_first_seq is not None and last >= self.run_first_seq:
+                self.healthy.set()  # something sealed by this run was taken into custody
         busy = body.get("busy")
-        if isinstance(busy, (int, float)) and busy > 0:
-            self.busy_until = ticks_ms() + int(busy * 1000)
+        if isinstance(busy, (int, float)) and not isinstance(busy, bool) and busy > 0:
+            # the gateway's outbox is (nearly) full: no new bulk telemetry for that long, and what it
+            # refused waits out the pause (statuses, events and results still go)
+            self.busy_until = ticks_add(ticks_ms(), int(min(busy, 3600) * 1000))
             refused = body.get("refused")
             for r in refused if isinstance(refused, list) else ():
                 if isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], int):
+                    self.refused.append((r[0], r[1]))
                     for seq in list(self.inflight):
                         if r[0] <= seq <= r[1]:
                             del self.inflight[seq]
+            del self.refused[:-32]
         self.stats["acked"] += freed
         if freed:
             self.wake.set()
@@ -253,6 +268,16 @@ class Agent:
         if ticks_diff(self.busy_until, now) > 0:
             return True
         self.busy_until = None
+        self.refused = []
+        return False
+
+    def __contains__(self, seq):
+        """The sender's skip test while paused: in flight, or refused until the pause ends."""
+        if seq in self.inflight:
+            return True
+        for a, b in self.refused:
+            if a <= seq <= b:
+                return True
         return False
 
     async def sender(self):
@@ -269,20 +294,28 @@ class Agent:
             now = ticks_ms()
             for seq in list(self.inflight):
                 st = self.inflight.get(seq)
-                if st is None or ticks_diff(now, st[0]) < min(base << st[1], 60000):
+                if st is None or ticks_diff(now, st[0]) < min(base << min(st[1], 4), 60000):
                     continue
                 await self._send_one(seq, st[1] + 1)
-            room = self.s.window - len(self.inflight)
-            if room <= 0:
-                continue
-            paused = self._paused(now)
-            for seq, topic in self.buf.pending(room + (4 if paused else 0), self.inflight):
-                if paused and "/telemetry/" in topic:
-                    continue
+            for seq, topic in self.due(now):
                 await self._send_one(seq, 0)
-                room -= 1
-                if room <= 0 or not self.mqtt.connected:
+                if not self.mqtt.connected:
                     break
+
+    def due(self, now):
+        """Buffered messages to send now: window room, oldest first; while the gateway asks for a
+        pause, no telemetry and nothing it refused."""
+        # a message sent twice already without a custody ack (a gateway that will not take it) still
+        # gets retransmitted, but no longer holds window room: it cannot starve the rest
+        room = self.s.window
+        for st in self.inflight.values():
+            if st[1] < 2:
+                room -= 1
+        if room <= 0:
+            return []
+        if self._paused(now):
+            return self.buf.pending(room, self, (CLS_EVENT, CLS_RESULT, CLS_OTHER))
+        return self.buf.pending(room, self.inflight)
 
     async def _send_one(self, seq, attempts):
         rec = self.buf.get(seq)
@@ -353,7 +386,8 @@ class Agent:
             with open(self.s.ca_file, "rb") as f:
                 ca = f.read()
         except OSError:
-            raise ConfigError("%s: the CA certificate for TLS to the broker is missing" % self.s.ca_file) from None
+            raise ValueError("%s: the CA certificate for TLS to the broker is missing (cwsnet flash esp32 "
+                             "writes it)" % self.s.ca_file) from None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.verify_mode = ssl.CERT_REQUIRED
         if ca.startswith(b"-----BEGIN"):  # PEM -> DER: not every port's mbedTLS parses PEM

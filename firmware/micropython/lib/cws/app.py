@@ -1,16 +1,17 @@
 """The firmware's entry point (``main.py`` calls ``main()``): load the settings, build the agent
 with its sensors, task handlers and OTA updater, and run it for ever.
 
-A settings error is printed with the file and key at fault and the board waits (it does not
-reboot in a loop, so the REPL stays usable to fix it); an unexpected crash resets the board.
-Modules needed only at boot (settings checks) or rarely (OTA) are not kept in the heap.
+A settings error is printed with the file and key at fault and ``main`` returns 2 (``main.py``
+leaves the REPL to the user rather than rebooting in a loop); any other error propagates to
+``main.py``, which rolls back firmware on trial or resets the board. Modules needed only at boot
+(settings checks) or rarely (OTA) are not kept in the heap.
 """
 
 import asyncio
 import gc
 import sys
 
-from cws.agent import VERSION, Agent, log
+from cws.agent import VERSION, Agent
 
 
 def _drop(name):
@@ -96,10 +97,4 @@ def main(root=None):
         asyncio.run(agent.run(wifi))
     except KeyboardInterrupt:
         return 0
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - log it and start afresh: the buffer is on flash
-        getattr(sys, "print_exception", print)(e)
-        log("agent crashed; resetting")
-        agent.hw.reset()
     return 0

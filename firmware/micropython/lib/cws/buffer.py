@@ -219,8 +219,11 @@ class Buffer:
         self._n -= n
         return n
 
-    def pending(self, limit, skip=()):
-        """Up to ``limit`` unacked ``(seq, topic)``, oldest segment first, in file order."""
+    def pending(self, limit, skip=(), classes=None):
+        """Up to ``limit`` unacked ``(seq, topic)``, oldest segment first, in file order.
+
+        ``skip``: seqs to leave out (any container); ``classes``: only records of these classes.
+        """
         out = []
         if limit <= 0:
             return out
@@ -231,7 +234,7 @@ class Buffer:
             try:
                 for j in range(_E, len(s), 2):
                     info = s[j + 1]
-                    if info & _ACKED:
+                    if info & _ACKED or classes is not None and (info >> 24) & 3 not in classes:
                         continue
                     seq = self._seq(s, j)
                     if skip and seq in skip:

@@ -85,6 +85,7 @@ def settings(cfg, bundle, cfg_path=CONFIG, bundle_path=BUNDLE, state_dir=STATE):
         raise ConfigError("%s: 'tls' is false for %s; the MQTT token would travel in clear: "
                           "set \"plaintext\": true to accept that" % (bw, s.host))
     s.keepalive = int(_num(b, "keepalive", bw, 30, 5, 3600))
+    s.max_packet = int(_num(b, "max_packet", bw, 8192, 2048, 262656))
     w = _get(cfg, "wifi", dict, where, None)
     s.wifi = None
     if w is not None:
@@ -105,6 +106,7 @@ def settings(cfg, bundle, cfg_path=CONFIG, bundle_path=BUNDLE, state_dir=STATE):
     ota = _get(cfg, "ota", dict, where, {})
     s.health_timeout = _num(ota, "health_timeout", where + " ota", 120.0, 10, 3600)
     s.sensors = _get(cfg, "sensors", list, where, [])
+    s.log_stores = _get(cfg, "log_stores", bool, where, False)  # print each message once it is on flash
     p = bundle_path
     for key in ("node", "site", "mqtt_password"):
         _get(bundle, key, str, p, required=True)

@@ -2,10 +2,18 @@
 
 What CWSNet needs and nothing more: CONNECT with a last will and credentials, QoS 0/1 PUBLISH
 both ways, SUBSCRIBE, keepalive PINGREQ, and a connection that is declared dead (``down`` is
-set) as soon as the broker stops answering, so the agent reconnects. QoS 1 publishes are
-retransmitted with the DUP flag while the connection lasts; across connections, delivery is the
-agent's business (its flash buffer and the gateway's custody acks, docs/protocol.md §5), which
-is why the session is always clean.
+set) when the broker has not answered for 1.5 keepalive periods or a write has not drained for
+``timeout_ms``, so the agent reconnects. Every step of a connect (TCP, the TLS handshake that
+MicroPython runs on the first write, CONNECT/CONNACK) is bounded by ``timeout_ms`` together.
+
+A QoS 1 publish someone awaits is retransmitted with the DUP flag until PUBACKed while the
+connection lasts. ``publish(..., wait=False)`` sends at QoS 1 and does not track the PUBACK: the
+agent uses it for buffered messages, whose delivery is its custody window's business (the flash
+buffer and the gateway's custody acks, docs/protocol.md §5), so no second copy piles up here;
+that is also why the session is always clean.
+
+A packet longer than ``max_packet`` (a device's heap is small) is read through in small pieces and
+discarded without ending the session; ``on_oversize(topic, size)`` is told.
 
 The network sits behind one function, ``open_stream(host, port, ssl_ctx) -> (reader, writer)``
 (asyncio's ``open_connection`` by default), so tests can feed the client any byte stream.
@@ -90,8 +98,11 @@ async def _read(reader, n):
     return data
 
 
-async def read_packet(reader):
-    """One packet from ``reader``: ``(type, flags, body)``; raises OSError on EOF or garbage."""
+async def read_packet(reader, limit=MAX_PACKET):
+    """One packet from ``reader``: ``(type, flags, body)``; raises OSError on EOF or garbage.
+
+    A packet longer than ``limit`` is not read: ``body`` is then its length (an int).
+    """
     first = await _read(reader, 1)
     n, shift = 0, 0
     while True:
@@ -102,10 +113,20 @@ async def read_packet(reader):
         shift += 7
         if shift > 21:
             raise MQTTError("malformed remaining length")
-    if n > MAX_PACKET:
-        raise MQTTError("packet of %d bytes is over the limit" % n)
+    if n > MAX_PACKET:  # beyond anything the protocol allows: not a broker we can talk to
+        raise MQTTError("packet of %d bytes is over the protocol's limit" % n)
+    if n > limit:
+        return first[0] >> 4, first[0] & 0x0F, n  # the caller reads it through (skip) or fails
     body = await _read(reader, n) if n else b""
     return first[0] >> 4, first[0] & 0x0F, body
+
+
+async def skip(reader, n):
+    """Read and drop ``n`` bytes in small pieces (never ``n`` bytes of heap at once)."""
+    while n:
+        k = min(n, 512)
+        await _read(reader, k)
+        n -= k
 
 
 async def _open(host, port, ssl_ctx):
@@ -116,7 +137,8 @@ async def _open(host, port, ssl_ctx):
 
 class MQTTClient:
     def __init__(self, client_id, host, port, user=None, password=None, keepalive=30, ssl_ctx=None,
-                 on_message=None, open_stream=None, retransmit_ms=5000, timeout_ms=10000):
+                 on_message=None, open_stream=None, retransmit_ms=5000, timeout_ms=10000, max_packet=MAX_PACKET,
+                 on_oversize=None):
         self.client_id = client_id
         self.host, self.port = host, port
         self.user, self.password = user, password
@@ -126,6 +148,8 @@ class MQTTClient:
         self._open = open_stream or _open
         self.retransmit_ms = retransmit_ms
         self.timeout_ms = timeout_ms
+        self.max_packet = max_packet
+        self.on_oversize = on_oversize
         self._reader = self._writer = None
         self._pid = 0
         self._pending = {}  # pid -> [packet, sent_ticks, Event] for QoS 1 publishes and subscribes
@@ -153,29 +177,38 @@ class MQTTClient:
             raise MQTTError("not connected")
         async with self._wlock:
             w.write(data)
-            await w.drain()
+            try:
+                await wait_for_ms(w.drain(), self.timeout_ms)
+            except asyncio.TimeoutError:
+                raise MQTTError("a write did not drain in %d s: the link is dead" % (self.timeout_ms // 1000)) from None
         self.sent += 1
 
     async def connect(self, will=None):
         """Open the connection and complete CONNECT/CONNACK; raises OSError/MQTTError on failure."""
         await self.close()
         self.error = None
-        reader, writer = await wait_for_ms(self._open(self.host, self.port, self.ssl_ctx),
-                                                   self.timeout_ms)
-        self._reader, self._writer = reader, writer
         try:
-            await self._send(connect_packet(self.client_id, self.user, self.password, self.keepalive, will))
-            kind, _flags, body = await wait_for_ms(read_packet(reader), self.timeout_ms)
-            if kind != CONNACK or len(body) != 2:
-                raise MQTTError("expected CONNACK, got packet type %d" % kind)
-            if body[1]:
-                raise MQTTError("broker refused the connection: %s" % CONNACK_ERRORS.get(body[1], body[1]), body[1])
+            await wait_for_ms(self._handshake(will), self.timeout_ms)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise MQTTError("no CONNACK from %s:%d within %d s" % (self.host, self.port, self.timeout_ms // 1000)) \
+                from None
         except BaseException:
             await self.close()
             raise
         self._last_rx = ticks_ms()
         self.down = asyncio.Event()
         self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._keepalive_loop())]
+
+    async def _handshake(self, will):
+        reader, writer = await self._open(self.host, self.port, self.ssl_ctx)
+        self._reader, self._writer = reader, writer
+        await self._send(connect_packet(self.client_id, self.user, self.password, self.keepalive, will))
+        kind, _flags, body = await read_packet(reader, 4)
+        if kind != CONNACK or isinstance(body, int) or len(body) != 2:
+            raise MQTTError("expected CONNACK, got packet type %d" % kind)
+        if body[1]:
+            raise MQTTError("broker refused the connection: %s" % CONNACK_ERRORS.get(body[1], body[1]), body[1])
 
     async def close(self, reason=None):
         """Drop the connection (no DISCONNECT: the broker publishes the will)."""
@@ -215,13 +248,14 @@ class MQTTClient:
             await self._send(publish_packet(topic, payload, 0, retain))
             return True
         pid = self._next_pid()
-        ev = asyncio.Event()
         pkt = publish_packet(topic, payload, 1, retain, pid)
+        if not wait:  # the PUBACK is not tracked: the caller retransmits at its own level
+            await self._send(pkt)
+            return True
+        ev = asyncio.Event()
         entry = [pkt, ticks_ms(), ev, None]
         self._pending[pid] = entry
         await self._send(pkt)
-        if not wait:
-            return True
         await ev.wait()
         return entry[3] is not None
 
@@ -246,10 +280,12 @@ class MQTTClient:
     async def _read_loop(self):
         try:
             while True:
-                kind, flags, body = await read_packet(self._reader)
+                kind, flags, body = await read_packet(self._reader, self.max_packet)
                 self._last_rx = ticks_ms()
                 self.received += 1
-                if kind == PUBLISH:
+                if isinstance(body, int):
+                    await self._oversize(kind, flags, body)
+                elif kind == PUBLISH:
                     await self._on_publish(flags, body)
                 elif kind == PUBACK or kind == SUBACK:
                     pid = struct.unpack("!H", body[:2])[0]
@@ -265,6 +301,25 @@ class MQTTClient:
             raise
         except Exception as e:  # noqa: BLE001 - any failure ends this connection, the agent reconnects
             await self.close("read: %r" % (e,))
+
+    async def _oversize(self, kind, flags, n):
+        """A packet too big for this device: read its topic, drop the rest, PUBACK it, say so."""
+        if kind != PUBLISH:
+            raise MQTTError("packet type %d of %d bytes from the broker" % (kind, n))
+        size = n
+        tlen = struct.unpack("!H", await _read(self._reader, 2))[0]
+        topic = str(await _read(self._reader, tlen), "utf-8")
+        n -= 2 + tlen
+        qos = (flags >> 1) & 3
+        if qos:
+            pid = struct.unpack("!H", await _read(self._reader, 2))[0]
+            n -= 2
+        await skip(self._reader, n)
+        print("mqtt: dropped a %d-byte message on %s: over this device's limit of %d" % (size, topic, self.max_packet))
+        if self.on_oversize is not None:
+            self.on_oversize(topic, size)
+        if qos == 1:
+            await self._send(_packet(PUBACK << 4, struct.pack("!H", pid)))
 
     async def _on_publish(self, flags, body):
         qos = (flags >> 1) & 3
@@ -295,8 +350,8 @@ class MQTTClient:
                 if ticks_diff(now, self._last_rx) > self.keepalive * 1500:
                     await self.close("no answer from the broker for %d s" % (self.keepalive * 3 // 2))
                     return
-                if ticks_diff(now, self._last_rx) > period:
-                    await self._send(ping)
+                if ticks_diff(now, self._last_rx) > period and not self._wlock.locked():
+                    await self._send(ping)  # (a write in progress is bounded by timeout_ms itself)
                 for pid in list(self._pending):
                     entry = self._pending.get(pid)
                     if entry is not None and ticks_diff(now, entry[1]) > self.retransmit_ms:

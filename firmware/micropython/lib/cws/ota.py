@@ -5,8 +5,8 @@ can start an update). The device asks its gateway for ``manifest.json`` of that 
 each file in it, in chunks, on ``.../ota/get``; the gateway answers on ``.../ota/data``. Nothing
 fetched is trusted until hashed: the manifest must hash to ``H`` and every file to its manifest
 entry. Files are staged in ``cwsnet/ota/new`` (the new ``lib/cws``); then ``main.py`` swaps it in at
-the next boot and gives it two boots to report healthy — its birth custody-acked by the gateway
-within ``ota.health_timeout`` — else puts the previous firmware back. The task's result
+the next boot and gives it two boots to report healthy — a message it sealed custody-acked by the
+gateway within ``ota.health_timeout`` of each boot — else puts the previous firmware back. The task's result
 (``succeeded`` with both versions, or ``failed`` with why it rolled back) is sent by whichever
 firmware runs after the decision.
 """
@@ -130,14 +130,13 @@ class Updater:
             return
         if phase != "trial":
             return
-        print("ota: on trial, waiting up to %d s for the gateway to ack this firmware's birth"
-              % self.agent.s.health_timeout)
+        print("ota: on trial (boot %s), waiting up to %d s for the gateway to ack a message of this firmware"
+              % (st.get("boots"), self.agent.s.health_timeout))
         try:
             await wait_for_ms(self.agent.healthy.wait(), int(self.agent.s.health_timeout * 1000))
         except asyncio.TimeoutError:
-            print("ota: firmware %s not healthy in time: resetting (main.py rolls back)" % self.version)
-            st["boots"] = 99  # no second chance: main.py rolls back at the next boot
-            write_state(st)
+            print("ota: firmware %s not healthy in time: resetting (main.py rolls back after boot %d)"
+                  % (self.version, 2))
             self.board.reset()
             return
         st["phase"] = "committed"

@@ -54,25 +54,39 @@ class TaskRunner:
         self.keep = keep
         self.queue = []
         self.ev = asyncio.Event()
-        self.done, self.running = [], None
+        self.done, self.running, queued = [], None, []
         try:
             with open(path) as f:
                 mem = json.load(f)
             self.done = [t for t in mem.get("done", []) if isinstance(t, str)][-keep:]
             self.running = mem.get("running")
+            queued = [t for t in mem.get("queued", []) if isinstance(t, str)]
         except (OSError, ValueError, AttributeError):
             pass
-        if isinstance(self.running, str):  # a reset cut it short: report it, never run it again
-            self.result(self.running, "failed", error="interrupted: the device restarted while running it")
-            self._remember(self.running)
+        # a reset cut these short: report them, never run them (a queued task's command is gone
+        # with the RAM; its receipt was sent, so the gateway will not deliver it again)
+        if isinstance(self.running, str):
+            self._report_lost(self.running, "interrupted: the device restarted while running it")
+        for task_id in queued:
+            self._report_lost(task_id, "interrupted: the device restarted before running it")
         self.running = None
         self._save()
 
+    def _report_lost(self, task_id, why):
+        self.result(task_id, "failed", error=why)
+        self._remember(task_id)
+
     def _save(self):
+        """Persist done, running and queued ids; a flash that refuses is reported, not fatal."""
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"done": self.done, "running": self.running}, f)
-        os.rename(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"done": self.done, "running": self.running,
+                           "queued": [b["task_id"] for b in self.queue]}, f)
+            os.rename(tmp, self.path)
+        except OSError as e:
+            print("tasks: could not save %s: %r" % (self.path, e))
+            self.agent.storage_error = "tasks: %r" % (e,)
 
     def _remember(self, task_id):
         if task_id not in self.done:
@@ -82,9 +96,14 @@ class TaskRunner:
     def result(self, task_id, state, result=None, error=None, started=None):
         body = {"task_id": task_id, "state": state, "result": result, "error": error,
                 "started": started, "finished": now_ms() if state != "running" else None}
-        self.agent.store("task/result", "task_result", body, CLS_RESULT)
+        if self.agent.store("task/result", "task_result", body, CLS_RESULT) is None and result is not None:
+            # a result that cannot be sealed or stored (too big, not encodable): say so instead
+            body["state"], body["result"] = "failed", None
+            body["error"] = "the result could not be stored: %s" % (self.agent.storage_error,)
+            self.agent.store("task/result", "task_result", body, CLS_RESULT)
 
     def submit(self, body):
+        """Queue a command (saved before the caller sends the gateway its receipt)."""
         task_id = body.get("task_id") if isinstance(body, dict) else None
         if not isinstance(task_id, str):
             print("task command without a task_id ignored")
@@ -93,6 +112,7 @@ class TaskRunner:
             print("task", task_id, "already run or queued: not run again")
             return
         self.queue.append(body)
+        self._save()
         self.ev.set()
 
     def connected(self):
@@ -112,26 +132,20 @@ class TaskRunner:
             args = {}
         if not isinstance(name, str) or not isinstance(args, dict) or \
                 (deadline is not None and (not isinstance(deadline, int) or isinstance(deadline, bool))):
-            self._remember(task_id)
-            self._save()
-            self.result(task_id, "failed", error="bad command: 'handler' must be text, 'args' a map and "
-                                                 "'deadline' an integer or null")
+            self._finish(task_id, "failed", error="bad command: 'handler' must be text, 'args' a map and "
+                                                  "'deadline' an integer or null")
             return
         if deadline is not None and clock_is_set() and now_ms() > deadline:
-            self._remember(task_id)
-            self._save()
-            self.result(task_id, "expired", error="received after its deadline")
+            self._finish(task_id, "expired", error="received after its deadline")
             return
         fn = self.handlers.get(name)
         if fn is None:
-            self._remember(task_id)
-            self._save()
-            self.result(task_id, "failed", error="unknown handler %r; this node has: %s"
-                        % (name, ", ".join(sorted(self.handlers))))
+            self._finish(task_id, "failed", error="unknown handler %r; this node has: %s"
+                         % (name, ", ".join(sorted(self.handlers))))
             return
         started = now_ms()
         self.running = task_id
-        self._save()
+        self._save()  # (the queue no longer holds it)
         self.result(task_id, "running", started=started)
         try:
             out = fn(args)
@@ -145,8 +159,18 @@ class TaskRunner:
                 state, err = "succeeded", None
         except Exception as e:  # noqa: BLE001 - a failing handler is a failed task, not a dead agent
             state, out, err = "failed", None, "%s: %s" % (type(e).__name__, e)
-        self.running = None
+        if state is None:  # PENDING: reported later by whoever finishes it
+            self.running = None
+            self._remember(task_id)
+            self._save()
+        else:
+            self._finish(task_id, state, out, err, started)
+
+    def _finish(self, task_id, state, result=None, error=None, started=None):
+        """Buffer the result first, then forget the task: a power cut in between repeats a
+        report ("interrupted" after the real one), it never loses one."""
+        self.result(task_id, state, result, error, started)
+        if self.running == task_id:
+            self.running = None
         self._remember(task_id)
         self._save()
-        if state is not None:
-            self.result(task_id, state, out, err, started)
