@@ -93,11 +93,14 @@ def agent_footprint(tmp: Path) -> dict[str, dict[str, int]]:
                                       f"BUNDLE = {json.dumps(json.dumps(bundle))}\nBATCHES = 30\n")
     out = {}
     cmd = ["node", str(mpdata.NODE_DIR / "run.mjs"), "--lib", str(mpy), "--lib", str(data),
-           str(MP / "agent_mem.py"), str(MP / "agent_mem2.py")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=mpdata.NODE_DIR)
-    if r.returncode:
-        raise SystemExit(f"wasm port failed:\n{r.stdout}{r.stderr}")
-    out["wasm"] = parse(r.stdout)
+           str(MP / "agent_mem.py"), str(MP / "gc_pass.py"), str(MP / "agent_mem2.py")]
+    runs = []
+    for _ in range(3):  # the port's collector is conservative: a stale pointer can keep garbage alive,
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=mpdata.NODE_DIR)
+        if r.returncode:  # which only ever adds; the least of three runs is the footprint
+            raise SystemExit(f"wasm port failed:\n{r.stdout}{r.stderr}")
+        runs.append(parse(r.stdout))
+    out["wasm"] = min(runs, key=lambda v: v["mem_agent_running"])
     script = tmp / "agent_mem_all.py"
     script.write_text((MP / "agent_mem.py").read_text() + "\n" + (MP / "agent_mem2.py").read_text())
     env = dict(os.environ, MICROPYPATH=f"{mpy}:{data}:.frozen")

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,8 @@ BOARD_PREPARE = """\
 # cwsnet flash esp32: prepare the board's filesystem before the firmware is copied
 import os
 
+SEED = 0  # the seq mark for a board without one: the host's clock in ms, plus a day
+
 
 def exists(p):
     try:
@@ -338,16 +341,41 @@ def exists(p):
         return False
 
 
-for d in ("lib", "lib/cws", "cwsnet"):
+def rmtree(p):
+    if exists(p):
+        if os.stat(p)[0] & 0x4000:
+            for name in os.listdir(p):
+                rmtree(p + "/" + name)
+            os.rmdir(p)
+        else:
+            os.remove(p)
+
+
+for d in ("lib", "lib/cws", "cwsnet", "cwsnet/state"):
     if not exists(d):
         os.mkdir(d)
 for f in os.listdir("lib/cws"):
     if f.endswith(".py") or f.endswith(".mpy"):
         os.remove("lib/cws/" + f)
-if exists("cwsnet/ota/state.json"):
-    os.remove("cwsnet/ota/state.json")
+for p in ("cwsnet/ota/state.json", "cwsnet/ota/new", "cwsnet/ota/prev"):
+    rmtree(p)
+if SEED and not exists("cwsnet/state/seq"):
+    # a wiped board whose clock is not set yet must still never reuse a seq (docs/protocol.md §2)
+    import binascii
+
+    t = str(SEED)
+    with open("cwsnet/state/seq", "w") as f:
+        f.write("%s %d\\n" % (t, binascii.crc32(t.encode())))
 print("board ready for the copy")
 """
+
+
+def board_prepare(now_ms: int) -> str:
+    """prepare.py with its seq seed: ``now_ms`` plus a day, so a board whose clock runs a little
+    ahead of this host's never hands out a seq it used before its state was wiped."""
+    return BOARD_PREPARE.replace("SEED = 0 ", f"SEED = {now_ms + 86_400_000} ", 1)
+
+
 #: the sensor a board gets without --sensors (like the CPython agent's simulated one)
 DEFAULT_SENSORS: list[dict[str, Any]] = [
     {"type": "simulated", "stream": "env", "interval": 10, "fields": ["temperature", "humidity"],
@@ -615,7 +643,7 @@ def cmd_esp32(args: argparse.Namespace) -> int:
         # the build folder mirrors the board's root: mpremote runs there and copies by relative paths
         board = built.dir
         (board / BOARD_DATA).mkdir(mode=0o700)
-        (board / PREPARE_FILE).write_text(BOARD_PREPARE)
+        (board / PREPARE_FILE).write_text(board_prepare(int(time.time() * 1000)))
         config_bytes = config_json(cfg)
         files = [BoardFile(f.path, f.size, f"generated: VERSION = {built.version!r}" if f.source == "generated"
                            else "firmware") for f in built.lib_files]
@@ -643,7 +671,8 @@ def cmd_esp32(args: argparse.Namespace) -> int:
         for n, (cmd, cwd) in enumerate(steps, start=2):
             print(f"  {n}. {_step(cmd, cwd)}")
         print(f"{PREPARE_FILE} (run on the board by step {len(steps) + 1} before the copy):")
-        print("".join(f"  : {line}\n" for line in BOARD_PREPARE.splitlines()), end="")
+        prepare = (board / PREPARE_FILE).read_text()
+        print("".join(f"  : {line}\n" for line in prepare.splitlines()), end="")
         print(f"{BOARD_DATA}/config.json (the WiFi password shown as ***):")
         print("".join(f"  | {line}\n" for line in json.dumps(redacted(cfg), indent=2).splitlines()), end="")
         if args.dry_run:

@@ -40,6 +40,7 @@ from cwsnet.nodestate import NodeState
 from cwsnet.registry import KeyRing, Registry, site_broker_users
 from edge_agent.sensors import system_snapshot
 from gateway.downlink import DownlinkStore
+from gateway.ota import RATE as ota_rate
 from gateway.ota import OtaServer
 from gateway.outbox import UplinkOutbox
 
@@ -78,7 +79,7 @@ class Gateway:
         self.stats = {"received": 0, "duplicates": 0, "malformed": 0, "forwarded_up": 0, "forwarded_down": 0,
                       "acked": 0, "rejected_by_cloud": 0, "store_errors": 0, "custody_acks": 0,
                       "refused_full": 0, "refused_revoked": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0,
-                      "ota_chunks": 0}
+                      "ota_chunks": 0, "ota_refused": 0}
         self.store_error: str | None = None
         self._store_error_logged = float("-inf")
         self._refusals_logged = float("-inf")
@@ -97,6 +98,7 @@ class Gateway:
         for channel in (*topics.UPLINK_CHANNELS, *topics.LOCAL_CHANNELS):
             self.site_link.subscribe(topics.site_filter(self.site, channel), qos=1)
         self.ota = OtaServer(cfg.ota_dir or cfg.data_dir / "ota")
+        self._ota_warned: dict[str, float] = {}
         self.site_link.subscribe(topics.site_filter(self.site, "ota/get"), qos=0)
 
         self.uplink = link_for(
@@ -243,12 +245,23 @@ class Gateway:
             log.warning("firmware request on %s ignored: %s is not an active device of site %s", msg.topic,
                         parts.node, self.site)
             return
-        reply, problem = await self._db_call(self.ota.reply_bytes, msg.payload)
+        if not self.ota.allow(parts.node):
+            self.stats["ota_refused"] += 1
+            self._ota_warn(parts.node, f"asks for firmware faster than {ota_rate:.0f} requests a second: ignored")
+            return
+        reply, problem = await asyncio.to_thread(self.ota.reply_bytes, msg.payload)  # not on the outbox's thread
         if problem is not None:
-            log.warning("firmware request from %s: %s", parts.node, problem)
+            self._ota_warn(parts.node, problem)
         if reply is not None:
             self.stats["ota_chunks"] += 1
             await self.site_link.publish(topics.ota_data(self.site, parts.node), reply, qos=0)
+
+    def _ota_warn(self, node: str, problem: str) -> None:
+        """Log a refused firmware request, at most once a minute per device."""
+        now = time.monotonic()
+        if now - self._ota_warned.get(node, float("-inf")) >= 60:
+            self._ota_warned[node] = now
+            log.warning("firmware request from %s: %s (further ones muted for a minute)", node, problem)
 
     def _fill(self, extra_messages: int = 0, extra_bytes: int = 0) -> float:
         """How full the uplink outbox is: the larger of its count and byte fractions."""

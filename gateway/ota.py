@@ -15,20 +15,53 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cbor2
 
 MAX_CHUNK = 4096
+#: requests a device may make per second (sustained) and in a burst; a firmware fetches one chunk
+#: at a time, so this is far above what it needs and far below what could starve the gateway
+RATE, BURST = 20.0, 40.0
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
 class OtaServer:
-    def __init__(self, ota_dir: Path, max_chunk: int = MAX_CHUNK) -> None:
+    def __init__(self, ota_dir: Path, max_chunk: int = MAX_CHUNK,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ota_dir = ota_dir
         self.max_chunk = max_chunk
+        self.clock = clock
         self._manifests: dict[str, tuple[float, set[str]]] = {}
+        self._files_cache: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # node -> (tokens, at)
+
+    def allow(self, node: str) -> bool:
+        """A token from ``node``'s bucket (RATE a second, BURST at most): False when it asks too fast."""
+        now = self.clock()
+        tokens, at = self._buckets.get(node, (BURST, now))
+        tokens = min(BURST, tokens + (now - at) * RATE)
+        if tokens < 1:
+            self._buckets[node] = (tokens, now)
+            return False
+        self._buckets[node] = (tokens - 1, now)
+        return True
+
+    def _read(self, version: str, path: str) -> bytes:
+        """A release file, cached while its mtime holds (a device reads it chunk by chunk)."""
+        f = self.ota_dir / version / path
+        mtime = f.stat().st_mtime
+        cached = self._files_cache.get((version, path))
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        data = f.read_bytes()
+        if len(self._files_cache) > 64:
+            self._files_cache.clear()
+        self._files_cache[(version, path)] = (mtime, data)
+        return data
 
     def _files(self, version: str) -> set[str]:
         """The paths a release may serve (its manifest's files); KeyError naming why if none."""
@@ -67,7 +100,7 @@ class OtaServer:
             files = self._files(version)  # KeyError if there is no such release
             if path != "manifest.json" and path not in files:
                 raise KeyError(f"{path!r} is not in release {version!r}")
-            data = (self.ota_dir / version / path).read_bytes()
+            data = self._read(version, path)
         except KeyError as exc:
             return {**reply, "error": exc.args[0]}, exc.args[0]
         except OSError as exc:

@@ -35,7 +35,7 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> fw_agent.Agent:
     monkeypatch.chdir(tmp_path)
     os.makedirs("cwsnet/state")
     s = SimpleNamespace(node="dev-1", site="home", gateway="gw-home", kv=1, host="127.0.0.1", port=1883,
-                        username="dev-1", password="t", keepalive=30, tls=False, ca_file=None, retransmit=5.0, max_packet=8192, log_stores=False,
+                        username="dev-1", password="t", keepalive=30, tls=False, ca_file=None, ssl_ctx=None, retransmit=5.0, max_packet=8192, log_stores=False, watchdog=0,
                         segment_bytes=4096, max_segments=4, window=8, max_readings=3, max_delay=60.0,
                         status_interval=30.0, health_timeout=120.0,
                         k_cloud=shared(DEVICE, CLOUD), k_gw=shared(DEVICE, GATEWAY))
@@ -159,3 +159,19 @@ def test_messages_the_gateway_never_acks_do_not_hold_the_window(agent: fw_agent.
     assert agent.due(now) == []  # a full window of first tries
     agent.inflight = {s: [now, 2] for s in ghosts}  # each retransmitted twice, never acked
     assert [s for s, _ in agent.due(now)] == [fresh]
+
+
+def test_without_ntp_the_clock_is_set_from_an_authenticated_message(agent: fw_agent.Agent,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    set_to = []
+    agent.hw = SimpleNamespace(set_clock=set_to.append, status=dict)
+    monkeypatch.setattr(fw_agent, "clock_is_set", lambda: False)
+    topic = "cws/v1/home/dev-1/ack"
+    forged = fw_envelope.seal(topic, {"from": "gw-home", "to": "dev-1", "seq": 1, "ts": 1_900_000_000_000,
+                                      "kind": "ack"}, {"custody": []}, shared(CLOUD, DEVICE))
+    asyncio.run(agent.on_message(topic, forged, False))
+    assert set_to == []  # a message that does not authenticate never sets the clock
+    genuine = fw_envelope.seal(topic, {"from": "gw-home", "to": "dev-1", "seq": 2, "ts": 1_800_000_000_000,
+                                       "kind": "ack"}, {"custody": []}, shared(GATEWAY, DEVICE))
+    asyncio.run(agent.on_message(topic, genuine, False))
+    assert set_to == [1_800_000_000_000]

@@ -190,3 +190,13 @@ def test_a_committed_or_absent_state_boots_the_current_firmware_untouched(tmp_pa
     root2 = board(tmp_path / "b", "2", state={"phase": "committed", "version": "2", "previous": "1"})
     out, st = boot(root2)
     assert "running 2" in out and st["phase"] == "committed"
+
+
+def test_a_device_asking_too_fast_is_throttled_per_device(tmp_path: Path) -> None:
+    now = [0.0]
+    s = OtaServer(tmp_path, clock=lambda: now[0])
+    assert all(s.allow("dev-1") for _ in range(40))  # a burst
+    assert not s.allow("dev-1")
+    assert s.allow("dev-2")  # others are not affected
+    now[0] += 0.5
+    assert sum(s.allow("dev-1") for _ in range(20)) == 10  # 20 a second after that

@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -320,7 +321,8 @@ def test_dry_run_prints_the_whole_plan(lab: Path, inputs: SimpleNamespace, capfd
     assert bundle["gateway"] == "gw-home"  # so the board talks to the site broker, over TLS, trusting the CA
     assert cfg["broker"] == {"host": "gw.lan", "port": 8883, "tls": True, "ca_file": "cwsnet/ca.pem"}
     assert cfg["sensors"] == cli_flash.DEFAULT_SENSORS
-    assert plan_prepare(out) == cli_flash.BOARD_PREPARE
+    assert re.sub(r"SEED = \d+ ", "SEED = 0 ", plan_prepare(out)) == cli_flash.BOARD_PREPARE
+    assert re.search(r"SEED = \d{13} ", plan_prepare(out))
 
 
 def test_dry_run_needs_no_password_and_takes_sensors(lab: Path, tmp_path: Path, source: Path,
@@ -368,13 +370,17 @@ def test_the_board_preparation_runs_under_micropython(tmp_path: Path) -> None:
     old firmware's modules and its OTA state, keeps the buffer and the state."""
     assert MICROPYTHON.exists(), f"{MICROPYTHON}: the MicroPython unix port; {INSTALL}"
     script = tmp_path / "prepare.py"
-    script.write_text(cli_flash.BOARD_PREPARE)
+    script.write_text(cli_flash.board_prepare(1_800_000_000_000))
     board = tmp_path / "board"
     board.mkdir()
     for _ in range(2):
         r = subprocess.run([str(MICROPYTHON), str(script)], cwd=board, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "board ready" in r.stdout, r.stderr
-        assert sorted(p.relative_to(board).as_posix() for p in board.rglob("*")) == ["cwsnet", "lib", "lib/cws"]
+        assert sorted(p.relative_to(board).as_posix() for p in board.rglob("*")) == [
+            "cwsnet", "cwsnet/state", "cwsnet/state/seq", "lib", "lib/cws"]
+        # a wiped board starts its seqs a day past this host's clock, in SeqMark's format
+        mark, crc = (board / "cwsnet" / "state" / "seq").read_text().split()
+        assert int(mark) == 1_800_000_000_000 + 86_400_000 and int(crc) == zlib.crc32(mark.encode())
     for name, data in {"lib/cws/old.py": "x", "lib/cws/agent.mpy": "M", "lib/cws/notes.txt": "kept",
                        "cwsnet/ota/state.json": "{}", "cwsnet/ota/new/app.mpy": "M", "cwsnet/buf/00001": "data",
                        "cwsnet/state/seq": "7"}.items():
@@ -383,7 +389,8 @@ def test_the_board_preparation_runs_under_micropython(tmp_path: Path) -> None:
     r = subprocess.run([str(MICROPYTHON), str(script)], cwd=board, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     left = {p.relative_to(board).as_posix() for p in board.rglob("*") if p.is_file()}
-    assert left == {"lib/cws/notes.txt", "cwsnet/ota/new/app.mpy", "cwsnet/buf/00001", "cwsnet/state/seq"}
+    assert left == {"lib/cws/notes.txt", "cwsnet/buf/00001", "cwsnet/state/seq"}  # staged OTA files go too
+    assert (board / "cwsnet" / "state" / "seq").read_text() == "7"  # a board's own mark is never replaced
 
 
 # ---- flashing (through the stand-ins) ------------------------------------------------------------------
@@ -424,7 +431,8 @@ def test_flash_writes_the_board(lab: Path, source: Path, inputs: SimpleNamespace
     assert records[1]["files"] == [[0x1000, str(inputs.image)]] and records[1]["port"] == PORT
     mp = records[2:]
     assert mp[0] == {"tool": "mpremote", "command": "connect", "port": PORT}
-    assert mp[1]["command"] == "run" and mp[1]["script"] == cli_flash.BOARD_PREPARE
+    assert mp[1]["command"] == "run"
+    assert re.sub(r"SEED = \d+ ", "SEED = 0 ", mp[1]["script"]) == cli_flash.BOARD_PREPARE
     assert mp[-1] == {"tool": "mpremote", "command": "reset"}
     for r in mp[2:-1]:
         assert r["command"] == "cp"

@@ -13,11 +13,10 @@ MicroPython unix port runs this file unchanged against real brokers in the tests
 import asyncio
 import gc
 import sys
-from binascii import a2b_base64
 
 from cws import envelope
 from cws.buffer import Buffer, SeqMark
-from cws.compat import clock_is_set, heap, now_ms, sleep_ms, ticks_add, ticks_diff, ticks_ms, wait_for_ms
+from cws.compat import CLOCK_SET_MS, clock_is_set, heap, now_ms, sleep_ms, ticks_add, ticks_diff, ticks_ms, wait_for_ms
 from cws.mqtt import MQTTClient, MQTTError
 
 try:
@@ -80,7 +79,7 @@ class Agent:
         self._uptime_ms, self._uptime_at = 0, self.started
         self.stats = {"connects": 0, "sensor_errors": 0, "rejected": 0, "sent": 0, "acked": 0}
         self.mqtt = MQTTClient(s.node, s.host, s.port, s.username, s.password, s.keepalive,
-                               ssl_ctx=self._ssl(), on_message=self.on_message,
+                               ssl_ctx=s.ssl_ctx, on_message=self.on_message,
                                retransmit_ms=int(s.retransmit * 1000), max_packet=s.max_packet,
                                on_oversize=self.on_oversize)
         self.tasks = None  # cws.tasks.TaskRunner, set by the app
@@ -192,6 +191,8 @@ class Agent:
             log("rejected a message on %s: %s (%s)" % (topic, e.reason, e))
             return
         kind = header["kind"]
+        if not clock_is_set() and self.hw is not None and header["ts"] >= CLOCK_SET_MS:
+            self.hw.set_clock(header["ts"])  # no NTP: the gateway's or cloud's sealed clock will do
         if channel == "ack" and kind == "ack":
             self.on_ack(header, body)
             return
@@ -377,24 +378,6 @@ class Agent:
         gc.collect()
 
     # ---- connection --------------------------------------------------------------------------
-    def _ssl(self):
-        if not self.s.tls:
-            return None
-        import ssl
-
-        try:
-            with open(self.s.ca_file, "rb") as f:
-                ca = f.read()
-        except OSError:
-            raise ValueError("%s: the CA certificate for TLS to the broker is missing (cwsnet flash esp32 "
-                             "writes it)" % self.s.ca_file) from None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        if ca.startswith(b"-----BEGIN"):  # PEM -> DER: not every port's mbedTLS parses PEM
-            ca = a2b_base64(b"".join(ln for ln in ca.split(b"\n") if ln.strip() and not ln.startswith(b"-----")))
-        ctx.load_verify_locations(cadata=ca)
-        return ctx
-
     async def session(self):
         """One MQTT connection: will, CONNECT, subscriptions, birth; returns when it drops."""
         _, self.will_seq, will = self.seal("status", "death", {"state": "offline", "reason": "connection lost"})
@@ -437,9 +420,23 @@ class Agent:
             await sleep_ms(backoff)
             backoff = min(backoff * 2, 60000)
 
+    async def watchdog(self):
+        """Feed the hardware watchdog while the event loop runs: a call that blocks it for longer
+        than ``watchdog`` seconds (a wedged driver, DNS) resets the board; its data is on flash."""
+        try:
+            from machine import WDT
+        except ImportError:
+            return
+        wdt = WDT(timeout=int(self.s.watchdog * 1000))
+        while True:
+            wdt.feed()
+            await sleep_ms(min(5000, int(self.s.watchdog * 250)))
+
     async def run(self, wifi=None):
         log("agent %s of site %s, firmware %s, %d buffered" % (self.s.node, self.s.site, VERSION, len(self.buf)))
         jobs = [self.link_loop(wifi), self.sender(), self.sensor_loop(), self.status_loop()]
+        if self.s.watchdog:
+            jobs.append(self.watchdog())
         if wifi is not None:
             jobs.append(wifi.watch(self.mqtt))
         if self.tasks is not None:

@@ -57,6 +57,7 @@ def build(root=None):
 
     try:
         sensors = [sensors_mod.build(spec, i) for i, spec in enumerate(s.sensors)]
+        s.sensors = None  # their settings now live in the drivers
     finally:
         del sensors_mod
         _drop("sensors")  # the drivers stay, the configuration checks go

@@ -27,6 +27,22 @@ class Board:
             pass
         return out
 
+    def set_clock(self, ms):
+        """Set the RTC from a trusted time (ms since 1970): an authenticated message's ``ts`` when
+        NTP could not be reached, so timestamps and seqs follow real time."""
+        if self.machine is None or not hasattr(self.machine, "RTC"):
+            return
+        from time import gmtime
+
+        from cws.compat import EPOCH_OFFSET
+
+        tm = gmtime(ms // 1000 - EPOCH_OFFSET)
+        try:
+            self.machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6], tm[3], tm[4], tm[5], 0))
+            print("clock set from an authenticated message: %d-%02d-%02d %02d:%02d" % tm[:5])
+        except (OSError, ValueError, AttributeError):
+            pass
+
     def reset(self):
         print("resetting the board")
         if self.machine is not None and hasattr(self.machine, "reset"):

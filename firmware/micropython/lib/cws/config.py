@@ -85,6 +85,7 @@ def settings(cfg, bundle, cfg_path=CONFIG, bundle_path=BUNDLE, state_dir=STATE):
         raise ConfigError("%s: 'tls' is false for %s; the MQTT token would travel in clear: "
                           "set \"plaintext\": true to accept that" % (bw, s.host))
     s.keepalive = int(_num(b, "keepalive", bw, 30, 5, 3600))
+    s.ssl_ctx = ssl_context(s.ca_file) if s.tls else None
     s.max_packet = int(_num(b, "max_packet", bw, 8192, 2048, 262656))
     w = _get(cfg, "wifi", dict, where, None)
     s.wifi = None
@@ -106,7 +107,8 @@ def settings(cfg, bundle, cfg_path=CONFIG, bundle_path=BUNDLE, state_dir=STATE):
     ota = _get(cfg, "ota", dict, where, {})
     s.health_timeout = _num(ota, "health_timeout", where + " ota", 120.0, 10, 3600)
     s.sensors = _get(cfg, "sensors", list, where, [])
-    s.log_stores = _get(cfg, "log_stores", bool, where, False)  # print each message once it is on flash
+    s.log_stores = _get(cfg, "log_stores", bool, where, False)
+    s.watchdog = _num(cfg, "watchdog", where, 120, 0, 3600)  # s; 0: no hardware watchdog  # print each message once it is on flash
     p = bundle_path
     for key in ("node", "site", "mqtt_password"):
         _get(bundle, key, str, p, required=True)
@@ -121,6 +123,27 @@ def settings(cfg, bundle, cfg_path=CONFIG, bundle_path=BUNDLE, state_dir=STATE):
     s.k_cloud = shared_key(secret, _b64key(bundle, "cloud_public_key", p), state_dir)
     s.k_gw = shared_key(secret, _b64key(bundle, "gateway_public_key", p), state_dir) if s.gateway else None
     return s
+
+
+def ssl_context(ca_file):
+    """TLS to the broker, verified against the CWSNet CA (PEM or DER in ``ca_file``)."""
+    import ssl
+
+    try:
+        with open(ca_file, "rb") as f:
+            ca = f.read()
+    except OSError:
+        raise ConfigError("%s: the CA certificate for TLS to the broker is missing (cwsnet flash esp32 "
+                          "writes it)" % ca_file) from None
+    if ca.startswith(b"-----BEGIN"):  # PEM -> DER: not every port's mbedTLS parses PEM
+        ca = a2b_base64(b"".join(ln for ln in ca.split(b"\n") if ln.strip() and not ln.startswith(b"-----")))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cadata=ca)
+    except ValueError as e:
+        raise ConfigError("%s: not a usable CA certificate (%s)" % (ca_file, e)) from None
+    return ctx
 
 
 def shared_key(secret, peer_public, cache_dir=STATE):

@@ -74,8 +74,13 @@ class Wifi:
             print("ntp failed:", e)
 
     async def watch(self, mqtt):
+        """Drop the MQTT session when the WiFi link goes; retry NTP every 10 minutes while unset."""
+        n = 0
         while True:
             await sleep_ms(1000)
+            n += 1
             if mqtt.connected and self.wlan is not None and not self.wlan.isconnected():
                 print("wifi: link lost")
                 await mqtt.close("wifi link lost")
+            elif n % 600 == 0 and self.connected():
+                self.set_clock()  # returns at once when the clock is set
