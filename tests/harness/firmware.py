@@ -1,8 +1,9 @@
 """A simulated ESP32 for the end-to-end tests: the real firmware on MicroPython's unix port.
 
 ``FirmwareBoard`` lays out a board's filesystem in a folder exactly as ``cwsnet flash esp32``
-does on a real board (``main.py``, ``lib/cws/``, ``cwsnet/config.json``, ``cwsnet/bundle.json``,
-``cwsnet/ca.pem``) and runs ``main.py`` there. Only the hardware is fake: ``network`` and
+does on a real board (``main.py``, ``lib/cws/*.mpy`` from ``cwsnet firmware build``,
+``cwsnet/config.json``, ``cwsnet/bundle.json``, ``cwsnet/ca.pem``) and runs ``main.py`` there
+with a heap of an ESP32's order (192 KB on this 64-bit port, whose objects are twice as big). Only the hardware is fake: ``network`` and
 ``machine`` come from ``tests/firmware/board`` (WiFi always joins, ``machine.reset()`` exits
 with status 75). A shell loop restarts the interpreter after such a reset, the way a board
 reboots; SIGKILL of the process group is a power cut (the flash, i.e. the folder, keeps what
@@ -20,24 +21,31 @@ from typing import Any
 from .proc import ManagedProcess, ProcessSet
 
 ROOT = Path(__file__).resolve().parents[2]
-FIRMWARE = ROOT / "firmware" / "micropython"
 FAKES = ROOT / "tests" / "firmware" / "board"
 MICROPYTHON = Path(sys.executable).parent / "micropython"
 RESET_STATUS = 75
+FIRMWARE_VERSION = "0.1.0"  # what the boards start with (the OTA test updates from it)
 
 #: rerun main.py after a board reset (exit 75), as the ESP32's ROM bootloader would
 _LOOP = 'while :; do "$0" -X heapsize="$1" main.py; rc=$?; [ "$rc" -eq 75 ] || exit "$rc"; echo "=== board reset"; done'
 
 
+def build_firmware(out: Path, version: str = FIRMWARE_VERSION) -> Path:
+    """``cwsnet firmware build`` of this checkout's firmware; returns the build's folder."""
+    from cwsnet import firmware
+
+    return firmware.build(out, version=version).dir
+
+
 class FirmwareBoard:
     def __init__(self, root: Path, bundle: dict[str, Any], *, host: str, port: int, ca_pem: bytes | None,
                  sensors: list[dict[str, Any]] | None = None, settings: dict[str, Any] | None = None,
-                 hardware: dict[str, Any] | None = None, heap: str = "512k") -> None:
+                 hardware: dict[str, Any] | None = None, heap: str = "192k") -> None:
         self.root = root
         self.node = bundle["node"]
         self.heap = heap
         root.mkdir(parents=True, exist_ok=True)
-        self.install(FIRMWARE)
+        self.install(build_firmware(root.parent / f"{self.node}-build"))
         cfg: dict[str, Any] = {
             "wifi": {"ssid": "lab", "password": "lab-password"},
             "broker": {"host": host, "port": port, "tls": ca_pem is not None, "keepalive": 10},
@@ -58,13 +66,13 @@ class FirmwareBoard:
         self.hardware_file.write_text(json.dumps(hardware or {"wifi": {"ssid": "lab", "password": "lab-password"}}))
         self.proc: ManagedProcess | None = None
 
-    def install(self, source: Path) -> None:
-        """Copy a firmware tree (main.py and lib/cws) onto the board, as `cwsnet flash esp32` does."""
-        shutil.copy(source / "main.py", self.root / "main.py")
+    def install(self, build: Path) -> None:
+        """Copy a firmware build (main.py and lib/cws) onto the board, as `cwsnet flash esp32` does."""
+        shutil.copy(build / "main.py", self.root / "main.py")
         lib = self.root / "lib" / "cws"
         if lib.exists():
             shutil.rmtree(lib)
-        shutil.copytree(source / "lib" / "cws", lib, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(build / "lib" / "cws", lib)
 
     def start(self, procs: ProcessSet) -> ManagedProcess:
         env = {"MICROPYPATH": f"lib:{FAKES}:.frozen", "CWS_FAKE_HW": str(self.hardware_file)}
