@@ -14,15 +14,7 @@ API: DHT11(pin), DHT22(pin) (pin: machine.Pin or int) with measure(), temperatur
 reload(); measures {pin: calls}.
 """
 
-try:
-    import ujson as json
-except ImportError:
-    import json
-try:
-    from os import getenv
-except ImportError:
-    def getenv(name):
-        return None
+import _fakehw
 
 ETIMEDOUT = 110
 _hw = {}
@@ -34,14 +26,7 @@ measures = {}
 def reload():
     """(Re)read the CWS_FAKE_HW JSON file; failure and call counters start again."""
     global _hw
-    path = getenv("CWS_FAKE_HW")
-    hw = {}
-    if path:
-        try:
-            with open(path) as f:
-                hw = json.load(f)
-        except OSError:
-            hw = {}
+    hw = _fakehw.load()
     _hw = hw
     _fails.clear()
     _pos.clear()

@@ -27,15 +27,7 @@ SOFT_RESET=5; unique_id(); freq(); idle(); lightsleep(ms); WDT(id=0, timeout=500
 import sys
 import time
 
-try:
-    import ujson as json
-except ImportError:
-    import json
-try:
-    from os import getenv
-except ImportError:  # a port without os.getenv: defaults only
-    def getenv(name):
-        return None
+import _fakehw
 
 RESET_EXIT = 75  # process exit status that means "the board reset itself"
 PWRON_RESET = 1
@@ -54,14 +46,7 @@ _devices = {}
 def reload():
     """(Re)read the CWS_FAKE_HW JSON file (missing variable or file: every default)."""
     global _hw
-    path = getenv("CWS_FAKE_HW")
-    hw = {}
-    if path:
-        try:
-            with open(path) as f:
-                hw = json.load(f)
-        except OSError:
-            hw = {}
+    hw = _fakehw.load()
     _hw = hw
     _adc_pos.clear()
     _devices.clear()

@@ -24,15 +24,8 @@ The module counters ``connects`` (connect() calls) and ``polls`` (isconnected()/
 let a test see what the firmware did.
 """
 
-try:
-    import ujson as json
-except ImportError:
-    import json
-try:
-    from os import getenv
-except ImportError:
-    def getenv(name):
-        return None
+import _fakehw
+
 try:
     from os import stat as _stat
 except ImportError:
@@ -65,14 +58,7 @@ _wlans = {}
 def reload():
     """(Re)read the CWS_FAKE_HW JSON file; connection attempts count from zero again."""
     global _hw, connects, polls
-    path = getenv("CWS_FAKE_HW")
-    hw = {}
-    if path:
-        try:
-            with open(path) as f:
-                hw = json.load(f)
-        except OSError:
-            hw = {}
+    hw = _fakehw.load()
     _hw = hw
     connects = 0
     polls = 0

@@ -7,9 +7,9 @@ its code does not stay in the heap.
 """
 
 import json
-import os
 from binascii import a2b_base64
 
+from cws.buffer import makedirs
 from cws.nacl import box_beforenm
 
 CONFIG, BUNDLE, STATE = "cwsnet/config.json", "cwsnet/bundle.json", "cwsnet/state"
@@ -164,21 +164,9 @@ def shared_key(secret, peer_public, cache_dir=STATE):
         pass
     k = box_beforenm(peer_public, secret)
     try:
-        mkdirs(cache_dir)
+        makedirs(cache_dir)
         with open(name, "wb") as f:
             f.write(k)
     except OSError:
         pass
     return k
-
-
-def mkdirs(path):
-    cur = ""
-    for part in path.split("/"):
-        if not part:
-            continue
-        cur = cur + "/" + part if cur else part
-        try:
-            os.mkdir(cur)
-        except OSError:
-            pass

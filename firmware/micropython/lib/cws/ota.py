@@ -18,6 +18,7 @@ from binascii import hexlify
 from hashlib import sha256
 
 from cws import cbor
+from cws.buffer import _exists, makedirs
 from cws.compat import sleep_ms, wait_for_ms
 from cws.tasks import PENDING
 
@@ -30,14 +31,6 @@ class OTAError(Exception):
     pass
 
 
-def _exists(p):
-    try:
-        os.stat(p)
-        return True
-    except OSError:
-        return False
-
-
 def rmtree(p):
     if not _exists(p):
         return
@@ -47,16 +40,6 @@ def rmtree(p):
         os.rmdir(p)
     else:
         os.remove(p)
-
-
-def _mkdirs(path):
-    cur = ""
-    for part in path.split("/"):
-        cur = cur + "/" + part if cur else part
-        try:
-            os.mkdir(cur)
-        except OSError:
-            pass
 
 
 def _hex(b):
@@ -73,7 +56,7 @@ def read_state():
 
 
 def write_state(st):
-    _mkdirs("cwsnet/ota")
+    makedirs("cwsnet/ota")
     with open(STATE + ".tmp", "w") as f:
         json.dump(st, f)
     os.rename(STATE + ".tmp", STATE)
@@ -179,7 +162,7 @@ class Updater:
                 raise OTAError("manifest of %s is not JSON" % version) from None
             del raw
             rmtree(NEW)
-            _mkdirs(NEW)
+            makedirs(NEW)
             total = 0
             for path, digest, size in files:
                 await self.fetch(version, path, NEW + "/" + path[len("lib/cws/"):], digest, size)
