@@ -3,7 +3,8 @@
 ``FirmwareBoard`` lays out a board's filesystem in a folder exactly as ``cwsnet flash esp32``
 does on a real board (``main.py``, ``lib/cws/*.mpy`` from ``cwsnet firmware build``,
 ``cwsnet/config.json``, ``cwsnet/bundle.json``, ``cwsnet/ca.pem``) and runs ``main.py`` there
-with a heap of an ESP32's order (192 KB on this 64-bit port, whose objects are twice as big). Only the hardware is fake: ``network`` and
+with a heap of an ESP32's order (224 KB on this 64-bit port, whose objects are twice as big:
+about the 110 KB an ESP32-WROOM without PSRAM gives MicroPython). Only the hardware is fake: ``network`` and
 ``machine`` come from ``tests/firmware/board`` (WiFi always joins, ``machine.reset()`` exits
 with status 75). A shell loop restarts the interpreter after such a reset, the way a board
 reboots; SIGKILL of the process group is a power cut (the flash, i.e. the folder, keeps what
@@ -40,7 +41,7 @@ def build_firmware(out: Path, version: str = FIRMWARE_VERSION) -> Path:
 class FirmwareBoard:
     def __init__(self, root: Path, bundle: dict[str, Any], *, host: str, port: int, ca_pem: bytes | None,
                  sensors: list[dict[str, Any]] | None = None, settings: dict[str, Any] | None = None,
-                 hardware: dict[str, Any] | None = None, heap: str = "192k") -> None:
+                 hardware: dict[str, Any] | None = None, heap: str = "224k") -> None:
         self.root = root
         self.node = bundle["node"]
         self.heap = heap

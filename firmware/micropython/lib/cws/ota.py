@@ -12,6 +12,7 @@ firmware runs after the decision.
 """
 
 import asyncio
+import gc
 import json
 import os
 from binascii import hexlify
@@ -23,7 +24,7 @@ from cws.compat import sleep_ms, wait_for_ms
 from cws.tasks import PENDING
 
 STATE, NEW, PREV = "cwsnet/ota/state.json", "cwsnet/ota/new", "cwsnet/ota/prev"
-CHUNK = 2048
+CHUNK = 1024  # small pieces: a fragmented heap has room for them
 TRIES = 6
 
 
@@ -209,6 +210,8 @@ class Updater:
                     raise OTAError("%s is longer than the manifest says" % path)
                 if off >= total or not data:
                     break
+                self._got = data = None
+                gc.collect()
         finally:
             if out is not None:
                 out.close()
