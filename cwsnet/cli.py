@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_operator_parser(sub)
 
+    from cwsnet.cli_policy import add_parser as add_policy_parser
+
+    add_policy_parser(sub)
+
     sp = sub.add_parser("version", help="print the version and wire protocol")
     sp.set_defaults(func=cmd_version)
     return p

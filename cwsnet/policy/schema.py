@@ -1,0 +1,119 @@
+"""The policy file schema (docs/policies.md). One YAML file may hold several policies (``---``).
+
+    kind: access                     # the only kind implemented so far
+    name: default-access             # unique across the whole set
+    mode: enforce                    # or audit: decisions are computed and logged, not enforced
+    description: text
+    rules:
+      - name: device-uplink          # unique within the policy; the name every explanation cites
+        effect: allow                # or deny (a matching deny beats any allow)
+        who: {role: device, id: "*", site: "*"}     # fnmatch patterns over the subject
+        actions: [publish]           # publish, subscribe, command, read
+        broker: "*"                  # site, cloud or * (both): which broker's ACL the rule feeds
+        topics: ["cws/v1/{site}/{id}/status"]      # MQTT filters; {id} and {site} are the subject's
+        when: 'subject.id.startsWith("dev-")'       # optional CEL condition over subject and topic
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cwsnet.policy.cel import Condition, ConditionError
+
+ROLES = ("device", "gateway", "app", "operator", "cloud")
+ACTIONS = ("publish", "subscribe", "command", "read")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_PLACEHOLDER = re.compile(r"\{([^}]*)\}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+def _name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError("must be 1-63 characters from a-z 0-9 _ . -, starting with a letter or digit")
+    return v
+
+
+class Who(Strict):
+    role: str = Field("*", description="device, gateway, app, operator, cloud, or * for any")
+    id: str = Field("*", description="the subject's node id, an fnmatch pattern (e.g. 'sensor-*')")
+    site: str = Field("*", description="the subject's site, an fnmatch pattern")
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        if v != "*" and v not in ROLES:
+            raise ValueError(f"must be one of {', '.join(ROLES)} or '*'")
+        return v
+
+
+class AccessRule(Strict):
+    name: str
+    effect: Literal["allow", "deny"] = "allow"
+    who: Who = Field(default_factory=Who)
+    actions: list[Literal["publish", "subscribe", "command", "read"]] = Field(min_length=1)
+    broker: Literal["site", "cloud", "*"] = Field("*", description="the broker the rule is for: a site's, the "
+                                                  "cloud's, or both")
+    topics: list[str] = Field(min_length=1, description="MQTT topic filters; {id} and {site} are the subject's")
+    when: str | None = Field(None, description="a CEL condition over `subject` (id, role, site) and `topic`")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        return _name(v)
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, v: list[str]) -> list[str]:
+        from cwsnet.broker import is_valid_filter
+
+        for t in v:
+            for ph in _PLACEHOLDER.findall(t):
+                if ph not in ("id", "site"):
+                    raise ValueError(f"{t!r}: unknown placeholder {{{ph}}} (use {{id}} or {{site}})")
+            if not is_valid_filter(_PLACEHOLDER.sub("x", t)):
+                raise ValueError(f"{t!r} is not a valid MQTT topic filter")
+        return v
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                Condition(v)
+            except ConditionError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+
+class AccessPolicy(Strict):
+    kind: Literal["access"]
+    name: str
+    mode: Literal["enforce", "audit"] = "enforce"
+    description: str = ""
+    rules: list[AccessRule] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        return _name(v)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, v: list[AccessRule]) -> list[AccessRule]:
+        seen: set[str] = set()
+        for r in v:
+            if r.name in seen:
+                raise ValueError(f"two rules are named {r.name!r}")
+            seen.add(r.name)
+        return v
+
+
+KINDS: dict[str, type[Strict]] = {"access": AccessPolicy}
+#: kinds the engine will know (issue 6 brings them in steps); a file using one is refused, clearly
+PLANNED = ("routing", "offload", "qos", "automation")
