@@ -65,6 +65,7 @@ from cloud.metrics import CONTENT_TYPE, CloudMetrics
 from cloud.store import Store
 from cloud.views import change, event_view, node_view, task_view, telemetry_view
 from cwsnet.envelope import MAX_PAYLOAD
+from cwsnet.policy.watch import PolicyWatcher
 
 log = logging.getLogger("cwsnet.cloud.api")
 
@@ -107,6 +108,8 @@ class CloudState:
     auth: AuthStore = field(kw_only=True)
     throttle: LoginThrottle = field(default_factory=LoginThrottle, kw_only=True)
     session_ttl: float = field(default=SESSION_TTL, kw_only=True)
+    #: the active policy set and the last refused change (docs/policies.md)
+    policies: PolicyWatcher | None = field(default=None, kw_only=True)
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -174,6 +177,12 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, list[dict[s
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PolicyCheckRequest(ApiModel):
+    files: dict[str, str] = Field(
+        description="policy files to check, name -> YAML text (e.g. {\"site.yaml\": \"kind: access ...\"}); they "
+                    "are checked together with the shipped defaults, as they would be loaded", max_length=64)
 
 
 class ErrorBody(ApiModel):
@@ -1254,6 +1263,65 @@ def create_app(state: CloudState) -> FastAPI:
             log.info("token %s (%r of %r) revoked by %s", token.id, token.name, token.account,
                      principal_of(request).username)
         return Response(status_code=204)
+
+    # -- policies ---------------------------------------------------------------------------------------
+
+    @app.get(
+        "/api/v1/policies",
+        summary="The active policy set",
+        description=(
+            "The policies being applied (docs/policies.md): each with its kind, name, mode (enforce or audit), "
+            "source file and rules, the set's digest and when it was loaded; and `refused`: the problems of "
+            "the last change to the policy files that was refused (`file:line:col: field: message`), while the "
+            "previous set stays active. Policy files are reloaded within a second of a change."
+        ),
+        **needs("viewer", _ERRORS),
+        tags=["policies"],
+    )
+    def list_policies() -> Any:
+        w = state.policies
+        if w is None or w.active is None:
+            return {"digest": None, "loaded_at": None, "policies": [], "refused": w.refused if w else None}
+        return {
+            "digest": w.active.digest,
+            "loaded_at": int(w.loaded_at * 1000) if w.loaded_at else None,
+            "policies": [{"kind": lp.policy.kind, "name": lp.policy.name, "mode": lp.policy.mode,
+                          "description": lp.policy.description, "source": lp.source,
+                          "rules": [r.model_dump(exclude_none=True) for r in lp.policy.rules]}
+                         for lp in w.active.policies],
+            "refused": w.refused,
+        }
+
+    @app.post(
+        "/api/v1/policies/check",
+        summary="Check policy files before installing them",
+        description=(
+            "Validate policy files sent in the body together with the shipped defaults, exactly as the "
+            "cloud would load them, without installing anything. 200 with `ok` and, if not ok, every problem "
+            "as `file:line:col: field: message` (file names as sent)."
+        ),
+        **needs("operator", _ERRORS),
+        tags=["policies"],
+    )
+    def check_policies(req: PolicyCheckRequest) -> Any:
+        import tempfile
+
+        from cwsnet.cli_policy import shipped_policies
+        from cwsnet.policy import PolicyError, load_policies
+
+        with tempfile.TemporaryDirectory(prefix="cwsnet-policy-check-") as tmp:
+            folder = Path(tmp)
+            for name, text in req.files.items():
+                if not name or "/" in name or name.startswith(".") or not name.endswith((".yaml", ".yml")):
+                    raise ApiError(422, f"body.files: {name!r} must be a plain file name ending in .yaml",
+                                   code="invalid_request")
+                (folder / name).write_text(text)
+            try:
+                pset = load_policies([shipped_policies(), folder])
+            except PolicyError as exc:
+                return {"ok": False, "problems": [p.replace(str(folder) + "/", "") for p in exc.problems],
+                        "policies": []}
+        return {"ok": True, "problems": [], "policies": [lp.policy.name for lp in pset.policies]}
 
     # -- audit ------------------------------------------------------------------------------------------
 

@@ -45,8 +45,8 @@ from cloud.fanout import Fanout
 from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
 from cloud.metrics import CloudMetrics, NodeStatusCollector
 from cloud.registry_sync import RegistrySync
-from cloud.store import SqliteStore, Store, Task
-from cloud.views import change, task_view
+from cloud.store import NewEvent, SqliteStore, Store, Task
+from cloud.views import change, event_view, task_view
 from cwsnet import topics
 from cwsnet.broker import BrokerSettings, start_broker
 from cwsnet.bundle import Bundle
@@ -56,6 +56,7 @@ from cwsnet.errors import ConfigError, CwsError
 from cwsnet.identity import Identity, load_json_file
 from cwsnet.links import link_for
 from cwsnet.mqtt import LinkError, Message, MqttLink
+from cwsnet.policy.watch import PolicyWatcher
 from cwsnet.replay import SeqCounter
 
 log = logging.getLogger("cwsnet.cloud")
@@ -383,6 +384,7 @@ class CloudDaemon:
                 broker_connected=self.link.connected.is_set,
                 clock=clock,
                 auth=self.auth,
+                policies=self._policy_watcher(cfg),
             )
             self.app = create_app(self.state)
         except BaseException:
@@ -556,6 +558,46 @@ class CloudDaemon:
                         "acked to %s seq=%d: %s rejected=%s", gw, header.seq, body["acks"], body.get("rejected", [])
                     )
 
+    def _policy_watcher(self, cfg: Any) -> PolicyWatcher:
+        """The policy set: the shipped defaults plus ``policies_dir``. If the site's files are invalid at
+        start, the defaults alone are active (and the problems reported) until they are fixed."""
+        from cwsnet.cli_policy import shipped_policies
+
+        folders = [shipped_policies()] + ([cfg.policies_dir] if getattr(cfg, "policies_dir", None) else [])
+        watcher = PolicyWatcher(folders, self.clock)
+        first = watcher.check()
+        if first is not None and not first.accepted:
+            log.error("policies refused at start (the shipped defaults apply):\n%s", "\n".join(first.problems))
+            refused = first.problems
+            defaults = PolicyWatcher(folders[:1], self.clock)
+            defaults.check()
+            watcher.active, watcher.loaded_at, watcher.refused = defaults.active, defaults.loaded_at, refused
+        elif watcher.active is not None:
+            log.info("policies: %s", ", ".join(p.policy.name for p in watcher.active.policies))
+        return watcher
+
+    async def watch_policies(self) -> None:
+        """Reload the policy files within a second of a change; record each change as an event."""
+        watcher = self.state.policies
+        while watcher is not None:
+            await asyncio.sleep(1.0)
+            ch = await asyncio.to_thread(watcher.check)
+            if ch is None:
+                continue
+            now = int(self.clock() * 1000)
+            if ch.accepted:
+                log.info("policies reloaded: %s", ", ".join(ch.names))
+                ev = NewEvent(now, self.identity.node, "policy.changed", "info",
+                              f"policy set reloaded: {', '.join(ch.names)}", {"policies": ch.names})
+            else:
+                log.error("policy change refused; still applying %s:\n%s", ", ".join(ch.names),
+                          "\n".join(ch.problems))
+                ev = NewEvent(now, self.identity.node, "policy.refused", "error",
+                              f"policy change refused ({len(ch.problems)} problems); the previous set "
+                              "stays active", {"problems": ch.problems[:50], "active": ch.names})
+            for e in await asyncio.to_thread(self.store.add_events, [ev]):
+                self.fanout.publish(change("event", event_view(e)))
+
     async def sweep(self) -> None:
         interval = min(5.0, self.cfg.offline_after / 4)
         last_prune = time.monotonic()
@@ -655,6 +697,7 @@ class CloudDaemon:
                 tg.create_task(self.apps.run(), name="cloud-apps")
                 if self.registry_sync is not None:
                     tg.create_task(self.registry_sync.run(), name="cloud-registry")
+                tg.create_task(self.watch_policies(), name="cloud-policies")
                 tg.create_task(self.serve_http(sock, http_started), name="cloud-http")
                 tg.create_task(self.announce_ready(http_started, ready), name="cloud-ready")
         except ExceptionGroup as eg:

@@ -252,6 +252,9 @@ class CloudConfig(Model):
     )
     http: HttpConfig = Field(default_factory=HttpConfig)
     database: Path = Path("./cloud-data/cloud.db")
+    policies_dir: Path | None = Field(
+        None, description="the site's own policy files (docs/policies.md), applied with the shipped defaults "
+                          "and reloaded within a second of a change; None: the shipped defaults only")
     registry_file: Path | None = Field(
         None, description="JSON list of nodes (id, site, role, public_key) imported into the registry at start"
     )

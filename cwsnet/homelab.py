@@ -258,6 +258,7 @@ class HomeLab:
             "identity_file": "../keys/cloud.json",
             "registry_file": "../registry.json",
             "database": "../cloud/cloud.db",
+            "policies_dir": "../policies",
             "admin_token_file": "../admin.token",
             "broker": {"host": t.host, **self._listeners(t, t.cloud_mqtt_port, t.cloud_mqtts_port, "cloud-broker"),
                        "credentials_file": "../brokers/cloud-users.json"},

@@ -340,3 +340,42 @@ def test_fanout_drops_oldest_for_slow_subscriber() -> None:
         assert hub.subscribe().closed
 
     asyncio.run(main())
+
+
+def test_a_task_too_big_for_the_device_is_refused_with_both_sizes(env: Env) -> None:
+    """The ESP32 firmware announces the largest message it can take (agent.max_payload in its birth)."""
+    env.store.ingest_batch([IngestItem(
+        sender="dev-1", seq=3, msg_id="1" * 32, kind="birth", topic="cws/v1/home/dev-1/status", ts=1,
+        received=1_767_225_600_000,
+        status=StatusUpdate(kind="birth", online=True, body={"state": "online", "will_seq": 2}, will_seq=2,
+                            agent={"version": "0.1.0", "platform": "esp32", "kind": "micropython",
+                                   "max_payload": 8192}))])
+    r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": {"d": "x" * 9000}})
+    err = assert_error(r, 413, "too_large")
+    assert "8192" in err["message"] and "dev-1" in err["message"]
+    r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": {"d": "x" * 5000}})
+    assert r.status_code == 201, r.text
+
+
+def test_policies_are_listed_and_checked(env: Env, tmp_path: Path) -> None:
+    from cwsnet.cli_policy import shipped_policies
+    from cwsnet.policy.watch import PolicyWatcher
+
+    site = tmp_path / "site-policies"
+    site.mkdir()
+    env.state.policies = PolicyWatcher([shipped_policies(), site])
+    env.state.policies.check()
+    r = env.client.get("/api/v1/policies")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["name"] for p in body["policies"]] == ["default-access"] and body["refused"] is None
+    assert body["policies"][0]["rules"][0]["name"] == "device-uplink"
+    good = "kind: access\nname: quarantine\nrules:\n  - {name: r, effect: deny, actions: [publish], topics: ['#']}\n"
+    r = env.client.post("/api/v1/policies/check", json={"files": {"site.yaml": good}})
+    assert r.json() == {"ok": True, "problems": [], "policies": ["default-access", "quarantine"]}
+    bad = "kind: access\nname: q\nrules:\n  - {name: r, actions: [fly], topics: ['#']}\n"
+    r = env.client.post("/api/v1/policies/check", json={"files": {"site.yaml": bad}})
+    assert r.json()["ok"] is False
+    assert r.json()["problems"][0].startswith("site.yaml:4:15: rules.0.actions.0: Input should be")
+    assert_error(env.client.post("/api/v1/policies/check", json={"files": {"../x.yaml": good}}), 422,
+                 "invalid_request")

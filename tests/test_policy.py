@@ -212,3 +212,49 @@ def test_policy_check_and_explain_from_the_cli(tmp_path: Path, capsys: pytest.Ca
     assert main(["policy", "check", "--data-dir", str(data)]) == 2
     err = capsys.readouterr().err
     assert "broken.yaml:4:6: rules.0.actions: required field is missing" in err
+
+
+def test_a_changed_set_is_adopted_and_an_invalid_change_keeps_the_previous_one(tmp_path: Path) -> None:
+    from cwsnet.policy.watch import PolicyWatcher
+
+    site = tmp_path / "policies"
+    site.mkdir()
+    w = PolicyWatcher([SHIPPED, site], clock=lambda: 1.0)
+    first = w.check()
+    assert first is not None and first.accepted and first.names == ["default-access"]
+    assert w.check() is None  # nothing changed
+    (site / "site.yaml").write_text(SITE_POLICY)
+    ch = w.check()
+    assert ch.accepted and set(ch.names) == {"default-access", "quarantine", "trial-lockdown", "lab-readers"}
+    (site / "site.yaml").write_text(SITE_POLICY.replace("actions: [publish]", "actions: [fly]", 1))
+    ch = w.check()
+    assert not ch.accepted and "site.yaml:8:" in ch.problems[0] and w.refused == ch.problems
+    assert {lp.policy.name for lp in w.active.policies} == {"default-access", "quarantine", "trial-lockdown",
+                                                            "lab-readers"}  # still enforced
+    (site / "site.yaml").write_text(SITE_POLICY)
+    ch = w.check()
+    assert w.refused is None and (ch is None or ch.accepted)  # fixed: the same set as before, no error
+
+
+@pytest.mark.integration
+def test_the_cloud_reloads_policies_and_refuses_a_bad_change_keeping_the_last_good_set(tmp_path: Path, procs) -> None:
+    from harness import wait_for
+    from harness.deploy import Deployment, get
+
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    folder = d.lab.path("policies")
+    folder.mkdir(exist_ok=True)
+    (folder / "site.yaml").write_text(SITE_POLICY)
+    wait_for(lambda: len(get(f"{d.base}/api/v1/policies")["policies"]) == 4, timeout=15,
+             message="the site's policies adopted")
+    (folder / "site.yaml").write_text(SITE_POLICY.replace("effect: deny", "effect: maybe", 1))
+    body = wait_for(lambda: (b := get(f"{d.base}/api/v1/policies"))["refused"] and b, timeout=15,
+                    message="the bad change refused")
+    assert body["refused"][0].endswith("rules.0.effect: Input should be 'allow' or 'deny' (got 'maybe')")
+    assert ":6:" in body["refused"][0]  # file:line:col of the bad field
+    assert len(body["policies"]) == 4  # the last good set is still the active one
+    events = wait_for(lambda: [e for e in get(f"{d.base}/api/v1/events?limit=50")["items"]
+                               if e["type"] in ("policy.changed", "policy.refused")] or None, timeout=15,
+                      message="policy events")
+    assert {e["type"] for e in events} >= {"policy.changed", "policy.refused"}
