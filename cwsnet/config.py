@@ -305,6 +305,8 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def _position(data: Any, loc: tuple[Any, ...]) -> tuple[int, int] | None:
+    """Line and column of the field at ``loc``: the deepest key found; inside a list, an element
+    mapping's first key (so a field missing from it points at that element)."""
     pos = None
     cur = data
     for part in loc:
@@ -313,6 +315,8 @@ def _position(data: Any, loc: tuple[Any, ...]) -> tuple[int, int] | None:
             cur = cur[part]
         elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
             cur = cur[part]
+            if isinstance(cur, _PosDict) and cur.lines:
+                pos = min(cur.lines.values())
         else:
             break
     return pos

@@ -45,23 +45,6 @@ class PolicySet:
         return [p for p in self.policies if p.policy.kind == kind]
 
 
-def _locate(doc: Any, loc: tuple[Any, ...]) -> tuple[int, int] | None:
-    """The line and column of the field at ``loc``; for a missing field, its mapping's first key."""
-    pos = None
-    cur = doc
-    for part in loc:
-        if isinstance(cur, _PosDict) and part in cur.lines:
-            pos = cur.lines[part]
-            cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
-            cur = cur[part]
-            if isinstance(cur, _PosDict) and cur.lines:
-                pos = min(cur.lines.values())
-        else:
-            break
-    return pos
-
-
 def _where(path: Path, pos: tuple[int, int] | None) -> str:
     return f"{path}:{pos[0]}:{pos[1]}" if pos else f"{path}:1:1"
 
@@ -107,7 +90,7 @@ def _validate(path: Path, doc: Any, line: int, problems: list[str]) -> Strict | 
     except ValidationError as exc:
         for err in exc.errors():
             loc = tuple(err["loc"])
-            pos = _locate(doc, loc) or (line, 1)
+            pos = _position(doc, loc) or (line, 1)
             problems.append(f"{_where(path, pos)}: {_describe(err)}")
         return None
 
