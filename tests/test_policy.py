@@ -81,7 +81,7 @@ BAD = [
      "bad.yaml:7:5: rules.0.when: Value error, not a valid CEL expression"),
     ("kind: access\nname: x\nrules:\n  - name: r\n    actions: [fly]\n    topics: [a]\n",
      "bad.yaml:5:5: rules.0.actions.0: Input should be 'publish', 'subscribe', 'command' or 'read'"),
-    ("kind: routing\nname: x\n", "bad.yaml:1:1: kind: 'routing' policies are not supported yet"),
+    ("kind: teleport\nname: x\n", "bad.yaml:1:1: kind: must be one of"),
     ("kind: firewall\nname: x\n", "bad.yaml:1:1: kind: must be one of access (got 'firewall')"),
     ("kind: access\nname: Bad Name\nrules: []\n", "bad.yaml:2:1: name: Value error, must be 1-63 characters"),
     ("kind: access\nname: x\nrules:\n  - {name: r, actions: [publish], topics: [a]}\n"

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from cwsnet.config import _describe, _LineLoader, _PosDict, _position
 from cwsnet.errors import ConfigError, CwsError
-from cwsnet.policy.schema import KINDS, PLANNED, Strict
+from cwsnet.policy.schema import KINDS, Strict
 
 
 class PolicyError(ConfigError):
@@ -79,11 +79,7 @@ def _validate(path: Path, doc: Any, line: int, problems: list[str]) -> Strict | 
     model = KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         pos = _position(doc, ("kind",)) or (line, 1)
-        if kind in PLANNED:
-            problems.append(f"{_where(path, pos)}: kind: {kind!r} policies are not supported yet "
-                            f"(supported: {', '.join(KINDS)})")
-        else:
-            problems.append(f"{_where(path, pos)}: kind: must be one of {', '.join(KINDS)} (got {kind!r})")
+        problems.append(f"{_where(path, pos)}: kind: must be one of {', '.join(KINDS)} (got {kind!r})")
         return None
     try:
         return model.model_validate(doc)

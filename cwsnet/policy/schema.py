@@ -114,6 +114,30 @@ class AccessPolicy(Strict):
         return v
 
 
+#: every policy kind the loader accepts: ``kind`` -> its model. Each kind's module registers itself
+#: with :func:`register_kind`; ``cwsnet.policy.loader`` imports them all.
 KINDS: dict[str, type[Strict]] = {"access": AccessPolicy}
-#: kinds the engine will know (issue 6 brings them in steps); a file using one is refused, clearly
-PLANNED = ("routing", "offload", "qos", "automation")
+
+
+def register_kind(kind: str, model: type[Strict]) -> None:
+    """Make ``kind: <kind>`` documents load as ``model`` (a Strict model with ``kind``, ``name``, ``mode``)."""
+    KINDS[kind] = model
+
+
+def duration(v: object, field: str = "duration") -> float:
+    """Seconds from ``30s``, ``5m``, ``1h``, ``7d``, ``250ms`` or a plain number of seconds."""
+    if isinstance(v, bool):
+        raise ValueError(f"{field} must be a duration like 30s, 5m, 1h or 7d")
+    if isinstance(v, int | float):
+        seconds = float(v)
+    elif isinstance(v, str) and (m := _DURATION.match(v.strip())):
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    else:
+        raise ValueError(f"{field} must be a duration like 30s, 5m, 1h or 7d (got {v!r})")
+    if not 0 <= seconds <= 10 * 365 * 86400:
+        raise ValueError(f"{field} must be between 0 and 10 years (got {v!r})")
+    return seconds
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
