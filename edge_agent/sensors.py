@@ -81,7 +81,7 @@ class SystemSensor:
 
 
 class SimulatedSensor:
-    """A configurable fake sensor: sine, ramp, random walk or constant, per field."""
+    """A configurable fake sensor: sine, ramp, square, random walk or constant, per field."""
 
     def __init__(self, cfg: SensorConfig, start: float | None = None) -> None:
         self.stream = cfg.stream
@@ -101,6 +101,8 @@ class SimulatedSensor:
                 v = c.offset + c.amplitude * math.sin(2 * math.pi * t / c.period + phase)
             elif c.pattern == "ramp":
                 v = c.offset + c.amplitude * ((t / c.period) % 1.0)
+            elif c.pattern == "square":  # high for the first half of each period, then low
+                v = c.offset + c.amplitude if (t / c.period) % 1.0 < 0.5 else c.offset - c.amplitude
             elif c.pattern == "random":
                 self._walk[name] += self._rng.uniform(-1, 1) * c.amplitude * 0.05
                 self._walk[name] = min(max(self._walk[name], c.offset - c.amplitude), c.offset + c.amplitude)

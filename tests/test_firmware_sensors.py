@@ -94,6 +94,8 @@ SIM = [
      "amplitude": 0.5, "seed": 2**40 + 3},
     {"type": "simulated", "stream": "walk", "fields": ["t", "h", "p"], "pattern": "random", "offset": 10,
      "amplitude": 4, "period": 30, "seed": 42},
+    {"type": "simulated", "stream": "hot", "fields": ["temp_c"], "pattern": "square", "offset": 27, "amplitude": 6,
+     "period": 3.5},
 ]
 SIM_TIMES = [0, 1, 2.5, 7.5, 10, 59.75, 60, 119, 120, 333.25, 1000, 86400.5] + [k * 7.25 for k in range(150)]
 
@@ -121,7 +123,7 @@ BAD = [
     ({"type": "adc", "stream": "soil", "pin": 34, "adress": 1}, 12, "adress"),
     ({"type": "dht22", "stream": "air", "pin": -1}, 13, "pin"),
     ({"type": "dht11", "stream": "air"}, 14, "pin"),
-    ({"type": "simulated", "stream": "env", "pattern": "square"}, 15, "pattern"),
+    ({"type": "simulated", "stream": "env", "pattern": "triangle"}, 15, "pattern"),
     ({"type": "simulated", "stream": "env", "period": 0}, 16, "period"),
     ({"type": "simulated", "stream": "env", "fields": []}, 17, "fields"),
     ({"type": "simulated", "stream": "env", "fields": ["x", "x"]}, 18, "fields"),

@@ -59,4 +59,4 @@ try {
   }
   throw e;
 }
-process.exit(0);
+process.exitCode = 0;  // no process.exit(): it can cut off stdout still queued for a pipe (a RESULT line over 64 KB)

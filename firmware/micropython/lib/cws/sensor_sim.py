@@ -1,5 +1,5 @@
 # cws.sensor_sim: the simulated sensor, value for value the CPython agent's SimulatedSensor
-# (sine, ramp, seeded random walk, constant), with a Mersenne Twister identical to CPython's.
+# (sine, ramp, square, seeded random walk, constant), with a Mersenne Twister identical to CPython's.
 import math
 
 from cws.sensor import Sensor
@@ -56,6 +56,8 @@ class Simulated(Sensor):
                 v = off + amp * math.sin(2 * math.pi * t / self.period + i * math.pi / 3)
             elif pat == "ramp":
                 v = off + amp * ((t / self.period) % 1.0)
+            elif pat == "square":
+                v = off + amp if (t / self.period) % 1.0 < 0.5 else off - amp
             elif pat == "random":
                 w = self._walk[i] + self._rng.uniform(-1, 1) * amp * 0.05
                 v = self._walk[i] = min(max(w, off - amp), off + amp)

@@ -17,7 +17,7 @@
 from cws.sensor import DEFAULT_INTERVAL, SensorError  # noqa: F401 - SensorError re-exported
 
 TYPES = ("simulated", "adc", "dht22", "dht11", "bme280", "bmp280")
-PATTERNS = ("sine", "ramp", "random", "constant")
+PATTERNS = ("sine", "ramp", "square", "random", "constant")
 ATTENS = (0, 2.5, 6, 11)  # dB, in the order of ADC.ATTN_0DB, ATTN_2_5DB, ATTN_6DB, ATTN_11DB
 _REQ = object()
 _NAME_OK = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
