@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -62,9 +63,10 @@ from cloud.auth import (
 from cloud.fanout import Fanout
 from cloud.ingest import BodyError, check_storable
 from cloud.metrics import CONTENT_TYPE, CloudMetrics
-from cloud.store import Store
+from cloud.store import NewEvent, Node, Store
 from cloud.views import change, event_view, node_view, task_view, telemetry_view
 from cwsnet.envelope import MAX_PAYLOAD
+from cwsnet.policy.access import AccessEngine, Decision, DenyRecorder, Subject, shipped_access_engine
 from cwsnet.policy.watch import PolicyWatcher
 
 log = logging.getLogger("cwsnet.cloud.api")
@@ -465,8 +467,60 @@ _AUTH_ERRORS = {
     401: {"model": ErrorResponse, "description": "no token, or an invalid, expired or revoked one "
           "(`WWW-Authenticate: Bearer`)"},
     403: {"model": ErrorResponse, "description": "the token's account lacks the role this route needs (the "
-          "message names it), or a cookie-authenticated change lacks the `X-CWS-Console: 1` header"},
+          "message names it), an access policy denies it this node (the message and `details[0].rule` name the "
+          "rule), or a cookie-authenticated change lacks the `X-CWS-Console: 1` header"},
 }
+
+
+# -- access policies over the API ---------------------------------------------------------------------
+
+
+class AccessCheck:
+    """The ``access`` policies on top of the roles (docs/policies.md): an account's read of a node's data
+    is action ``read``, a task sent to or cancelled on a device is ``command``, decided for the subject
+    ``Subject(account, "operator", "*")`` on the node's topics. The engine follows ``state.policies``
+    (rebuilt when the active set's digest changes; the shipped defaults when there is none). Denials,
+    and allowed calls an audit-mode rule would deny, become events (at most one per account, action
+    and rule a minute)."""
+
+    def __init__(self, state: CloudState) -> None:
+        self.state = state
+        self._lock = threading.Lock()
+        self._digest: str | None = None
+        self._engine: AccessEngine | None = None
+        self.recorder = DenyRecorder(shipped_access_engine())
+
+    def engine(self) -> AccessEngine:
+        watcher = self.state.policies
+        pset = watcher.active if watcher is not None else None
+        if pset is None:
+            return shipped_access_engine()
+        with self._lock:
+            if self._engine is None or pset.digest != self._digest:
+                self._engine, self._digest = AccessEngine(pset), pset.digest
+            return self._engine
+
+    def decide(self, account: str, action: str, topic: str, node: str | None) -> Decision:
+        engine = self.engine()
+        d = engine.decide(Subject(account, "operator", "*"), action, topic)
+        if d.allowed and not d.audit:
+            return d
+        with self._lock:
+            self.recorder.engine = engine
+            event = self.recorder.observe(d, self.state.clock())
+        if event is not None:
+            try:
+                stored = self.state.store.add_events([NewEvent(int(self.state.clock() * 1000), node, event["kind"],
+                                                               event["severity"], event["message"], event["data"])])
+                self.state.fanout.publish_many([change("event", event_view(e)) for e in stored])
+            except Exception:  # the refusal stands even when it cannot be recorded
+                log.exception("recording the access event %r failed", event["message"])
+        return d
+
+
+def _one_level(text: str | None) -> str:
+    """``text`` as one topic level, or ``+`` (any) when it cannot be one."""
+    return text if text and not any(c in text for c in "/+#\x00") else "+"
 
 
 # -- authentication and audit ---------------------------------------------------------------------------
@@ -623,11 +677,15 @@ def create_app(state: CloudState) -> FastAPI:
             "naming the role needed (each route's `x-required-role`). Roles: `viewer` reads everything, "
             "`operator` also creates and cancels tasks, `admin` also manages accounts and tokens and reads "
             "the audit log, where every change (allowed or refused) and every failed login is recorded. "
+            "On top of the roles, the `access` policies decide per node: reading a node's record, telemetry "
+            "or tasks is action `read` on its topics, creating or cancelling a task is `command` on "
+            "`cws/v1/{site}/{node}/task/cmd`; a denial is a 403 naming the rule. "
             "`/healthz` and the console page `/` are open."
         ),
     )
     app.state.cloud = state
     store = state.store
+    access = app.state.access = AccessCheck(state)
     auth = state.auth
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
@@ -657,6 +715,22 @@ def create_app(state: CloudState) -> FastAPI:
         if principal is None:  # _Guard lets no request through to a guarded route without one
             raise ApiError(401, "not authenticated", headers=_www_authenticate())
         return principal
+
+    def authorize(request: Request, action: str, topic: str, node: str | None) -> None:
+        """403 naming the rule unless the access policies let the caller ``action`` ``topic``."""
+        principal = principal_of(request)
+        d = access.decide(principal.username, action, topic, node)
+        if d.allowed:
+            return
+        why = f"denied by {d.rule}" if d.rule else "no access rule allows it"
+        message = f"account {principal.username!r} may not {action} {topic}: {why}"
+        request.state.audit_detail = message
+        raise ApiError(403, message, details=[{"rule": d.rule, "source": d.decided_by.source if d.decided_by else None,
+                                               "explain": d.explain()}])
+
+    def node_topic(node: Node | None, node_id: str, channel: str) -> str:
+        site = _one_level(node.site) if node is not None else "+"
+        return f"cws/v1/{site}/{_one_level(node_id)}/{channel}"
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -720,10 +794,11 @@ def create_app(state: CloudState) -> FastAPI:
         page = store.list_nodes(role=role, site=site, online=online, limit=limit, offset=offset)
         return {"items": [node_view(n) for n in page.items], "total": page.total, "limit": limit, "offset": offset}
 
-    def _one(role: str, node_id: str) -> dict[str, Any]:
+    def _one(role: str, node_id: str, request: Request, channel: str = "status") -> dict[str, Any]:
         node = store.get_node(node_id)
         if node is None or node.role != role:
             raise ApiError(404, f"{role} {node_id!r} is not registered")
+        authorize(request, "read", node_topic(node, node_id, channel), node_id)
         return node_view(node)
 
     limit_q = Query(100, ge=1, le=1000, description="page size (1-1000)")
@@ -752,8 +827,8 @@ def create_app(state: CloudState) -> FastAPI:
         **needs("viewer", _NOT_FOUND),
         tags=["registry"],
     )
-    def get_device(device_id: str) -> Any:
-        return _one("device", device_id)
+    def get_device(device_id: str, request: Request) -> Any:
+        return _one("device", device_id, request)
 
     @app.get(
         "/api/v1/devices/{device_id}/telemetry",
@@ -767,8 +842,10 @@ def create_app(state: CloudState) -> FastAPI:
         device_id: str,
         limit: int = Query(100, ge=1, le=10000, description="number of readings (1-10000)"),
         stream: str | None = Query(None, description="only readings of this stream"),
+        *,
+        request: Request,
     ) -> Any:
-        _one("device", device_id)
+        _one("device", device_id, request, f"telemetry/{_one_level(stream)}")
         return {"items": [telemetry_view(r) for r in store.telemetry(device_id, limit=limit, stream=stream)]}
 
     @app.get(
@@ -792,8 +869,8 @@ def create_app(state: CloudState) -> FastAPI:
         **needs("viewer", _NOT_FOUND),
         tags=["registry"],
     )
-    def get_gateway(gateway_id: str) -> Any:
-        return _one("gateway", gateway_id)
+    def get_gateway(gateway_id: str, request: Request) -> Any:
+        return _one("gateway", gateway_id, request)
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -848,6 +925,7 @@ def create_app(state: CloudState) -> FastAPI:
                 f"target {req.target!r} is a {node.role}, not a device: only devices run tasks",
                 code="invalid_request",
             )
+        authorize(request, "command", node_topic(node, req.target, "task/cmd"), req.target)
         try:
             check_storable(req.args, "body.args")
         except BodyError as exc:
@@ -915,10 +993,11 @@ def create_app(state: CloudState) -> FastAPI:
         **needs("viewer", _NOT_FOUND),
         tags=["tasks"],
     )
-    def get_task(task_id: str) -> Any:
+    def get_task(task_id: str, request: Request) -> Any:
         task = store.get_task(task_id)
         if task is None:
             raise ApiError(404, f"task {task_id!r} does not exist")
+        authorize(request, "read", node_topic(store.get_node(task.target), task.target, "task/result"), task.target)
         return task_view(task)
 
     @app.post(
@@ -933,7 +1012,11 @@ def create_app(state: CloudState) -> FastAPI:
                              **_NOT_FOUND}),
         tags=["tasks"],
     )
-    def cancel_task(task_id: str) -> Any:
+    def cancel_task(task_id: str, request: Request) -> Any:
+        existing = store.get_task(task_id)
+        if existing is not None:
+            authorize(request, "command", node_topic(store.get_node(existing.target), existing.target, "task/cmd"),
+                      existing.target)
         task, moved = store.update_task(
             task_id, "cancelled", error="cancelled by the operator", now=int(state.clock() * 1000)
         )

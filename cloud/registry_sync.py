@@ -3,14 +3,19 @@
 Every ``POLL`` seconds the file's signature is checked; on a change the cloud
 
 1. imports it into its store (ingest refuses a revoked node and a retired key from that moment),
-2. rewrites the cloud broker's users and ACLs from it and makes the broker disconnect every
-   client whose credential went (:meth:`cwsnet.broker.CwsBroker.enforce_credentials`),
+2. rewrites the cloud broker's users and ACLs from it and the active ``access`` policies, and makes
+   the broker apply them at once and disconnect every client whose credential went
+   (:meth:`cwsnet.broker.CwsBroker.enforce_credentials`),
 3. records what changed as events (``node.added``, ``node.revoked``, ``node.rotated``), and
 4. pushes each site's part of the registry to that site's gateways as a sealed ``config``
    message from the cloud; a gateway applies it to its own broker the same way.
 
 A gateway also gets its site's registry on every birth, so one that was offline during a change
 catches up when it returns. The registry's ``rev`` orders versions: a gateway ignores an older one.
+
+A new policy set (the cloud's policy watcher) goes to :meth:`RegistrySync.set_access`, which rewrites
+the broker's credentials the same way: connected clients keep their connections, and their next
+PUBLISH, SUBSCRIBE and every delivery are checked against the new ACL.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, CwsError
 from cwsnet.identity import file_signature, write_secret_file
 from cwsnet.mqtt import LinkError
+from cwsnet.policy.access import AccessEngine
 from cwsnet.registry import Registry, cloud_broker_users
 
 log = logging.getLogger("cwsnet.cloud.registry")
@@ -73,8 +79,13 @@ class RegistrySync:
         users_file: Path | None = None,
         broker: Callable[[], Any] = lambda: None,
         on_registry: Callable[[Registry], None] = lambda _reg: None,
+        access: AccessEngine | None = None,
     ) -> None:
         self.on_registry = on_registry
+        #: the access policies the broker's ACLs come from (None: the shipped defaults)
+        self.access = access
+        self._users_lock = threading.Lock()
+        self._written: dict[str, Any] | None = None
         self.path = path
         self.store = store
         self.refresh = refresh
@@ -99,7 +110,7 @@ class RegistrySync:
         reg = Registry.load(self.path)
         sync_registry(self.store, reg, str(self.path))
         if self.users_file is not None and reg.managed:  # before the broker starts
-            write_secret_file(self.users_file, cloud_broker_users(reg))
+            self._write_users(reg)
         self.registry = reg
         self.on_registry(reg)
         return reg
@@ -131,10 +142,41 @@ class RegistrySync:
             self._imported = sig
         self.refresh()
         if self.users_file is not None and reg.managed:
-            write_secret_file(self.users_file, cloud_broker_users(reg))
+            self._write_users(reg)
         # last, so that a failure above (retried) records nothing twice
         events = describe_changes(self.registry, reg, now_ms())
         return reg, self.store.add_events(events) if events else []
+
+    def _write_users(self, reg: Registry, force: bool = True) -> bool:
+        """Write the broker's credentials for ``reg`` and the current policies; False if unchanged (and
+        not ``force``)."""
+        with self._users_lock:  # the registry's thread and set_access: the last writer has the latest policies
+            doc = cloud_broker_users(reg, self.access)
+            if not force and doc == self._written:
+                return False
+            assert self.users_file is not None
+            write_secret_file(self.users_file, doc)
+            self._written = doc
+            return True
+
+    async def set_access(self, access: AccessEngine | None) -> bool:
+        """Adopt a new access policy set: rewrite the cloud broker's users and ACLs and make the broker
+        apply them now (no connection is dropped unless its user is gone; the next PUBLISH, SUBSCRIBE and
+        delivery of every client is checked against the new ACL). False when nothing changed (no
+        registry, an unmanaged one, or the same ACLs)."""
+        self.access = access
+        reg = self.registry
+        if reg is None or self.users_file is None or not reg.managed:
+            return False
+        if not await asyncio.to_thread(self._write_users, reg, False):
+            return False
+        log.info("cloud broker ACLs regenerated from the access policies")
+        broker = self.broker()
+        if broker is not None:
+            kicked = await broker.enforce_credentials()
+            if kicked:
+                log.info("policies: disconnected %s from the cloud broker", ", ".join(kicked))
+        return True
 
     def _reported(self, gateway: str) -> int | None:
         """The registry rev a gateway says (in its status) it enforces; None if unknown."""

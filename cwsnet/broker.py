@@ -3,13 +3,18 @@
 Public API
 ----------
 ``BrokerSettings``            plain dataclass: listeners, credentials file, offline queue bound.
-``start_broker(settings)``    build and start a :class:`CwsBroker`; stop it with ``await broker.shutdown()``.
+``start_broker(settings, on_decision=None)``  build and start a :class:`CwsBroker`; stop it with
+                              ``await broker.shutdown()``; ``on_decision`` hears refusals and audit findings.
 ``serve(settings)``           run a broker until SIGTERM/SIGINT (``python -m cwsnet.broker --help``).
 ``CwsBroker``                 ``amqtt.broker.Broker`` subclass fixing amqtt 0.12.1 defects (listed below).
 ``CwsAccessPlugin``           one amqtt plugin doing authentication, client id binding and the topic
                               ACL, fed from a hot-reloaded JSON credentials file (``load_credentials``
                               parses one).
-``topic_matches`` / ``filter_covers``  the MQTT wildcard algebra the ACL uses.
+``topic_matches`` / ``filter_covers`` / ``filters_intersect``  the MQTT wildcard algebra the ACL uses.
+
+A user's ACL (``Rules``): ``publish``/``subscribe`` allow; ``deny_publish``/``deny_subscribe``/``deny_receive``
+take away (a deny beats an allow); ``conditional`` rules (CEL over the topic) are checked per topic and
+``audit`` rules only reported. ``cwsnet.registry`` writes them from the ``access`` policies.
 
 The amqtt defects, what we do about them and the tests that cover them are listed in
 ``docs/broker.md``.  Every override in :class:`CwsBroker` is a copy of the amqtt 0.12.1 method
@@ -31,7 +36,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
@@ -62,10 +67,13 @@ __all__ = [
     "Credentials",
     "CwsAccessPlugin",
     "CwsBroker",
+    "DecisionCallback",
+    "PolicyRule",
     "Rules",
     "User",
     "broker_config",
     "filter_covers",
+    "filters_intersect",
     "hash_token",
     "is_loopback_host",
     "is_valid_filter",
@@ -163,6 +171,30 @@ def filter_covers(pattern: str, a_filter: str) -> bool:
     return _covers_levels(pattern.split("/"), flt)
 
 
+def _intersect_levels(a: Sequence[str], b: Sequence[str]) -> bool:
+    if a and b and ((a[0].startswith("$") and b[0] in ("+", "#")) or (b[0].startswith("$") and a[0] in ("+", "#"))):
+        return False  # a wildcard never reaches a $-topic
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else None
+        y = b[i] if i < len(b) else None
+        if x == "#" or y == "#":
+            return True  # everything below (and the parent level itself: "a/#" matches "a")
+        if x is None or y is None:
+            return False
+        if x != y and x != "+" and y != "+":
+            return False
+    return True
+
+
+def filters_intersect(a: str, b: str) -> bool:
+    """True if some topic name matches both MQTT filters ``a`` and ``b``.
+
+    ``filters_intersect("a/+/c", "a/b/#")`` is true; ``filters_intersect("a/b", "a/c/#")`` is false.
+    """
+    la, lb = a.split("/"), b.split("/")
+    return _valid_filter_levels(la) and _valid_filter_levels(lb) and _intersect_levels(la, lb)
+
+
 def _bind_is_loopback(bind: str | None) -> bool:
     if not bind:
         return False
@@ -193,6 +225,8 @@ DEFAULT_ANONYMOUS_CLIENT_IDS = ("*",)
 
 #: one compiled client id pattern: (text, is_prefix); "dev-1" -> ("dev-1", False), "dev-1-*" -> ("dev-1-", True)
 ClientIdPattern = tuple[str, bool]
+#: ``on_decision(username, action, topic, allowed)``: see :attr:`CwsBroker.on_decision`
+DecisionCallback = Callable[[str | None, str, str, bool], None]
 
 
 def _client_id_rank(patterns: Sequence[ClientIdPattern], client_id: str) -> tuple[int, int] | None:
@@ -209,9 +243,54 @@ def _client_id_rank(patterns: Sequence[ClientIdPattern], client_id: str) -> tupl
     return best
 
 
+@dataclass(frozen=True, eq=False)
+class PolicyRule:
+    """A rule the broker checks per topic (a credentials entry's ``conditional`` or ``audit`` item):
+    an access policy rule whose condition reads the topic, or a rule of an audit-mode policy."""
+
+    rule: str  # "policy/rule", for logs
+    effect: str  # allow | deny
+    action: str  # publish | subscribe (subscribe rules also decide what is delivered)
+    filters: tuple[tuple[str, ...], ...]
+    condition: Any = None  # a cwsnet.policy.cel.Condition over subject, topic and action; None: always
+    subject: tuple[tuple[str, str], ...] = ()
+    source: str = ""
+    _results: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    def matching(self, levels: Sequence[str], covers: bool = False) -> str | None:
+        """The filter of this rule that matches the topic (``covers``: that covers the filter) ``levels``."""
+        test = _covers_levels if covers else _matches_levels
+        for f in self.filters:
+            if test(f, levels):
+                return "/".join(f)
+        return None
+
+    def holds(self, topic: str) -> bool:
+        """The condition for ``topic`` (an evaluation error makes it false), cached per topic."""
+        if self.condition is None:
+            return True
+        result = self._results.get(topic)
+        if result is None:
+            result, _err = self.condition.evaluate({"subject": dict(self.subject), "topic": topic,
+                                                    "action": self.action})
+            if len(self._results) > 4096:
+                self._results.clear()
+            self._results[topic] = result
+        return result
+
+    def decides(self, levels: Sequence[str], topic: str, covers: bool = False) -> str | None:
+        flt = self.matching(levels, covers)
+        return flt if flt is not None and self.holds(topic) else None
+
+
 @dataclass(frozen=True)
 class Rules:
-    """Compiled rules of one user: topic filters (split into levels) and client id patterns."""
+    """Compiled rules of one user: topic filters (split into levels) and client id patterns.
+
+    A deny beats an allow: ``deny_publish`` refuses a PUBLISH its filters match; ``deny_subscribe`` a
+    SUBSCRIBE whose filter they cover (one that only overlaps them is accepted, and ``deny_receive``
+    keeps the denied topics from being delivered). ``conditional`` rules are checked per topic.
+    """
 
     publish: tuple[tuple[str, ...], ...] = ()
     subscribe: tuple[tuple[str, ...], ...] = ()
@@ -219,25 +298,61 @@ class Rules:
     #: topics never delivered to the user even where ``subscribe`` matches (e.g. a `#` reader must
     #: not receive what the cloud publishes unsealed for a loopback-only app)
     deny_receive: tuple[tuple[str, ...], ...] = ()
+    deny_publish: tuple[tuple[str, ...], ...] = ()
+    deny_subscribe: tuple[tuple[str, ...], ...] = ()
+    conditional: tuple[PolicyRule, ...] = ()
+    #: rules of audit-mode policies: never change a verdict, only reported (CwsAccessPlugin logs them)
+    audit: tuple[PolicyRule, ...] = ()
 
     def may_use_client_id(self, client_id: str) -> bool:
         """True if one of the user's own ``client_ids`` patterns matches (ignores other users' claims)."""
         return _client_id_rank(self.client_ids, client_id) is not None
 
+    def _conditional(self, action: str, effect: str, levels: Sequence[str], topic: str, covers: bool = False) -> bool:
+        return any(c.action == action and c.effect == effect and c.decides(levels, topic, covers) is not None
+                   for c in self.conditional)
+
     def may_publish(self, topic: str) -> bool:
         levels = topic.split("/")
-        return any(_matches_levels(p, levels) for p in self.publish)
+        if any(_matches_levels(p, levels) for p in self.deny_publish):
+            return False
+        if self.conditional and self._conditional("publish", "deny", levels, topic):
+            return False
+        return any(_matches_levels(p, levels) for p in self.publish) or \
+            (bool(self.conditional) and self._conditional("publish", "allow", levels, topic))
 
     def may_receive(self, topic: str) -> bool:
         levels = topic.split("/")
-        return any(_matches_levels(p, levels) for p in self.subscribe) and \
-            not any(_matches_levels(p, levels) for p in self.deny_receive)
+        if any(_matches_levels(p, levels) for p in self.deny_receive):
+            return False
+        if self.conditional and self._conditional("subscribe", "deny", levels, topic):
+            return False
+        return any(_matches_levels(p, levels) for p in self.subscribe) or \
+            (bool(self.conditional) and self._conditional("subscribe", "allow", levels, topic))
 
     def may_subscribe(self, a_filter: str) -> bool:
         levels = a_filter.split("/")
         if not _valid_filter_levels(levels):
             return False
-        return any(_covers_levels(p, levels) for p in self.subscribe)
+        if any(_covers_levels(p, levels) for p in self.deny_subscribe):
+            return False
+        if self.conditional and self._conditional("subscribe", "deny", levels, a_filter, covers=True):
+            return False
+        return any(_covers_levels(p, levels) for p in self.subscribe) or \
+            (bool(self.conditional) and self._conditional("subscribe", "allow", levels, a_filter, covers=True))
+
+    def audit_findings(self, action: str, topic: str, allowed: bool) -> list[tuple[PolicyRule, str]]:
+        """The audit rules that would decide ``action`` on ``topic`` otherwise than ``allowed``, with the
+        filter that matched."""
+        levels = topic.split("/")
+        out = []
+        for a in self.audit:
+            if a.action != action or (a.effect == "allow") == allowed:
+                continue
+            flt = a.decides(levels, topic, covers=action == "subscribe")
+            if flt is not None:
+                out.append((a, flt))
+        return out
 
 
 @dataclass(frozen=True)
@@ -365,12 +480,77 @@ def _compile_rules(raw: Any, where: str, username: str | None) -> Rules:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be an object with 'publish' and 'subscribe' lists")
+    subject = _compile_subject(raw.get("subject"), f"{where}.subject")
     return Rules(
         publish=_compile_patterns(raw.get("publish"), f"{where}.publish", username),
         subscribe=_compile_patterns(raw.get("subscribe"), f"{where}.subscribe", username),
         client_ids=_compile_client_ids(raw.get("client_ids", default_ids), f"{where}.client_ids", username),
         deny_receive=_compile_patterns(raw.get("deny_receive"), f"{where}.deny_receive", username),
+        deny_publish=_compile_patterns(raw.get("deny_publish"), f"{where}.deny_publish", username),
+        deny_subscribe=_compile_patterns(raw.get("deny_subscribe"), f"{where}.deny_subscribe", username),
+        conditional=_compile_policy_rules(raw.get("conditional"), f"{where}.conditional", username, subject),
+        audit=_compile_policy_rules(raw.get("audit"), f"{where}.audit", username, subject),
     )
+
+
+def _compile_subject(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise ConfigError(f"{where}: must be an object of strings (id, role, site)")
+    return tuple(sorted(raw.items()))
+
+
+#: compiled conditions shared by every user whose rules carry the same text
+_CONDITIONS: dict[str, Any] = {}
+
+
+def _condition(text: str, where: str) -> Any:
+    cond = _CONDITIONS.get(text)
+    if cond is None:
+        from cwsnet.policy.cel import Condition, ConditionError
+
+        try:
+            cond = Condition(text)
+        except ConditionError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if len(_CONDITIONS) > 1024:
+            _CONDITIONS.clear()
+        _CONDITIONS[text] = cond
+    return cond
+
+
+def _compile_policy_rules(raw: Any, where: str, username: str | None,
+                          subject: tuple[tuple[str, str], ...]) -> tuple[PolicyRule, ...]:
+    """``[{"rule": "policy/rule", "effect": "allow"|"deny", "action": "publish"|"subscribe", "filters": [...],
+    "when": "CEL"?, "source": "file:line"?}]`` (written by cwsnet.registry from the access policies)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: must be a list of rules")
+    out = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{w}: must be an object with rule, effect, action and filters")
+        unknown = set(item) - {"rule", "effect", "action", "filters", "when", "source"}
+        if unknown:
+            raise ConfigError(f"{w}: unknown field(s) {', '.join(sorted(unknown))}")
+        rule, effect, action, when = item.get("rule"), item.get("effect"), item.get("action"), item.get("when")
+        if not isinstance(rule, str) or not rule:
+            raise ConfigError(f"{w}.rule: must be the rule's name")
+        if effect not in ("allow", "deny"):
+            raise ConfigError(f"{w}.effect: must be allow or deny (got {effect!r})")
+        if action not in ("publish", "subscribe"):
+            raise ConfigError(f"{w}.action: must be publish or subscribe (got {action!r})")
+        if when is not None and not isinstance(when, str):
+            raise ConfigError(f"{w}.when: must be a CEL expression (text)")
+        filters = _compile_patterns(item.get("filters"), f"{w}.filters", username)
+        if not filters:
+            raise ConfigError(f"{w}.filters: must list at least one topic filter")
+        out.append(PolicyRule(rule, effect, action, filters, _condition(when, f"{w}.when") if when else None,
+                              subject, str(item.get("source", ""))))
+    return tuple(out)
 
 
 def parse_credentials(data: Any, source: str = "<memory>") -> Credentials:
@@ -478,6 +658,8 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self._signature: tuple[int, ...] | str | None = None
         self._last_check = time.monotonic()
         self._denials: dict[tuple[str | None, str], tuple[float, int]] = {}
+        self._audits: dict[tuple[str | None, str, str], tuple[float, int]] = {}
+        self._reported: dict[tuple[str | None, str, str], float] = {}
         if self._path is not None:
             self._signature = self._stat_signature()
             # raises ConfigError naming the file: a broker must not start with a broken file
@@ -640,11 +822,61 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
             allowed = rules.may_receive(topic)
         else:
             allowed = False
-        if not allowed and action in (Action.PUBLISH, Action.SUBSCRIBE):
-            self._log_denial(session, action, topic)
+        if action in (Action.PUBLISH, Action.SUBSCRIBE):
+            findings = rules.audit_findings(action.value, topic, allowed) if rules is not None and rules.audit else []
+            if findings:
+                self._log_audit(session, action, topic, allowed, findings)
+            if not allowed:
+                self._log_denial(session, action, topic)
+            if not allowed or findings:
+                self._report(session, action, topic, allowed)
         return allowed
 
     DENIAL_LOG_INTERVAL = 10.0
+    #: an audit finding is logged once per (user, rule's filter, rule) this often (seconds)
+    AUDIT_LOG_INTERVAL = 60.0
+    #: ``on_decision`` is called once per (user, action, topic) this often (seconds)
+    REPORT_INTERVAL = 60.0
+
+    def _log_audit(self, session: Session | None, action: Action, topic: str, allowed: bool,
+                   findings: list[tuple[PolicyRule, str]]) -> None:
+        """What an audit-mode policy would have decided otherwise, at most once a minute per (user, the rule's
+        filter, rule), with the count since."""
+        who = session.username if session is not None else None
+        now = time.monotonic()
+        for rule, flt in findings:
+            key = (who, flt, rule.rule)
+            last, count = self._audits.get(key, (float("-inf"), 0))
+            if now - last < self.AUDIT_LOG_INTERVAL:
+                self._audits[key] = (last, count + 1)
+                continue
+            if len(self._audits) > 10_000:
+                self._audits.clear()
+            self._audits[key] = (now, 0)
+            more = f" ({count} more since the last report)" if count else ""
+            log.warning("acl audit: %s %r by user %r was %s; audit rule %s (%s) would %s it (filter %s), not "
+                        "enforced%s", action.value, topic[:200], who, "allowed" if allowed else "refused", rule.rule,
+                        rule.source or "?", rule.effect, flt, more)
+
+    def _report(self, session: Session | None, action: Action, topic: str, allowed: bool) -> None:
+        """Tell the broker's ``on_decision`` callback (the daemons record events from it), at most once per
+        (user, action, topic) every ``REPORT_INTERVAL`` seconds: a flood costs a dict lookup each."""
+        broker = getattr(self.context, "_broker_instance", None)
+        callback = getattr(broker, "on_decision", None)
+        if callback is None:
+            return
+        who = session.username if session is not None else None
+        key = (who, action.value, topic)
+        now = time.monotonic()
+        if now - self._reported.get(key, float("-inf")) < self.REPORT_INTERVAL:
+            return
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported[key] = now
+        try:
+            callback(who, action.value, topic, allowed)
+        except Exception:  # a reporting problem must never change or break an ACL decision
+            log.exception("the broker's on_decision callback failed")
 
     def _log_denial(self, session: Session | None, action: Action, topic: str) -> None:
         """A refused PUBLISH or SUBSCRIBE, logged at WARNING at most once per user and action every
@@ -709,7 +941,12 @@ class CwsBroker(Broker):
         plugin_namespace: str | None = None,
         *,
         max_offline_queue: int | None = None,
+        on_decision: DecisionCallback | None = None,
     ) -> None:
+        #: called (on the broker's loop; must not block) for each refused PUBLISH/SUBSCRIBE and each one an
+        #: audit-mode rule would decide otherwise, at most once per (user, action, topic) a minute:
+        #: ``on_decision(username, action, topic, allowed)``; settable while the broker runs
+        self.on_decision = on_decision
         if isinstance(config, dict):
             config = dict(config)
             for key in ("max_offline_queue", "max-offline-queue"):
@@ -1218,6 +1455,8 @@ class BrokerSettings:
     max_offline_queue: int = DEFAULT_MAX_OFFLINE_QUEUE
     session_expiry_interval: int | None = None
     """Seconds after which a disconnected persistent session is discarded (None = never)."""
+    on_decision: DecisionCallback | None = None
+    """Called for refused (and audit-flagged) PUBLISH/SUBSCRIBEs: see :attr:`CwsBroker.on_decision`."""
 
     @classmethod
     def coerce(cls, obj: Any) -> BrokerSettings:
@@ -1289,15 +1528,17 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
     }
 
 
-async def start_broker(settings: BrokerSettings) -> CwsBroker:
+async def start_broker(settings: BrokerSettings, *, on_decision: DecisionCallback | None = None) -> CwsBroker:
     """Create and start a :class:`CwsBroker` for ``settings``; stop it with ``await broker.shutdown()``.
 
+    ``on_decision`` (or ``settings.on_decision``): see :attr:`CwsBroker.on_decision`.
     Raises :class:`ConfigError` for bad settings or credentials file, ``amqtt.errors.BrokerError``
     if a listener cannot be bound.
     """
     settings = BrokerSettings.coerce(settings)
     config = broker_config(settings)
-    broker = CwsBroker(config, max_offline_queue=settings.max_offline_queue)
+    broker = CwsBroker(config, max_offline_queue=settings.max_offline_queue,
+                       on_decision=on_decision or settings.on_decision)
     await broker.start()
     log.info(
         "broker listening on %s (%s)",

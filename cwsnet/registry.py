@@ -3,9 +3,9 @@
 One JSON file (``{data-dir}/registry.json``) is the source of truth on the cloud's host; the
 ``cwsnet device`` commands edit it under a lock, the cloud imports every change within a second
 and pushes each site's part to that site's gateway (sealed, as the cloud). Every broker's users
-and topic ACLs are *derived* from it (:func:`cloud_broker_users`, :func:`site_broker_users`), so
-revoking a node is one edit that every tier enforces. Nothing secret is stored here: public keys
-and SHA-256 hashes of random 256-bit MQTT tokens only.
+and topic ACLs are *derived* from it and the ``access`` policies (:func:`cloud_broker_users`,
+:func:`site_broker_users`), so revoking a node is one edit that every tier enforces. Nothing
+secret is stored here: public keys and SHA-256 hashes of random 256-bit MQTT tokens only.
 
 File format (``docs/security.md`` documents it)::
 
@@ -27,19 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nacl.public
 
 from cwsnet.errors import ConfigError, EnvelopeError
 from cwsnet.identity import ROLES, public_key_from_b64, read_json_file, write_secret_file
 from cwsnet.topics import check_name
+
+if TYPE_CHECKING:
+    from cwsnet.policy.access import AccessEngine
+
+log = logging.getLogger(__name__)
 
 FORMAT = 2
 STATUSES = ("active", "revoked")
@@ -389,12 +395,21 @@ class KeyRing:
                          f"(current version {e.kv})", sender=node)
 
 
-# -- broker users derived from the registry --------------------------------------------------
+# -- broker users derived from the registry and the access policies ---------------------------------
+#
+# Who gets a user on which broker is identity and topology (the registry): the cloud broker has the
+# cloud, the gateways, the devices without a gateway, the apps and the operators; a site broker its
+# gateway(s), its devices and the operators. What each user may publish and subscribe is policy: the
+# enforced ``access`` rules (``AccessEngine.broker_acl``), shipped ``policies/access.yaml`` by default.
+# A few properties stay identity, not policy: a plaintext app logs in on loopback only, operators use
+# any client id and never receive what the cloud publishes unsealed for such an app, and an
+# operator's registry ``subscribe`` list narrows what the policies let it read.
 
 
 def device_rules(site: str, node: str) -> dict[str, list[str]]:
-    """A device publishes only its own uplink channels, receipts and firmware requests (never a
-    command or an ack, not even on its own prefix) and reads only what is addressed to it."""
+    """What the shipped default policy (``device-uplink``/``device-downlink``) gives a device: it publishes
+    only its own uplink channels, receipts and firmware requests (never a command or an ack, not even on
+    its own prefix) and reads only what is addressed to it."""
     base = f"cws/v1/{site}/{node}"
     return {"publish": [f"{base}/status", f"{base}/telemetry/+", f"{base}/event/+", f"{base}/task/result",
                         f"{base}/receipt", f"{base}/ota/get"],
@@ -402,61 +417,74 @@ def device_rules(site: str, node: str) -> dict[str, list[str]]:
 
 
 def gateway_uplink_rules(site: str) -> dict[str, list[str]]:
-    """On the cloud broker a gateway bridges its own site only."""
+    """What the shipped default policy gives a gateway on the cloud broker: it bridges its own site only."""
     return {"publish": [f"cws/v1/{site}/#"],
             "subscribe": [f"cws/v1/{site}/+/task/cmd", f"cws/v1/{site}/+/ack", f"cws/v1/{site}/+/config"]}
 
 
-def _user(e: Entry, rules: dict[str, list[str]], **extra: Any) -> dict[str, Any] | None:
+def _engine(access: AccessEngine | None) -> AccessEngine:
+    if access is not None:
+        return access
+    from cwsnet.policy.access import shipped_access_engine
+
+    return shipped_access_engine()
+
+
+def _user(e: Entry, access: AccessEngine, broker: str, unsealed: Sequence[str] = ()) -> dict[str, Any] | None:
     if e.mqtt_token_sha256 is None:
         return None
+    from cwsnet.policy.access import Subject
+
+    acl = access.broker_acl(Subject(e.id, e.role, e.site), broker)
+    if acl.notes:
+        log.warning("broker ACL of %s %s (%s broker): %s", e.role, e.id, broker, "; ".join(acl.notes))
+    rules = acl.document()
+    extra: dict[str, Any] = {}
+    if e.role == "operator":
+        _reader(e, rules, unsealed)
+        extra["client_ids"] = ["*"]
+    elif e.role == "app" and e.plaintext:
+        extra["loopback_only"] = True
     return {"token_sha256": e.mqtt_token_sha256, **rules, **extra}
 
 
-def _reader(e: Entry, unsealed: Sequence[str] = ()) -> dict[str, Any] | None:
-    # operators' MQTT credential: read-only, any client id (mosquitto_sub picks random ones), and
-    # never what the cloud publishes unsealed for a loopback-only app (``unsealed`` prefixes)
-    extra: dict[str, Any] = {"client_ids": ["*"]}
+def _reader(e: Entry, rules: dict[str, Any], unsealed: Sequence[str]) -> None:
+    # operators' MQTT credential: any client id (mosquitto_sub picks random ones), reads what the
+    # policies allow narrowed to its registry ``subscribe`` list, and never what the cloud publishes
+    # unsealed for a loopback-only app (``unsealed`` prefixes)
+    from cwsnet.broker import filter_covers
+
+    if e.subscribe:
+        rules["subscribe"] = [f for f in e.subscribe if any(filter_covers(g, f) for g in rules["subscribe"])]
     if unsealed:
-        extra["deny_receive"] = list(unsealed)
-    return _user(e, {"publish": [], "subscribe": list(e.subscribe) or ["#"]}, **extra)
+        rules["deny_receive"] = [*rules.get("deny_receive", []), *unsealed]
 
 
-def cloud_broker_users(reg: Registry) -> dict[str, Any]:
-    """The cloud broker's credentials document (``cwsnet.broker`` format) for the active nodes."""
+def cloud_broker_users(reg: Registry, access: AccessEngine | None = None) -> dict[str, Any]:
+    """The cloud broker's credentials document (``cwsnet.broker`` format) for the active nodes, with the
+    ACLs ``access`` gives them (None: the shipped default policies)."""
+    engine = _engine(access)
     users: dict[str, Any] = {}
     unsealed = [f"cws/v1/_apps/{e.id}/#" for e in reg.active(role="app") if e.plaintext]
     for e in reg.active():
-        u: dict[str, Any] | None = None
-        if e.role == "cloud":
-            u = _user(e, {"publish": ["cws/v1/#"], "subscribe": ["cws/v1/#"]})
-        elif e.role == "gateway":
-            u = _user(e, gateway_uplink_rules(e.site))
-        elif e.role == "device" and e.gateway is None:  # no gateway: it talks to the cloud broker itself
-            u = _user(e, device_rules(e.site, e.id))
-        elif e.role == "app":  # its own app topic only: the cloud re-seals what it is granted to it
-            u = _user(e, {"publish": [], "subscribe": [f"cws/v1/_apps/{e.id}/#"]},
-                      **({"loopback_only": True} if e.plaintext else {}))
-        elif e.role == "operator":
-            u = _reader(e, unsealed)
+        if e.role == "device" and e.gateway is not None:
+            continue  # behind a gateway: it talks to its site broker only
+        u = _user(e, engine, "cloud", unsealed)
         if u is not None:
             users[e.id] = u
     revoked = sorted(e.id for e in reg.nodes.values() if not e.active)
     return {"users": users, "anonymous": False, "revoked": revoked}
 
 
-def site_broker_users(reg: Registry, site: str) -> dict[str, Any]:
-    """A site broker's credentials document: its gateway(s), its active devices, the operators."""
+def site_broker_users(reg: Registry, site: str, access: AccessEngine | None = None) -> dict[str, Any]:
+    """A site broker's credentials document: its gateway(s), its active devices, the operators, with the
+    ACLs ``access`` gives them (None: the shipped default policies)."""
+    engine = _engine(access)
     users: dict[str, Any] = {}
     for e in reg.active():
-        u: dict[str, Any] | None = None
-        if e.role == "gateway" and e.site == site:
-            u = _user(e, {"publish": [f"cws/v1/{site}/#"], "subscribe": [f"cws/v1/{site}/#"]})
-        elif e.role == "device" and e.site == site:
-            u = _user(e, device_rules(site, e.id))
-        elif e.role == "operator":
-            u = _reader(e)
-        if u is not None:
-            users[e.id] = u
+        if (e.role in ("gateway", "device") and e.site == site) or e.role == "operator":
+            u = _user(e, engine, "site")
+            if u is not None:
+                users[e.id] = u
     revoked = sorted(e.id for e in reg.nodes.values() if not e.active and e.site == site)
     return {"users": users, "anonymous": False, "revoked": revoked}

@@ -8,6 +8,7 @@ caller can record it as an event. Sans-I/O apart from reading the files; the cal
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,3 +60,26 @@ class PolicyWatcher:
             return None
         self.active, self.loaded_at, self.refused = pset, self.clock(), None
         return Change(True, [p.policy.name for p in pset.policies], [])
+
+
+def start_watcher(folders: list[Path], clock: Callable[[], float], log: logging.Logger) -> PolicyWatcher:
+    """A watcher over the shipped defaults (``folders[0]``) and a site's folders, loaded once. If the
+    site's files are invalid at start, the defaults alone are active (and the problems reported in
+    ``refused``) until they are fixed."""
+    watcher = PolicyWatcher(folders, clock)
+    first = watcher.check()
+    if first is not None and not first.accepted:
+        log.error("policies refused at start (the shipped defaults apply):\n%s", "\n".join(first.problems))
+        defaults = PolicyWatcher(folders[:1], clock)
+        defaults.check()
+        watcher.active, watcher.loaded_at, watcher.refused = defaults.active, defaults.loaded_at, first.problems
+    elif watcher.active is not None:
+        log.info("policies: %s", ", ".join(p.policy.name for p in watcher.active.policies))
+    return watcher
+
+
+def shipped_policies() -> Path:
+    """The default policies of this cwsnet (the checkout's ``policies/``)."""
+    import cwsnet
+
+    return Path(cwsnet.__file__).resolve().parent.parent / "policies"
