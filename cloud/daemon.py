@@ -56,7 +56,9 @@ from cwsnet.errors import ConfigError, CwsError
 from cwsnet.identity import Identity, load_json_file
 from cwsnet.links import link_for
 from cwsnet.mqtt import LinkError, Message, MqttLink
-from cwsnet.policy.watch import PolicyWatcher
+from cwsnet.policy import AccessEngine, Subject
+from cwsnet.policy.access import DenyRecorder
+from cwsnet.policy.watch import PolicyWatcher, shipped_policies, start_watcher
 from cwsnet.replay import SeqCounter
 
 log = logging.getLogger("cwsnet.cloud")
@@ -362,12 +364,17 @@ class CloudDaemon:
                 self.store, self.endpoint, self.link, self.metrics, self.fanout, clock=clock,
                 gateways=self.directory.gateways,
             )
+            watcher = self._policy_watcher(cfg)
+            self.access = AccessEngine(watcher.active) if watcher.active is not None else None
+            # refused or audited access attempts (broker, API) become events naming the rule
+            self.access_recorder = DenyRecorder(self.access) if self.access is not None else None
+            self._access_events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
             if registry_file is not None:
                 self.registry_sync = RegistrySync(
                     registry_file, self.store, refresh=lambda: self.directory.refresh(force=True),
                     endpoint=self.endpoint, link=self.link, fanout=self.fanout,
                     users_file=cfg.broker.credentials_file if cfg.broker is not None else None,
-                    broker=lambda: self.broker, on_registry=self.apps.update,
+                    broker=lambda: self.broker, on_registry=self.apps.update, access=self.access,
                 )
                 self.directory.catch_up = self.registry_sync.catch_up
                 reg = self.registry_sync.load_initial()
@@ -384,7 +391,7 @@ class CloudDaemon:
                 broker_connected=self.link.connected.is_set,
                 clock=clock,
                 auth=self.auth,
-                policies=self._policy_watcher(cfg),
+                policies=watcher,
             )
             self.app = create_app(self.state)
         except BaseException:
@@ -559,22 +566,9 @@ class CloudDaemon:
                     )
 
     def _policy_watcher(self, cfg: Any) -> PolicyWatcher:
-        """The policy set: the shipped defaults plus ``policies_dir``. If the site's files are invalid at
-        start, the defaults alone are active (and the problems reported) until they are fixed."""
-        from cwsnet.cli_policy import shipped_policies
-
+        """The policy set: the shipped defaults plus ``policies_dir``."""
         folders = [shipped_policies()] + ([cfg.policies_dir] if getattr(cfg, "policies_dir", None) else [])
-        watcher = PolicyWatcher(folders, self.clock)
-        first = watcher.check()
-        if first is not None and not first.accepted:
-            log.error("policies refused at start (the shipped defaults apply):\n%s", "\n".join(first.problems))
-            refused = first.problems
-            defaults = PolicyWatcher(folders[:1], self.clock)
-            defaults.check()
-            watcher.active, watcher.loaded_at, watcher.refused = defaults.active, defaults.loaded_at, refused
-        elif watcher.active is not None:
-            log.info("policies: %s", ", ".join(p.policy.name for p in watcher.active.policies))
-        return watcher
+        return start_watcher(folders, self.clock, log)
 
     async def watch_policies(self) -> None:
         """Reload the policy files within a second of a change; record each change as an event."""
@@ -587,6 +581,7 @@ class CloudDaemon:
             now = int(self.clock() * 1000)
             if ch.accepted:
                 log.info("policies reloaded: %s", ", ".join(ch.names))
+                await self._use_policies(watcher.active)
                 ev = NewEvent(now, self.identity.node, "policy.changed", "info",
                               f"policy set reloaded: {', '.join(ch.names)}", {"policies": ch.names})
             else:
@@ -597,6 +592,46 @@ class CloudDaemon:
                               "stays active", {"problems": ch.problems[:50], "active": ch.names})
             for e in await asyncio.to_thread(self.store.add_events, [ev]):
                 self.fanout.publish(change("event", event_view(e)))
+
+    async def _use_policies(self, pset: Any) -> None:
+        """A new policy set: the broker's ACLs, the access recorder and the automation follow it."""
+        if pset is None:
+            return
+        self.access = AccessEngine(pset)
+        if self.access_recorder is not None:
+            self.access_recorder.engine = self.access
+        else:
+            self.access_recorder = DenyRecorder(self.access)
+        if self.registry_sync is not None:
+            try:
+                await self.registry_sync.set_access(self.access)
+            except Exception:
+                log.exception("regenerating the cloud broker's ACLs from the new policies failed; the previous "
+                              "ones stay in force")
+
+    def _subject_of(self, username: str) -> Subject | None:
+        reg = self.registry_sync.registry if self.registry_sync is not None else None
+        e = reg.get(username) if reg is not None else None
+        return Subject(e.id, e.role, e.site) if e is not None and e.active else None
+
+    def _access_event(self, ev: dict[str, Any]) -> None:
+        """From the broker's loop: never blocks; a full queue drops the event (they are rate-limited)."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self._access_events.put_nowait(ev)
+
+    async def record_access_events(self) -> None:
+        while True:
+            evs = [await self._access_events.get()]
+            while not self._access_events.empty():
+                evs.append(self._access_events.get_nowait())
+            now = int(self.clock() * 1000)
+            try:
+                stored = await asyncio.to_thread(self.store.add_events, [
+                    NewEvent(now, ev.get("source"), ev["kind"], ev["severity"], ev["message"], ev.get("data"))
+                    for ev in evs])
+                self.fanout.publish_many([change("event", event_view(e)) for e in stored])
+            except Exception:
+                log.exception("recording %d access events failed", len(evs))
 
     async def sweep(self) -> None:
         interval = min(5.0, self.cfg.offline_after / 4)
@@ -683,7 +718,10 @@ class CloudDaemon:
             if self.cfg.broker is not None:
                 b = self.cfg.broker
                 try:
-                    broker = self.broker = await start_broker(BrokerSettings.coerce(b))
+                    hook = None
+                    if self.access_recorder is not None:
+                        hook = self.access_recorder.broker_hook(self._subject_of, self._access_event, broker="cloud")
+                    broker = self.broker = await start_broker(BrokerSettings.coerce(b), on_decision=hook)
                 except (AMQTTError, BrokerError, OSError) as exc:
                     ports = "/".join(str(n) for n in (b.tls_port, b.port, b.ws_port) if n)
                     raise ConfigError(f"broker: cannot start the embedded broker on {b.host} (ports {ports}): {exc}") from None
@@ -698,6 +736,7 @@ class CloudDaemon:
                 if self.registry_sync is not None:
                     tg.create_task(self.registry_sync.run(), name="cloud-registry")
                 tg.create_task(self.watch_policies(), name="cloud-policies")
+                tg.create_task(self.record_access_events(), name="cloud-access-events")
                 tg.create_task(self.serve_http(sock, http_started), name="cloud-http")
                 tg.create_task(self.announce_ready(http_started, ready), name="cloud-ready")
         except ExceptionGroup as eg:

@@ -307,6 +307,14 @@ class Store(Protocol):
         """Delete all but the newest ``keep`` events; return how many were deleted."""
         ...
 
+    def telemetry_streams(self) -> list[str]:
+        """The distinct telemetry stream names stored."""
+        ...
+
+    def prune_telemetry(self, streams: Sequence[str], before: int) -> int:
+        """Delete readings of ``streams`` with ``ts`` before ``before`` (ms); return how many."""
+        ...
+
     # tasks
     def create_task(
         self,
@@ -440,6 +448,7 @@ class SqliteStore(Store):
                 if_not_exists=True,
             )
             db["telemetry"].create_index(["sender", "ts"], if_not_exists=True)
+            db["telemetry"].create_index(["stream", "ts"], if_not_exists=True)  # retention (qos policies)
             db["events"].create(
                 {
                     "id": int,
@@ -779,6 +788,18 @@ class SqliteStore(Store):
                 "limit 1 offset ?), -1)",
                 [keep],
             ).rowcount
+
+    def telemetry_streams(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self.db.conn.execute("select distinct stream from telemetry")]
+
+    def prune_telemetry(self, streams: Sequence[str], before: int) -> int:
+        n = 0
+        with self._lock, self.db.atomic():
+            for stream in streams:
+                n += self.db.conn.execute("delete from telemetry where stream = ? and ts < ?",
+                                          [stream, before]).rowcount
+        return n
 
     # tasks -------------------------------------------------------------------------------------
 

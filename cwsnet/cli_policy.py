@@ -12,16 +12,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import cwsnet
 from cwsnet import registry as reg_mod
-from cwsnet.errors import ConfigError
+from cwsnet import topics
+from cwsnet.errors import ConfigError, CwsError
 from cwsnet.policy import AccessEngine, Subject, load_policies
+from cwsnet.policy.routing import RoutingEngine
 from cwsnet.policy.schema import ACTIONS
-
-
-def shipped_policies() -> Path:
-    """The default policies of this cwsnet (the checkout's ``policies/``)."""
-    return Path(cwsnet.__file__).resolve().parent.parent / "policies"
+from cwsnet.policy.watch import shipped_policies
 
 
 def policy_folders(args: argparse.Namespace) -> list[Path]:
@@ -57,10 +54,29 @@ def _subject(args: argparse.Namespace) -> Subject:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    engine = AccessEngine(load_policies(policy_folders(args)))
-    d = engine.decide(_subject(args), args.action, args.topic, args.broker)
+    pset = load_policies(policy_folders(args))
+    subject = _subject(args)
+    d = AccessEngine(pset).decide(subject, args.action, args.topic, args.broker)
     print(d.explain())
+    if args.action == "publish":
+        for extra in _data_decisions(pset, subject, args.topic):
+            print()
+            print(extra)
     return 0 if d.allowed else 3
+
+
+def _data_decisions(pset: Any, subject: Subject, topic: str) -> list[str]:
+    """For a node's own uplink topic: where its data goes (routing) and its rate limit and priority (qos)."""
+    try:
+        parts = topics.parse(topic)
+    except CwsError:
+        return []
+    if not parts.uplink or parts.node != subject.id:
+        return []
+    out = []
+    if parts.channel == "telemetry" and parts.sub:
+        out.append(RoutingEngine(pset).route(parts.site, parts.node, parts.sub).explain())
+    return out
 
 
 def add_parser(sub: Any) -> None:
@@ -82,8 +98,8 @@ def add_parser(sub: Any) -> None:
 
     p = actions.add_parser("explain", help="which rule lets a node publish or subscribe a topic, or stops it",
                            description="Evaluate one access decision and print the rule that made it, the filter "
-                                       "it matched, and what audit-mode policies would do. Exit 0 if allowed, "
-                                       "3 if denied.")
+                                       "it matched, and what audit-mode policies would do; for a node's own "
+                                       "telemetry, also where it goes (routing). Exit 0 if allowed, 3 if denied.")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", help="a device's node id")
     who.add_argument("--app", help="an app's id")

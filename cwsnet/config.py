@@ -117,7 +117,9 @@ class SensorConfig(Model):
     type: Literal["system", "simulated"]
     stream: str = Field(description="stream name: the last topic level of telemetry/{stream}")
     interval: float = Field(5.0, gt=0, le=86400, description="seconds between readings")
-    pattern: Literal["sine", "ramp", "random", "constant"] = "sine"
+    pattern: Literal["sine", "ramp", "square", "random", "constant"] = Field(
+        "sine", description="sine, ramp, square (offset+amplitude for the first half of each period, then "
+                            "offset-amplitude), random (a walk), constant (offset)")
     fields: list[str] = Field(default_factory=lambda: ["value"])
     amplitude: float = 10.0
     offset: float = 20.0
@@ -207,6 +209,12 @@ class GatewayConfig(Model):
     ota_dir: Path | None = Field(
         None, description="firmware releases served to the site's devices over the air, one folder per version "
                           "(`cwsnet firmware release` writes them); default: {data_dir}/ota")
+    policies_dir: Path | None = Field(
+        None, description="the site's own policy files, applied over the shipped defaults and re-read every "
+                          "second (docs/policies.md); default: {data_dir}/policies")
+    enforce_policies: bool = Field(
+        True, description="apply routing, rate-limit and automation policies at this gateway; false forwards "
+                          "everything as is (for measuring their cost; broker ACLs apply either way)")
     store: GatewayStore = Field(default_factory=GatewayStore, description="bounds of the uplink outbox")
     downlink: Downlink = Field(default_factory=Downlink, description="commands held for offline devices")
     status_interval: float = Field(10.0, gt=0, le=86400)

@@ -179,15 +179,19 @@ class CustodyAcks:
     busy_for: float = 5.0
     _custody: dict[str, set[int]] = field(default_factory=dict)
     _busy: dict[str, set[int]] = field(default_factory=dict)
+    _pause: dict[str, float] = field(default_factory=dict)
 
     def stored(self, device: str, seq: int) -> None:
         """``(device, seq)`` is committed in the gateway's outbox (new or already held)."""
         self._custody.setdefault(device, set()).add(seq)
 
-    def refused(self, device: str, seq: int | None = None) -> None:
+    def refused(self, device: str, seq: int | None = None, busy_for: float | None = None) -> None:
+        """``busy_for``: this device's pause, if not the default (a rate limit's time to its next token)."""
         refused = self._busy.setdefault(device, set())
         if seq is not None:
             refused.add(seq)
+        if busy_for is not None:
+            self._pause[device] = max(self._pause.get(device, 0.0), busy_for)
 
     def __bool__(self) -> bool:
         return bool(self._custody) or bool(self._busy)
@@ -201,13 +205,14 @@ class CustodyAcks:
     def _drain(self) -> Iterator[tuple[str, dict[str, Any]]]:
         custody, self._custody = self._custody, {}
         busy, self._busy = self._busy, {}
+        pause, self._pause = self._pause, {}
         for device in sorted(set(custody) | set(busy)):
             rs = ranges(custody.get(device, ()))
             chunks = [rs[i:i + MAX_RANGES] for i in range(0, len(rs), MAX_RANGES)] or [[]]
             for i, chunk in enumerate(chunks):
                 body: dict[str, Any] = {"custody": chunk}
                 if device in busy and i == 0:
-                    body["busy"] = self.busy_for
+                    body["busy"] = pause.get(device, self.busy_for)
                     if busy[device]:
                         body["refused"] = ranges(busy[device])[:MAX_RANGES]
                 yield device, body
@@ -218,6 +223,8 @@ class CustodyAcks:
             self._custody.setdefault(device, set()).update(range(first, last + 1))
         if "busy" in body:
             refused = self._busy.setdefault(device, set())
+            if body["busy"] != self.busy_for:
+                self._pause[device] = body["busy"]
             for first, last in parse_ranges(body.get("refused")):
                 refused.update(range(first, last + 1))
 

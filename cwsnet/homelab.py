@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from cwsnet.errors import ConfigError
 from cwsnet.identity import Identity, load_json_file, new_token, write_secret_file
 from cwsnet.tls import is_loopback_host
 from cwsnet.topics import check_name
+
+log = logging.getLogger("cwsnet.homelab")
 
 
 @dataclass
@@ -146,16 +149,30 @@ class HomeLab:
                 # the read-only debugging user on every broker: sees every (sealed) payload, publishes nothing
                 reg.add(registry_mod.Entry(admin["username"], topo.site, "operator", "", created=registry_mod.now_ms(),
                                            mqtt_token_sha256=_token_sha(admin["password"]), subscribe=("#",)))
-        # broker users and topic ACLs are derived from the registry; the cloud and the gateway keep
-        # them current while they run (a `cwsnet device` change reaches both within a second)
-        write_secret_file(self.path("brokers", "cloud-users.json"), registry_mod.cloud_broker_users(reg))
+        # broker users are derived from the registry, their topic ACLs from the access policies (shipped
+        # and the lab's own); the cloud and the gateway keep them current while they run (a `cwsnet
+        # device` change or a policy edit reaches both within a second)
+        access = self.access_engine()
+        write_secret_file(self.path("brokers", "cloud-users.json"), registry_mod.cloud_broker_users(reg, access))
         write_secret_file(self.path("brokers", f"site-{topo.site}-users.json"),
-                          registry_mod.site_broker_users(reg, topo.site))
+                          registry_mod.site_broker_users(reg, topo.site, access))
 
         self.ensure_tls(topo)
         self._write_configs(topo)
         self.topology_file.write_text(json.dumps(asdict(topo), indent=2) + "\n")
         return topo
+
+    def access_engine(self) -> Any:
+        """The access policies of this lab: the shipped defaults plus ``{data-dir}/policies``. Invalid site
+        files are reported (logged, with every problem) and the defaults alone apply, as in the cloud."""
+        from cwsnet.policy import AccessEngine, PolicyError, load_policies
+        from cwsnet.policy.watch import shipped_policies
+
+        try:
+            return AccessEngine(load_policies([shipped_policies(), self.path("policies")]))
+        except PolicyError as exc:
+            log.error("the lab's policies are refused, the shipped defaults apply:\n%s", "\n".join(exc.problems))
+            return AccessEngine(load_policies([shipped_policies()]))
 
     def revoked(self) -> set[str]:
         """Nodes the registry marks revoked (``up`` does not run them)."""
@@ -275,6 +292,7 @@ class HomeLab:
             "identity_file": f"../keys/{t.gateway}.json",
             "registry_file": "../registry.json",
             "data_dir": "../gateway",
+            "policies_dir": "../policies",
             "status_interval": t.status_interval,
             "broker": {"host": t.host,
                        **self._listeners(t, t.gateway_mqtt_port, t.gateway_mqtts_port, f"site-{t.site}-broker"),

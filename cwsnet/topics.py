@@ -5,6 +5,7 @@ Pure functions, no I/O. ``docs/protocol.md`` is the normative description.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -149,3 +150,12 @@ def parse(topic: str) -> TopicParts:
     if rest in (["ack"], ["config"], ["receipt"]):
         return TopicParts(site, node, rest[0], None)
     raise TopicError(f"topic {topic!r} has unknown channel {'/'.join(rest)!r}")
+
+
+def route_in_table(table: list[list[str]], stream: str) -> str:
+    """Where a device seals telemetry of ``stream``: ``gateway`` or ``cloud``, by the route table its
+    gateway sent (``[[stream pattern, "gateway" | "cloud"], ...]``, first match wins, protocol §9)."""
+    for pattern, to in table:
+        if fnmatch.fnmatchcase(stream, pattern):
+            return to
+    return "cloud"

@@ -104,6 +104,11 @@ class Agent:
         )
         self.link.subscribe(topics.task_cmd(self.site, self.node), qos=1)
         self.link.subscribe(topics.ack(self.site, self.node), qos=1)
+        self.link.subscribe(topics.config(self.site, self.node), qos=1)
+        # which telemetry streams are sealed to the gateway (kept on site), as the gateway last said
+        saved = self.state.get("routes") or {}
+        self.routes: list[list[str]] = saved.get("table", [])
+        self._routes_seq: int = saved.get("seq", 0)
 
     # ---- keys -------------------------------------------------------------------------------
     def _peer_key(self, node: str) -> Any:
@@ -253,7 +258,8 @@ class Agent:
             u = self._unstored[0]
             try:
                 if u.sealed is None:  # sealing may reserve a seq block, which writes to the disk too
-                    payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to="cloud", trace=u.trace)
+                    payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to=self._recipient(u.kind, u.topic),
+                                                         trace=u.trace)
                     u.sealed = (payload, header.seq)
                 payload, seq = u.sealed
                 added = self.outbox.add(seq, u.topic, payload, u.retain, u.kind)
@@ -416,6 +422,9 @@ class Agent:
             if opened.header.sender in ("cloud", self.gateway):
                 self._acked(opened.header.sender, opened.body)
             return
+        if opened.header.kind == "config" and opened.header.sender == self.gateway and self.gateway is not None:
+            self._routes_from_gateway(opened.header.seq, opened.body)
+            return
         if opened.header.sender != "cloud":
             log.warning("rejected %s on %s: only the cloud sends commands", opened.header.kind, msg.topic)
             return
@@ -434,6 +443,32 @@ class Agent:
             log.warning("%s seq %d from cloud not taken: %s", opened.header.kind, opened.header.seq, exc)
             return
         self._receipt(opened.header.seq)
+
+    def _routes_from_gateway(self, seq: int, body: Any) -> None:
+        """The gateway's routes (protocol §9): [[stream pattern, "gateway" | "cloud"], ...], first match
+        wins. Only a newer one (by the gateway's seq) is taken, so a replayed old one changes nothing."""
+        table = body.get("route") if isinstance(body, dict) else None
+        if not (isinstance(table, list) and all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                                                 and r[1] in ("gateway", "cloud") for r in table)):
+            log.warning("config from gateway %s without a valid route table; ignored", self.gateway)
+            return
+        if seq <= self._routes_seq:
+            return
+        try:
+            self.state.put("routes", {"seq": seq, "table": table})
+        except sqlite3.Error as exc:  # used in memory; the gateway sends it again at our next birth
+            self._storage_failed(exc)
+        if table != self.routes:
+            log.info("routes from gateway %s: %s", self.gateway,
+                     ", ".join(f"{p} -> {to}" for p, to in table) or "everything to the cloud")
+        self.routes, self._routes_seq = table, seq
+
+    def _recipient(self, kind: str, topic: str) -> str:
+        """``cloud``, or our gateway for telemetry of a stream the site keeps (routing policy)."""
+        if kind != "telemetry" or self.gateway is None or not self.routes:
+            return "cloud"
+        stream = topic.rsplit("/", 1)[-1]
+        return self.gateway if topics.route_in_table(self.routes, stream) == "gateway" else "cloud"
 
     def _take_task(self, opened: Any, topic: str) -> None:
         body = opened.body if isinstance(opened.body, dict) else {}

@@ -40,9 +40,11 @@ from cwsnet.nodestate import NodeState
 from cwsnet.registry import KeyRing, Registry, site_broker_users
 from edge_agent.sensors import system_snapshot
 from gateway.downlink import DownlinkStore
+from gateway.local import SiteData
 from gateway.ota import RATE as ota_rate
 from gateway.ota import OtaServer
 from gateway.outbox import UplinkOutbox
+from gateway.site_policy import SitePolicies
 
 log = logging.getLogger("cwsnet.gateway")
 
@@ -79,7 +81,9 @@ class Gateway:
         self.stats = {"received": 0, "duplicates": 0, "malformed": 0, "forwarded_up": 0, "forwarded_down": 0,
                       "acked": 0, "rejected_by_cloud": 0, "store_errors": 0, "custody_acks": 0,
                       "refused_full": 0, "refused_revoked": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0,
-                      "ota_chunks": 0, "ota_refused": 0}
+                      "ota_chunks": 0, "ota_refused": 0, "kept_on_site": 0, "routing_dropped": 0,
+                      "rate_limited": 0, "rate_dropped": 0, "summaries_sent": 0, "events_sent": 0,
+                      "automation_fired": 0, "automation_tasks": 0}
         self.store_error: str | None = None
         self._store_error_logged = float("-inf")
         self._refusals_logged = float("-inf")
@@ -89,6 +93,8 @@ class Gateway:
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.node}-outbox")
         self._incoming: asyncio.Queue[tuple[Message, Any, bool]] = asyncio.Queue(maxsize=10000)
         self.will_seq: int | None = None
+        self.local = SiteData(cfg.data_dir / "site-data.db")
+        self.site_policy = SitePolicies(self)
 
         self.site_link = link_for(
             cfg.site_client, bundle, cfg.reconnect, client_id=f"{self.node}-bridge", section="site_client",
@@ -158,7 +164,8 @@ class Gateway:
             await self._db_call(write_secret_file, self.pushed_registry_file, site.to_json())
         b = self.cfg.broker
         if b is not None and b.credentials_file is not None and site.managed:
-            await self._db_call(write_secret_file, b.credentials_file, site_broker_users(site, self.site))
+            await self._db_call(write_secret_file, b.credentials_file,
+                                site_broker_users(site, self.site, self.site_policy.access))
         self._use_registry(reg, source)
         if b is not None and b.credentials_file is not None and site.managed and self.broker is not None:
             kicked = await self.broker.enforce_credentials()
@@ -219,6 +226,16 @@ class Gateway:
             log.warning("dropped %s seq %d from %s: the device is revoked", header.kind, header.seq, header.sender)
             self.site_link.ack(msg)
             return
+        if parts.channel != "receipt" and self.cfg.enforce_policies:
+            verdict = self.site_policy.admit(header, parts)
+            if verdict != "admit":  # over its rate limit: refused (it keeps it and waits) or taken and dropped
+                self.site_link.ack(msg)
+                if verdict == "drop":
+                    self.custody.stored(header.sender, header.seq)
+                self._custody_wake.set()
+                return
+        if parts.channel == "telemetry" and await self.site_policy.telemetry(msg, header, parts):
+            return
         if parts.channel == "receipt":
             try:
                 await self._receipt(msg)
@@ -229,6 +246,8 @@ class Gateway:
             if header.sender not in self.devices_online or header.kind == "birth":
                 self.devices_online.add(header.sender)
                 asyncio.get_running_loop().create_task(self._deliver_held(header.sender))
+                asyncio.get_running_loop().create_task(self.site_policy.send_routes(header.sender,
+                                                                                    force=header.kind == "birth"))
         elif header.kind == "death":
             self.devices_online.discard(header.sender)
         await self._incoming.put((msg, header, parts.channel == "status"))
@@ -613,6 +632,48 @@ class Gateway:
                                     "other bytes: kept", *notice[:3])
             self._pump_wake.set()  # acks open the window
 
+    # ---- the gateway's own messages (summaries, events) -----------------------------------
+    async def emit_own(self, topic: str, kind: str, body: Any) -> None:
+        """Seal a message of the gateway's own for the cloud and put it in the uplink outbox: it goes
+        up (in order, re-sent until acked) like its devices' messages, also after an outage."""
+        payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
+        await self._db_call(self.outbox.add_many, [(self.node, header.seq, topic, payload, False)], self.clock())
+        self._pump_wake.set()
+
+    def emit_event(self, event_type: str, severity: str, message: str, data: dict[str, Any]) -> None:
+        """Record an event of the gateway's (an alert, a policy decision) for the cloud; never raises."""
+        body = {"type": event_type, "severity": severity, "message": message, "data": data}
+
+        async def go() -> None:
+            try:
+                await self.emit_own(topics.event(self.site, self.node, event_type), "event", body)
+                self.stats["events_sent"] += 1
+            except Exception as exc:  # noqa: BLE001 - disk full...: the event is lost, the gateway carries on
+                log.error("event %s not recorded (%s): %s", event_type, exc, message)
+
+        asyncio.get_running_loop().create_task(go())
+
+    async def db_call(self, fn: Any, *args: Any) -> Any:
+        return await self._db_call(fn, *args)
+
+    def storage_trouble(self, where: str, exc: sqlite3.Error) -> None:
+        self._storage_trouble(where, exc)
+
+    def wake_custody(self) -> None:
+        self._custody_wake.set()
+
+    async def policies_changed(self) -> None:
+        """A new policy set: the site broker's users and ACLs follow its access policies."""
+        b = self.cfg.broker
+        if b is None or b.credentials_file is None or not self.registry.managed:
+            return
+        await self._db_call(write_secret_file, b.credentials_file,
+                            site_broker_users(self.registry, self.site, self.site_policy.access))
+        if self.broker is not None:
+            kicked = await self.broker.enforce_credentials()
+            if kicked:
+                log.info("policies: disconnected %s from the site broker", ", ".join(kicked))
+
     # ---- gateway's own status -------------------------------------------------------------
     def status_body(self, state: str = "online") -> dict[str, Any]:
         return {
@@ -688,9 +749,11 @@ class Gateway:
 
             b = self.cfg.broker
             if b.credentials_file is not None and self.registry.managed:  # the registry it enforces now
-                write_secret_file(b.credentials_file, site_broker_users(self.registry, self.site))
+                write_secret_file(b.credentials_file,
+                                  site_broker_users(self.registry, self.site, self.site_policy.access))
             try:
-                self.broker = await start_broker(BrokerSettings.coerce(b))
+                self.broker = await start_broker(BrokerSettings.coerce(b),
+                                                 on_decision=self.site_policy.broker_hook())
             except ConfigError:
                 raise
             except Exception as exc:  # amqtt's BrokerError / OSError: port taken, bad certificate...
@@ -712,6 +775,7 @@ class Gateway:
                     tg.create_task(self._downlink_sweeper()),
                     tg.create_task(self._status_loop()),
                     tg.create_task(self._registry_watch()),
+                    tg.create_task(self.site_policy.run()),
                 ]
                 if ready is not None:
                     ready.set()
@@ -727,6 +791,7 @@ class Gateway:
                 metrics_server.shutdown()
             self._db.submit(self.outbox.close).result()
             self._db.submit(self.downlink.close).result()
+            self._db.submit(self.local.close).result()
             self._db.shutdown()
             self.state.close()
             log.info("gateway %s stopped", self.node)

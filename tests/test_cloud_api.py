@@ -368,11 +368,14 @@ def test_policies_are_listed_and_checked(env: Env, tmp_path: Path) -> None:
     r = env.client.get("/api/v1/policies")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert [p["name"] for p in body["policies"]] == ["default-access"] and body["refused"] is None
+    from cwsnet.policy import load_policies
+
+    shipped = [p.policy.name for p in load_policies([shipped_policies()]).policies]
+    assert [p["name"] for p in body["policies"]] == shipped and body["refused"] is None
     assert body["policies"][0]["rules"][0]["name"] == "device-uplink"
     good = "kind: access\nname: quarantine\nrules:\n  - {name: r, effect: deny, actions: [publish], topics: ['#']}\n"
     r = env.client.post("/api/v1/policies/check", json={"files": {"site.yaml": good}})
-    assert r.json() == {"ok": True, "problems": [], "policies": ["default-access", "quarantine"]}
+    assert r.json() == {"ok": True, "problems": [], "policies": [*shipped, "quarantine"]}
     bad = "kind: access\nname: q\nrules:\n  - {name: r, actions: [fly], topics: ['#']}\n"
     r = env.client.post("/api/v1/policies/check", json={"files": {"site.yaml": bad}})
     assert r.json()["ok"] is False

@@ -12,4 +12,7 @@ expressions (cel-python), compiled once, with a size limit.
 from cwsnet.policy.access import AccessEngine, Decision, Subject
 from cwsnet.policy.loader import PolicyError, PolicySet, load_policies
 
+# every kind registers itself with the loader when its module is imported
+from cwsnet.policy import automation, offload, qos, routing  # noqa: E402,F401  isort: skip
+
 __all__ = ["AccessEngine", "Decision", "PolicyError", "PolicySet", "Subject", "load_policies"]

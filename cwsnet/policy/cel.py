@@ -18,6 +18,7 @@ from celpy import celtypes
 MAX_CHARS = 2000
 MAX_NODES = 400
 logging.getLogger("celpy").setLevel(logging.WARNING)  # it logs every transpiled program at INFO
+logging.getLogger("celpy.Transpiler").setLevel(logging.CRITICAL)  # evaluation errors come back as notes
 
 
 class ConditionError(ValueError):

@@ -133,9 +133,9 @@ def duration(v: object, field: str = "duration") -> float:
     elif isinstance(v, str) and (m := _DURATION.match(v.strip())):
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     else:
-        raise ValueError(f"{field} must be a duration like 30s, 5m, 1h or 7d (got {v!r})")
+        raise ValueError(f"{field} must be a duration like 30s, 5m, 1h or 7d")
     if not 0 <= seconds <= 10 * 365 * 86400:
-        raise ValueError(f"{field} must be between 0 and 10 years (got {v!r})")
+        raise ValueError(f"{field} must be between 0 and 10 years")
     return seconds
 
 

@@ -12,6 +12,7 @@ MicroPython unix port runs this file unchanged against real brokers in the tests
 
 import asyncio
 import gc
+import json
 import sys
 
 from cws import envelope
@@ -25,6 +26,15 @@ except ImportError:  # running from source, not a `cwsnet firmware build`
     from cws import __version__ as VERSION  # noqa: N812
 
 CLS_TELEMETRY, CLS_EVENT, CLS_RESULT, CLS_OTHER = 0, 1, 2, 3
+
+
+def glob(p, s):
+    """Shell-style match with ``*`` and ``?`` (route patterns)."""
+    if not p:
+        return not s
+    if p[0] == "*":
+        return glob(p[1:], s) or (s != "" and glob(p, s[1:]))
+    return s != "" and p[0] in ("?", s[0]) and glob(p[1:], s[1:])
 
 
 def log(*args):
@@ -84,6 +94,12 @@ class Agent:
                                on_oversize=self.on_oversize)
         self.tasks = None  # cws.tasks.TaskRunner, set by the app
         self.ota = None  # cws.ota.Updater, set by the app
+        self.routes = [0, []]  # [gateway seq, [[stream pattern, "gateway"|"cloud"], ...]] (protocol §9)
+        try:
+            with open(state_dir + "/routes") as f:
+                self.routes = json.loads(f.read())
+        except (OSError, ValueError):
+            pass
 
     # ---- clocks ------------------------------------------------------------------------------
     def uptime_ms(self):
@@ -112,8 +128,14 @@ class Agent:
         that message, counted in ``dropped`` and reported in ``storage``: never the agent.
         """
         seq = None
+        to = "cloud"
+        if kind == "telemetry" and self.s.gateway:
+            for p, where in self.routes[1]:
+                if glob(p, body["stream"]):
+                    to = self.s.gateway if where == "gateway" else "cloud"
+                    break
         try:
-            topic, seq, payload = self.seal(channel, kind, body)  # (the seq mark is on flash too)
+            topic, seq, payload = self.seal(channel, kind, body, to)  # (the seq mark is on flash too)
             self.buf.put(seq, cls, topic, payload)
         except (OSError, ValueError) as e:
             self.storage_error = "%s: %s" % (kind, e)
@@ -195,6 +217,16 @@ class Agent:
             self.hw.set_clock(header["ts"])  # no NTP: the gateway's or cloud's sealed clock will do
         if channel == "ack" and kind == "ack":
             self.on_ack(header, body)
+            return
+        if kind == "config" and header["from"] == self.s.gateway:
+            r = body.get("route")
+            if header["seq"] > self.routes[0] and isinstance(r, list):
+                self.routes = [header["seq"], r]
+                try:
+                    with open(self.state_dir + "/routes", "w") as f:
+                        f.write(json.dumps(self.routes))
+                except OSError:
+                    pass  # used in memory; the gateway sends it again at the next birth
             return
         if header["from"] != "cloud" or channel not in ("task/cmd", "config"):
             self.stats["rejected"] += 1

@@ -1,0 +1,346 @@
+"""The gateway's policy enforcement: routing, rate limits and site-local automation.
+
+- **Policies** are the shipped defaults plus the gateway's ``policies_dir``, re-read every second
+  (an invalid change is refused as a whole and the previous set stays; both are reported to the
+  cloud as ``policy.changed`` / ``policy.refused`` events of the gateway).
+- **Routing**: each device is told its routes (which streams it seals to the gateway) in a sealed
+  ``config`` message when it is first seen and when the routes change. Telemetry sealed to the
+  gateway is opened, stored in :class:`~gateway.local.SiteData`, custody-acked and never
+  forwarded; the summaries of each window go up as the gateway's own telemetry. A stream kept on
+  site but sealed to the cloud (a device that has not heard its routes yet) is dropped here and
+  recorded as a ``routing.dropped`` event naming the rule.
+- **Rate limits** (``qos`` policies): a device over its limit is refused (``pause``: not
+  custody-acked, told ``busy`` for the time to its next token, so it keeps the message) or its
+  message is taken and discarded (``drop``); other devices' buckets are untouched.
+- **Automation** (``automation`` policies, ``at: gateway``) runs over the readings the site keeps,
+  so a site keeps its rules while the cloud is unreachable: alerts and the results of tasks run on
+  the gateway go up as the gateway's events through its outbox, delivered when the cloud is back.
+
+Denials and drops become events through :meth:`Gateway.emit_event`, at most one per rule, device
+and kind a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cwsnet import topics
+from cwsnet.errors import EnvelopeError
+from cwsnet.mqtt import LinkError, Message
+from cwsnet.policy import AccessEngine, PolicySet, Subject
+from cwsnet.policy.access import DenyRecorder
+from cwsnet.policy.automation import AutomationEngine, Observation
+from cwsnet.policy.qos import QosEngine
+from cwsnet.policy.routing import RoutingEngine, summarize
+from cwsnet.policy.watch import shipped_policies, start_watcher
+from edge_agent.handlers import registry as handler_registry
+
+if TYPE_CHECKING:
+    from gateway.bridge import Gateway
+
+log = logging.getLogger("cwsnet.gateway.policy")
+
+TASK_TIMEOUT = 60.0  # seconds an automation task may run on the gateway
+MAX_CATCH_UP = 10_000  # summary windows examined per round after a long stop
+
+
+class SitePolicies:
+    def __init__(self, gw: Gateway, folders: list[Path] | None = None) -> None:
+        self.gw = gw
+        policies_dir = gw.cfg.policies_dir or gw.cfg.data_dir / "policies"
+        self.watcher = start_watcher(folders or [shipped_policies(), policies_dir], gw.clock, log)
+        self.routes_sent: dict[str, list[list[str]]] = {}
+        self._muted: dict[tuple[str, ...], float] = {}
+        self._state_dirty = False
+        self._handlers = handler_registry(["echo", "sha256", "sleep"])
+        self.recorder: DenyRecorder | None = None
+        self.use(self.watcher.active)
+        saved = gw.local.get_mark("automation-state")
+        if saved:
+            try:
+                self.automation.load_state(saved)
+            except Exception as exc:  # noqa: BLE001 - a damaged state only costs a possible repeat firing
+                log.warning("automation state not restored (%s); rules start idle", exc)
+
+    def use(self, pset: PolicySet | None) -> None:
+        self.pset = pset
+        # the site broker's ACLs come from the access policies (all of the set, whatever enforce_policies says)
+        self.access = AccessEngine(pset) if pset is not None else None
+        if self.access is not None:
+            if getattr(self, "recorder", None) is None:
+                self.recorder = DenyRecorder(self.access)
+            else:
+                self.recorder.engine = self.access
+        if not self.gw.cfg.enforce_policies:  # routes: everything to the cloud; no limits, no automation
+            pset = PolicySet()
+        self.routing = RoutingEngine(pset)
+        self.qos = QosEngine(pset or PolicySet(), previous=getattr(self, "qos", None))  # buckets carry over
+        old = getattr(self, "automation", None)
+        self.automation = AutomationEngine(pset or PolicySet(), at="gateway")
+        if old is not None:
+            self.automation.load_state(old.state())
+
+    # ---- events -------------------------------------------------------------------------
+    def event(self, kind: str, severity: str, message: str, data: dict[str, Any], key: tuple[str, ...] = ()) -> None:
+        """Report to the cloud (and the log), at most once a minute per ``(kind, *key)``."""
+        now = time.monotonic()
+        k = (kind, *key)
+        if now - self._muted.get(k, float("-inf")) < 60.0:
+            return
+        if len(self._muted) > 10_000:
+            self._muted.clear()
+        self._muted[k] = now
+        (log.warning if severity in ("warning", "error", "critical") else log.info)("%s: %s", kind, message)
+        self.gw.emit_event(kind, severity, message, data)
+
+    def broker_hook(self) -> Any:
+        """The site broker's ``on_decision``: refused access attempts become events naming the rule."""
+        if self.recorder is None:
+            return None
+
+        def subject(username: str) -> Subject | None:
+            e = self.gw.registry.get(username)
+            return Subject(e.id, e.role, e.site) if e is not None and e.active else None
+
+        return self.recorder.broker_hook(subject, lambda ev: self.gw.emit_event(
+            ev["kind"], ev["severity"], ev["message"], ev.get("data") or {}), broker="site")
+
+    # ---- rate limits ----------------------------------------------------------------------
+    def admit(self, header: Any, parts: topics.TopicParts) -> str:
+        """"admit", "pause" or "drop" for one device message, before it is stored."""
+        channel = "task_result" if parts.channel == "task/result" else parts.channel
+        entry = self.gw.registry.get(header.sender)
+        v = self.qos.admit(site=parts.site, node=header.sender, role=entry.role if entry else "device",
+                           channel=channel, stream=parts.sub, now=time.monotonic())
+        if v.action == "admit":
+            return "admit"
+        self.gw.stats["rate_limited" if v.action == "pause" else "rate_dropped"] += 1
+        self.event("qos.limited", "warning",
+                   f"{header.sender} over its rate limit on {parts.channel}"
+                   + (f"/{parts.sub}" if parts.sub else "") + f": {v.action} (decided by {v.policy}/{v.rule})",
+                   {"node": header.sender, "channel": channel, "stream": parts.sub, "action": v.action,
+                    "rule": f"{v.policy}/{v.rule}", "source": v.source, "retry_after": v.retry_after},
+                   key=(header.sender, str(v.rule)))
+        if v.action == "pause":
+            self.gw.custody.refused(header.sender, header.seq, busy_for=v.retry_after)
+        return v.action
+
+    # ---- routing --------------------------------------------------------------------------
+    async def telemetry(self, msg: Message, header: Any, parts: topics.TopicParts) -> bool:
+        """Handle telemetry the routing policy keeps on site; False: forward it as usual."""
+        gw = self.gw
+        if header.recipient == gw.node:
+            await self._keep(msg, header, parts)
+            return True
+        route = self.routing.route(parts.site, header.sender, parts.sub or "")
+        if route.to != "gateway":
+            return False
+        # sealed to the cloud, but the site keeps this stream: never forwarded. Taken (custody-acked)
+        # so the device does not send it forever, and the device is told its routes again.
+        gw.site_link.ack(msg)
+        gw.custody.stored(header.sender, header.seq)
+        gw.wake_custody()
+        gw.stats["routing_dropped"] += 1
+        self.event("routing.dropped", "warning",
+                   f"telemetry/{parts.sub} of {header.sender} was sealed to the cloud; dropped at the gateway: "
+                   f"{route.decided_by} keeps it on site", {"node": header.sender, "stream": parts.sub,
+                                                            "rule": route.decided_by, "source": route.source},
+                   key=(header.sender, parts.sub or ""))
+        await self.send_routes(header.sender, force=True)
+        return True
+
+    async def _keep(self, msg: Message, header: Any, parts: topics.TopicParts) -> None:
+        gw = self.gw
+        try:
+            opened = gw.endpoint.open(msg.payload, msg.topic)
+        except EnvelopeError as exc:
+            gw.stats["malformed"] += 1
+            log.warning("rejected telemetry sealed to the gateway on %s: %s (%s)", msg.topic, exc, exc.reason)
+            gw.site_link.ack(msg)
+            return
+        readings = _readings(opened.body)
+        if readings is None:
+            gw.stats["malformed"] += 1
+            log.warning("telemetry on %s from %s is not {stream, readings: [{ts, values}]}: taken without effect",
+                        msg.topic, header.sender)
+            readings = []
+        try:
+            new = await gw.db_call(gw.local.add_batch, header.sender, header.seq, parts.sub or "", readings)
+        except sqlite3.Error as exc:  # not custody-acked: the device sends it again
+            gw.storage_trouble("keeping site telemetry", exc)
+            gw.site_link.ack(msg)
+            return
+        gw.site_link.ack(msg)
+        gw.custody.stored(header.sender, header.seq)
+        gw.wake_custody()
+        gw.stats["kept_on_site"] += 1
+        if not new:
+            return
+        now_ms = int(gw.clock() * 1000)
+        for ts, values in readings:
+            obs = Observation(site=parts.site, node=header.sender, kind="telemetry", stream=parts.sub,
+                              values=values, ts=ts)
+            for firing in self.automation.observe(obs, now_ms):
+                await self._fire(firing)
+        self._state_dirty = True
+
+    async def send_routes(self, device: str, force: bool = False) -> None:
+        """Tell ``device`` which of its streams it seals to the gateway (if changed, or ``force``)."""
+        gw = self.gw
+        entry = gw.registry.get(device)
+        if entry is None or not entry.active or entry.role != "device":
+            return
+        table = self.routing.device_table(gw.site, device)
+        if not force and self.routes_sent.get(device) == table:
+            return
+        topic = topics.config(gw.site, device)
+        try:
+            payload, _h = gw.endpoint.seal(topic, "config", {"route": table}, to=device,
+                                           recipient_key=gw.ring.key_for_reply(device, gw.device_kv.get(device)))
+            await gw.site_link.publish(topic, payload, qos=1)
+        except (LinkError, sqlite3.Error, EnvelopeError, Exception) as exc:  # noqa: BLE001 - retried next time
+            log.info("routes for %s not sent (%s); sent again when it is next seen", device, exc)
+            return
+        self.routes_sent[device] = table
+
+    # ---- automation -----------------------------------------------------------------------
+    async def _fire(self, firing: Any) -> None:
+        gw = self.gw
+        gw.stats["automation_fired"] += 1
+        try:
+            await gw.db_call(gw.local.put_mark, "automation-state", self.automation.state())
+            self._state_dirty = False
+        except sqlite3.Error as exc:
+            gw.storage_trouble("saving the automation state", exc)
+        if firing.mode == "audit":
+            self.event("automation.audit", "info", f"{firing.policy}/{firing.rule} would fire for {firing.node} "
+                       "(audit mode: nothing run)", {"rule": f"{firing.policy}/{firing.rule}", "node": firing.node,
+                                                     "values": firing.values})
+            return
+        log.warning("automation: %s", firing.explain().replace("\n", "; "))
+        for action in firing.actions:
+            await self._act(firing, action)
+
+    async def _act(self, firing: Any, action: Any) -> None:
+        rule = f"{firing.policy}/{firing.rule}"
+        base = {"rule": rule, "source": firing.source, "node": firing.node, "since": firing.since_ms,
+                "at": firing.at_ms, "values": firing.values}
+        kind = getattr(action, "kind", type(action).__name__.lower())
+        if kind == "alert":
+            self.gw.emit_event("alert", action.severity, action.message, base)
+        elif kind == "task" and action.on == "gateway":
+            asyncio.get_running_loop().create_task(self._run_task(rule, action, base))
+        else:  # a task elsewhere or a command: only the cloud may command a device; ask it
+            self.gw.emit_event("automation.request", "info",
+                               f"{rule} asks the cloud to {kind} {action.handler} on {action.target}",
+                               base | {"action": kind, "handler": action.handler, "args": dict(action.args),
+                                       "target": action.target})
+
+    async def _run_task(self, rule: str, action: Any, base: dict[str, Any]) -> None:
+        gw = self.gw
+        handler = self._handlers.get(action.handler)
+        started = int(gw.clock() * 1000)
+        if handler is None:
+            state, result, error = "failed", None, f"no handler {action.handler!r} on the gateway " \
+                                                   f"(it has {', '.join(sorted(self._handlers))})"
+        else:
+            try:
+                result = await asyncio.wait_for(handler(dict(action.args)), TASK_TIMEOUT)
+                state, error = "succeeded", None
+            except Exception as exc:  # noqa: BLE001 - a failing handler is reported, never fatal
+                state, result, error = "failed", None, f"{type(exc).__name__}: {exc}"
+        gw.stats["automation_tasks"] += 1
+        gw.emit_event("automation.task", "info" if state == "succeeded" else "error",
+                      f"{rule} ran {action.handler} on gateway {gw.node}: {state}" + (f" ({error})" if error else ""),
+                      base | {"handler": action.handler, "state": state, "result": result, "error": error,
+                              "started": started, "finished": int(gw.clock() * 1000)})
+
+    # ---- the loop -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Every second: policy reload, automation timers, due summaries; every minute: expiry."""
+        last_expire = float("-inf")
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._reload()
+                now_ms = int(self.gw.clock() * 1000)
+                for firing in self.automation.tick(now_ms):
+                    await self._fire(firing)
+                await self._summaries(now_ms)
+                if self._state_dirty:
+                    await self.gw.db_call(self.gw.local.put_mark, "automation-state", self.automation.state())
+                    self._state_dirty = False
+                if time.monotonic() - last_expire >= 60.0:
+                    last_expire = time.monotonic()
+                    await self._expire(now_ms)
+            except sqlite3.Error as exc:
+                self.gw.storage_trouble("site policy upkeep", exc)
+            except Exception:
+                log.exception("site policy round failed; next round in 1 s")
+
+    async def _reload(self) -> None:
+        ch = await asyncio.to_thread(self.watcher.check)
+        if ch is None:
+            return
+        if not ch.accepted:
+            self.gw.emit_event("policy.refused", "error", f"gateway {self.gw.node}: policy change refused "
+                               f"({len(ch.problems)} problems); the previous set stays active",
+                               {"problems": ch.problems[:50], "active": ch.names})
+            log.error("policy change refused; still applying %s:\n%s", ", ".join(ch.names), "\n".join(ch.problems))
+            return
+        self.use(self.watcher.active)
+        log.info("policies reloaded: %s", ", ".join(ch.names))
+        self.gw.emit_event("policy.changed", "info", f"gateway {self.gw.node}: policy set reloaded: "
+                           f"{', '.join(ch.names)}", {"policies": ch.names})
+        await self.gw.policies_changed()
+        for device in list(self.gw.devices_online):
+            await self.send_routes(device)
+
+    async def _summaries(self, now_ms: int) -> None:
+        gw = self.gw
+        for policy, _source, rule in self.routing.summaries():
+            s = rule.summary
+            assert s is not None
+            every = int(s.every * 1000)
+            key = f"summary:{policy}/{rule.name}"
+            mark = await gw.db_call(gw.local.get_mark, key)
+            due_end = now_ms // every * every
+            if mark is None:  # first run of this rule: start with the window now open
+                await gw.db_call(gw.local.put_mark, key, due_end)
+                continue
+            rounds = 0
+            while mark + every <= due_end and rounds < MAX_CATCH_UP:
+                rounds += 1
+                rows = await gw.db_call(gw.local.window, rule.match.streams, mark, mark + every)
+                readings = summarize(rows, mark, mark + every, list(s.stats))
+                if readings:
+                    await gw.emit_own(topics.telemetry(gw.site, gw.node, s.stream), "telemetry",
+                                      {"stream": s.stream, "readings": readings})
+                    gw.stats["summaries_sent"] += 1
+                    mark += every
+                else:  # skip the empty windows up to the next reading at once
+                    nxt = await gw.db_call(gw.local.first_ts, rule.match.streams, mark + every)
+                    mark = due_end if nxt is None else max(mark + every, min(due_end, nxt // every * every))
+                await gw.db_call(gw.local.put_mark, key, mark)
+
+    async def _expire(self, now_ms: int) -> None:
+        for rule, keep in self.routing.keeps():
+            n = await self.gw.db_call(self.gw.local.expire, rule.match.streams, now_ms - int(keep * 1000))
+            if n:
+                log.info("expired %d site readings of %s (kept %.0f s)", n, rule.name, keep)
+
+
+def _readings(body: Any) -> list[tuple[int, dict[str, Any]]] | None:
+    if not isinstance(body, dict) or not isinstance(body.get("readings"), list):
+        return None
+    out = []
+    for r in body["readings"]:
+        if not (isinstance(r, dict) and isinstance(r.get("ts"), int) and isinstance(r.get("values"), dict)):
+            return None
+        out.append((r["ts"], r["values"]))
+    return out
