@@ -636,3 +636,21 @@ class OffloadEngine:
 
 __all__ = ["NodeMetrics", "OffloadEngine", "OffloadPolicy", "OffloadRule", "Placement", "TaskInfo",
            "explain_task", "human_size", "size"]
+
+
+def metrics_from_status(node: str, tier: str, site: str, online: bool, status: dict[str, Any] | None) -> NodeMetrics:
+    """A node's measurements from its latest status report (docs/protocol.md §3): ``cpu`` there is a
+    percentage; ``tasks_running`` (agents) or ``queue`` (gateways) is its queue; ``handlers`` what it runs."""
+    s = status or {}
+
+    def num(k: str) -> float | None:
+        v = s.get(k)
+        return None if v is None or isinstance(v, bool) or not isinstance(v, int | float) else float(v)
+
+    cpu = num("cpu")
+    queue = num("tasks_running") if "tasks_running" in s else num("queue")
+    handlers = s.get("handlers")
+    return NodeMetrics(node, tier, site, online, None if cpu is None else min(max(cpu / 100.0, 0.0), 1.0),
+                       None if num("mem_free") is None else int(num("mem_free") or 0), num("battery"),
+                       None if queue is None else int(queue), num("latency_ms"), num("bandwidth_kbps"),
+                       frozenset(), frozenset(map(str, handlers)) if isinstance(handlers, list) and handlers else None)
