@@ -132,13 +132,20 @@ def cloud_and_gateway(lab: HomeLab, topo: Topology) -> Iterator[None]:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path) -> dict[str, float]:
-    lab = HomeLab(workdir / f"lab-b{batch}")
+def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path, *, name: str | None = None,
+               gateway: dict | None = None) -> dict[str, float]:
+    """``gateway``: settings to change in the gateway's config (e.g. ``{"enforce_policies": False}``)."""
+    lab = HomeLab(workdir / (name or f"lab-b{batch}"))
     topo = lab.init(Topology(
         site="bench", gateway="gw-bench", devices=[f"b{i}" for i in range(devices)],
         cloud_mqtt_port=free_port(), gateway_mqtt_port=free_port(), http_port=free_port(),
         cloud_mqtts_port=free_port(), gateway_mqtts_port=free_port(),
     ))
+    if gateway:
+        import yaml
+
+        path = lab.config_path(topo.gateway)
+        path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | gateway))
     with cloud_and_gateway(lab, topo):
         # Devices seal ahead of sending (as a real one seals when it reads), so the throughput run
         # measures the path, not the load generator; sealing cost is timed and reported separately.

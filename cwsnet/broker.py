@@ -660,6 +660,9 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self._denials: dict[tuple[str | None, str], tuple[float, int]] = {}
         self._audits: dict[tuple[str | None, str, str], tuple[float, int]] = {}
         self._reported: dict[tuple[str | None, str, str], float] = {}
+        #: username -> (monotonic time until which its CONNECTs are refused, why): a device that ignores
+        #: its rate limit's pause is locked out for a while (CwsBroker.lock_out)
+        self.lockouts: dict[str, tuple[float, str]] = {}
         if self._path is not None:
             self._signature = self._stat_signature()
             # raises ConfigError naming the file: a broker must not start with a broken file
@@ -783,6 +786,11 @@ class CwsAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 return False
             if password is None or not hmac.compare_digest(hashlib.sha256(password).digest(), user.token_sha256):
                 log.info("auth: refused %s: bad token for user %r", client, username)
+                return False
+            locked = self.lockouts.get(username)
+            if locked is not None and locked[0] > time.monotonic():
+                log.info("auth: refused %s: user %r is locked out for %.0f s more (%s)", client, username,
+                         locked[0] - time.monotonic(), locked[1])
                 return False
             if user.loopback_only and not self._listener_is_loopback(session):
                 log.warning("auth: refused %s: user %r may connect only on a loopback listener", client, username)
@@ -1039,6 +1047,29 @@ class CwsBroker(Broker):
             if why is None:
                 continue
             log.warning("auth: disconnecting client %r from %s: %s", client_id, session.remote_address, why)
+            try:
+                await handler.handle_connection_closed()
+                await handler.stop()
+            except Exception as exc:  # the connection may be closing already
+                log.debug("disconnecting %r: %s", client_id, exc)
+            kicked.append(client_id)
+        return kicked
+
+    async def lock_out(self, username: str, seconds: float, why: str) -> list[str]:
+        """Disconnect every client of ``username`` and refuse its CONNECTs for ``seconds`` (a device
+        flooding past its rate limit's pause); return the client ids disconnected."""
+        plugin = self.access_plugin()
+        if plugin is None:
+            return []
+        plugin.lockouts[username] = (time.monotonic() + seconds, why)
+        if len(plugin.lockouts) > 10_000:  # forget the expired ones
+            now = time.monotonic()
+            plugin.lockouts = {u: v for u, v in plugin.lockouts.items() if v[0] > now}
+        kicked = []
+        for client_id, (session, handler) in list(self._sessions.items()):
+            if handler is None or session.username != username or not session.transitions.is_connected():
+                continue
+            log.warning("disconnecting client %r (user %r) for %.0f s: %s", client_id, username, seconds, why)
             try:
                 await handler.handle_connection_closed()
                 await handler.stop()

@@ -47,6 +47,7 @@ log = logging.getLogger("cwsnet.gateway.policy")
 
 TASK_TIMEOUT = 60.0  # seconds an automation task may run on the gateway
 MAX_CATCH_UP = 10_000  # summary windows examined per round after a long stop
+IGNORED_PAUSE = 200  # messages refused within one pause: the device ignores it (twice the agent's window)
 
 
 class SitePolicies:
@@ -59,6 +60,8 @@ class SitePolicies:
         self._state_dirty = False
         self._handlers = handler_registry(["echo", "sha256", "sleep"])
         self.recorder: DenyRecorder | None = None
+        self._pauses: dict[str, tuple[float, int]] = {}  # device -> (start of its pause window, refused in it)
+        self._penalties: dict[str, tuple[float, float]] = {}  # device -> (last lock-out, its length)
         self.use(self.watcher.active)
         saved = gw.local.get_mark("automation-state")
         if saved:
@@ -128,7 +131,33 @@ class SitePolicies:
                    key=(header.sender, str(v.rule)))
         if v.action == "pause":
             self.gw.custody.refused(header.sender, header.seq, busy_for=v.retry_after)
+            self._ignoring_pause(header.sender, v)
         return v.action
+
+    def _ignoring_pause(self, device: str, v: Any) -> None:
+        """A device told to pause stops within its send window (the CPython agent's is 100 messages, the
+        firmware's 8). One that goes on sending more than ``IGNORED_PAUSE`` messages within one
+        pause ignores it: refusing them still costs the site broker and this gateway as much as
+        taking them, so it is disconnected and locked out of the site broker for 10 s, doubling for
+        each repeat up to 5 minutes (reset after 10 minutes of good behaviour)."""
+        now = time.monotonic()
+        start, count = self._pauses.get(device, (now, 0))
+        if now - start > max(v.retry_after, 1.0) + 1.0:  # a new pause window
+            start, count = now, 0
+        count += 1
+        self._pauses[device] = (start, count)
+        if count <= IGNORED_PAUSE or self.gw.broker is None:
+            return
+        self._pauses.pop(device, None)
+        last, penalty = self._penalties.get(device, (float("-inf"), 5.0))
+        penalty = 10.0 if now - last > 600 else min(penalty * 2, 300.0)
+        self._penalties[device] = (now, penalty)
+        self.gw.stats["rate_lockouts"] += 1
+        why = f"ignored the pause of rate limit {v.policy}/{v.rule}"
+        self.event("qos.locked_out", "warning", f"{device} {why}: disconnected, locked out of the site broker "
+                   f"for {penalty:.0f} s", {"node": device, "rule": f"{v.policy}/{v.rule}", "source": v.source,
+                                            "seconds": penalty, "refused_in_pause": count}, key=(device,))
+        asyncio.get_running_loop().create_task(self.gw.broker.lock_out(device, penalty, why))
 
     # ---- routing --------------------------------------------------------------------------
     async def telemetry(self, msg: Message, header: Any, parts: topics.TopicParts) -> bool:

@@ -21,3 +21,25 @@ def test_e2e_benchmark_runs_and_reports_ratios() -> None:
     for key in ("cwsnet_sealed_readings_per_s", "baseline_mosquitto_qos1_per_s", "ratio_single_vs_baseline",
                 "cwsnet_latency_ms_p50", "cwsnet_latency_ms_p99", "baseline_latency_ms_p50"):
         assert out[key] is not None and out[key] > 0, key
+
+
+def test_policy_benchmark_runs_and_reports_ratios() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "policy.py"
+    r = subprocess.run([sys.executable, str(bench), "--devices", "2", "--messages", "20", "--rounds", "1",
+                        "--decisions", "2000", "--json"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("access_decisions_per_s", "routing_decisions_per_s", "qos_decisions_per_s",
+                "automation_observations_per_s", "offload_placements_per_s", "ratio_on_vs_off"):
+        assert out[key] is not None and out[key] > 0, key
+
+
+def test_rate_limit_benchmark_runs_and_reports_ratios() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "ratelimit.py"
+    r = subprocess.run([sys.executable, str(bench), "--rate", "5", "--seconds", "2", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["flood_limited_flood_stored"] < out["flood_no_limit_flood_stored"]
+    for key in ("quiet_p50_ms", "flood_limited_p99_ms", "p99_ratio_limited_vs_quiet"):
+        assert out[key] is not None and out[key] >= 0, key
