@@ -201,3 +201,28 @@ def test_ota_update_is_committed_and_a_bad_one_rolls_back(tmp_path: Path, procs:
     n = len(cloud_rows(d, "select 1 from messages where sender = 'dev-1' and kind = 'telemetry'"))
     wait_for(lambda: len(cloud_rows(d, "select 1 from messages where sender = 'dev-1' and kind = 'telemetry'"))
              > n + 3, timeout=60, message="telemetry flowing again after the rollback")
+
+
+def test_the_firmware_seals_a_stream_its_site_keeps_to_its_gateway(tmp_path: Path, procs: ProcessSet) -> None:
+    """Routing (protocol §9): the gateway sends the board its routes; `health` is then sealed to the
+    gateway, kept there and never forwarded, while `env` still goes to the cloud."""
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    board = board_for(d, tmp_path, sensors=[
+        {"type": "simulated", "stream": "env", "interval": 0.3, "fields": ["temperature"]},
+        {"type": "simulated", "stream": "health", "interval": 0.2, "fields": ["hr"], "offset": 70}])
+    board.start(procs)
+    site_db = d.lab.path("gateway", "site-data.db")
+
+    def kept() -> int:
+        with sqlite3.connect(site_db) as db:
+            return db.execute("select count(*) from readings where node = 'dev-1' and stream = 'health'").fetchone()[0]
+
+    wait_for(lambda: site_db.exists() and kept() >= 10, timeout=60, message="health readings kept at the gateway")
+    assert (board.path("cwsnet", "state", "routes")).exists()  # the routes it was sent, on its flash
+    wait_for(lambda: cloud_rows(d, "select count(*) from telemetry where sender = 'dev-1' and stream = 'env'")[0][0]
+             >= 5, timeout=30, message="env telemetry at the cloud")
+    # what it sealed to the cloud before it heard its routes was dropped at the gateway, never forwarded
+    assert cloud_rows(d, "select count(*) from telemetry where stream = 'health'") == [(0,)]
+    wait_for(lambda: buffered(board) == 0, timeout=30, message="everything custody-acked")
