@@ -82,7 +82,7 @@ class Gateway:
                       "acked": 0, "rejected_by_cloud": 0, "store_errors": 0, "custody_acks": 0,
                       "refused_full": 0, "refused_revoked": 0, "commands_held": 0, "commands_expired": 0, "receipts": 0,
                       "ota_chunks": 0, "ota_refused": 0, "kept_on_site": 0, "routing_dropped": 0,
-                      "rate_limited": 0, "rate_dropped": 0, "summaries_sent": 0, "events_sent": 0,
+                      "rate_limited": 0, "rate_dropped": 0, "rate_lockouts": 0, "summaries_sent": 0, "events_sent": 0,
                       "automation_fired": 0, "automation_tasks": 0}
         self.store_error: str | None = None
         self._store_error_logged = float("-inf")
@@ -341,7 +341,12 @@ class Gateway:
             batch = self._admit(batch)
             if not batch:
                 continue
-            rows = [(h.sender, h.seq, m.topic, m.payload, retain) for m, h, retain in batch]
+            # each message's priority class from the qos policies (the engine caches per sender and stream)
+            qos, rows = self.site_policy.qos, []
+            for m, h, retain in batch:
+                entry = self.registry.get(h.sender)
+                rows.append((h.sender, h.seq, m.topic, m.payload, retain,
+                             self.outbox.priority_for(qos, m.topic, role=entry.role if entry else "device")))
             delay = 0.2
             while True:
                 try:
@@ -637,7 +642,10 @@ class Gateway:
         """Seal a message of the gateway's own for the cloud and put it in the uplink outbox: it goes
         up (in order, re-sent until acked) like its devices' messages, also after an outage."""
         payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
-        await self._db_call(self.outbox.add_many, [(self.node, header.seq, topic, payload, False)], self.clock())
+        policies = getattr(self, "site_policy", None)  # None while the gateway is being built
+        priority = self.outbox.priority_for(policies.qos if policies else None, topic, role="gateway")
+        await self._db_call(self.outbox.add_many, [(self.node, header.seq, topic, payload, False, priority)],
+                            self.clock())
         self._pump_wake.set()
 
     def emit_event(self, event_type: str, severity: str, message: str, data: dict[str, Any]) -> None:
