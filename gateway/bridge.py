@@ -640,7 +640,8 @@ class Gateway:
     # ---- the gateway's own messages (summaries, events) -----------------------------------
     async def emit_own(self, topic: str, kind: str, body: Any) -> None:
         """Seal a message of the gateway's own for the cloud and put it in the uplink outbox: it goes
-        up (in order, re-sent until acked) like its devices' messages, also after an outage."""
+        up (in order within its priority class, re-sent until acked) like its devices' messages, also
+        after an outage."""
         payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
         policies = getattr(self, "site_policy", None)  # None while the gateway is being built
         priority = self.outbox.priority_for(policies.qos if policies else None, topic, role="gateway")
