@@ -41,6 +41,7 @@ from amqtt.errors import AMQTTError, BrokerError
 from cloud.api import CloudState, create_app
 from cloud.apps import AppFanout
 from cloud.auth import AuthStore
+from cloud.automation import CloudAutomation, RetentionSweeper, state_path
 from cloud.fanout import Fanout
 from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
 from cloud.metrics import CloudMetrics, NodeStatusCollector
@@ -72,6 +73,9 @@ QUEUE_MAX = 2000
 EXPIRED_ERROR = "deadline passed before the device could run it"
 EXPIRED_RUNNING_ERROR = "deadline passed while running (the device did not report a result)"
 EVENTS_KEPT = 100_000
+AUTOMATION_TICK = 1.0  # seconds between automation ticks (rules whose `for` or cooldown ran out)
+RETENTION_FIRST = 10.0  # seconds after start of the first retention sweep
+RETENTION_EVERY = 600.0  # seconds between retention sweeps
 
 
 def load_cloud_identity(cfg: CloudConfig) -> Identity:
@@ -347,7 +351,8 @@ class CloudDaemon:
                 directory=self.directory,
                 clock=clock,
                 offline_after=cfg.offline_after,
-                for_apps=self.apps.wants,
+                # apps and the cloud's automation rules get the stored messages they want
+                for_apps=lambda topic: self.apps.wants(topic) or self.automation.wants(topic),
             )
             self.ingest.update_gauges()
             self.coalescer = AckCoalescer()
@@ -366,6 +371,13 @@ class CloudDaemon:
             )
             watcher = self._policy_watcher(cfg)
             self.access = AccessEngine(watcher.active) if watcher.active is not None else None
+            # the `at: cloud` automation rules and gateways' automation requests; retention of stored data
+            self.automation = CloudAutomation(
+                watcher.active, self.store, self.dispatcher.request, publish=self.fanout.publish,
+                state_file=state_path(cfg.database), clock=clock,
+                on_queued=lambda task: self.metrics.tasks.labels(state="queued").inc(),
+            )
+            self.retention = RetentionSweeper(watcher.active, self.store, clock=clock, publish=self.fanout.publish)
             # refused or audited access attempts (broker, API) become events naming the rule
             self.access_recorder = DenyRecorder(self.access) if self.access is not None else None
             self._access_events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
@@ -449,7 +461,9 @@ class CloudDaemon:
             if not self.coalescer.reject(site, sender, seq, reason, digest):
                 log.debug("rejection notice for %s seq %d dropped: too many pending for site %s", sender, seq, site)
         if result.for_apps:
-            self.apps.offer(result.for_apps)
+            for_apps = [(item, body) for item, body in result.for_apps if self.apps.wants(item.topic)]
+            if for_apps:
+                self.apps.offer(for_apps)
         try:
             self.fanout.publish_many(result.changes)
         except Exception:
@@ -461,6 +475,13 @@ class CloudDaemon:
                 await asyncio.to_thread(self.dispatcher.on_birth, node)
             except Exception:
                 log.exception("sending %s's queued tasks after its birth failed; they wait for its next birth", node)
+        # the cloud's automation rules and the gateways' requests, over what was newly stored
+        for_rules = [(item, body) for item, body in result.for_apps if self.automation.wants(item.topic)]
+        if for_rules:
+            try:
+                await asyncio.to_thread(self.automation.offer, for_rules, int(self.clock() * 1000))
+            except Exception:
+                log.exception("automation over %d stored messages failed", len(for_rules))
 
     async def _store_batch(self, batch: Sequence[Message]) -> BatchResult:
         """Commit a batch; never raises (but for cancellation). See :meth:`_store_items`."""
@@ -594,7 +615,7 @@ class CloudDaemon:
                 self.fanout.publish(change("event", event_view(e)))
 
     async def _use_policies(self, pset: Any) -> None:
-        """A new policy set: the broker's ACLs, the access recorder and the automation follow it."""
+        """A new policy set: the broker's ACLs, the access recorder, automation and retention follow it."""
         if pset is None:
             return
         self.access = AccessEngine(pset)
@@ -602,12 +623,36 @@ class CloudDaemon:
             self.access_recorder.engine = self.access
         else:
             self.access_recorder = DenyRecorder(self.access)
+        try:
+            await asyncio.to_thread(self.automation.use, pset)  # episodes of the rules kept carry over
+            self.retention.use(pset)
+        except Exception:
+            log.exception("applying the new policies to automation and retention failed")
         if self.registry_sync is not None:
             try:
                 await self.registry_sync.set_access(self.access)
             except Exception:
                 log.exception("regenerating the cloud broker's ACLs from the new policies failed; the previous "
                               "ones stay in force")
+
+    async def automation_ticks(self) -> None:
+        """Once a second: fire the cloud rules whose `for` or cooldown ran out; keep their state saved."""
+        while True:
+            await asyncio.sleep(AUTOMATION_TICK)
+            try:
+                await asyncio.to_thread(self.automation.tick, int(self.clock() * 1000))
+            except Exception:
+                log.exception("automation tick failed; next in %g s", AUTOMATION_TICK)
+
+    async def sweep_retention(self) -> None:
+        """Shortly after start, then every 10 minutes: delete telemetry past its qos retention."""
+        await asyncio.sleep(RETENTION_FIRST)
+        while True:
+            try:
+                await asyncio.to_thread(self.retention.sweep, int(self.clock() * 1000))
+            except Exception:
+                log.exception("retention sweep failed; next in %g s", RETENTION_EVERY)
+            await asyncio.sleep(RETENTION_EVERY)
 
     def _subject_of(self, username: str) -> Subject | None:
         reg = self.registry_sync.registry if self.registry_sync is not None else None
@@ -733,6 +778,8 @@ class CloudDaemon:
                 tg.create_task(self.sweep(), name="cloud-sweep")
                 tg.create_task(self.dispatcher.run(), name="cloud-tasks")
                 tg.create_task(self.apps.run(), name="cloud-apps")
+                tg.create_task(self.automation_ticks(), name="cloud-automation")
+                tg.create_task(self.sweep_retention(), name="cloud-retention")
                 if self.registry_sync is not None:
                     tg.create_task(self.registry_sync.run(), name="cloud-registry")
                 tg.create_task(self.watch_policies(), name="cloud-policies")
@@ -756,6 +803,10 @@ class CloudDaemon:
 
     def close(self) -> None:
         """Close the databases (``run`` does it when it ends; a test that never ran it calls this)."""
+        try:
+            self.automation.save()  # the episodes as of now (the tick saves them at most a second late)
+        except Exception:
+            log.exception("saving the automation state at shutdown failed")
         self.store.close()
         self.auth.close()
 

@@ -794,11 +794,18 @@ class SqliteStore(Store):
             return [r[0] for r in self.db.conn.execute("select distinct stream from telemetry")]
 
     def prune_telemetry(self, streams: Sequence[str], before: int) -> int:
+        # in transactions of at most 10,000 rows, so a first sweep of a huge stream never holds the
+        # store (and ingest) for long
         n = 0
-        with self._lock, self.db.atomic():
-            for stream in streams:
-                n += self.db.conn.execute("delete from telemetry where stream = ? and ts < ?",
-                                          [stream, before]).rowcount
+        for stream in streams:
+            while True:
+                with self._lock, self.db.atomic():
+                    k = self.db.conn.execute(
+                        "delete from telemetry where rowid in (select rowid from telemetry where stream = ? "
+                        "and ts < ? limit 10000)", [stream, before]).rowcount
+                n += k
+                if k < 10000:
+                    break
         return n
 
     # tasks -------------------------------------------------------------------------------------
