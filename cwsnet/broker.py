@@ -266,13 +266,16 @@ class PolicyRule:
         return None
 
     def holds(self, topic: str) -> bool:
-        """The condition for ``topic`` (an evaluation error makes it false), cached per topic."""
+        """The condition for ``topic``, cached per topic. An evaluation error fails closed: a deny rule
+        applies, an allow rule does not."""
         if self.condition is None:
             return True
         result = self._results.get(topic)
         if result is None:
-            result, _err = self.condition.evaluate({"subject": dict(self.subject), "topic": topic,
-                                                    "action": self.action})
+            result, err = self.condition.evaluate({"subject": dict(self.subject), "topic": topic,
+                                                   "action": self.action})
+            if err is not None:
+                result = self.effect == "deny"
             if len(self._results) > 4096:
                 self._results.clear()
             self._results[topic] = result

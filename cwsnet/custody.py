@@ -190,8 +190,8 @@ class CustodyAcks:
         refused = self._busy.setdefault(device, set())
         if seq is not None:
             refused.add(seq)
-        if busy_for is not None:
-            self._pause[device] = max(self._pause.get(device, 0.0), busy_for)
+        # the longest pause asked for wins (an outbox-full refusal's default beside a rate limit's 1 s)
+        self._pause[device] = max(self._pause.get(device, 0.0), self.busy_for if busy_for is None else busy_for)
 
     def __bool__(self) -> bool:
         return bool(self._custody) or bool(self._busy)
@@ -223,8 +223,7 @@ class CustodyAcks:
             self._custody.setdefault(device, set()).update(range(first, last + 1))
         if "busy" in body:
             refused = self._busy.setdefault(device, set())
-            if body["busy"] != self.busy_for:
-                self._pause[device] = body["busy"]
+            self._pause[device] = max(self._pause.get(device, 0.0), body["busy"])
             for first, last in parse_ranges(body.get("refused")):
                 refused.update(range(first, last + 1))
 

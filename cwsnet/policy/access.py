@@ -186,8 +186,10 @@ class AccessEngine:
                 if x.cond is not None:
                     ok, err = x.cond.evaluate({"subject": {"id": s.id, "role": s.role, "site": s.site},
                                                "topic": topic, "action": action})
-                    if err is not None:
-                        notes.append(f"{x.name}: condition failed to evaluate ({err}); not applied")
+                    if err is not None:  # fail closed: a deny applies, an allow does not
+                        ok = r.effect == "deny"
+                        notes.append(f"{x.name}: condition failed to evaluate ({err}); "
+                                     + ("applied (a deny fails closed)" if ok else "not applied"))
                     if not ok:
                         break
                 out.append(Match(x.policy, r.name, r.effect, x.mode, f, x.source))
@@ -215,8 +217,10 @@ class AccessEngine:
         if x.per_topic:
             return None
         ok, err = x.cond.evaluate({"subject": {"id": s.id, "role": s.role, "site": s.site}, "action": action})
-        if err is not None:
-            notes.append(f"{x.name}: condition failed to evaluate ({err}); not applied")
+        if err is not None:  # fail closed: a deny applies, an allow does not
+            ok = x.rule.effect == "deny"
+            notes.append(f"{x.name}: condition failed to evaluate ({err}); "
+                         + ("applied (a deny fails closed)" if ok else "not applied"))
         return ok
 
     def grants(self, subject: Subject, action: str, broker: str | None = None) -> list[str]:

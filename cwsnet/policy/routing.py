@@ -33,12 +33,23 @@ from cwsnet.policy.schema import Strict, _name, duration, register_kind
 from cwsnet.topics import route_in_table  # noqa: F401  (re-exported: the device side's half)
 
 STATS = ("count", "min", "max", "mean", "sum", "last")
+DEFAULT_KEEP = 7 * 86400.0
 
 
 class Match(Strict):
-    streams: list[str] = Field(["*"], min_length=1, description="fnmatch patterns over the telemetry stream name")
+    streams: list[str] = Field(["*"], min_length=1, description="patterns over the telemetry stream name: * and ? "
+                                                                 "(what the devices' matchers share)")
     node: str = Field("*", description="fnmatch pattern over the sending node's id")
     site: str = Field("*", description="fnmatch pattern over the node's site")
+
+    @field_validator("streams")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:  # the devices match these themselves; the firmware knows * and ? only
+            if not p or len(p) > 63 or "[" in p or "]" in p or "/" in p:
+                raise ValueError(f"{p!r}: a stream pattern is 1-63 characters, with * and ? as wildcards "
+                                 "(no [...] classes, no /)")
+        return v
 
 
 class Summary(Strict):
@@ -95,6 +106,9 @@ class RoutingRule(Strict):
     def _gateway_only(self) -> RoutingRule:
         if self.to == "cloud" and (self.summary is not None or self.keep is not None):
             raise ValueError("summary and keep apply only to streams kept at the gateway (to: gateway)")
+        if self.summary is not None and (self.keep or DEFAULT_KEEP) < self.summary.every:
+            raise ValueError("keep must be at least summary.every: readings would expire before their window "
+                             "is summarised")
         return self
 
 
@@ -122,8 +136,6 @@ class RoutingPolicy(Strict):
 
 
 register_kind("routing", RoutingPolicy)
-
-DEFAULT_KEEP = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -239,24 +251,28 @@ class RoutingEngine:
 
 def summarize(rows: list[tuple[str, str, int, dict[str, Any]]], start_ms: int, end_ms: int,
               stats: list[str]) -> list[dict[str, Any]]:
-    """Summary readings of ``rows`` (node, stream, ts, values) in [start_ms, end_ms): one reading per
-    (node, stream), with ``node``, ``stream``, ``window_s``, ``count`` and ``<value>.<stat>`` for each
-    numeric value (text and booleans are not summarised). ``ts`` is the window's end."""
+    """Summary readings of ``rows`` (node, stream, ts, values): the readings the gateway received in
+    the window [start_ms, end_ms). One reading per (node, stream) with ``node``, ``stream``,
+    ``window_s``, ``count``, ``first_ts`` / ``last_ts`` (the readings' own times) and
+    ``<value>.<stat>`` for each numeric value (text, booleans and anything else are not
+    summarised). ``ts`` is the window's end."""
     groups: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
     for node, stream, ts, values in rows:
-        if start_ms <= ts < end_ms:
-            groups.setdefault((node, stream), []).append((ts, values))
+        groups.setdefault((node, stream), []).append((ts, values))
     out = []
     for (node, stream), readings in sorted(groups.items()):
         readings.sort(key=lambda r: r[0])
         values: dict[str, Any] = {"node": node, "stream": stream, "window_s": (end_ms - start_ms) // 1000,
-                                  "count": len(readings)}
+                                  "count": len(readings), "first_ts": readings[0][0], "last_ts": readings[-1][0]}
         numbers: dict[str, list[float]] = {}
         for _ts, vals in readings:
+            if not isinstance(vals, dict):
+                continue
             for k, v in vals.items():
-                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                if isinstance(k, str) and _number(v):
                     numbers.setdefault(k, []).append(v)
-        for k, xs in sorted(numbers.items()):
+        for k in sorted(numbers):
+            xs = numbers[k]
             for s in stats:
                 if s == "count":
                     values[f"{k}.count"] = len(xs)
@@ -265,10 +281,19 @@ def summarize(rows: list[tuple[str, str, int, dict[str, Any]]], start_ms: int, e
                 elif s == "max":
                     values[f"{k}.max"] = max(xs)
                 elif s == "mean":
-                    values[f"{k}.mean"] = round(sum(xs) / len(xs), 6)
+                    values[f"{k}.mean"] = round(math.fsum(xs) / len(xs), 6)
                 elif s == "sum":
-                    values[f"{k}.sum"] = sum(xs)
+                    values[f"{k}.sum"] = math.fsum(xs)
                 elif s == "last":
                     values[f"{k}.last"] = xs[-1]
         out.append({"ts": end_ms, "values": values})
     return out
+
+
+def _number(v: Any) -> bool:
+    """A finite number CBOR and the cloud take as is (int64, or a finite float)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -(2**63) <= v < 2**63
+    return isinstance(v, float) and math.isfinite(v)

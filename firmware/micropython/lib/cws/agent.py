@@ -29,12 +29,36 @@ CLS_TELEMETRY, CLS_EVENT, CLS_RESULT, CLS_OTHER = 0, 1, 2, 3
 
 
 def glob(p, s):
-    """Shell-style match with ``*`` and ``?`` (route patterns)."""
-    if not p:
-        return not s
-    if p[0] == "*":
-        return glob(p[1:], s) or (s != "" and glob(p, s[1:]))
-    return s != "" and p[0] in ("?", s[0]) and glob(p[1:], s[1:])
+    """Shell-style match with ``*`` and ``?`` (route patterns), in linear time."""
+    i = j = 0
+    star = -1
+    mark = 0
+    while j < len(s):
+        if i < len(p) and p[i] in ("?", s[j]):
+            i += 1
+            j += 1
+        elif i < len(p) and p[i] == "*":
+            star, mark = i, j
+            i += 1
+        elif star >= 0:
+            i, mark = star + 1, mark + 1
+            j = mark
+        else:
+            return False
+    while i < len(p) and p[i] == "*":
+        i += 1
+    return i == len(p)
+
+
+def routes_ok(r):
+    """A route table as protocol §9 says: [[pattern, "gateway" | "cloud"], ...], at most 64 entries."""
+    if not isinstance(r, list) or len(r) > 64:
+        return False
+    for e in r:
+        if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and len(e[0]) <= 63
+                and e[1] in ("gateway", "cloud")):
+            return False
+    return True
 
 
 def log(*args):
@@ -97,7 +121,9 @@ class Agent:
         self.routes = [0, []]  # [gateway seq, [[stream pattern, "gateway"|"cloud"], ...]] (protocol §9)
         try:
             with open(state_dir + "/routes") as f:
-                self.routes = json.loads(f.read())
+                r = json.loads(f.read())
+            if isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and routes_ok(r[1]):
+                self.routes = r
         except (OSError, ValueError):
             pass
 
@@ -219,8 +245,8 @@ class Agent:
             self.on_ack(header, body)
             return
         if kind == "config" and header["from"] == self.s.gateway:
-            r = body.get("route")
-            if header["seq"] > self.routes[0] and isinstance(r, list):
+            r = body.get("route") if isinstance(body, dict) else None
+            if header["seq"] > self.routes[0] and routes_ok(r):
                 self.routes = [header["seq"], r]
                 try:
                     with open(self.state_dir + "/routes", "w") as f:
