@@ -44,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cwsnet.policy.cel import Condition, ConditionError
 from cwsnet.policy.loader import PolicySet
-from cwsnet.policy.schema import Strict, _name, duration, register_kind
+from cwsnet.policy.schema import PolicyBase, Strict, _name, duration, register_kind
 
 #: what a condition can read
 VARIABLES = ("node", "site", "kind", "stream", "values", "ts")
@@ -264,27 +264,9 @@ class AutomationRule(Strict):
         return _duration(v, "cooldown")
 
 
-class AutomationPolicy(Strict):
+class AutomationPolicy(PolicyBase):
     kind: Literal["automation"]
-    name: str
-    mode: Literal["enforce", "audit"] = "enforce"
-    description: str = ""
     rules: list[AutomationRule] = Field(min_length=1)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        return _name(v)
-
-    @field_validator("rules")
-    @classmethod
-    def _unique(cls, v: list[AutomationRule]) -> list[AutomationRule]:
-        seen: set[str] = set()
-        for r in v:
-            if r.name in seen:
-                raise ValueError(f"two rules are named {r.name!r}")
-            seen.add(r.name)
-        return v
 
 
 register_kind("automation", AutomationPolicy)

@@ -47,7 +47,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cwsnet.policy.cel import Condition, ConditionError
 from cwsnet.policy.loader import PolicySet
-from cwsnet.policy.schema import ROLES, Strict, _name, register_kind
+from cwsnet.policy.schema import ROLES, PolicyBase, Strict, _name, register_kind
 
 TIERS = ("device", "gateway", "cloud")
 #: the largest size a ``min_input``/``max_input`` may name (1 TiB)
@@ -165,19 +165,11 @@ class OffloadRule(Strict):
         return not self.match.keys() and self.when is None
 
 
-class OffloadPolicy(Strict):
+class OffloadPolicy(PolicyBase):
     kind: Literal["offload"]
-    name: str
-    mode: Literal["enforce", "audit"] = "enforce"
-    description: str = ""
     keep_on_site: list[str] = Field(default_factory=list, description="data classes (fnmatch) never placed "
                                                                       "in the cloud, whatever rule decides")
     rules: list[OffloadRule] = Field(default_factory=list, validate_default=True)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        return _name(v)
 
     @field_validator("keep_on_site")
     @classmethod
@@ -192,12 +184,7 @@ class OffloadPolicy(Strict):
     def _rules(cls, v: list[OffloadRule], info: ValidationInfo) -> list[OffloadRule]:
         if not v and not info.data.get("keep_on_site"):
             raise ValueError("an offload policy needs at least one rule (or keep_on_site)")
-        seen: set[str] = set()
-        for r in v:
-            if r.name in seen:
-                raise ValueError(f"two rules are named {r.name!r}")
-            seen.add(r.name)
-        return v
+        return v  # (unique names: PolicyBase)
 
 
 register_kind("offload", OffloadPolicy)

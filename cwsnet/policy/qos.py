@@ -39,7 +39,7 @@ from pydantic import Field, StrictInt, field_validator, model_validator
 
 from cwsnet.policy.cel import Condition, ConditionError
 from cwsnet.policy.loader import PolicySet
-from cwsnet.policy.schema import ROLES, Strict, _name, duration, register_kind
+from cwsnet.policy.schema import ROLES, PolicyBase, Strict, _name, duration, register_kind
 
 #: the channels a qos rule can match (``task_result`` is the ``task/result`` topic)
 CHANNELS = ("status", "telemetry", "event", "task_result")
@@ -157,27 +157,9 @@ class QosRule(Strict):
         return "limit" if self.limit is not None else "priority" if self.priority is not None else "retention"
 
 
-class QosPolicy(Strict):
+class QosPolicy(PolicyBase):
     kind: Literal["qos"]
-    name: str
-    mode: Literal["enforce", "audit"] = "enforce"
-    description: str = ""
     rules: list[QosRule] = Field(min_length=1)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        return _name(v)
-
-    @field_validator("rules")
-    @classmethod
-    def _unique(cls, v: list[QosRule]) -> list[QosRule]:
-        seen: set[str] = set()
-        for r in v:
-            if r.name in seen:
-                raise ValueError(f"two rules are named {r.name!r}")
-            seen.add(r.name)
-        return v
 
 
 register_kind("qos", QosPolicy)

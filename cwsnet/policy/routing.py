@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from cwsnet.policy.loader import PolicySet
-from cwsnet.policy.schema import Strict, _name, duration, register_kind
+from cwsnet.policy.schema import PolicyBase, Strict, _name, duration, register_kind
 from cwsnet.topics import route_in_table  # noqa: F401  (re-exported: the device side's half)
 
 STATS = ("count", "min", "max", "mean", "sum", "last")
@@ -112,27 +112,9 @@ class RoutingRule(Strict):
         return self
 
 
-class RoutingPolicy(Strict):
+class RoutingPolicy(PolicyBase):
     kind: Literal["routing"]
-    name: str
-    mode: Literal["enforce", "audit"] = "enforce"
-    description: str = ""
     rules: list[RoutingRule] = Field(min_length=1)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        return _name(v)
-
-    @field_validator("rules")
-    @classmethod
-    def _unique(cls, v: list[RoutingRule]) -> list[RoutingRule]:
-        seen: set[str] = set()
-        for r in v:
-            if r.name in seen:
-                raise ValueError(f"two rules are named {r.name!r}")
-            seen.add(r.name)
-        return v
 
 
 register_kind("routing", RoutingPolicy)

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -91,27 +91,33 @@ class AccessRule(Strict):
         return v
 
 
-class AccessPolicy(Strict):
-    kind: Literal["access"]
+class PolicyBase(Strict):
+    """What every kind shares: ``name``, ``mode``, ``description``, and named ``rules`` (the subclass
+    declares ``kind`` and ``rules``; rule names must be unique within the policy)."""
+
     name: str
     mode: Literal["enforce", "audit"] = "enforce"
     description: str = ""
-    rules: list[AccessRule] = Field(min_length=1)
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
         return _name(v)
 
-    @field_validator("rules")
+    @field_validator("rules", check_fields=False)
     @classmethod
-    def _unique(cls, v: list[AccessRule]) -> list[AccessRule]:
+    def _unique_rules(cls, v: list[Any]) -> list[Any]:
         seen: set[str] = set()
         for r in v:
             if r.name in seen:
                 raise ValueError(f"two rules are named {r.name!r}")
             seen.add(r.name)
         return v
+
+
+class AccessPolicy(PolicyBase):
+    kind: Literal["access"]
+    rules: list[AccessRule] = Field(min_length=1)
 
 
 #: every policy kind the loader accepts: ``kind`` -> its model. Each kind's module registers itself
