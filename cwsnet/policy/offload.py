@@ -566,6 +566,22 @@ class OffloadEngine:
 
     # -- the decision --
 
+    def size_classes(self) -> tuple[list[int], bool]:
+        """The input sizes at which the rules change their mind (``min_input`` / ``max_input``), so a
+        caller may share one decision among tasks that differ only in size within one class;
+        ``exact`` is True when a condition reads the task's size or id itself (no sharing then)."""
+        cuts: set[int] = set()
+        for x in self._rules:
+            m = x.rule.match
+            if m.min_input is not None:
+                cuts.add(m.min_input)  # input >= min
+            if m.max_input is not None:
+                cuts.add(m.max_input + 1)  # input <= max, i.e. input < max + 1
+            for ref in (*x.when_refs, *x.require_refs):
+                if ref in ("input_bytes", "id", "task") or ref.startswith("task."):
+                    return [], True
+        return sorted(cuts), False
+
     def place(self, task: TaskInfo, candidates: Iterable[NodeMetrics]) -> Placement:
         """Where ``task`` runs now among ``candidates`` (every node that could take it, with its latest
         measurements; the origin among them). ``wait``: ask again when the measurements change."""
