@@ -42,9 +42,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cwsnet.policy.cel import Condition, ConditionError
+from cwsnet.policy.cel import Condition
 from cwsnet.policy.loader import PolicySet
-from cwsnet.policy.schema import PolicyBase, Strict, _name, duration, register_kind
+from cwsnet.policy.schema import PolicyBase, Strict, _name, condition, duration, register_kind
 
 #: what a condition can read
 VARIABLES = ("node", "site", "kind", "stream", "values", "ts")
@@ -77,10 +77,7 @@ def _yaml_on(data: Any) -> Any:
 def _condition(v: str | None) -> str | None:
     if v is None:
         return None
-    try:
-        Condition(v)
-    except ConditionError as exc:
-        raise ValueError(str(exc)) from None
+    condition(v)
     unknown = sorted(_analyse(v)[0] - set(VARIABLES))
     if unknown:
         raise ValueError(f"unknown name {unknown[0]!r}: a condition can read {', '.join(VARIABLES)}")
@@ -167,9 +164,24 @@ class AlertSpec(Strict):
         return _template(v)
 
 
-class TaskSpec(Strict):
+class _HandlerSpec(Strict):
+    """A handler name and its args: what a task and a command have in common."""
+
     handler: str
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("handler")
+    @classmethod
+    def _h(cls, v: str) -> str:
+        return _handler(v)
+
+    @field_validator("args")
+    @classmethod
+    def _a(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _args(v)
+
+
+class TaskSpec(_HandlerSpec):
     on: str = Field("gateway", description="gateway, cloud, node (the node that triggered) or a node id")
 
     @model_validator(mode="before")
@@ -177,36 +189,14 @@ class TaskSpec(Strict):
     def _on_key(cls, data: Any) -> Any:
         return _yaml_on(data)
 
-    @field_validator("handler")
-    @classmethod
-    def _h(cls, v: str) -> str:
-        return _handler(v)
-
-    @field_validator("args")
-    @classmethod
-    def _a(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _args(v)
-
     @field_validator("on")
     @classmethod
     def _on(cls, v: str) -> str:
         return _node_target(v, ("gateway", "cloud", "node"))
 
 
-class CommandSpec(Strict):
-    handler: str
-    args: dict[str, Any] = Field(default_factory=dict)
+class CommandSpec(_HandlerSpec):
     to: str = Field("node", description="node (the node that triggered) or a node id")
-
-    @field_validator("handler")
-    @classmethod
-    def _h(cls, v: str) -> str:
-        return _handler(v)
-
-    @field_validator("args")
-    @classmethod
-    def _a(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _args(v)
 
     @field_validator("to")
     @classmethod

@@ -45,9 +45,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from cwsnet.policy.cel import Condition, ConditionError
+from cwsnet.policy.cel import Condition
 from cwsnet.policy.loader import PolicySet
-from cwsnet.policy.schema import ROLES, PolicyBase, Strict, _name, register_kind
+from cwsnet.policy.schema import PolicyBase, Strict, _name, condition, register_kind, role_pattern
 
 TIERS = ("device", "gateway", "cloud")
 #: the largest size a ``min_input``/``max_input`` may name (1 TiB)
@@ -85,15 +85,6 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def _condition(v: str | None) -> str | None:
-    if v is not None:
-        try:
-            Condition(v)
-        except ConditionError as exc:
-            raise ValueError(str(exc)) from None
-    return v
-
-
 # ---- the schema -------------------------------------------------------------------------------
 
 
@@ -109,9 +100,7 @@ class OffloadMatch(Strict):
     @field_validator("origin_role")
     @classmethod
     def _role(cls, v: str) -> str:
-        if v != "*" and v not in ROLES:
-            raise ValueError(f"must be one of {', '.join(ROLES)} or '*'")
-        return v
+        return role_pattern(v)
 
     @field_validator("min_input", "max_input", mode="before")
     @classmethod
@@ -150,7 +139,7 @@ class OffloadRule(Strict):
     @field_validator("when", "require")
     @classmethod
     def _cel(cls, v: str | None) -> str | None:
-        return _condition(v)
+        return condition(v)
 
     @field_validator("run_on")
     @classmethod

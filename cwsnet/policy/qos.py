@@ -37,9 +37,17 @@ from typing import Any, Literal
 
 from pydantic import Field, StrictInt, field_validator, model_validator
 
-from cwsnet.policy.cel import Condition, ConditionError
+from cwsnet.policy.cel import Condition
 from cwsnet.policy.loader import PolicySet
-from cwsnet.policy.schema import ROLES, PolicyBase, Strict, _name, duration, register_kind
+from cwsnet.policy.schema import (
+    PolicyBase,
+    Strict,
+    _name,
+    condition,
+    duration,
+    register_kind,
+    role_pattern,
+)
 
 #: the channels a qos rule can match (``task_result`` is the ``task/result`` topic)
 CHANNELS = ("status", "telemetry", "event", "task_result")
@@ -86,19 +94,12 @@ class QosMatch(Strict):
     @field_validator("role")
     @classmethod
     def _role(cls, v: str) -> str:
-        if v != "*" and v not in ROLES:
-            raise ValueError(f"must be one of {', '.join(ROLES)} or '*'")
-        return v
+        return role_pattern(v)
 
     @field_validator("when")
     @classmethod
     def _when(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                Condition(v)
-            except ConditionError as exc:
-                raise ValueError(str(exc)) from None
-        return v
+        return condition(v)
 
 
 class Limit(Strict):

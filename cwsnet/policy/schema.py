@@ -33,6 +33,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+def condition(v: str | None) -> str | None:
+    """Validate a CEL condition at load time (compiles, within the limits); the error names why."""
+    if v is not None:
+        try:
+            Condition(v)
+        except ConditionError as exc:
+            raise ValueError(str(exc)) from None
+    return v
+
+
+def role_pattern(v: str) -> str:
+    """A role, or ``*`` for any."""
+    if v != "*" and v not in ROLES:
+        raise ValueError(f"must be one of {', '.join(ROLES)} or '*'")
+    return v
+
+
 def _name(v: str) -> str:
     if not _NAME.match(v):
         raise ValueError("must be 1-63 characters from a-z 0-9 _ . -, starting with a letter or digit")
@@ -47,9 +64,7 @@ class Who(Strict):
     @field_validator("role")
     @classmethod
     def _role(cls, v: str) -> str:
-        if v != "*" and v not in ROLES:
-            raise ValueError(f"must be one of {', '.join(ROLES)} or '*'")
-        return v
+        return role_pattern(v)
 
 
 class AccessRule(Strict):
@@ -83,12 +98,7 @@ class AccessRule(Strict):
     @field_validator("when")
     @classmethod
     def _when(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                Condition(v)
-            except ConditionError as exc:
-                raise ValueError(str(exc)) from None
-        return v
+        return condition(v)
 
 
 class PolicyBase(Strict):
