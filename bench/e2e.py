@@ -66,6 +66,24 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.
     raise SystemExit(f"port {port} not open after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def wait_site_ready(lab: HomeLab, gateway: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Until the cloud has a status of ``gateway`` saying its bridge is subscribed at the site broker.
+
+    Before that, what a device publishes reaches no subscriber; a real agent would send it again
+    (it holds every message until the gateway's custody ack), but the benchmarks' senders do not."""
+    db_path = lab.path("cloud", "cloud.db")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{gateway} exited early")
+        with contextlib.suppress(sqlite3.Error), sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5) as db:
+            row = db.execute("select last_status from nodes where id = ?", (gateway,)).fetchone()
+            if row and row[0] and json.loads(row[0]).get("site_link") == "up":
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"{gateway}: its site link was not up after {timeout} s")
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -118,6 +136,7 @@ def cloud_and_gateway(lab: HomeLab, topo: Topology) -> Iterator[None]:
                                  start_new_session=True)
             procs.append(p)
             wait_port(port, p, log)
+        wait_site_ready(lab, topo.gateway, procs[-1])
         yield
     finally:
         for p in procs:

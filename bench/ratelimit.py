@@ -76,11 +76,14 @@ def run(work: Path, name: str, rate: float, seconds: float, flood: bool, limited
             c = connect(topo.gateway_mqtt_port, node, b.mqtt_username, b.mqtt_password)
             topic = topics.telemetry(topo.site, node, "good")
             t0 = time.monotonic()
+            sent = []
             for i in range(int(rate * seconds)):
                 time.sleep(max(0.0, t0 + i / rate - time.monotonic()))  # a steady sender's pace
                 payload, _ = ep.seal(topic, "telemetry", {"stream": "good", "readings": [
                     {"ts": int(time.time() * 1000), "values": {"i": i}}]}, to="cloud")
-                c.publish(topic, payload, qos=1)
+                sent.append(c.publish(topic, payload, qos=1))
+            for info in sent:  # disconnecting with PUBACKs outstanding would drop the last ones
+                info.wait_for_publish(30)
             c.disconnect()
             c.loop_stop()
 

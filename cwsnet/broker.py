@@ -941,6 +941,10 @@ class CwsBroker(Broker):
     8. When a listener failed to bind, the listeners bound before it stayed open.
     9. A connection whose first packet was not a CONNECT, or that sent nothing, was never closed.
     10. No time limit on receiving the CONNECT: now ``CONNECT_TIMEOUT`` seconds, then closed.
+    11. A QoS 1/2 message the broker had already acknowledged (PUBACK/PUBREC) but not yet routed
+        when its publisher disconnected was dropped: the message loop stopped at the disconnect
+        and the session's incoming queue was discarded.  Now every acknowledged message is routed,
+        in order, before the disconnect (and a will) is handled.
     """
 
     CONNECT_TIMEOUT = 10.0
@@ -1253,6 +1257,59 @@ class CwsBroker(Broker):
         # CWS: upstream's replay of retained messages for all subscriptions removed (see above).
 
         await self._client_message_loop(client_session, handler)
+
+    # -- 11. route what was acknowledged before handling the disconnect ---------------------------
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        # CWS: copy of amqtt 0.12.1's loop; changes: a delivered message is handled before a
+        # disconnect seen in the same wakeup, and the messages still queued are routed first.
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        connected = True
+        while connected:
+            try:
+                done, _ = await asyncio.wait(
+                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if disconnect_waiter in done:
+                    await self._route_acknowledged(client_session, handler, wait_deliver)
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    connected = False
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+            except asyncio.CancelledError:
+                self.logger.debug("Client loop cancelled")
+                break
+        pending_waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        for waiter in pending_waiters:
+            waiter.cancel()
+        await asyncio.gather(*pending_waiters, return_exceptions=True)
+
+    async def _route_acknowledged(self, client_session: Session, handler: BrokerProtocolHandler,
+                                  wait_deliver: asyncio.Future[Any]) -> None:
+        """Route the messages the client published, and we acknowledged, before it went away: the
+        one ``wait_deliver`` may already have taken from the queue, then those still queued."""
+        wait_deliver.cancel()  # a no-op if it already holds a message
+        await asyncio.gather(wait_deliver, return_exceptions=True)
+        taken = None if wait_deliver.cancelled() or wait_deliver.exception() else wait_deliver.result()
+        queue = client_session.delivered_message_queue
+        while taken is not None or not queue.empty():
+            item: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            item.set_result(taken if taken is not None else queue.get_nowait())
+            taken = None
+            if not await self._handle_message_delivery(client_session, handler, item):
+                break
 
     # -- 1. QoS: min(publish QoS, granted QoS) -----------------------------------------------------
 

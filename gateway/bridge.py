@@ -99,6 +99,7 @@ class Gateway:
         self.site_link = link_for(
             cfg.site_client, bundle, cfg.reconnect, client_id=f"{self.node}-bridge", section="site_client",
             name=f"gateway:{self.node}:site", on_message=self._from_site, manual_ack=True,
+            on_connect=self._on_site_connect,
             clean_session=False,  # a message PUBACKed by the site broker but not yet in our outbox is redelivered
         )
         for channel in (*topics.UPLINK_CHANNELS, *topics.LOCAL_CHANNELS):
@@ -744,6 +745,11 @@ class Gateway:
                  self.outbox.depth())
         await self._publish_status("birth", {"will_seq": self.will_seq})
         self._pump_wake.set()
+
+    async def _on_site_connect(self) -> None:
+        # subscribed: the cloud learns at once that this site's devices are heard again
+        if self.uplink.connected.is_set():
+            await self._publish_status("status")
 
     async def _status_loop(self) -> None:
         while True:

@@ -691,6 +691,50 @@ def test_concurrent_subscribes_do_not_lose_messages(brokers: Callable[..., Runni
         assert len(r.payloads()) == n, f"{r.c._client_id!r} got {len(r.payloads())}/{n}"
 
 
+def _mqtt_packet(first: int, body: bytes) -> bytes:
+    out, n = bytearray([first]), len(body)
+    while True:  # remaining length, MQTT's variable-length integer
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out) + body
+
+
+def _mqtt_str(s: str) -> bytes:
+    return len(s.encode()).to_bytes(2, "big") + s.encode()
+
+
+@pytest.mark.parametrize("n", [1, 50])
+def test_acknowledged_publishes_are_routed_when_the_publisher_disconnects_at_once(
+        open_broker: Any, clients: Callable[..., Client], n: int) -> None:
+    # amqtt 0.12.1 PUBACKs a QoS 1 publish when it queues it, and its per-client loop stops at the
+    # DISCONNECT: what was still queued is discarded. A sensor that publishes a burst and
+    # disconnects (or sleeps) lost the tail of what the broker had acknowledged.  # DEFECT
+    sub = connected(clients, open_broker, client_id="burst-sub")
+    assert sub.subscribe(("burst/#", 1)) == [1]
+    connect = _mqtt_packet(0x10, _mqtt_str("MQTT") + bytes([4, 0x02]) + (30).to_bytes(2, "big")
+                           + _mqtt_str("burst-pub"))
+    publishes = b"".join(_mqtt_packet(0x32, _mqtt_str(f"burst/{i}") + (i + 1).to_bytes(2, "big") + b"x%d" % i)
+                         for i in range(n))
+    with socket.create_connection((open_broker.host, open_broker.port), 5) as s:
+        s.sendall(connect)
+        assert s.recv(4) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+        s.sendall(publishes + b"\xe0\x00")  # every PUBLISH then DISCONNECT, in one write
+        acked, buf = set(), b""
+        while len(acked) < n:  # the broker acknowledged all of them
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+            while len(buf) >= 4:
+                assert buf[0] == 0x40, buf[:4]
+                acked.add(int.from_bytes(buf[2:4], "big"))
+                buf = buf[4:]
+    assert acked == set(range(1, n + 1)), f"not acknowledged: {sorted(set(range(1, n + 1)) - acked)}"
+    got = sub.wait_messages(n, timeout=10)
+    assert sorted(m.topic for m in got) == sorted(f"burst/{i}" for i in range(n))
+
+
 # ------------------------------------------------------------------------------------------------
 # 7. IPv6 loopback listener                                                               # DEFECT
 # ------------------------------------------------------------------------------------------------
