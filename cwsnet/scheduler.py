@@ -284,6 +284,38 @@ class Task:
     def holders(self) -> list[str]:
         return [c.node for c in self.copies if c.holds and c.node]
 
+    # the submitter's fields, as stored (JSON-able)
+    _SPEC = ("id", "handler", "args", "data_class", "input_bytes", "origin", "site", "origin_role", "deadline",
+             "priority", "max_attempts", "backoff", "backoff_cap", "replicas", "mode", "idempotency_key")
+    _COPY = ("index", "state", "node", "attempt", "failures", "not_before", "checkpoint", "result", "error", "avoid")
+
+    def to_record(self) -> dict[str, Any]:
+        """What a store keeps to :meth:`Scheduler.restore` the task after a restart: the spec, the
+        copies (leases, attempts, checkpoints, results) and the history. Decisions are kept as text."""
+        req = self.requirements
+        return {
+            "spec": {k: getattr(self, k) for k in self._SPEC} | {
+                "requirements": {"capabilities": sorted(req.capabilities), "mem_free": req.mem_free, "cpu": req.cpu}},
+            "state": self.state, "attempts": self.attempts, "checkpoint": self.checkpoint,
+            "submitted_at": self.submitted_at, "finished_at": self.finished_at,
+            "copies": [{k: getattr(c, k) for k in self._COPY} for c in self.copies],
+            "history": [list(h) for h in self.history], "dropped": self._dropped,
+            "tiers": {a.placement.node: a.placement.tier for a in self.assignments if a.placement.node},
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Task:
+        spec = dict(rec["spec"])
+        req = spec.pop("requirements", None) or {}
+        task = cls(**spec, requirements=Requirements(frozenset(req.get("capabilities") or ()), req.get("mem_free"),
+                                                     req.get("cpu")), checkpoint=rec.get("checkpoint"))
+        task.state, task.attempts = rec.get("state", "queued"), int(rec.get("attempts", 0))
+        task.submitted_at, task.finished_at = rec.get("submitted_at"), rec.get("finished_at")
+        task.copies = [Copy(**{k: c.get(k, getattr(Copy(0), k)) for k in cls._COPY}) for c in rec.get("copies", [])]
+        task.history = [tuple(h) for h in rec.get("history", [])]  # type: ignore[misc]
+        task._dropped = int(rec.get("dropped", 0))
+        return task
+
 
 # ---- executors --------------------------------------------------------------------------------
 
@@ -305,8 +337,11 @@ class ExecutorStatus:
     latency_ms: float | None = None
     bandwidth_kbps: float | None = None
     running: tuple[str, ...] | None = None  # the task ids it runs, when the status lists them (a heartbeat)
+    interval: float | None = None  # seconds between its statuses while idle (None: it heartbeats within the lease)
 
     def __post_init__(self) -> None:
+        if self.interval is not None and (not _num(self.interval) or self.interval <= 0):
+            raise ValueError(f"executor {self.node}: interval must be a positive number of seconds")
         if self.tier not in TIERS:
             raise ValueError(f"executor {self.node}: tier must be one of {', '.join(TIERS)} (got {self.tier!r})")
         if not isinstance(self.capacity, int) or self.capacity < 0:
@@ -316,9 +351,10 @@ class ExecutorStatus:
             object.__setattr__(self, "handlers", frozenset(self.handlers))
 
     @classmethod
-    def from_metrics(cls, m: NodeMetrics, capacity: int = 1, running: Iterable[str] | None = None) -> ExecutorStatus:
+    def from_metrics(cls, m: NodeMetrics, capacity: int = 1, running: Iterable[str] | None = None,
+                     interval: float | None = None) -> ExecutorStatus:
         return cls(m.node, m.tier, m.site, capacity, m.capabilities, m.handlers, m.cpu, m.mem_free, m.battery,
-                   m.queue, m.latency_ms, m.bandwidth_kbps, None if running is None else tuple(running))
+                   m.queue, m.latency_ms, m.bandwidth_kbps, None if running is None else tuple(running), interval)
 
     def metrics(self) -> NodeMetrics:
         return NodeMetrics(self.node, self.tier, self.site, True, self.cpu, self.mem_free, self.battery, self.queue,
@@ -343,14 +379,28 @@ class Executor:
     reports_tasks: bool = False  # its heartbeats list its tasks: a task it stops listing is lost
     lost_at: float | None = None
     drain_reported: bool = False
+    interval: float | None = None  # its idle status interval (see ExecutorStatus)
+    busy_since: float = 0.0  # when it was last given a task while holding none
     _pm: NodeMetrics | None = field(default=None, repr=False)
+
+    def silent_limit(self, lease: float) -> float:
+        """Seconds of silence after which it is lost: the lease while it holds tasks (it heartbeats
+        then); while idle, 2.5 of its status intervals, if longer."""
+        if self.running or self.interval is None:
+            return lease
+        return max(lease, 2.5 * self.interval)
+
+    def silent_since(self) -> float:
+        """An idle executor that reports only every ``interval`` may have been heard of long ago: given
+        a task, its lease counts from then."""
+        return max(self.last_seen, self.busy_since) if self.running and self.interval is not None else self.last_seen
 
     @property
     def free(self) -> int:
         return self.capacity - len(self.running)
 
     def update(self, s: ExecutorStatus) -> None:
-        self.tier, self.site, self.capacity = s.tier, s.site, s.capacity
+        self.tier, self.site, self.capacity, self.interval = s.tier, s.site, s.capacity, s.interval
         self.capabilities, self.handlers, self.measured = s.capabilities, s.handlers, s.metrics()
         self._pm = None
 
@@ -590,6 +640,42 @@ class Scheduler:
                 self._expire(task, now)
         return self._flush()
 
+    def restore(self, rec: dict[str, Any], now: float) -> Task:
+        """Take back a task from :meth:`Task.to_record` after a restart. Queued copies queue again
+        (their backoff kept: ``now`` and ``not_before`` are on the same wall clock); a copy held by an
+        executor stays its own: the executor is expected to report within the lease, like one that was
+        just given work, or it is lost and the copy moves. A terminal task is only remembered for its
+        idempotency key."""
+        task = Task.from_record(rec)
+        if task.id in self.tasks:
+            raise ValueError(f"task {task.id!r} is already known")
+        self.tasks[task.id] = task
+        if task.idempotency_key is not None:
+            self._keys[task.idempotency_key] = task.id
+        self._order += 1
+        task._order = self._order
+        if task.terminal:
+            return task
+        tiers = rec.get("tiers") or {}
+        for c in task.copies:
+            if c.state == "queued":
+                self._enqueue(task, c, c.not_before)
+            elif c.holds and c.node:
+                ex = self.executors.get(c.node)
+                if ex is None:
+                    tier = tiers.get(c.node) or "device"
+                    ex = self.executors[c.node] = Executor(
+                        c.node, tier, "" if tier == "cloud" else task.site, 0, frozenset(), None,
+                        NodeMetrics(c.node, tier, task.site, True), now)
+                ex.running.add(task.id)
+                c.renewed = now
+        if task.deadline is not None:
+            heapq.heappush(self._deadlines, (task.deadline, task.id))
+        self._note(task, now, "restored", f"after a restart, {task.state}"
+                   + (f" on {', '.join(task.holders())}" if task.holders() else ""))
+        self._dirty = True
+        return task
+
     # ---- executors ----
 
     def executor_seen(self, status: ExecutorStatus, now: float) -> list[Cmd]:
@@ -598,7 +684,8 @@ class Scheduler:
         ex = self.executors.get(status.node)
         if ex is None:
             ex = self.executors[status.node] = Executor(status.node, status.tier, status.site, status.capacity,
-                                                        status.capabilities, status.handlers, status.metrics(), now)
+                                                        status.capabilities, status.handlers, status.metrics(), now,
+                                                        interval=status.interval)
         else:
             ex.update(status)
         self._dirty = True
@@ -866,8 +953,10 @@ class Scheduler:
     def tick(self, now: float) -> list[Cmd]:
         """Lost leases, deadlines, then assignment of the queued copies that are due."""
         for ex in list(self.executors.values()):
-            if ex.live and now - ex.last_seen >= self.lease:
-                self._lose_executor(ex, now, f"silent for {now - ex.last_seen:.3f} s (lease {self.lease:g} s)")
+            limit = ex.silent_limit(self.lease)
+            if ex.live and now - ex.silent_since() >= limit:
+                what = f"lease {self.lease:g} s" if limit == self.lease else f"idle, 2.5 status intervals: {limit:g} s"
+                self._lose_executor(ex, now, f"silent for {now - ex.silent_since():.3f} s ({what})")
             elif ex.live and ex.reports_tasks and ex.running:
                 for tid in sorted(ex.running):
                     task = self.tasks[tid]
@@ -984,6 +1073,8 @@ class Scheduler:
         d = dataclasses.replace(d, attempt=copy.attempt)
         self._queue.pop((task.id, copy.index), None)
         copy.state, copy.node, copy.renewed = "assigned", ex.node, now
+        if not ex.running:
+            ex.busy_since = now
         ex.running.add(task.id)
         task.decision = d
         task.assignments.append(d)
@@ -1002,8 +1093,9 @@ class Scheduler:
         something arrives. 0: tick now."""
         times: list[float] = []
         for ex in self.executors.values():
+            if ex.live:
+                times.append(ex.silent_since() + ex.silent_limit(self.lease))
             if ex.live and ex.running:
-                times.append(ex.last_seen + self.lease)
                 if ex.reports_tasks:
                     times += [c.renewed + self.lease for t in ex.running for c in self.tasks[t].copies
                               if c.holds and c.node == ex.node]

@@ -620,3 +620,51 @@ def test_a_result_for_an_old_attempt_is_ignored_even_from_the_same_node() -> Non
     assert stale == [Ignored("t-1", "gw-1", "stale attempt 1 (the current lease is attempt 2)")]
     assert of(s.finished("t-1", "gw-1", True, {"from": "attempt 2"}, None, 4.0, attempt=2), Completed) == [
         Completed("t-1", "succeeded", {"from": "attempt 2"}, None)]
+
+
+def test_an_idle_executor_with_a_long_status_interval_stays_live_between_statuses() -> None:
+    s = sched()  # lease 5 s
+    s.executor_seen(ExecutorStatus("dev-1", "device", "home", capacity=2, interval=10.0), 0.0)
+    assert not of(s.tick(20.0), ExecutorLost)  # idle: lost only after 2.5 intervals (25 s)
+    lost = of(s.tick(25.0), ExecutorLost)
+    assert [x.node for x in lost] == ["dev-1"] and "idle" in lost[0].reason
+    # given work, its lease counts from the assignment, not from its last (old) status
+    s.executor_seen(ExecutorStatus("dev-1", "device", "home", capacity=2, interval=10.0), 30.0)
+    s.submit(task("t-1", origin="dev-1"), 38.0)
+    assert assigned(s.tick(38.0)) == {"t-1": "dev-1"}
+    assert not of(s.tick(42.0), ExecutorLost)
+    lost = of(s.tick(43.0), ExecutorLost)
+    assert lost and lost[0].task_ids == ("t-1",)
+
+
+def test_restore_after_a_restart_keeps_leases_queues_checkpoints_and_keys() -> None:
+    s = sched()
+    up(s, 0.0, gw("gw-1"), dev("dev-1"))
+    s.submit(task("t-1", origin="dev-1", idempotency_key="k-1"), 0.0)
+    s.submit(task("t-2", origin="dev-1", priority=1), 0.0)
+    s.tick(0.0)
+    held = {t: s.get(t).holders() for t in ("t-1", "t-2")}
+    s.started("t-1", held["t-1"][0], 1.0)
+    s.checkpoint("t-1", held["t-1"][0], {"n": 7}, 1.5)
+    s.submit(task("t-3", origin="dev-1"), 2.0)
+    s.submit(task("t-4", origin="dev-1"), 2.0)
+    s.cancel("t-4", 2.0)
+    records = [s.get(t).to_record() for t in ("t-1", "t-2", "t-3", "t-4")]
+
+    r = sched()  # a new process: no executor known yet
+    for rec in records:
+        r.restore(rec, 10.0)
+    assert r.get("t-1").state == "running" and r.get("t-1").checkpoint == {"n": 7}
+    assert r.get("t-4").state == "cancelled"
+    dup = r.submit(task("t-9", origin="dev-1", idempotency_key="k-1"), 10.0)
+    assert dup == [Submitted("t-1", True, "k-1")]
+    # the holder of t-1 never reports again: lost after the lease, and t-1 resumes from its checkpoint
+    up(r, 10.0, gw("gw-2"))
+    cmds = r.tick(15.0)
+    lost = {x.node for x in of(cmds, ExecutorLost)}
+    assert held["t-1"][0] in lost
+    up(r, 70.0, gw("gw-2"))  # (statuses in between, as a live gateway sends them)
+    later = r.tick(70.0)
+    resumed = [a for a in of(cmds + later, Assign) if a.task_id == "t-1"]
+    assert resumed and resumed[0].checkpoint == {"n": 7}
+    assert "restored" in r.explain("t-1")
