@@ -103,6 +103,8 @@ class CloudState:
     metrics: CloudMetrics = field(default_factory=CloudMetrics)
     fanout: Fanout = field(default_factory=Fanout)
     dispatcher: TaskSubmitter | None = None
+    #: the workload scheduler (cloud/tasks.py TaskService): scheduled tasks and executors
+    tasks: Any = None
     broker_connected: Callable[[], bool] = lambda: False
     clock: Callable[[], float] = time.time
     heartbeat: float = 15.0
@@ -257,22 +259,51 @@ class EventPage(ApiModel):
     offset: int = Field(description="offset used")
 
 
+class TaskRequirements(ApiModel):
+    capabilities: list[str] = Field(default_factory=list, max_length=32,
+                                    description="capabilities an executor must advertise (its status `capabilities`)")
+    mem_free: int | None = Field(None, ge=0, description="bytes of free memory an executor must report, at least")
+    cpu: float | None = Field(None, ge=0, le=1, description="an executor's CPU load (0..1) must be at most this")
+
+
 class TaskRequest(ApiModel):
-    target: str = Field(
-        pattern=NAME_PATTERN, description="id of the registered device to run the task (gateways run no tasks)"
-    )
-    handler: str = Field(pattern=NAME_PATTERN, description="task handler name, e.g. echo, sha256, sleep")
+    target: str | None = Field(
+        None, pattern=NAME_PATTERN,
+        description="run it on exactly this registered device (a *direct* task, sent as is and never moved); "
+                    "leave it out to let the scheduler place it (a *scheduled* task: see the other fields)")
+    handler: str = Field(pattern=NAME_PATTERN, description="task handler name, e.g. echo, sha256, sleep, count")
     args: dict[str, Any] = Field(default_factory=dict, description="arguments passed to the handler")
     timeout: float | None = Field(
         None, gt=0, le=30 * 86400, description="seconds from now after which the task expires if not run"
     )
+    # scheduled tasks only
+    site: str | None = Field(None, pattern=NAME_PATTERN, description="scheduled: the site whose executors "
+                             "(devices, gateway) may run it, besides the cloud's workers; none: the cloud's only")
+    origin: str | None = Field(None, pattern=NAME_PATTERN, description="scheduled: the node the work is for "
+                               "(offload rules match on it, e.g. a device's own data); default: none (an app)")
+    data_class: str | None = Field(None, pattern=NAME_PATTERN, description="scheduled: the data's class for the "
+                                   "offload policy (a `keep_on_site` class never runs in the cloud)")
+    priority: int = Field(5, ge=0, le=9, description="scheduled: 9 runs first, 0 last")
+    replicas: int = Field(1, ge=1, le=32, description="scheduled: run on this many distinct executors")
+    mode: Literal["first", "majority"] = Field(
+        "first", description="scheduled, replicas > 1: `first` result wins (the others are cancelled), or a "
+                             "`majority` must agree (a disagreement is flagged on the task and as an event)")
+    max_attempts: int = Field(3, ge=1, le=20, description="scheduled: attempts per replica (a failure or a lost "
+                              "lease uses one) before it fails for good")
+    requirements: TaskRequirements = Field(default_factory=TaskRequirements,
+                                           description="scheduled: what an executor must offer")
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=200, description="scheduled: submitting the same key again returns the "
+        "existing task instead of making a second one")
 
 
 class TaskCreated(ApiModel):
-    id: str = Field(description="the new task's id")
+    id: str = Field(description="the task's id (the existing one's when the idempotency key was seen before)")
     state: Literal["queued"] = Field(
-        description="always queued: sent at once when the device's gateway can hold it, else when the device is online"
+        description="always queued: a direct task is sent at once when the device's gateway can hold it, else when "
+                    "the device is online; a scheduled one when the scheduler places it"
     )
+    duplicate: bool = Field(False, description="true: the idempotency key was seen before; nothing new was made")
 
 
 class TaskOut(ApiModel):
@@ -289,7 +320,31 @@ class TaskOut(ApiModel):
     finished: int | None = Field(None, description="when the node finished it (node clock), ms")
     deadline: int | None = Field(None, description="ms since the epoch after which it expires; null for none")
     dispatched: int | None = Field(None, description="when the command was last published to the node, ms")
-    attempts: int = Field(0, description="how many times the command was published")
+    attempts: int = Field(0, description="direct: how many times the command was published; scheduled: how many "
+                                         "assignments were made (over all replicas)")
+    kind: Literal["direct", "scheduled"] = Field("direct", description="`direct` (sent to `target` as asked) or "
+                                                 "`scheduled` (placed, leased and moved by the scheduler)")
+    site: str | None = Field(None, description="scheduled: the site whose executors may run it")
+    node: str | None = Field(None, description="scheduled: the executor it runs on now, or ran on last")
+    placement: str | None = Field(None, description="scheduled: where it ran and why: each placement decision "
+                                  "(offload policy rule, candidates, what was held back) and the task's history")
+    idempotency_key: str | None = Field(None, description="scheduled: the submitter's idempotency key")
+    disagreement: list[Any] | None = Field(None, description="scheduled, replicas: [[node, result], ...] when the "
+                                           "replicas' results differ")
+
+
+class ExecutorOut(ApiModel):
+    node: str = Field(description="node id (the cloud's own workers are the cloud's node)")
+    tier: Literal["device", "gateway", "cloud"] = Field(description="where it sits")
+    site: str | None = Field(description="its site; null for the cloud")
+    live: bool = Field(description="false once it lost its lease (silent past it, or its connection dropped)")
+    draining: bool = Field(description="true: it gets no new work (`cwsnet node drain`)")
+    slots: int = Field(description="tasks it runs at once (from its status)")
+    running: list[str] = Field(description="ids of the scheduled tasks it holds a lease on")
+    capabilities: list[str] = Field(description="what it advertises")
+    handlers: list[str] | None = Field(description="handlers it runs; null: not reported")
+    cpu: float | None = Field(description="its CPU load, 0..1, from its last status")
+    last_seen_s: float = Field(description="seconds since the scheduler last heard from it")
 
 
 class TaskPage(ApiModel):
@@ -916,6 +971,8 @@ def create_app(state: CloudState) -> FastAPI:
         tags=["tasks"],
     )
     def create_task(req: TaskRequest, request: Request, response: Response) -> Any:
+        if req.target is None:
+            return create_scheduled(req, request, response)
         node = store.get_node(req.target)
         if node is None:
             raise ApiError(404, f"target {req.target!r} is not a registered device")
@@ -968,6 +1025,44 @@ def create_app(state: CloudState) -> FastAPI:
         log.info("task %s queued: %s on %s", task.id, task.handler, task.target)
         return {"id": task.id, "state": "queued"}
 
+    def create_scheduled(req: TaskRequest, request: Request, response: Response) -> Any:
+        svc = state.tasks
+        if svc is None:
+            raise ApiError(503, "the task scheduler is not running", code="unavailable")
+        if req.site is not None and not store.list_nodes(site=req.site, limit=1).items:
+            raise ApiError(404, f"site {req.site!r} has no registered node")
+        authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/scheduler/task/cmd", None)
+        try:
+            check_storable(req.args, "body.args")
+        except BodyError as exc:
+            raise ApiError(
+                422, f"{exc} (args must be JSON without NaN or Infinity, integers 64-bit)", code="invalid_request"
+            ) from None
+        cmd = {"task_id": "0" * 32, "handler": req.handler, "args": req.args, "deadline": 2**62, "attempt": 1,
+               "lease": 5.0, "checkpoint": None}
+        size = len(cbor2.dumps(cmd))
+        if size > MAX_TASK_BODY:
+            raise ApiError(413, f"body.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in "
+                                f"one message (envelope limit {MAX_PAYLOAD} bytes)")
+        spec = {"handler": req.handler, "args": req.args, "site": req.site or "", "origin": req.origin or "",
+                "origin_role": "app" if req.origin is None else (getattr(store.get_node(req.origin), "role", None)
+                                                                 or "app"),
+                "data_class": req.data_class, "input_bytes": size, "priority": req.priority,
+                "replicas": req.replicas, "mode": req.mode, "max_attempts": req.max_attempts,
+                "requirements": req.requirements.model_dump(), "idempotency_key": req.idempotency_key,
+                "timeout": req.timeout}
+        try:
+            task_id, duplicate = svc.submit_threadsafe(spec)
+        except ValueError as exc:
+            raise ApiError(422, f"body: {exc}", code="invalid_request") from None
+        request.state.audit_target = task_id
+        response.headers["Location"] = f"/api/v1/tasks/{task_id}"
+        if duplicate:
+            response.status_code = 200
+        log.info("scheduled task %s %s: %s (site %s)", task_id, "already known" if duplicate else "queued",
+                 req.handler, req.site or "-")
+        return {"id": task_id, "state": "queued", "duplicate": duplicate}
+
     @app.get(
         "/api/v1/tasks",
         response_model=TaskPage,
@@ -997,16 +1092,21 @@ def create_app(state: CloudState) -> FastAPI:
         task = store.get_task(task_id)
         if task is None:
             raise ApiError(404, f"task {task_id!r} does not exist")
-        authorize(request, "read", node_topic(store.get_node(task.target), task.target, "task/result"), task.target)
+        if task.kind == "scheduled":
+            authorize(request, "read", f"cws/v1/{_one_level(task.site or 'cloud')}/scheduler/task/result", None)
+        else:
+            authorize(request, "read", node_topic(store.get_node(task.target), task.target, "task/result"),
+                      task.target)
         return task_view(task)
 
     @app.post(
         "/api/v1/tasks/{task_id}/cancel",
         response_model=TaskOut,
-        summary="Cancel a queued task",
+        summary="Cancel a task",
         description=(
-            "Cancel a task that is still queued. 409 if it already runs or finished. A command already "
-            "published to the device cannot be recalled: its result, if any, is then ignored."
+            "A direct task: cancel it while it is still queued (409 if it already runs or finished; a command "
+            "already published to the device cannot be recalled: its result, if any, is then ignored). A "
+            "scheduled task: cancel it until it finishes; its executors are told to stop (409 once finished)."
         ),
         **needs("operator", {409: {"model": ErrorResponse, "description": "the task is no longer queued"},
                              **_NOT_FOUND}),
@@ -1014,6 +1114,13 @@ def create_app(state: CloudState) -> FastAPI:
     )
     def cancel_task(task_id: str, request: Request) -> Any:
         existing = store.get_task(task_id)
+        if existing is not None and existing.kind == "scheduled":
+            authorize(request, "command", f"cws/v1/{_one_level(existing.site or 'cloud')}/scheduler/task/cmd", None)
+            if state.tasks is None or not state.tasks.cancel_threadsafe(task_id):
+                raise ApiError(409, f"task {task_id!r} is {existing.state}; it cannot be cancelled any more")
+            task = store.get_task(task_id)
+            assert task is not None
+            return task_view(task)
         if existing is not None:
             authorize(request, "command", node_topic(store.get_node(existing.target), existing.target, "task/cmd"),
                       existing.target)
@@ -1029,6 +1136,58 @@ def create_app(state: CloudState) -> FastAPI:
         return task_view(task)
 
     # -- live stream ------------------------------------------------------------------------------------
+
+
+    # -- executors (scheduled work) ---------------------------------------------------------------
+
+    @app.get(
+        "/api/v1/nodes",
+        response_model=list[ExecutorOut],
+        summary="List executors",
+        description=("The nodes the scheduler places work on (agents with task slots, gateways, the cloud's "
+                     "workers): live or lost, draining, slots, the tasks each holds, load."),
+        **needs("viewer", _ERRORS),
+        tags=["nodes"],
+    )
+    def list_executors(request: Request) -> Any:
+        if state.tasks is None:
+            raise ApiError(503, "the task scheduler is not running", code="unavailable")
+        return state.tasks.executors_threadsafe()
+
+    def _drain(node_id: str, request: Request, drain: bool) -> Any:
+        if state.tasks is None:
+            raise ApiError(503, "the task scheduler is not running", code="unavailable")
+        node = store.get_node(node_id)
+        authorize(request, "command", node_topic(node, node_id, "task/cmd"), node_id)
+        try:
+            return state.tasks.drain_threadsafe(node_id, drain)
+        except KeyError:
+            raise ApiError(404, f"{node_id!r} is not an executor the scheduler knows (it has not reported task "
+                                "slots in a status)") from None
+
+    @app.post(
+        "/api/v1/nodes/{node_id}/drain",
+        response_model=ExecutorOut,
+        summary="Drain an executor",
+        description=("Give the node no new work and take back what it was given but has not started (re-queued "
+                     "elsewhere, no attempt used); what it runs finishes. A `node.drained` event says when it "
+                     "holds nothing. 404 if the scheduler does not know the node as an executor."),
+        **needs("operator", _NOT_FOUND),
+        tags=["nodes"],
+    )
+    def drain_node(node_id: str, request: Request) -> Any:
+        return _drain(node_id, request, True)
+
+    @app.post(
+        "/api/v1/nodes/{node_id}/undrain",
+        response_model=ExecutorOut,
+        summary="Undrain an executor",
+        description="The node takes new work again. 404 if the scheduler does not know it as an executor.",
+        **needs("operator", _NOT_FOUND),
+        tags=["nodes"],
+    )
+    def undrain_node(node_id: str, request: Request) -> Any:
+        return _drain(node_id, request, False)
 
     @app.get(
         "/api/v1/stream",

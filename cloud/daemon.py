@@ -47,6 +47,7 @@ from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
 from cloud.metrics import CloudMetrics, NodeStatusCollector
 from cloud.registry_sync import RegistrySync
 from cloud.store import NewEvent, SqliteStore, Store, Task
+from cloud.tasks import TaskService
 from cloud.views import change, event_view, task_view
 from cwsnet import topics
 from cwsnet.broker import BrokerSettings, start_broker
@@ -370,6 +371,10 @@ class CloudDaemon:
                 gateways=self.directory.gateways,
             )
             watcher = self._policy_watcher(cfg)
+            # scheduled work: placed by the offload policies, leased, migrated, replicated (cloud/tasks.py)
+            self.tasks = TaskService(self.store, self.endpoint, self.link, node=self.identity.node,
+                                     policies=watcher.active, lease=cfg.task_lease, workers=cfg.cloud_workers,
+                                     fanout=self.fanout, metrics=self.metrics, clock=clock)
             self.access = AccessEngine(watcher.active) if watcher.active is not None else None
             # the `at: cloud` automation rules and gateways' automation requests; retention of stored data
             self.automation = CloudAutomation(
@@ -400,6 +405,7 @@ class CloudDaemon:
                 metrics=self.metrics,
                 fanout=self.fanout,
                 dispatcher=self.dispatcher,
+                tasks=self.tasks,
                 broker_connected=self.link.connected.is_set,
                 clock=clock,
                 auth=self.auth,
@@ -468,6 +474,13 @@ class CloudDaemon:
             self.fanout.publish_many(result.changes)
         except Exception:
             log.exception("announcing %d changes on the live stream failed", len(result.changes))
+        for item, body in result.for_apps:  # statuses, deaths and task results move scheduled work
+            entry = self.directory.get(item.sender) if item.kind in ("birth", "status", "death", "task_result") else None
+            if entry is not None:
+                try:
+                    self.tasks.observe(item.sender, entry.role, entry.site, item.kind, body)
+                except Exception:
+                    log.exception("the task service could not take %s from %s", item.kind, item.sender)
         for node in result.births:
             try:
                 if self.registry_sync is not None:
@@ -619,6 +632,7 @@ class CloudDaemon:
         if pset is None:
             return
         self.access = AccessEngine(pset)
+        self.tasks.use_policies(pset)
         if self.access_recorder is not None:
             self.access_recorder.engine = self.access
         else:
@@ -777,6 +791,7 @@ class CloudDaemon:
                 tg.create_task(self.flush_acks(), name="cloud-acks")
                 tg.create_task(self.sweep(), name="cloud-sweep")
                 tg.create_task(self.dispatcher.run(), name="cloud-tasks")
+                tg.create_task(self.tasks.run(), name="cloud-scheduler")
                 tg.create_task(self.apps.run(), name="cloud-apps")
                 tg.create_task(self.automation_ticks(), name="cloud-automation")
                 tg.create_task(self.sweep_retention(), name="cloud-retention")

@@ -154,6 +154,14 @@ class Task:
     deadline: int | None = None
     dispatched: int | None = None
     attempts: int = 0
+    #: "direct": sent to ``target`` as asked; "scheduled": placed by the workload scheduler (cloud/tasks.py)
+    kind: str = "direct"
+    site: str | None = None
+    node: str | None = None  # scheduled: the executor it runs on (or ran on last)
+    placement: str | None = None  # scheduled: the explanation of where it runs and why
+    sched: dict[str, Any] | None = None  # scheduled: the scheduler's record (cwsnet.scheduler.Task.to_record)
+    idempotency_key: str | None = None
+    disagreement: Any = None  # replicas (majority) that returned different results: [[node, result], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +494,14 @@ class SqliteStore(Store):
                 defaults={"attempts": 0},
                 if_not_exists=True,
             )
+            have = set(db["tasks"].columns_dict)
+            for col, typ in (("kind", str), ("site", str), ("node", str), ("placement", str), ("sched", str),
+                             ("idempotency_key", str), ("disagreement", str)):
+                if col not in have:  # databases made before the workload scheduler (issue 7)
+                    db["tasks"].add_column(col, typ)
+            db.execute("create unique index if not exists idx_tasks_key on tasks (idempotency_key) "
+                       "where idempotency_key is not null")
+            db.execute("create index if not exists idx_tasks_open_scheduled on tasks (kind, state)")
             db["tasks"].create_index(["target", "state"], if_not_exists=True)
             db["tasks"].create_index(["created"], if_not_exists=True)
             db["counters"].create({"name": str, "value": int}, pk="name", not_null=["value"], if_not_exists=True)
@@ -827,6 +843,13 @@ class SqliteStore(Store):
             deadline=row["deadline"],
             dispatched=row["dispatched"],
             attempts=row["attempts"] or 0,
+            kind=row.get("kind") or "direct",
+            site=row.get("site"),
+            node=row.get("node"),
+            placement=row.get("placement"),
+            sched=_from_json(row.get("sched")),
+            idempotency_key=row.get("idempotency_key"),
+            disagreement=_from_json(row.get("disagreement")),
         )
 
     def create_task(
@@ -862,6 +885,38 @@ class SqliteStore(Store):
     def get_task(self, task_id: str) -> Task | None:
         rows = self._rows("select * from tasks where id = ?", [task_id])
         return self._task(rows[0]) if rows else None
+
+    def task_by_key(self, key: str) -> Task | None:
+        rows = self._rows("select * from tasks where idempotency_key = ?", [key])
+        return self._task(rows[0]) if rows else None
+
+    def save_scheduled(self, rows: list[dict[str, Any]], *, now: int | None = None) -> None:
+        """Insert or update scheduled tasks, in one transaction. Each row: ``id``, ``handler``, ``args``,
+        ``state``, ``site``, ``node``, ``placement``, ``sched`` (the scheduler's record), and optionally
+        ``result``, ``error``, ``deadline`` (ms), ``attempts``, ``idempotency_key``, ``disagreement``,
+        ``started``, ``finished``, ``created``."""
+        ts = now if now is not None else now_ms()
+        with self._lock, self.db.atomic():
+            for r in rows:
+                self.db.conn.execute(
+                    "insert into tasks (id, target, handler, args, state, result, error, created, updated, started, "
+                    "finished, deadline, attempts, kind, site, node, placement, sched, idempotency_key, disagreement) "
+                    "values (?, '', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'scheduled', ?, ?, ?, ?, ?, ?) "
+                    "on conflict(id) do update set state = excluded.state, result = excluded.result, "
+                    "error = excluded.error, updated = excluded.updated, "
+                    "started = coalesce(tasks.started, excluded.started), finished = excluded.finished, "
+                    "attempts = excluded.attempts, node = excluded.node, placement = excluded.placement, "
+                    "sched = excluded.sched, disagreement = excluded.disagreement",
+                    [r["id"], r["handler"], to_json(r.get("args") or {}), r["state"], to_json(r.get("result")),
+                     r.get("error"), r.get("created", ts), ts, r.get("started"), r.get("finished"),
+                     r.get("deadline"), r.get("attempts", 0), r.get("site"), r.get("node"), r.get("placement"),
+                     to_json(r["sched"]), r.get("idempotency_key"), to_json(r.get("disagreement"))])
+
+    def open_scheduled(self) -> list[Task]:
+        """Scheduled tasks not finished yet (to hand back to the scheduler after a restart), oldest first."""
+        rows = self._rows("select * from tasks where kind = 'scheduled' and state in ('queued', 'assigned', "
+                          "'running') order by created, id", [])
+        return [self._task(r) for r in rows]
 
     @staticmethod
     def _transition(

@@ -59,6 +59,12 @@ def task_view(task: Task) -> dict[str, Any]:
         "deadline": task.deadline,
         "dispatched": task.dispatched,
         "attempts": task.attempts,
+        "kind": task.kind,
+        "site": task.site,
+        "node": task.node,
+        "placement": task.placement,
+        "idempotency_key": task.idempotency_key,
+        "disagreement": task.disagreement,
     }
 
 

@@ -270,6 +270,11 @@ class CloudConfig(Model):
         60.0, gt=0, description="seconds without any message after which a device is shown offline"
     )
     ack_interval: float = Field(0.2, gt=0, le=60, description="seconds between cumulative acks to a gateway")
+    task_lease: float = Field(
+        5.0, ge=1, le=3600, description="seconds an executor holding a scheduled task may stay silent before the "
+        "task is taken back and re-queued elsewhere (executors heartbeat every third of it)")
+    cloud_workers: int = Field(
+        2, ge=0, le=256, description="scheduled tasks the cloud runs at once on its own workers (tier cloud); 0: none")
     reconnect: Reconnect = Field(default_factory=Reconnect)
     admin_token_file: Path | None = Field(
         None,

@@ -551,6 +551,12 @@ class Scheduler:
         self._out: list[Cmd] = []
         self._dirty = False  # something changed that a tick's assignment has not seen yet
 
+    def set_offload(self, offload: OffloadEngine) -> None:
+        """A new offload policy set (a reload): placements from now on follow it."""
+        self.offload = offload
+        self._sizes, self._exact = offload.size_classes()
+        self._dirty = True
+
     # ---- helpers ----
 
     def _flush(self) -> list[Cmd]:

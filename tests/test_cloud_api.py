@@ -184,7 +184,7 @@ def test_task_create_get_list_cancel(env: Env) -> None:
     r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": {"x": 1}, "timeout": 30})
     assert r.status_code == 201, r.text
     created = r.json()
-    assert created["state"] == "queued" and set(created) == {"id", "state"}
+    assert created["state"] == "queued" and set(created) == {"id", "state", "duplicate"} and not created["duplicate"]
     assert r.headers["location"] == f"/api/v1/tasks/{created['id']}"
     assert env.dispatcher.requested == [created["id"]]
     task = env.client.get(f"/api/v1/tasks/{created['id']}").json()
@@ -206,9 +206,11 @@ def test_task_create_get_list_cancel(env: Env) -> None:
 
 
 def test_task_validation_errors(env: Env) -> None:
-    err = assert_error(env.client.post("/api/v1/tasks", json={"handler": "echo"}), 422, "invalid_request")
-    assert err["message"] == "body.target: field required"
-    assert err["details"][0]["loc"] == ["body", "target"]
+    err = assert_error(env.client.post("/api/v1/tasks", json={"target": "dev-1"}), 422, "invalid_request")
+    assert err["message"] == "body.handler: field required"
+    assert err["details"][0]["loc"] == ["body", "handler"]
+    # no target: a scheduled task, and this API runs without the scheduler
+    assert_error(env.client.post("/api/v1/tasks", json={"handler": "echo"}), 503, "unavailable")
     err = assert_error(
         env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "timeout": -1}), 422, "invalid_request"
     )

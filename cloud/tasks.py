@@ -1,0 +1,473 @@
+"""The cloud's workload service: the sans-I/O :class:`cwsnet.scheduler.Scheduler` wired to the store,
+the cloud broker and the cloud's own worker pool (issue 7).
+
+- **Executors** are learnt from what ingest stores: a node's ``birth``/``status`` (its ``slots``,
+  ``capabilities``, ``handlers``, load, and the ``tasks`` it holds: a heartbeat) makes it an
+  executor; its ``death`` (the broker publishes its will when the connection drops, so a SIGKILLed
+  agent is known at once) takes its tasks back. A node silent past the lease loses them too. The
+  cloud itself is an executor of tier ``cloud`` with ``cloud_workers`` slots running the built-in
+  handlers in-process.
+- **Assignments** go out as sealed ``task_cmd`` messages with ``attempt``, ``lease`` and the last
+  ``checkpoint`` (protocol §3); a cancel is a ``task_cmd`` with ``cancel: true``. Results come back as
+  ``task_result`` with the ``attempt`` echoed: only the lease holder's count (exactly once per task).
+- **Persistence**: every task the scheduler touched is written to the ``tasks`` table (its scheduler
+  record, where it runs and why) *before* its commands go out, and a submission is stored before the
+  API answers. After a restart the open tasks are restored: queued ones queue again, held ones stay
+  with their executor if it reports within the lease, else they move.
+
+Everything runs on the daemon's event loop; the API's threads use the ``*_threadsafe`` methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cloud.store import NewEvent, Store
+from cloud.views import change, event_view, task_view
+from cwsnet import topics
+from cwsnet.errors import CwsError
+from cwsnet.mqtt import LinkError
+from cwsnet.policy.offload import OffloadEngine
+from cwsnet.scheduler import (
+    Assign,
+    Cancel,
+    Cmd,
+    Completed,
+    Drained,
+    ExecutorLost,
+    ExecutorStatus,
+    Ignored,
+    Requeued,
+    Requirements,
+    Scheduler,
+    Submitted,
+    Task,
+)
+
+log = logging.getLogger("cwsnet.cloud.tasks")
+
+#: how long an API call waits for the event loop to take a submission / answer a question
+API_WAIT = 10.0
+#: an executor that does not say how often it reports is assumed to every this many seconds
+DEFAULT_STATUS_INTERVAL = 10.0
+
+
+@dataclass
+class _Local:
+    """A copy of a task running on the cloud's own workers."""
+
+    task_id: str
+    attempt: int
+    run: asyncio.Task[None]
+
+
+class TaskContext:
+    """What a two-argument handler gets on the cloud's workers (the agents' ``TaskContext`` twin):
+    ``task_id``, ``attempt``, ``checkpoint`` (resume from it) and ``await save(data)``."""
+
+    def __init__(self, service: TaskService, task_id: str, attempt: int, checkpoint: dict[str, Any] | None) -> None:
+        self.task_id, self.attempt, self.checkpoint = task_id, attempt, checkpoint
+        self._service = service
+
+    async def save(self, data: dict[str, Any]) -> None:
+        if not isinstance(data, dict):
+            raise TypeError("a checkpoint is a map")
+        self._service._apply(self._service.sched.checkpoint(self.task_id, self._service.node, data,
+                                                            self._service.clock(), self.attempt), self.task_id)
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def executor_status(node: str, role: str, site: str, body: dict[str, Any]) -> ExecutorStatus | None:
+    """An executor's status from its ``birth``/``status`` body; None for a node that runs no scheduled
+    work (no ``slots``: the firmware, an old agent)."""
+    slots = body.get("slots")
+    if role not in ("device", "gateway") or not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
+        return None
+    cpu = _num(body.get("cpu"))
+    handlers = body.get("handlers")
+    caps = body.get("capabilities")
+    tasks = body.get("tasks")
+    interval = _num(body.get("interval"))
+    return ExecutorStatus(
+        node, role, site, capacity=min(slots, 1024),
+        capabilities=frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else frozenset(),
+        handlers=frozenset(h for h in handlers if isinstance(h, str)) if isinstance(handlers, list) else None,
+        cpu=None if cpu is None else max(0.0, min(1.0, cpu / 100.0)),
+        mem_free=body.get("mem_free") if isinstance(body.get("mem_free"), int) else None,
+        battery=_num(body.get("battery")),
+        queue=len(tasks) if isinstance(tasks, list) else None,
+        running=tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None,
+        interval=interval if interval and interval > 0 else DEFAULT_STATUS_INTERVAL,
+    )
+
+
+class TaskService:
+    """See the module's docstring."""
+
+    def __init__(self, store: Store, endpoint: Any, link: Any, *, node: str, policies: Any = None,
+                 lease: float = 5.0, workers: int = 2, handlers: dict[str, Any] | None = None,
+                 fanout: Any = None, metrics: Any = None, clock: Callable[[], float] = time.time,
+                 publish_timeout: float = 10.0) -> None:
+        self.store, self.endpoint, self.link = store, endpoint, link
+        self.node, self.clock, self.fanout, self.metrics = node, clock, fanout, metrics
+        self.lease, self.workers, self.publish_timeout = lease, workers, publish_timeout
+        if handlers is None:
+            from edge_agent.handlers import BUILTIN
+
+            handlers = dict(BUILTIN)
+        self.handlers = handlers
+        self.sched = Scheduler(OffloadEngine(policies), lease=lease)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._touched: dict[str, None] = {}
+        self._out: list[Cmd] = []
+        self._local: dict[str, _Local] = {}
+        self._sending: set[asyncio.Task[Any]] = set()
+        self._ready = asyncio.Event()
+
+    # ---- policies ----
+
+    def use_policies(self, pset: Any) -> None:
+        self.sched.set_offload(OffloadEngine(pset))
+        self._wake.set()
+
+    # ---- what ingest stored (event loop) ----
+
+    def observe(self, sender: str, role: str, site: str, kind: str, body: Any) -> None:
+        """A newly stored message: statuses make executors (and heartbeats), deaths take their work
+        back, task results move scheduled tasks."""
+        if not isinstance(body, dict) or sender == self.node:
+            return
+        now = self.clock()
+        if kind in ("birth", "status"):
+            try:
+                st = executor_status(sender, role, site, body)
+            except ValueError as exc:
+                log.warning("status of %s: not usable for scheduling: %s", sender, exc)
+                return
+            if st is not None:
+                self._apply(self.sched.executor_seen(st, now))
+        elif kind == "death":
+            if sender in self.sched.executors:
+                self._apply(self.sched.executor_gone(sender, now, "gone: its connection dropped (death message)"))
+        elif kind == "task_result":
+            self._result(sender, body, now)
+
+    def _result(self, sender: str, body: dict[str, Any], now: float) -> None:
+        tid, state = body.get("task_id"), body.get("state")
+        if not isinstance(tid, str) or self.sched.get(tid) is None:
+            return  # a direct task (ingest stored it) or unknown here
+        attempt = body.get("attempt") if isinstance(body.get("attempt"), int) else None
+        if state == "running":
+            self._apply(self.sched.started(tid, sender, now, attempt), tid)
+        elif state == "checkpoint":
+            data = body.get("checkpoint")
+            self._apply(self.sched.checkpoint(tid, sender, data if isinstance(data, dict) else None, now, attempt), tid)
+        elif state == "succeeded":
+            self._apply(self.sched.finished(tid, sender, True, body.get("result"), None, now, attempt))
+        elif state in ("failed", "expired"):
+            error = body.get("error") if isinstance(body.get("error"), str) else f"{state} (no error given)"
+            self._apply(self.sched.finished(tid, sender, False, None, error, now, attempt))
+        # "cancelled": the executor stopped because it was told to; nothing to do
+
+    # ---- commands ----
+
+    def _apply(self, cmds: list[Cmd], task_id: str | None = None) -> None:
+        """Queue the scheduler's commands; the loop persists the tasks they touch (and ``task_id``, changed
+        without a command: started, checkpointed), then carries them out."""
+        if task_id is not None and self.sched.get(task_id) is not None:
+            self._touched[task_id] = None
+            self._wake.set()
+        if not cmds:
+            return
+        for c in cmds:
+            tid = getattr(c, "task_id", None)
+            if tid is not None:
+                self._touched[tid] = None
+            elif isinstance(c, ExecutorLost):
+                self._touched.update(dict.fromkeys(c.task_ids))
+        self._out.extend(cmds)
+        self._wake.set()
+
+    def _row(self, t: Task) -> dict[str, Any]:
+        node = (t.holders() or [None])[0] or next((c.node for c in t.copies if c.node), None)
+        return {"id": t.id, "handler": t.handler, "args": t.args, "state": t.state, "site": t.site, "node": node,
+                "placement": self.sched.explain(t.id), "sched": t.to_record(), "result": t.result, "error": t.error,
+                "deadline": None if t.deadline is None else int(t.deadline * 1000), "attempts": t.attempts,
+                "idempotency_key": t.idempotency_key,
+                "disagreement": [list(d) for d in t.disagreement] if t.disagreement else None,
+                "created": int((t.submitted_at or self.clock()) * 1000),
+                "finished": None if t.finished_at is None else int(t.finished_at * 1000)}
+
+    async def _carry_out(self) -> None:
+        cmds, self._out = self._out, []
+        touched, self._touched = list(self._touched), {}
+        rows = [self._row(t) for tid in touched if (t := self.sched.get(tid)) is not None]
+        if rows:
+            await asyncio.to_thread(self.store.save_scheduled, rows, now=int(self.clock() * 1000))
+            if self.fanout is not None:
+                for tid in touched:
+                    stored = await asyncio.to_thread(self.store.get_task, tid)
+                    if stored is not None:
+                        self.fanout.publish(change("task", task_view(stored)))
+        events: list[NewEvent] = []
+        now_ms = int(self.clock() * 1000)
+        for c in cmds:
+            if isinstance(c, Assign):
+                if c.node == self.node:
+                    self._run_local(c)
+                else:
+                    self._send(c.node, {"task_id": c.task_id, "handler": c.handler, "args": c.args,
+                                        "deadline": None if c.deadline is None else int(c.deadline * 1000),
+                                        "attempt": c.attempt, "lease": self.lease, "checkpoint": c.checkpoint},
+                               c.deadline)
+                log.info("%s", c.describe())
+            elif isinstance(c, Cancel):
+                if c.node == self.node:
+                    local = self._local.pop(c.task_id, None)
+                    if local is not None:
+                        local.run.cancel()
+                elif c.node:
+                    self._send(c.node, {"task_id": c.task_id, "cancel": True}, None)
+                log.info("%s", c.describe())
+            elif isinstance(c, Completed):
+                if self.metrics is not None:
+                    self.metrics.tasks.labels(state=c.state).inc()
+                log.info("%s", c.describe())
+                if c.disagreement:
+                    said = "; ".join(f"{n} said {r!r}"[:200] for n, r in c.disagreement)
+                    events.append(NewEvent(now_ms, self.node, "task.disagreement", "warning",
+                                           f"task {c.task_id}: replicas returned different results ({said})",
+                                           {"task_id": c.task_id, "results": [[n, r] for n, r in c.disagreement]}))
+                self.sched.forget(c.task_id)
+            elif isinstance(c, ExecutorLost):
+                log.warning("%s", c.describe())
+                if c.task_ids:
+                    events.append(NewEvent(now_ms, c.node, "task.executor_lost", "warning",
+                                           f"{c.node} lost its lease ({c.reason}); {len(c.task_ids)} task(s) move",
+                                           {"node": c.node, "reason": c.reason, "tasks": list(c.task_ids)}))
+            elif isinstance(c, Drained):
+                log.info("%s", c.describe())
+                events.append(NewEvent(now_ms, c.node, "node.drained", "info", f"{c.node} is drained: it holds no "
+                                       "task and gets none", {"node": c.node}))
+            elif isinstance(c, Requeued | Ignored):
+                log.info("%s", c.describe())
+            elif isinstance(c, Submitted):
+                pass
+        if events:
+            try:
+                stored = await asyncio.to_thread(self.store.add_events, events)
+            except Exception:
+                log.exception("recording %d task events failed", len(events))
+            else:
+                if self.fanout is not None:
+                    for e in stored:
+                        self.fanout.publish(change("event", event_view(e)))
+
+    def _send(self, node: str, body: dict[str, Any], deadline: float | None) -> None:
+        async def go() -> None:
+            try:
+                entry = await asyncio.to_thread(self.store.get_node, node)
+                if entry is None:
+                    log.warning("task command for %s not sent: not a registered node", node)
+                    return
+                topic = topics.task_cmd(entry.site, node)
+                payload, _ = self.endpoint.seal(topic, "task_cmd", body, to=node,
+                                                expires=None if deadline is None else int(deadline * 1000))
+                await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
+            except (LinkError, CwsError, TimeoutError) as exc:
+                # the lease covers it: an assignment that never arrives is re-queued when it expires
+                log.warning("task command %s for %s not sent: %s", body.get("task_id"), node, exc)
+
+        t = asyncio.get_running_loop().create_task(go())
+        self._sending.add(t)
+        t.add_done_callback(self._sending.discard)
+
+    # ---- the cloud's own workers ----
+
+    def _cloud_status(self) -> ExecutorStatus:
+        # it lists what it runs: a copy restored as held by the cloud (the previous process) is not run by
+        # this one, so it is lost after the lease and moves, like any executor's unreported task
+        return ExecutorStatus(self.node, "cloud", "", capacity=self.workers, handlers=frozenset(self.handlers),
+                              queue=len(self._local), running=tuple(self._local))
+
+    def _run_local(self, a: Assign) -> None:
+        handler = self.handlers.get(a.handler)
+
+        async def go() -> None:
+            now = self.clock
+            self._apply(self.sched.started(a.task_id, self.node, now(), a.attempt), a.task_id)
+            try:
+                if handler is None:
+                    raise LookupError(f"no handler {a.handler!r} on the cloud; has {sorted(self.handlers)}")
+                if _takes_context(handler):
+                    result = await handler(a.args, TaskContext(self, a.task_id, a.attempt, a.checkpoint))
+                else:
+                    result = await handler(a.args)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                tb = "".join(traceback.format_exception(exc, limit=-8))
+                log.info("task %s failed on the cloud: %s", a.task_id, exc)
+                self._apply(self.sched.finished(a.task_id, self.node, False, None,
+                                                f"{type(exc).__name__}: {exc}\n{tb}", now(), a.attempt))
+            else:
+                self._apply(self.sched.finished(a.task_id, self.node, True, result, None, now(), a.attempt))
+            finally:
+                cur = self._local.get(a.task_id)
+                if cur is not None and cur.attempt == a.attempt:
+                    del self._local[a.task_id]
+
+        run = asyncio.get_running_loop().create_task(go())
+        self._local[a.task_id] = _Local(a.task_id, a.attempt, run)
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        restored = await asyncio.to_thread(self.store.open_scheduled)
+        now = self.clock()
+        for t in restored:
+            if t.sched is None:
+                continue
+            try:
+                self.sched.restore(t.sched, now)
+                self._touched[t.id] = None
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("task %s cannot be restored (%s); it stays %s in the store", t.id, exc, t.state)
+        if restored:
+            log.info("restored %d open scheduled task(s)", len(restored))
+        self._ready.set()
+        try:
+            while True:
+                now = self.clock()
+                self._apply(self.sched.executor_seen(self._cloud_status(), now))
+                self._apply(self.sched.tick(now))
+                if self._out or self._touched:
+                    try:
+                        await self._carry_out()
+                    except Exception:
+                        log.exception("carrying out the scheduler's commands failed; retrying")
+                        await asyncio.sleep(0.5)
+                        continue
+                wait = self.sched.next_wakeup(self.clock())
+                wait = min(wait if wait is not None else 1.0, self.lease / 3)  # the cloud heartbeats itself too
+                self._wake.clear()
+                if not self._out and not self._touched:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(wait, 0.01)):
+                            await self._wake.wait()
+        finally:
+            for local in list(self._local.values()):
+                local.run.cancel()
+
+    # ---- the API's entry points (any thread) ----
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        loop = self._loop
+        if loop is None:
+            raise CwsError("the task service is not running yet")
+
+        async def wrapped() -> Any:
+            await self._ready.wait()
+            out = fn()
+            if self._out or self._touched:
+                await self._carry_out()  # persisted before the caller hears back
+            return out
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), loop).result(API_WAIT)
+
+    def submit_threadsafe(self, spec: dict[str, Any]) -> tuple[str, bool]:
+        """Submit a task (``spec``: handler, args, site, origin, origin_role, priority, replicas, mode,
+        requirements, max_attempts, timeout s, idempotency_key, data_class, input_bytes). Returns (task
+        id, duplicate). ``ValueError`` for a bad spec."""
+        key = spec.get("idempotency_key")
+        if key is not None:
+            known = self.store.task_by_key(key)
+            if known is not None:
+                return known.id, True
+        req = spec.get("requirements") or {}
+        timeout = spec.get("timeout")
+
+        def go() -> tuple[str, bool]:
+            now = self.clock()
+            task = Task(
+                id=uuid.uuid4().hex, handler=spec["handler"], args=dict(spec.get("args") or {}),
+                requirements=Requirements(frozenset(req.get("capabilities") or ()), req.get("mem_free"),
+                                          req.get("cpu")),
+                data_class=spec.get("data_class"), input_bytes=int(spec.get("input_bytes") or 0),
+                origin=spec.get("origin") or "", site=spec.get("site") or "",
+                origin_role=spec.get("origin_role") or "app",
+                deadline=None if timeout is None else now + float(timeout),
+                priority=int(spec.get("priority", 5)), max_attempts=int(spec.get("max_attempts", 3)),
+                backoff=float(spec.get("backoff", 1.0)), replicas=int(spec.get("replicas", 1)),
+                mode=spec.get("mode", "first"), idempotency_key=key,
+            )
+            cmds = self.sched.submit(task, now)
+            self._apply(cmds)
+            sub = next(c for c in cmds if isinstance(c, Submitted))
+            return sub.task_id, sub.duplicate
+
+        return self._call(go)
+
+    def cancel_threadsafe(self, task_id: str, reason: str = "cancelled by an operator") -> bool:
+        def go() -> bool:
+            t = self.sched.get(task_id)
+            if t is None or t.terminal:
+                return False
+            self._apply(self.sched.cancel(task_id, self.clock(), reason))
+            return True
+
+        return self._call(go)
+
+    def drain_threadsafe(self, node: str, drain: bool = True) -> dict[str, Any]:
+        """Drain (or undrain) an executor. ``KeyError`` if it is not a known executor."""
+        def go() -> dict[str, Any]:
+            now = self.clock()
+            self._apply(self.sched.drain(node, now) if drain else self.sched.undrain(node, now))
+            return self._executor_view(self.sched.executors[node], now)
+
+        return self._call(go)
+
+    def explain_threadsafe(self, task_id: str) -> str | None:
+        def go() -> str | None:
+            return self.sched.explain(task_id) if self.sched.get(task_id) is not None else None
+
+        return self._call(go)
+
+    def executors_threadsafe(self) -> list[dict[str, Any]]:
+        def go() -> list[dict[str, Any]]:
+            now = self.clock()
+            return [self._executor_view(ex, now) for ex in sorted(self.sched.executors.values(),
+                                                                  key=lambda e: (e.tier, e.node))]
+
+        return self._call(go)
+
+    @staticmethod
+    def _executor_view(ex: Any, now: float) -> dict[str, Any]:
+        m = ex.measured
+        return {"node": ex.node, "tier": ex.tier, "site": ex.site or None, "live": ex.live, "draining": ex.draining,
+                "slots": ex.capacity, "running": sorted(ex.running), "capabilities": sorted(ex.capabilities),
+                "handlers": None if ex.handlers is None else sorted(ex.handlers),
+                "cpu": m.cpu, "last_seen_s": round(max(0.0, now - ex.last_seen), 3)}
