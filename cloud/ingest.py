@@ -68,7 +68,7 @@ log = logging.getLogger("cwsnet.cloud.ingest")
 
 UPLINK_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
 SEVERITIES = ("info", "warning", "error", "critical")
-REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired")
+REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired", "checkpoint", "cancelled")
 #: rejection reasons the gateway is told about (it then drops the message from its outbox)
 #: (not ``unknown_sender``/``unknown_key``: the registry may catch up; not ``retired_key``: a message
 #: sealed before a rotation and held past its grace is kept, not destroyed, until an operator decides)
@@ -690,9 +690,10 @@ class Ingest:
             if out.task_state is not None and item.task is not None:
                 self.metrics.tasks.labels(state=out.task_state).inc()
                 changed_tasks.append(item.task.task_id)
-            elif item.task is not None:
-                log.info(
-                    "task report %s -> %s from %s ignored (unknown task, other target or not allowed now)",
+            elif item.task is not None:  # a scheduled task's report is the scheduler's (cloud/tasks.py)
+                log.debug(
+                    "task report %s -> %s from %s not a direct task's move (scheduled, unknown, other target or "
+                    "not allowed now)",
                     item.task.task_id,
                     item.task.state,
                     item.sender,
@@ -861,6 +862,11 @@ class Ingest:
                 if body.get(name) is not None and not _uint(body[name]):
                     raise BodyError(f"task_result field {name!r} must be uint ms below 2^63 or null")
             check_storable(body.get("result"), "task_result result")
+            if body.get("attempt") is not None and not _uint(body["attempt"]):
+                raise BodyError("task_result field 'attempt' must be uint or null")
+            if state == "checkpoint" and not isinstance(body.get("checkpoint"), dict):
+                raise BodyError("task_result state checkpoint needs a map 'checkpoint'")
+            check_storable(body.get("checkpoint"), "task_result checkpoint")
             return replace(
                 item,
                 task=TaskReport(

@@ -34,6 +34,9 @@ TERMINAL_TASK_STATES = frozenset({"succeeded", "failed", "expired", "cancelled"}
 
 #: Allowed task transitions: new state -> the states it may be entered from. A report that is not
 #: allowed (a late ``running`` after ``succeeded``, a second result) leaves the task as it is.
+#: the task_result states that move a *direct* task's row (a scheduled task's are the scheduler's:
+#: cloud/tasks.py; ``checkpoint`` and ``cancelled`` reports only concern scheduled tasks)
+DIRECT_REPORTS = frozenset({"running", "succeeded", "failed", "expired"})
 TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     "running": frozenset({"queued"}),
     "succeeded": frozenset({"queued", "running"}),
@@ -675,7 +678,7 @@ class SqliteStore(Store):
                     )
                 if item.event is not None:
                     self._insert_events(conn, [item.event])
-                if item.task is not None:
+                if item.task is not None and item.task.state in DIRECT_REPORTS:
                     t = item.task
                     moved = self._transition(
                         conn,
