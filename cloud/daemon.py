@@ -353,7 +353,9 @@ class CloudDaemon:
                 clock=clock,
                 offline_after=cfg.offline_after,
                 # apps and the cloud's automation rules get the stored messages they want
-                for_apps=lambda topic: self.apps.wants(topic) or self.automation.wants(topic),
+                # (and the scheduler the statuses and task results: executors, heartbeats, results)
+                for_apps=lambda topic: (self.apps.wants(topic) or self.automation.wants(topic)
+                                        or TaskService.wants(topic)),
             )
             self.ingest.update_gauges()
             self.coalescer = AckCoalescer()

@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
-import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from cloud.store import NewEvent, Store
 from cloud.views import change, event_view, task_view
 from cwsnet import topics
 from cwsnet.errors import CwsError
+from cwsnet.executor import LocalWorkers
 from cwsnet.mqtt import LinkError
 from cwsnet.policy.offload import OffloadEngine
 from cwsnet.scheduler import (
@@ -59,39 +57,6 @@ log = logging.getLogger("cwsnet.cloud.tasks")
 API_WAIT = 10.0
 #: an executor that does not say how often it reports is assumed to every this many seconds
 DEFAULT_STATUS_INTERVAL = 10.0
-
-
-@dataclass
-class _Local:
-    """A copy of a task running on the cloud's own workers."""
-
-    task_id: str
-    attempt: int
-    run: asyncio.Task[None]
-
-
-class TaskContext:
-    """What a two-argument handler gets on the cloud's workers (the agents' ``TaskContext`` twin):
-    ``task_id``, ``attempt``, ``checkpoint`` (resume from it) and ``await save(data)``."""
-
-    def __init__(self, service: TaskService, task_id: str, attempt: int, checkpoint: dict[str, Any] | None) -> None:
-        self.task_id, self.attempt, self.checkpoint = task_id, attempt, checkpoint
-        self._service = service
-
-    async def save(self, data: dict[str, Any]) -> None:
-        if not isinstance(data, dict):
-            raise TypeError("a checkpoint is a map")
-        self._service._apply(self._service.sched.checkpoint(self.task_id, self._service.node, data,
-                                                            self._service.clock(), self.attempt), self.task_id)
-
-
-def _takes_context(fn: Callable[..., Any]) -> bool:
-    try:
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        return False
-    return len(params) >= 2
 
 
 def _num(v: Any) -> float | None:
@@ -142,7 +107,9 @@ class TaskService:
         self._wake = asyncio.Event()
         self._touched: dict[str, None] = {}
         self._out: list[Cmd] = []
-        self._local: dict[str, _Local] = {}
+        # the cloud's own workers: their reports go straight to the scheduler
+        self.local = LocalWorkers(self.handlers, workers, lambda body: self._result(self.node, body, self.clock()),
+                                  node=node, clock=clock)
         self._sending: set[asyncio.Task[Any]] = set()
         self._ready = asyncio.Event()
 
@@ -154,10 +121,15 @@ class TaskService:
 
     # ---- what ingest stored (event loop) ----
 
+    @staticmethod
+    def wants(topic: str) -> bool:
+        """The topics whose stored messages the service takes (:meth:`observe`)."""
+        return topic.endswith(("/status", "/task/result"))
+
     def observe(self, sender: str, role: str, site: str, kind: str, body: Any) -> None:
         """A newly stored message: statuses make executors (and heartbeats), deaths take their work
         back, task results move scheduled tasks."""
-        if not isinstance(body, dict) or sender == self.node:
+        if not isinstance(body, dict) or sender == self.node:  # (the cloud's own workers report directly)
             return
         now = self.clock()
         if kind in ("birth", "status"):
@@ -236,7 +208,8 @@ class TaskService:
         for c in cmds:
             if isinstance(c, Assign):
                 if c.node == self.node:
-                    self._run_local(c)
+                    self.local.start(c.task_id, c.handler, c.args, attempt=c.attempt, checkpoint=c.checkpoint,
+                                     deadline_ms=None if c.deadline is None else int(c.deadline * 1000))
                 else:
                     self._send(c.node, {"task_id": c.task_id, "handler": c.handler, "args": c.args,
                                         "deadline": None if c.deadline is None else int(c.deadline * 1000),
@@ -245,9 +218,7 @@ class TaskService:
                 log.info("%s", c.describe())
             elif isinstance(c, Cancel):
                 if c.node == self.node:
-                    local = self._local.pop(c.task_id, None)
-                    if local is not None:
-                        local.run.cancel()
+                    self.local.cancel(c.task_id)
                 elif c.node:
                     self._send(c.node, {"task_id": c.task_id, "cancel": True}, None)
                 log.info("%s", c.describe())
@@ -310,37 +281,7 @@ class TaskService:
         # it lists what it runs: a copy restored as held by the cloud (the previous process) is not run by
         # this one, so it is lost after the lease and moves, like any executor's unreported task
         return ExecutorStatus(self.node, "cloud", "", capacity=self.workers, handlers=frozenset(self.handlers),
-                              queue=len(self._local), running=tuple(self._local))
-
-    def _run_local(self, a: Assign) -> None:
-        handler = self.handlers.get(a.handler)
-
-        async def go() -> None:
-            now = self.clock
-            self._apply(self.sched.started(a.task_id, self.node, now(), a.attempt), a.task_id)
-            try:
-                if handler is None:
-                    raise LookupError(f"no handler {a.handler!r} on the cloud; has {sorted(self.handlers)}")
-                if _takes_context(handler):
-                    result = await handler(a.args, TaskContext(self, a.task_id, a.attempt, a.checkpoint))
-                else:
-                    result = await handler(a.args)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                tb = "".join(traceback.format_exception(exc, limit=-8))
-                log.info("task %s failed on the cloud: %s", a.task_id, exc)
-                self._apply(self.sched.finished(a.task_id, self.node, False, None,
-                                                f"{type(exc).__name__}: {exc}\n{tb}", now(), a.attempt))
-            else:
-                self._apply(self.sched.finished(a.task_id, self.node, True, result, None, now(), a.attempt))
-            finally:
-                cur = self._local.get(a.task_id)
-                if cur is not None and cur.attempt == a.attempt:
-                    del self._local[a.task_id]
-
-        run = asyncio.get_running_loop().create_task(go())
-        self._local[a.task_id] = _Local(a.task_id, a.attempt, run)
+                              queue=len(self.local.running()), running=tuple(self.local.running()))
 
     # ---- the loop ----
 
@@ -379,8 +320,7 @@ class TaskService:
                         async with asyncio.timeout(max(wait, 0.01)):
                             await self._wake.wait()
         finally:
-            for local in list(self._local.values()):
-                local.run.cancel()
+            self.local.cancel_all()
 
     # ---- the API's entry points (any thread) ----
 

@@ -190,6 +190,10 @@ class AgentConfig(Model):
         default_factory=lambda: ["echo", "sha256", "sleep"], description="task handlers this agent runs"
     )
     max_task_seconds: float = Field(300.0, gt=0)
+    task_slots: int = Field(4, ge=0, le=256, description="tasks this agent runs at once; 0: it takes no scheduled "
+                                                          "work (direct tasks still run)")
+    capabilities: list[str] = Field(default_factory=list, description="what this node offers scheduled tasks "
+                                    "(e.g. gpu, camera): a task's requirements.capabilities must all be here")
 
 
 class GatewayConfig(Model):
@@ -226,6 +230,9 @@ class GatewayConfig(Model):
         300.0, gt=0, le=86400, description="longest wait between two sends of one unacked uplink message"
     )
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    task_slots: int = Field(2, ge=0, le=256, description="scheduled tasks the gateway's worker pool runs at once; "
+                                                          "0: it runs none")
+    capabilities: list[str] = Field(default_factory=list, description="what the gateway offers scheduled tasks")
     reconnect: Reconnect = Field(default_factory=Reconnect)
 
 

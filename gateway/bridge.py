@@ -33,6 +33,7 @@ from cwsnet.bundle import Bundle
 from cwsnet.config import GatewayConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.errors import ConfigError, CwsError, EnvelopeError, TopicError
+from cwsnet.executor import LocalWorkers
 from cwsnet.identity import file_signature, write_secret_file
 from cwsnet.links import link_for
 from cwsnet.mqtt import LinkDown, LinkError, Message, Will
@@ -93,6 +94,12 @@ class Gateway:
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.node}-outbox")
         self._incoming: asyncio.Queue[tuple[Message, Any, bool]] = asyncio.Queue(maxsize=10000)
         self.will_seq: int | None = None
+        # the worker pool for scheduled tasks the cloud places on this gateway (tier gateway)
+        from edge_agent.handlers import BUILTIN
+
+        self.workers = LocalWorkers(dict(BUILTIN), cfg.task_slots, self._task_report, node=self.node, clock=clock)
+        self._lease = 5.0  # the shortest lease of the tasks given to us: heartbeats go every third of it
+        self._beat = asyncio.Event()
         self.local = SiteData(cfg.data_dir / "site-data.db")
         self.site_policy = SitePolicies(self)
 
@@ -613,6 +620,9 @@ class Gateway:
                     log.exception("the registry rev %d pushed by the cloud could not be applied; the cloud "
                                   "pushes it again", reg.rev)
             return
+        if opened.header.kind == "task_cmd":
+            self._task_command(opened.body)
+            return
         if opened.header.kind == "ack":
             body = opened.body if isinstance(opened.body, dict) else {}
             ranges = [
@@ -637,6 +647,51 @@ class Gateway:
                         log.warning("cloud refused %s seq %s (%s), but the message held under that seq has "
                                     "other bytes: kept", *notice[:3])
             self._pump_wake.set()  # acks open the window
+
+    # ---- scheduled tasks placed on the gateway ---------------------------------------------
+    def _task_command(self, body: Any) -> None:
+        """A task for the gateway's worker pool (or a cancel); the cloud's replay window already made
+        sure each command is taken once, and the pool runs each (task, attempt) once."""
+        if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
+            log.warning("task command from the cloud without a task_id; ignored")
+            return
+        tid = body["task_id"]
+        attempt = body.get("attempt") if isinstance(body.get("attempt"), int) else None
+        if body.get("cancel") is True:
+            if self.workers.cancel(tid, attempt):
+                log.info("task %s cancelled by the cloud", tid)
+            return
+        if self.cfg.task_slots <= 0:
+            log.warning("task %s for the gateway refused: task_slots is 0", tid)
+            self._report_soon({"task_id": tid, "attempt": attempt, "state": "failed", "result": None,
+                               "error": f"gateway {self.node} runs no tasks (task_slots: 0)"})
+            return
+        args = body.get("args") if isinstance(body.get("args"), dict) else None
+        if args is None or not isinstance(body.get("handler"), str):
+            self._report_soon({"task_id": tid, "attempt": attempt, "state": "failed", "result": None,
+                               "error": "a task command needs a handler (text) and args (a map)"})
+            return
+        lease = body.get("lease")
+        if isinstance(lease, int | float) and not isinstance(lease, bool) and lease > 0:
+            self._lease = min(self._lease, float(lease)) if self.workers.running() else float(lease)
+        deadline = body.get("deadline") if isinstance(body.get("deadline"), int) else None
+        checkpoint = body.get("checkpoint") if isinstance(body.get("checkpoint"), dict) else None
+        if self.workers.start(tid, body["handler"], args, attempt=attempt, checkpoint=checkpoint,
+                              deadline_ms=deadline):
+            log.info("task %s (%s, attempt %s) runs on the gateway", tid, body["handler"], attempt)
+            self._beat.set()  # the next status (a heartbeat listing it) goes now
+
+    async def _task_report(self, body: dict[str, Any]) -> None:
+        """A step of a task run here: sealed into the uplink outbox like the site's results."""
+        try:
+            await self.emit_own(topics.task_result(self.site, self.node), "task_result", body)
+        except Exception as exc:  # noqa: BLE001 - disk full...: the lease covers it (the task moves)
+            log.error("task %s: its %s report was not stored (%s)", body.get("task_id"), body.get("state"), exc)
+        if body.get("state") in ("succeeded", "failed", "expired", "cancelled"):
+            self._beat.set()
+
+    def _report_soon(self, body: dict[str, Any]) -> None:
+        asyncio.get_running_loop().create_task(self._task_report(body))
 
     # ---- the gateway's own messages (summaries, events) -----------------------------------
     async def emit_own(self, topic: str, kind: str, body: Any) -> None:
@@ -704,7 +759,12 @@ class Gateway:
             "site_link": "up" if self.site_link.connected.is_set() else "down",
             "stats": dict(self.stats),
             "agent": {"version": cwsnet.__version__, "platform": platform.platform(), "kind": "gateway"},
-            "handlers": [],
+            # an executor for scheduled tasks: its slots and what it holds (a heartbeat), how often it reports
+            "handlers": sorted(self.workers.handlers) if self.cfg.task_slots > 0 else [],
+            "slots": self.cfg.task_slots,
+            "tasks": self.workers.running(),
+            "capabilities": list(self.cfg.capabilities),
+            "interval": self.cfg.status_interval,
         }
 
     def _device_count(self) -> int:
@@ -752,8 +812,13 @@ class Gateway:
             await self._publish_status("status")
 
     async def _status_loop(self) -> None:
+        """A status every ``status_interval``; while the worker pool holds tasks, every third of their
+        lease (the heartbeat that keeps them here), and at once when one arrives or ends."""
         while True:
-            await asyncio.sleep(self.cfg.status_interval)
+            every = min(self.cfg.status_interval, self._lease / 3) if self.workers.running() else \
+                self.cfg.status_interval
+            await wait_event(self._beat, every)
+            self._beat.clear()
             await self._publish_status("status")
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -799,6 +864,7 @@ class Gateway:
                                        2.0)
                 for t in tasks:
                     t.cancel()
+                self.workers.cancel_all()
         finally:
             if self.broker is not None:
                 await self.broker.shutdown()

@@ -7,6 +7,7 @@ drains, and persistence across a cloud restart, checked through the REST API and
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,28 @@ def test_a_task_without_a_target_runs_on_the_cloud_workers_and_survives_a_cloud_
     nodes = get(f"{d.base}/api/v1/nodes")
     assert [n["node"] for n in nodes if n["tier"] == "cloud"] == ["cloud"]
     assert json.dumps(nodes)  # serialisable
+
+
+def test_a_task_on_the_gateway_moves_to_the_cloud_when_the_gateway_is_killed(
+        tmp_path: Path, procs: ProcessSet) -> None:
+    d = Deployment(tmp_path, procs, devices=1)
+    d.start_cloud()
+    gw = d.start("gateway", d.topo.gateway)
+    wait_for(lambda: any(n["node"] == d.topo.gateway and n["live"] for n in get(f"{d.base}/api/v1/nodes")),
+             timeout=30, message="the gateway is an executor")
+    gw_node = next(n for n in get(f"{d.base}/api/v1/nodes") if n["node"] == d.topo.gateway)
+    assert gw_node["tier"] == "gateway" and gw_node["slots"] == 2
+    quick = post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {"y": 2}, "site": d.topo.site})
+    t = done(d, quick["id"])
+    assert t["state"] == "succeeded" and t["node"] == d.topo.gateway and t["result"] == {"y": 2}
+    slow = post(f"{d.base}/api/v1/tasks", {"handler": "sleep", "args": {"seconds": 60}, "site": d.topo.site})
+    wait_for(lambda: (x := task(d, slow["id"]))["state"] == "running" and x["node"] == d.topo.gateway,
+             timeout=20, message="sleep running on the gateway")
+    killed = time.monotonic()
+    gw.kill()
+    t = wait_for(lambda: (x := task(d, slow["id"]))["node"] == "cloud" and x["state"] == "running" and x,
+                 timeout=20, message="the task moved to the cloud")
+    print(f"gateway SIGKILLed -> its task running on the cloud: {time.monotonic() - killed:.2f} s (lease 5 s)")
+    assert "lease lost on gw-home" in t["placement"] and "death message" in t["placement"]
+    events = get(f"{d.base}/api/v1/events?type=task.executor_lost")["items"]
+    assert any(slow["id"] in e["data"]["tasks"] for e in events)

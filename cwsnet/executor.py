@@ -1,0 +1,156 @@
+"""Running scheduled tasks in-process: the worker pool of the cloud (tier ``cloud``) and of a gateway.
+
+:class:`LocalWorkers` runs task handlers (``edge_agent.handlers``: ``async def h(args)`` or
+``async def h(args, ctx)`` for checkpoints) as asyncio tasks and reports each step as the body of a
+``task_result`` (protocol §3): ``running``, ``checkpoint``, then ``succeeded`` / ``failed`` (with the
+error and the traceback) or ``expired``, every one with the ``attempt`` it runs under. What is done
+with a report is the caller's: the cloud hands it to its scheduler, a gateway seals it into its
+uplink outbox. A cancel stops the handler and reports ``cancelled``.
+
+Each ``(task_id, attempt)`` runs at most once here; a later attempt of the same task may run again
+(the task came back after a migration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("cwsnet.executor")
+
+Report = Callable[[dict[str, Any]], Awaitable[None] | None]
+#: at most this many (task, attempt) pairs are remembered as run (the oldest are forgotten first)
+SEEN_MAX = 10_000
+
+
+def takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether a handler takes a second, context, argument."""
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2
+
+
+class WorkerContext:
+    """What a two-argument handler gets: ``task_id``, ``attempt``, ``checkpoint`` (resume from it,
+    or None) and ``await save(data)`` (a ``checkpoint`` report: a migrated task resumes from it)."""
+
+    def __init__(self, workers: LocalWorkers, task_id: str, attempt: int | None,
+                 checkpoint: dict[str, Any] | None) -> None:
+        self.task_id, self.attempt, self.checkpoint = task_id, attempt, checkpoint
+        self._workers = workers
+
+    async def save(self, data: dict[str, Any]) -> None:
+        if not isinstance(data, dict):
+            raise TypeError("a checkpoint is a map")
+        await self._workers._report({"task_id": self.task_id, "state": "checkpoint", "attempt": self.attempt,
+                                     "checkpoint": dict(data)})
+
+
+@dataclass
+class _Run:
+    attempt: int | None
+    task: asyncio.Task[None]
+
+
+class LocalWorkers:
+    """See the module's docstring. ``slots``: handlers running at once (more wait for a slot)."""
+
+    def __init__(self, handlers: dict[str, Any], slots: int, report: Report, *, node: str = "",
+                 clock: Callable[[], float] = time.time, max_seconds: float = 3600.0) -> None:
+        self.handlers, self.slots, self.node, self.clock = handlers, slots, node, clock
+        self.max_seconds = max_seconds
+        self._report_fn = report
+        self._runs: dict[str, _Run] = {}
+        self._seen: dict[tuple[str, int | None], None] = {}
+        self._sem = asyncio.Semaphore(max(slots, 1))
+
+    def running(self) -> list[str]:
+        """The tasks held here (running or waiting for a slot)."""
+        return list(self._runs)
+
+    async def _report(self, body: dict[str, Any]) -> None:
+        try:
+            out = self._report_fn(body)
+            if inspect.isawaitable(out):
+                await out
+        except Exception:  # the lease covers a lost report: the task moves or is re-sent
+            log.exception("reporting %s of task %s failed", body.get("state"), body.get("task_id"))
+
+    def start(self, task_id: str, handler: str, args: dict[str, Any], *, attempt: int | None = None,
+              checkpoint: dict[str, Any] | None = None, deadline_ms: int | None = None) -> bool:
+        """Run it (False: this attempt already ran or runs here)."""
+        key = (task_id, attempt)
+        if key in self._seen:
+            log.info("task %s attempt %s already run here; ignoring the repeat", task_id, attempt)
+            return False
+        self._seen[key] = None
+        while len(self._seen) > SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
+        old = self._runs.pop(task_id, None)
+        if old is not None:  # an older attempt of it: superseded
+            old.task.cancel()
+        run = asyncio.get_running_loop().create_task(
+            self._run(task_id, handler, args, attempt, checkpoint, deadline_ms), name=f"task-{task_id}")
+        self._runs[task_id] = _Run(attempt, run)
+        return True
+
+    def cancel(self, task_id: str, attempt: int | None = None) -> bool:
+        run = self._runs.get(task_id)
+        if run is None or (attempt is not None and run.attempt != attempt):
+            return False
+        run.task.cancel()
+        return True
+
+    def cancel_all(self) -> None:
+        for run in list(self._runs.values()):
+            run.task.cancel()
+
+    async def _run(self, task_id: str, name: str, args: dict[str, Any], attempt: int | None,
+                   checkpoint: dict[str, Any] | None, deadline_ms: int | None) -> None:
+        base = {"task_id": task_id, "attempt": attempt, "result": None, "error": None}
+        started = None
+        try:
+            fn = self.handlers.get(name)
+            if fn is None:
+                await self._report(base | {"state": "failed", "error": f"no handler {name!r} on {self.node}; "
+                                                                        f"has {sorted(self.handlers)}"})
+                return
+            async with self._sem:
+                timeout = self.max_seconds
+                if deadline_ms is not None:
+                    timeout = min(timeout, deadline_ms / 1000 - self.clock())
+                    if timeout <= 0:
+                        await self._report(base | {"state": "expired", "error": "deadline passed before it started"})
+                        return
+                started = int(self.clock() * 1000)
+                await self._report(base | {"state": "running", "started": started})
+                try:
+                    call = fn(args, WorkerContext(self, task_id, attempt, checkpoint)) if takes_context(fn) \
+                        else fn(args)
+                    result = await asyncio.wait_for(call, timeout)
+                except asyncio.CancelledError:
+                    raise
+                except TimeoutError:
+                    body = {"state": "failed", "error": f"handler timed out after {timeout:.0f} s"}
+                except Exception as exc:  # noqa: BLE001 - a handler's failure is its task's, never the pool's
+                    tb = "".join(traceback.format_exception(exc, limit=-8))
+                    body = {"state": "failed", "error": f"{type(exc).__name__}: {exc}\n{tb}".rstrip()}
+                else:
+                    body = {"state": "succeeded", "result": result if isinstance(result, dict) else {"value": result}}
+                await self._report(base | body | {"started": started, "finished": int(self.clock() * 1000)})
+        except asyncio.CancelledError:
+            await asyncio.shield(self._report(base | {"state": "cancelled", "started": started,
+                                                      "finished": int(self.clock() * 1000)}))
+        finally:
+            cur = self._runs.get(task_id)
+            if cur is not None and cur.attempt == attempt:
+                del self._runs[task_id]
