@@ -183,13 +183,16 @@ class TaskService:
         self._wake.set()
 
     def _row(self, t: Task) -> dict[str, Any]:
-        node = (t.holders() or [None])[0] or next((c.node for c in t.copies if c.node), None)
+        node = ((t.holders() or [None])[0] or next((c.node for c in t.copies if c.node), None)
+                or next((a.placement.node for a in reversed(t.assignments) if a.placement.node), None))
+        started = next((when for when, event, _ in t.history if event == "started"), None)
         return {"id": t.id, "handler": t.handler, "args": t.args, "state": t.state, "site": t.site, "node": node,
                 "placement": self.sched.explain(t.id), "sched": t.to_record(), "result": t.result, "error": t.error,
                 "deadline": None if t.deadline is None else int(t.deadline * 1000), "attempts": t.attempts,
                 "idempotency_key": t.idempotency_key,
                 "disagreement": [list(d) for d in t.disagreement] if t.disagreement else None,
                 "created": int((t.submitted_at or self.clock()) * 1000),
+                "started": None if started is None else int(started * 1000),
                 "finished": None if t.finished_at is None else int(t.finished_at * 1000)}
 
     async def _carry_out(self) -> None:
@@ -352,6 +355,10 @@ class TaskService:
 
         def go() -> tuple[str, bool]:
             now = self.clock()
+            offered = set().union(*(ex.handlers or () for ex in self.sched.executors.values()))
+            if spec["handler"] not in offered and all(ex.handlers is not None for ex in self.sched.executors.values()):
+                raise ValueError(f"handler: no executor offers {spec['handler']!r} (offered: "
+                                 f"{', '.join(sorted(offered)) or 'none'})")
             task = Task(
                 id=uuid.uuid4().hex, handler=spec["handler"], args=dict(spec.get("args") or {}),
                 requirements=Requirements(frozenset(req.get("capabilities") or ()), req.get("mem_free"),

@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     from cwsnet.cli_policy import add_parser as add_policy_parser
 
     add_policy_parser(sub)
+    from cwsnet.cli_task import add_parser as add_task_parser
+    add_task_parser(sub)
 
     sp = sub.add_parser("version", help="print the version and wire protocol")
     sp.set_defaults(func=cmd_version)

@@ -142,8 +142,11 @@ class LocalWorkers:
                 except TimeoutError:
                     body = {"state": "failed", "error": f"handler timed out after {timeout:.0f} s"}
                 except Exception as exc:  # noqa: BLE001 - a handler's failure is its task's, never the pool's
-                    tb = "".join(traceback.format_exception(exc, limit=-8))
-                    body = {"state": "failed", "error": f"{type(exc).__name__}: {exc}\n{tb}".rstrip()}
+                    if type(exc).__name__ == "TaskFailed":  # the handler's own clear message (bad args...)
+                        body = {"state": "failed", "error": str(exc)}
+                    else:  # a bug: the operator gets the traceback
+                        tb = "".join(traceback.format_exception(exc, limit=-8))
+                        body = {"state": "failed", "error": f"{type(exc).__name__}: {exc}\n{tb}".rstrip()}
                 else:
                     body = {"state": "succeeded", "result": result if isinstance(result, dict) else {"value": result}}
                 await self._report(base | body | {"started": started, "finished": int(self.clock() * 1000)})

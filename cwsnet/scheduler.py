@@ -1189,7 +1189,8 @@ class Scheduler:
             # the policy say now (nothing is changed by asking)
             exclude = frozenset(c.node for c in t.copies if c is not queued and c.node is not None)
             d = self._place(t, queued, exclude, list(self.executors.values()), t.history[-1][0])
-            lines.append("  not placed yet (no executor had a free slot at the last tick); placed now:")
+            lines.append("  not placed yet (no executor could take it at the last tick: none free, or draining); "
+                         "placed now:")
             lines.append(d.explain(t.info, "    "))
         lines.append("  history:")
         if t._dropped:

@@ -291,7 +291,7 @@ def test_a_busy_executor_gets_nothing_more_while_an_idle_one_takes_the_work() ->
     t = s.get("t-4")
     assert t is not None and t.state == "queued"
     text = s.explain("t-4")
-    assert "not placed yet (no executor had a free slot at the last tick); placed now:" in text
+    assert "not placed yet (no executor could take it at the last tick: none free, or draining); placed now:" in text
     assert "dev-1: busy (1/1 slots); the task's origin, shown to the policy as offline" \
         in text and "gw-1: busy (2/2 slots)" in text
     # a new idle executor picks the queued work up at the next tick

@@ -252,8 +252,10 @@ class TaskInfo:
 
     def describe(self) -> str:
         cls = f", data class {self.data_class}" if self.data_class else ""
-        return (f"task {self.id} {self.handler} ({human_size(self.input_bytes)}{cls}) from {self.origin_role} "
-                f"{self.origin} (site {self.site})")
+        origin = f"{self.origin_role} {self.origin}" if self.origin else f"an {self.origin_role}" \
+            if self.origin_role[0] in "aeiou" else f"a {self.origin_role}"
+        site = f"site {self.site}" if self.site else "no site: the cloud only"
+        return f"task {self.id} {self.handler} ({human_size(self.input_bytes)}{cls}) from {origin} ({site})"
 
 
 # ---- the decision -----------------------------------------------------------------------------
