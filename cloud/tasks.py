@@ -221,9 +221,9 @@ class TaskService:
                 log.info("%s", c.describe())
             elif isinstance(c, Cancel):
                 if c.node == self.node:
-                    self.local.cancel(c.task_id)
+                    self.local.cancel(c.task_id, c.attempt)
                 elif c.node:
-                    self._send(c.node, {"task_id": c.task_id, "cancel": True}, None)
+                    self._send(c.node, {"task_id": c.task_id, "cancel": True, "attempt": c.attempt}, None)
                 log.info("%s", c.describe())
             elif isinstance(c, Completed):
                 if self.metrics is not None:

@@ -1,18 +1,32 @@
 """A node's small durable state (seq reservation mark, replay windows, recent task ids) in SQLite.
 
 WAL mode; each write commits before returning, so a SIGKILL never rolls a ``seq`` back.
+
+Tasks: one row per task id seen (the latest ``attempt`` accepted for it, None for a command without
+one, and whether it finished), so a node runs each task id, or each ``(task id, attempt)`` of a
+scheduled task, at most once, and reports what a restart interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from cwsnet.replay import ReplayWindow, SeqCounter
+
+
+@dataclass(frozen=True, slots=True)
+class SeenTask:
+    """What a node remembers of a task id: the latest attempt it accepted (None: a command without
+    an attempt) and whether that run finished (its final result was delivered)."""
+
+    attempt: int | None
+    done: bool
 
 
 class NodeState:
@@ -24,10 +38,15 @@ class NodeState:
         if "kv" not in self.db.table_names():
             self.db["kv"].create({"key": str, "value": str}, pk="key")
         if "seen_tasks" not in self.db.table_names():
-            self.db["seen_tasks"].create({"task_id": str, "ts": float, "done": int, "trace": str}, pk="task_id")
-        elif "done" not in self.db["seen_tasks"].columns_dict:  # state files from 0.1.0 development builds
-            self.db["seen_tasks"].add_column("done", int)
-            self.db["seen_tasks"].add_column("trace", str)
+            self.db["seen_tasks"].create({"task_id": str, "ts": float, "done": int, "trace": str, "attempt": int},
+                                         pk="task_id")
+        else:
+            columns = self.db["seen_tasks"].columns_dict
+            if "done" not in columns:  # state files from 0.1.0 development builds
+                self.db["seen_tasks"].add_column("done", int)
+                self.db["seen_tasks"].add_column("trace", str)
+            if "attempt" not in columns:  # state files from before scheduled tasks (attempts)
+                self.db["seen_tasks"].add_column("attempt", int)
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -56,25 +75,71 @@ class NodeState:
     def task_seen(self, task_id: str) -> bool:
         return self.db.execute("select 1 from seen_tasks where task_id = ?", [task_id]).fetchone() is not None
 
-    def mark_task(self, task_id: str, keep: int = 10000, trace: str | None = None) -> None:
-        """Record that ``task_id`` was accepted (before it runs: a node runs a task at most once)."""
+    def task_record(self, task_id: str) -> SeenTask | None:
+        """The latest attempt of ``task_id`` accepted here and whether it finished (None: never seen)."""
+        row = self.db.execute("select attempt, coalesce(done, 1) from seen_tasks where task_id = ?",
+                              [task_id]).fetchone()
+        return None if row is None else SeenTask(row[0], bool(row[1]))
+
+    def mark_task(self, task_id: str, keep: int = 10000, trace: str | None = None,
+                  attempt: int | None = None) -> None:
+        """Record that ``task_id`` was accepted (before it runs: a node runs a task at most once).
+
+        With an ``attempt`` (a scheduled task's lease number), a higher attempt than the one
+        recorded replaces it (unfinished again: the task came back to this node); a lower or equal
+        one changes nothing. Without one, a task id already recorded changes nothing."""
         with self.db.conn:
-            self.db.execute("insert or ignore into seen_tasks (task_id, ts, done, trace) values (?, ?, 0, ?)",
-                            [task_id, time.time(), trace])
+            if attempt is None:
+                self.db.execute("insert or ignore into seen_tasks (task_id, ts, done, trace) values (?, ?, 0, ?)",
+                                [task_id, time.time(), trace])
+            else:
+                self.db.execute(
+                    "insert into seen_tasks (task_id, ts, done, trace, attempt) values (?, ?, 0, ?, ?) "
+                    "on conflict (task_id) do update set ts = excluded.ts, done = 0, trace = excluded.trace, "
+                    "attempt = excluded.attempt where coalesce(seen_tasks.attempt, 0) < excluded.attempt",
+                    [task_id, time.time(), trace, attempt])
             self.db.execute(
                 "delete from seen_tasks where task_id not in "
                 "(select task_id from seen_tasks order by ts desc limit ?)",
                 [keep],
             )
 
+    def refuse_attempt(self, task_id: str, attempt: int, keep: int = 10000) -> bool:
+        """Remember ``attempt`` of ``task_id`` as done without running it (it was cancelled before
+        its command arrived): a late command for it, or an older attempt, is then a repeat. Only a
+        task not running here is changed (an unfinished run is never overwritten); True if recorded."""
+        with self.db.conn:
+            cur = self.db.execute(
+                "insert into seen_tasks (task_id, ts, done, trace, attempt) values (?, ?, 1, null, ?) "
+                "on conflict (task_id) do update set ts = excluded.ts, done = 1, attempt = excluded.attempt "
+                "where coalesce(seen_tasks.attempt, 0) < excluded.attempt and coalesce(seen_tasks.done, 1) = 1",
+                [task_id, time.time(), attempt])
+            changed = cur.rowcount > 0
+            self.db.execute(
+                "delete from seen_tasks where task_id not in "
+                "(select task_id from seen_tasks order by ts desc limit ?)",
+                [keep],
+            )
+        return changed
+
     def finish_task(self, task_id: str) -> None:
+        """``task_id`` finished, whatever its attempt."""
         with self.db.conn:
             self.db.execute("update seen_tasks set done = 1 where task_id = ?", [task_id])
 
+    def finish_attempt(self, task_id: str, attempt: int | None) -> None:
+        """That run of ``task_id`` finished; a newer attempt recorded meanwhile stays unfinished."""
+        with self.db.conn:
+            self.db.execute("update seen_tasks set done = 1 where task_id = ? and attempt is ?", [task_id, attempt])
+
     def unfinished_tasks(self) -> list[tuple[str, str | None]]:
         """Tasks accepted but never finished: the node stopped (crash, power cut) while running them."""
-        return [(r[0], r[1]) for r in self.db.execute(
-            "select task_id, trace from seen_tasks where coalesce(done, 1) = 0 order by ts").fetchall()]
+        return [(tid, trace) for tid, trace, _attempt in self.unfinished_attempts()]
+
+    def unfinished_attempts(self) -> list[tuple[str, str | None, int | None]]:
+        """Like :meth:`unfinished_tasks`, with the attempt each was accepted under (None: no attempt)."""
+        return [(r[0], r[1], r[2]) for r in self.db.execute(
+            "select task_id, trace, attempt from seen_tasks where coalesce(done, 1) = 0 order by ts").fetchall()]
 
     def close(self) -> None:
         self.db.close()

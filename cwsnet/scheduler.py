@@ -452,11 +452,13 @@ class Assign:
 
 @dataclass(frozen=True)
 class Cancel:
-    """Tell ``node`` to stop the task (it lost the lease, the task ended, or it is not its)."""
+    """Tell ``node`` to stop the task (it lost the lease, the task ended, or it is not its):
+    ``attempt`` names the run to stop (None: whatever it runs of that task)."""
 
     task_id: str
     node: str
     reason: str
+    attempt: int | None = None
 
     def describe(self) -> str:
         return f"{self.task_id}: cancel on {self.node} ({self.reason})"
@@ -750,7 +752,7 @@ class Scheduler:
         node = copy.node or ""
         task._lost[node] = (now, why)
         self._release(task, copy)
-        self._out.append(Cancel(task.id, node, why))
+        self._out.append(Cancel(task.id, node, why, copy.attempt))
         self._failed_attempt(task, copy, now, why, node)
 
     def _failed_attempt(self, task: Task, copy: Copy, now: float, why: str, node: str) -> None:
@@ -813,7 +815,7 @@ class Scheduler:
         self._note(task, now, "ignored", f"{what} from {node}: {why}")
         self._out.append(Ignored(task_id, node, why))
         if copy is None:  # it works on something that is not its: stop it
-            self._out.append(Cancel(task_id, node, why))
+            self._out.append(Cancel(task_id, node, why, attempt))
         return task, None
 
     def finished(self, task_id: str, node: str, ok: bool, result: Any, error: str | None, now: float,
@@ -898,7 +900,7 @@ class Scheduler:
                   "cancelled": "the task was cancelled", "expired": "the task's deadline passed"}[state]
         for c in task.copies:
             if c.holds:
-                self._out.append(Cancel(task.id, c.node or "", reason))
+                self._out.append(Cancel(task.id, c.node or "", reason, c.attempt))
                 self._release(task, c)
                 c.state = "cancelled"
             elif c.state == "queued":
@@ -935,7 +937,7 @@ class Scheduler:
             copy = self._held(task, node)
             if copy is not None and copy.state == "assigned":
                 why = f"{node} is draining and had not started it"
-                self._out.append(Cancel(tid, node, why))
+                self._out.append(Cancel(tid, node, why, copy.attempt))
                 task._lost[node] = (now, why)
                 self._release(task, copy)
                 self._enqueue(task, copy, now)
@@ -1074,8 +1076,10 @@ class Scheduler:
         return Decision(now, p, tuple(held), copy.index, None, note)
 
     def _give(self, task: Task, copy: Copy, ex: Executor, d: Decision, now: float) -> None:
-        copy.attempt += 1
+        # attempt numbers are task-wide (1, 2, 3... over all its replicas), so an executor that ran one
+        # replica of a task and is later given another tells the two runs apart
         task.attempts += 1
+        copy.attempt = task.attempts
         d = dataclasses.replace(d, attempt=copy.attempt)
         self._queue.pop((task.id, copy.index), None)
         copy.state, copy.node, copy.renewed = "assigned", ex.node, now

@@ -3,6 +3,12 @@
 One asyncio TaskGroup per agent: the MQTT link, one loop per sensor, the batch flusher, the status
 loop and the running tasks. Cancelling :meth:`Agent.run` (the CLI does it on SIGTERM) stops them
 all, publishes nothing more and disconnects cleanly.
+
+As an executor of the cloud's scheduler (docs/protocol.md §3, task_cmd), the agent runs each
+``(task_id, attempt)`` at most once, lists the leased tasks it holds in its statuses (sent every
+third of the shortest lease while it holds one: the heartbeat that keeps them here), passes a
+:class:`~edge_agent.handlers.TaskContext` to handlers that take one (resume from a checkpoint, save
+checkpoints), and stops a task on a cancel command.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import platform
 import sqlite3
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import cbor2
 
 import cwsnet
 from cwsnet import custody, sdnotify, topics
@@ -27,7 +35,7 @@ from cwsnet.identity import file_signature
 from cwsnet.links import link_for
 from cwsnet.mqtt import AuthRefused, LinkDown, LinkError, Message, Will
 from cwsnet.nodestate import NodeState
-from edge_agent.handlers import TaskFailed, registry
+from edge_agent.handlers import TaskContext, TaskFailed, registry, takes_context
 from edge_agent.outbox import CLASS_NAMES, PRIORITY, AgentOutbox
 from edge_agent.sensors import Sensor, build_sensor, system_snapshot
 
@@ -42,6 +50,40 @@ BUNDLE_POLL = 1.0
 TOKEN_SETTLE = 60.0
 #: seconds between two systemd STATUS= updates when systemd asks for no watchdog
 SYSTEMD_STATUS_EVERY = 5.0
+
+
+@dataclass(eq=False)
+class _Held:
+    """A task accepted here and not finished: from its command until its final result is handed to
+    the outbox (a cancel can stop it until then)."""
+
+    task_id: str
+    attempt: int | None  # the lease number of a scheduled task (None: a command without one)
+    lease: float | None  # seconds; while held, a status goes at least every third of it
+    trace: str | None
+    body: dict[str, Any] = field(repr=False)
+    run: asyncio.Task[None] | None = None
+    entered: bool = False  # its run began (a task cancelled before that never runs its code)
+    started: int | None = None  # ms, once it got a slot
+    stop_reason: str | None = None  # set when a cancel (or a newer attempt) stops it
+
+    @property
+    def scheduled(self) -> bool:
+        """Placed by the scheduler (a lease or an attempt): listed in heartbeats."""
+        return self.attempt is not None or self.lease is not None
+
+
+def _uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def _encodable(value: Any) -> str | None:
+    """Why ``value`` cannot go in a message body (None: it can)."""
+    try:
+        cbor2.dumps(value)
+    except Exception as exc:  # noqa: BLE001 - any refusal of the encoder
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @dataclass(slots=True)
@@ -74,6 +116,7 @@ class Agent:
         self._token_rotated_at = float("-inf")
         self.cloud_window = self.state.replay_window("cloud")
         self.handlers = registry(cfg.handlers)
+        self._with_ctx = {name for name, fn in self.handlers.items() if takes_context(fn)}  # (args, ctx) handlers
         self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
         self.started = clock()
         # every outgoing message is stored here before it is sent, and kept until acknowledged
@@ -88,16 +131,20 @@ class Agent:
         self._unstored: deque[_Unstored] = deque()
         self._unstored_drops: dict[str, int] = {}
         self.storage_error: str | None = None
-        self._final: dict[str, asyncio.Future[bool]] = {}
         self.batches: dict[str, list[dict[str, Any]]] = {}
         self.batch_started: dict[str, float] = {}
         self.will_seq: int | None = None
         self.running_tasks = 0
         self._wake_flush = asyncio.Event()
         self._draining = asyncio.Lock()
-        self._task_slots = asyncio.Semaphore(4)
+        # config fields of the scheduler work (cwsnet.config.AgentConfig), read so older configs still load
+        self.slots: int = getattr(cfg, "task_slots", 4)
+        self.capabilities: list[str] = list(getattr(cfg, "capabilities", []))
+        self._task_slots = asyncio.Semaphore(max(self.slots, 1))  # 0 slots: direct tasks still run, one at a time
         self._tg: asyncio.TaskGroup | None = None
         self._task_runs: set[asyncio.Task[None]] = set()
+        self._held: dict[str, _Held] = {}  # task_id -> its run here, until its final result is handed over
+        self._wake_status = asyncio.Event()  # the status period may have shrunk (a leased task arrived)
         self.systemd = sdnotify.Notifier()  # a no-op unless run by systemd (Type=notify)
         self.link = link_for(
             cfg.broker, bundle, cfg.reconnect, client_id=self.node, section="broker", name=f"agent:{self.node}",
@@ -196,7 +243,26 @@ class Agent:
             "tasks_running": self.running_tasks,
             "agent": {"version": cwsnet.__version__, "platform": platform.platform(), "kind": "cpython"},
             "handlers": sorted(self.handlers),
+            # as an executor of scheduled tasks: what it holds (the heartbeat), its slots, what it offers,
+            # and how often it reports while it holds nothing
+            "tasks": self.held_tasks(),
+            "slots": self.slots,
+            "capabilities": self.capabilities,
+            "interval": self.cfg.status_interval,
         }
+
+    def held_tasks(self) -> list[str]:
+        """The scheduled (leased) tasks accepted here and not finished, in the order they came."""
+        return [h.task_id for h in self._held.values() if h.scheduled]
+
+    def status_every(self) -> float:
+        """Seconds between statuses: a third of the shortest lease held (the heartbeat), at most
+        ``status_interval``. While the link is down no heartbeat can arrive in time: the normal pace."""
+        every = self.cfg.status_interval
+        leases = [h.lease for h in self._held.values() if h.lease is not None]
+        if leases and self.link.connected.is_set():
+            every = min(every, min(leases) / 3)
+        return every
 
     def _drops(self) -> dict[str, int]:
         out = self.outbox.drops()
@@ -213,14 +279,18 @@ class Agent:
 
     async def _report_interrupted(self) -> None:
         """Tasks this node accepted and never finished (it was killed or lost power meanwhile) are
-        reported failed once delivered, so they never look `running` for ever; they are not run again."""
-        for task_id, trace in self.state.unfinished_tasks():
-            log.warning("task %s was interrupted by a restart; reporting it failed", task_id)
-            await self._result(task_id, "failed", trace, error="interrupted: the agent restarted while running it")
-            await self._finish_when_delivered(task_id)
+        reported failed once delivered (with the attempt they ran under), so they never look `running`
+        for ever; that attempt is not run again (the scheduler may send a newer one)."""
+        for task_id, trace, attempt in self.state.unfinished_attempts():
+            log.warning("task %s was interrupted by a restart; reporting it failed%s", task_id,
+                        "" if attempt is None else f" (attempt {attempt})")
+            delivered = self._task_result(task_id, attempt, "failed", trace,
+                                          error="interrupted: the agent restarted while running it")
+            await self._finish_when_delivered(task_id, attempt, delivered)
 
     async def _on_connect(self) -> None:
         topic = topics.status(self.site, self.node)
+        self._wake_status.set()  # heartbeats (if a leased task is held) go at their pace again
         body = self.status_body() | {"will_seq": self.will_seq}
         try:
             payload, _ = self.endpoint.seal(topic, "birth", body, to="cloud")
@@ -243,6 +313,14 @@ class Agent:
                    trace: str | None = None) -> asyncio.Future[bool]:
         """Seal, store durably, then publish; the future says if it got through (True once custody-
         or end-to-end-acked, False if the overflow policy dropped it). Held while the link is down."""
+        delivered = self.hand_over(topic, kind, body, retain=retain, trace=trace)
+        await self._drain()
+        return delivered
+
+    def hand_over(self, topic: str, kind: str, body: Any, *, retain: bool = False,
+                  trace: str | None = None) -> asyncio.Future[bool]:
+        """Seal and store (or keep in memory while the disk refuses) without waiting for the network:
+        the flusher sends it. The future is :meth:`send`'s."""
         delivered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if len(self._unstored) >= UNSTORED_MAX:  # the disk has been full for a while: lowest class goes first
             victim = min(self._unstored, key=lambda u: PRIORITY.get(u.kind, 0))
@@ -255,7 +333,6 @@ class Agent:
             victim.delivered.set_result(False)
         self._unstored.append(_Unstored(topic, kind, body, retain, trace, delivered))
         self._store_unstored()
-        await self._drain()
         return delivered
 
     def _store_unstored(self) -> None:
@@ -410,9 +487,18 @@ class Agent:
             await self._drain()
 
     async def _status_loop(self) -> None:
+        """A status every :meth:`status_every` seconds: ``status_interval``, or a third of the shortest
+        lease while a leased task is held. A leased task arriving wakes the loop, so the next status
+        (listing it) goes within a third of its lease."""
         topic = topics.status(self.site, self.node)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.status_interval)
+            due = last + self.status_every()
+            await wait_event(self._wake_status, max(0.0, due - time.monotonic()))
+            self._wake_status.clear()
+            if time.monotonic() < last + self.status_every() - 0.001:
+                continue  # woken early (a lease arrived) or a moment early: wait for the new due time
+            last = time.monotonic()
             if self.storage_error is None:
                 await self.send(topic, "status", self.status_body(), retain=True)
                 continue
@@ -487,19 +573,66 @@ class Agent:
         return self.gateway if topics.route_in_table(self.routes, stream) == "gateway" else "cloud"
 
     def _take_task(self, opened: Any, topic: str) -> None:
+        """A task command (protocol §3): run it once per task id, or once per ``(task_id, attempt)``
+        for a scheduled one; a ``cancel`` stops what runs here and never starts anything."""
         body = opened.body if isinstance(opened.body, dict) else {}
         task_id = body.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             log.warning("task command without task_id on %s; ignored", topic)
             return
-        if self.state.task_seen(task_id):
-            log.info("task %s already run here; ignoring the repeat", task_id)
+        attempt = body.get("attempt")
+        if attempt is not None and not _uint(attempt):
+            log.warning("task %s: command with attempt %r (not an unsigned integer); ignored", task_id, attempt)
             return
-        self.state.mark_task(task_id, trace=opened.header.trace)  # before it runs: at most once
+        if body.get("cancel") is True:
+            self._cancel_task(task_id, attempt)
+            return
+        seen = self.state.task_record(task_id)
+        if seen is not None and (attempt is None or (seen.attempt or 0) >= attempt):
+            if attempt is None:
+                log.info("task %s already run here; ignoring the repeat", task_id)
+            else:
+                log.info("task %s attempt %d: attempt %s already taken here; ignoring the repeat", task_id,
+                         attempt, seen.attempt)
+            return
+        lease = body.get("lease")
+        if lease is not None and (isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0
+                                  or lease == float("inf")):
+            log.warning("task %s: lease %r is not a positive number of seconds; taken as none", task_id, lease)
+            lease = None
+        self.state.mark_task(task_id, trace=opened.header.trace, attempt=attempt)  # before it runs: at most once
+        held = _Held(task_id, attempt, None if lease is None else float(lease), opened.header.trace, body)
+        old = self._held.get(task_id)
+        if old is not None:  # an older attempt still runs here: the scheduler moved on from it
+            self._stop(old, f"superseded by attempt {attempt}")
+        self._held[task_id] = held
         assert self._tg is not None
-        run = self._tg.create_task(self._run_task(task_id, body, opened.header.trace))
+        run = self._tg.create_task(self._run_task(held))
+        held.run = run
         self._task_runs.add(run)
         run.add_done_callback(self._task_runs.discard)
+        if held.lease is not None:
+            self._wake_status.set()  # the next status (a heartbeat listing it) within a third of its lease
+
+    def _cancel_task(self, task_id: str, attempt: int | None) -> None:
+        """Stop ``task_id`` (only that ``attempt``, if given) if it is held here: it reports
+        ``cancelled``. Anything else is ignored, but a cancelled attempt not seen yet is remembered,
+        so its command, arriving late, does not run it."""
+        held = self._held.get(task_id)
+        if held is not None and (attempt is None or attempt == held.attempt):
+            log.info("task %s (attempt %s): cancelled by the cloud", task_id, held.attempt)
+            self._stop(held, "cancelled by the cloud")
+            return
+        if attempt is not None and self.state.refuse_attempt(task_id, attempt):
+            log.info("task %s attempt %d cancelled before it came here: it will not run", task_id, attempt)
+        else:
+            log.info("cancel of task %s (attempt %s), which is not running here; ignored", task_id, attempt)
+
+    def _stop(self, held: _Held, reason: str) -> None:
+        if held.stop_reason is None:
+            held.stop_reason = reason
+            if held.entered and held.run is not None:  # else its run reports it cancelled as it begins
+                held.run.cancel()
 
     def _receipt(self, cloud_seq: int) -> None:
         """Tell our gateway that a command (cloud ``seq``) arrived, so it stops holding it for us.
@@ -521,49 +654,100 @@ class Agent:
 
         self._tg.create_task(publish())
 
-    async def _result(self, task_id: str, state: str, trace: str | None, **fields: Any) -> None:
+    def _task_result(self, task_id: str, attempt: int | None, state: str, trace: str | None,
+                     **fields: Any) -> asyncio.Future[bool]:
+        """Hand a task_result to the outbox (the flusher sends it); the future says if it got through."""
         body = {"task_id": task_id, "state": state, "result": None, "error": None} | fields
-        delivered = await self.send(topics.task_result(self.site, self.node), "task_result", body, trace=trace)
-        if state != "running":
-            self._final[task_id] = delivered
+        if attempt is not None:
+            body["attempt"] = attempt
+        delivered = self.hand_over(topics.task_result(self.site, self.node), "task_result", body, trace=trace)
+        self._wake_flush.set()
+        return delivered
 
-    async def _run_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
-        await self._execute_task(task_id, body, trace)
-        await self._finish_when_delivered(task_id)
+    def _final(self, held: _Held, state: str, **fields: Any) -> asyncio.Future[bool]:
+        """The task's last result. It leaves the held tasks in the same step as it enters the outbox
+        (nothing runs in between), so a status sealed after it no longer lists it."""
+        if self._held.get(held.task_id) is held:
+            del self._held[held.task_id]
+        return self._task_result(held.task_id, held.attempt, state, held.trace, **fields)
 
-    async def _finish_when_delivered(self, task_id: str) -> None:
+    async def _checkpoint(self, held: _Held, data: dict[str, Any]) -> None:
+        """A handler's ``ctx.save``: a ``checkpoint`` result, handed to the outbox (never waits for
+        the network)."""
+        why = _encodable(data)
+        if why is not None:
+            raise TaskFailed(f"checkpoint cannot be sent ({why})")
+        self._task_result(held.task_id, held.attempt, "checkpoint", held.trace, checkpoint=data)
+
+    async def _run_task(self, held: _Held) -> None:
+        held.entered = True
+        if held.stop_reason is not None:  # stopped before its run began
+            log.info("task %s (attempt %s): %s", held.task_id, held.attempt, held.stop_reason)
+            delivered = self._final(held, "cancelled", error=held.stop_reason, started=None,
+                                    finished=int(self.clock() * 1000))
+            await self._finish_when_delivered(held.task_id, held.attempt, delivered)
+            return
+        try:
+            delivered = await self._execute_task(held)
+        except asyncio.CancelledError:
+            if held.stop_reason is None:
+                raise  # the agent is stopping: its next start reports the task interrupted
+            current = asyncio.current_task()
+            pending = current.uncancel() if current is not None else 0
+            log.info("task %s (attempt %s): %s", held.task_id, held.attempt, held.stop_reason)
+            delivered = self._final(held, "cancelled", error=held.stop_reason, started=held.started,
+                                    finished=int(self.clock() * 1000))
+            if pending:  # the agent is stopping as well: the result is in the outbox, go
+                raise
+        await self._finish_when_delivered(held.task_id, held.attempt, delivered)
+
+    async def _finish_when_delivered(self, task_id: str, attempt: int | None, delivered: asyncio.Future[bool]) -> None:
         """Mark the task finished only once its final result reached the broker: if the agent dies
         first (cancelled, killed), the next start reports the task interrupted instead."""
-        delivered = self._final.pop(task_id, None)
-        if delivered is not None and await delivered:
-            self.state.finish_task(task_id)
+        if await delivered:
+            try:
+                self.state.finish_attempt(task_id, attempt)
+            except sqlite3.Error as exc:  # the next start reports it interrupted (the cloud ignores the extra)
+                self._storage_failed(exc)
 
-    async def _execute_task(self, task_id: str, body: dict[str, Any], trace: str | None) -> None:
+    async def _execute_task(self, held: _Held) -> asyncio.Future[bool]:
+        task_id, body = held.task_id, held.body
         handler_name = body.get("handler")
         args = body.get("args") or {}
         deadline = body.get("deadline")
+        checkpoint = body.get("checkpoint")
         if isinstance(deadline, int) and deadline < self.clock() * 1000:
-            await self._result(task_id, "expired", trace, error="deadline passed before the task started")
-            return
+            return self._final(held, "expired", error="deadline passed before the task started")
         handler = self.handlers.get(handler_name) if isinstance(handler_name, str) else None
         if handler is None:
-            await self._result(
-                task_id, "failed", trace, error=f"no handler {handler_name!r} on {self.node}; has {sorted(self.handlers)}"
-            )
-            return
+            return self._final(held, "failed",
+                               error=f"no handler {handler_name!r} on {self.node}; has {sorted(self.handlers)}")
         if not isinstance(args, dict):
-            await self._result(task_id, "failed", trace, error="args must be a map")
-            return
+            return self._final(held, "failed", error="args must be a map")
+        if checkpoint is not None and not isinstance(checkpoint, dict):
+            return self._final(held, "failed", error="checkpoint must be a map or null")
+        if held.attempt is not None and self.slots <= 0:
+            return self._final(held, "failed", error=f"agent {self.node} runs no scheduled tasks (task_slots: 0)")
         async with self._task_slots:
-            started = int(self.clock() * 1000)
+            started = held.started = int(self.clock() * 1000)
             self.running_tasks += 1
-            await self._result(task_id, "running", trace, started=started)
-            log.info("task %s: running %s trace=%s", task_id, handler_name, trace)
+            self._task_result(task_id, held.attempt, "running", held.trace, started=started)
+            log.info("task %s: running %s (attempt %s) trace=%s", task_id, handler_name, held.attempt, held.trace)
             try:
                 timeout = self.cfg.max_task_seconds
                 if isinstance(deadline, int):
                     timeout = min(timeout, max(0.0, deadline / 1000 - self.clock()))
-                result = await asyncio.wait_for(handler(args), timeout)
+                if handler_name in self._with_ctx:
+                    async def save(data: dict[str, Any]) -> None:
+                        await self._checkpoint(held, data)
+
+                    call = handler(args, TaskContext(task_id, held.attempt, checkpoint, save))
+                else:
+                    call = handler(args)
+                result = await asyncio.wait_for(call, timeout)
+                why = _encodable(result)
+                if why is not None:
+                    raise TaskFailed(f"the handler's result cannot be sent ({why})")
             except TaskFailed as exc:
                 state, fields = "failed", {"error": str(exc)}
             except TimeoutError:
@@ -575,10 +759,8 @@ class Agent:
                 state, fields = "succeeded", {"result": result}
             finally:
                 self.running_tasks -= 1
-            await self._result(
-                task_id, state, trace, started=started, finished=int(self.clock() * 1000), **fields
-            )
             log.info("task %s: %s", task_id, state)
+            return self._final(held, state, started=started, finished=int(self.clock() * 1000), **fields)
 
     # ---- systemd (Type=notify, WatchdogSec=) ------------------------------------------------
     def systemd_status(self) -> str:

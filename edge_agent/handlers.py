@@ -1,5 +1,10 @@
 """Task handlers: async callables registered by name. ``args`` in, a result map out.
 
+A handler is ``async def h(args) -> dict``, or ``async def h(args, ctx) -> dict`` to get a
+:class:`TaskContext` (its task id and attempt, the checkpoint to resume from, and ``await
+ctx.save(data)`` to report progress: a task moved to another executor resumes from its last saved
+checkpoint). Whether a handler takes ``ctx`` is read once from its signature (:func:`takes_context`).
+
 A handler raises :class:`TaskFailed` (or any exception) to fail the task; the message is sent back.
 """
 
@@ -9,14 +14,61 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import inspect
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[..., Awaitable[dict[str, Any]]]
+#: what :meth:`TaskContext.save` hands a checkpoint to (the agent: a ``checkpoint`` task_result)
+Saver = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class TaskFailed(Exception):
     """A handler's clear, user-facing failure (bad arguments, refused work)."""
+
+
+class TaskContext:
+    """What a two-argument handler gets.
+
+    ``task_id``; ``attempt`` (the lease number of this run, None for a command without one);
+    ``checkpoint`` (the map to resume from, None to start afresh); ``await save(data)`` reports
+    ``data`` as the task's latest checkpoint (a ``task_result`` with state ``checkpoint``). ``save``
+    only hands the report over (to the agent's outbox): it never waits for the network.
+    """
+
+    __slots__ = ("task_id", "attempt", "checkpoint", "_saver", "saved")
+
+    def __init__(self, task_id: str, attempt: int | None = None, checkpoint: dict[str, Any] | None = None,
+                 saver: Saver | None = None) -> None:
+        self.task_id, self.attempt, self.checkpoint = task_id, attempt, checkpoint
+        self._saver = saver
+        self.saved = 0  # checkpoints saved so far in this run
+
+    async def save(self, data: dict[str, Any]) -> None:
+        if not isinstance(data, dict):
+            raise TaskFailed(f"a checkpoint must be a map, not {type(data).__name__}")
+        if self._saver is not None:
+            await self._saver(dict(data))
+        self.saved += 1
+
+    def __repr__(self) -> str:
+        return f"TaskContext(task_id={self.task_id!r}, attempt={self.attempt!r}, checkpoint={self.checkpoint!r})"
+
+
+def takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether a handler takes a second (context) positional argument."""
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 async def echo(args: dict[str, Any]) -> dict[str, Any]:
@@ -44,13 +96,63 @@ async def sha256(args: dict[str, Any]) -> dict[str, Any]:
 
 async def sleep(args: dict[str, Any]) -> dict[str, Any]:
     seconds = args.get("seconds")
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 3600:
+    if not _number(seconds) or not 0 <= seconds <= 3600:
         raise TaskFailed('sleep needs args {"seconds": <number between 0 and 3600>}')
     await asyncio.sleep(seconds)
     return {"slept": seconds}
 
 
-BUILTIN: dict[str, Handler] = {"echo": echo, "sha256": sha256, "sleep": sleep}
+COUNT_MAX = 1_000_000
+
+
+async def count(args: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Count from the checkpoint's ``n`` (else 0) to ``to``, one increment every ``step`` seconds,
+    saving ``{"n": n}`` whenever ``n`` is a multiple of ``every`` (before the end). The migration
+    tests' workload: a task resumed elsewhere reports ``resumed_from > 0``."""
+    to, step, every = args.get("to"), args.get("step", 0.1), args.get("every", 10)
+    if not isinstance(to, int) or isinstance(to, bool) or not 1 <= to <= COUNT_MAX:
+        raise TaskFailed(f'count needs args {{"to": <integer 1..{COUNT_MAX}>}}')
+    if not _number(step) or not 0 <= step <= 60:
+        raise TaskFailed("count: args.step must be a number of seconds between 0 and 60")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise TaskFailed("count: args.every must be an integer >= 1")
+    start = 0
+    if ctx.checkpoint is not None:
+        n = ctx.checkpoint.get("n", 0)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise TaskFailed(f"count: the checkpoint's n must be an integer >= 0 (got {n!r})")
+        start = min(n, to)
+    n = start
+    while n < to:
+        await asyncio.sleep(step)
+        n += 1
+        if n % every == 0 and n < to:
+            await ctx.save({"n": n})
+    return {"n": to, "resumed_from": start}
+
+
+def _burn_cpu(seconds: float, stop: threading.Event) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not stop.is_set():
+        for _ in range(10_000):  # a busy loop: real CPU load
+            pass
+
+
+async def burn(args: dict[str, Any]) -> dict[str, Any]:
+    """Keep one CPU busy for ``seconds`` (in a worker thread, so the event loop keeps going): the
+    offload tests' simulated CPU load. Cancelling the task stops the burning."""
+    seconds = args.get("seconds")
+    if not _number(seconds) or not 0 <= seconds <= 60:
+        raise TaskFailed('burn needs args {"seconds": <number between 0 and 60>}')
+    stop = threading.Event()
+    try:
+        await asyncio.to_thread(_burn_cpu, float(seconds), stop)
+    finally:
+        stop.set()  # cancelled: the thread stops at its next check
+    return {"burned": seconds}
+
+
+BUILTIN: dict[str, Handler] = {"echo": echo, "sha256": sha256, "sleep": sleep, "count": count, "burn": burn}
 
 
 def registry(names: list[str]) -> dict[str, Handler]:

@@ -139,7 +139,7 @@ def test_a_silent_executor_loses_its_task_within_one_tick_and_its_late_result_is
     cmds = s.tick(6.0)  # silent for the lease: lost in this tick
     (lost,) = of(cmds, ExecutorLost)
     assert lost.node == "dev-1" and lost.task_ids == ("t-1",) and "silent for 5.000 s (lease 5 s)" in lost.reason
-    assert of(cmds, Cancel) == [Cancel("t-1", "dev-1", "lease lost on dev-1: silent for 5.000 s (lease 5 s)")]
+    assert of(cmds, Cancel) == [Cancel("t-1", "dev-1", "lease lost on dev-1: silent for 5.000 s (lease 5 s)", 1)]
     (rq,) = of(cmds, Requeued)
     assert rq.node == "dev-1" and rq.not_before == pytest.approx(6.5)
     assert of(cmds, Assign) == []  # its backoff first
@@ -350,7 +350,7 @@ def test_drain_takes_back_what_was_not_started_lets_running_work_finish_and_repo
     assert assigned(s.tick(0.0)) == {"t-run": "dev-1", "t-wait": "dev-1"}
     s.started("t-run", "dev-1", 0.5)
     cmds = s.drain("dev-1", 1.0)
-    assert of(cmds, Cancel) == [Cancel("t-wait", "dev-1", "dev-1 is draining and had not started it")]
+    assert of(cmds, Cancel) == [Cancel("t-wait", "dev-1", "dev-1 is draining and had not started it", 1)]
     assert [c.task_id for c in of(cmds, Requeued)] == ["t-wait"] and of(cmds, Drained) == []
     s.submit(task("t-new"), 1.0)
     got = assigned(s.tick(1.0))
@@ -386,7 +386,7 @@ def test_replicas_first_result_wins_and_the_others_are_cancelled() -> None:
     assert len(nodes) == 2 and len(set(nodes)) == 2 and [a.copy for a in of(cmds, Assign)] == [0, 1]
     winner, other = nodes
     cmds = s.finished("t-1", winner, True, {"v": 1}, None, 1.0)
-    assert of(cmds, Cancel) == [Cancel("t-1", other, "the task succeeded elsewhere")]
+    assert of(cmds, Cancel) == [Cancel("t-1", other, "the task succeeded elsewhere", 2)]
     assert of(cmds, Completed) == [Completed("t-1", "succeeded", {"v": 1}, None)]
     late = s.finished("t-1", other, True, {"v": 1}, None, 1.5)
     assert of(late, Ignored)[0].reason == "the task already succeeded" and of(late, Completed) == []
@@ -463,7 +463,7 @@ def test_deadline_expiry_of_queued_and_running_tasks() -> None:
     for now in (14.0, 18.0, 21.0):
         s.heartbeat("gw-1", ["running"], now)
     cmds = s.tick(21.0)
-    assert of(cmds, Cancel) == [Cancel("running", "gw-1", "the task's deadline passed")]
+    assert of(cmds, Cancel) == [Cancel("running", "gw-1", "the task's deadline passed", 1)]
     assert of(cmds, Completed)[0].state == "expired"
     assert of(s.finished("running", "gw-1", True, {}, None, 21.5), Ignored)[0].reason == "the task already expired"
     # submitted already late: expired at once
@@ -477,7 +477,7 @@ def test_cancel_stops_the_executor_and_later_results_are_ignored() -> None:
     s.submit(task("t-1", origin="app-1", role="app"), 0.0)
     s.tick(0.0)
     cmds = s.cancel("t-1", 1.0)
-    assert cmds == [Cancel("t-1", "gw-1", "the task was cancelled"),
+    assert cmds == [Cancel("t-1", "gw-1", "the task was cancelled", 1),
                     Completed("t-1", "cancelled", None, "cancelled by request")]
     assert s.cancel("t-1", 2.0) == [] and s.cancel("nope", 2.0) == []
     assert of(s.finished("t-1", "gw-1", True, {}, None, 3.0), Ignored)
