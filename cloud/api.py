@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 import uuid
@@ -105,6 +106,10 @@ class CloudState:
     dispatcher: TaskSubmitter | None = None
     #: the workload scheduler (cloud/tasks.py TaskService): scheduled tasks and executors
     tasks: Any = None
+    #: set by create_app: ``submit_task(TaskRequest, request | None, where) -> (id, duplicate)``
+    submit_task: Any = None
+    #: the schedules (cloud/schedules.py ScheduleService)
+    schedules: Any = None
     broker_connected: Callable[[], bool] = lambda: False
     clock: Callable[[], float] = time.time
     heartbeat: float = 15.0
@@ -345,6 +350,32 @@ class ExecutorOut(ApiModel):
     handlers: list[str] | None = Field(description="handlers it runs; null: not reported")
     cpu: float | None = Field(description="its CPU load, 0..1, from its last status")
     last_seen_s: float = Field(description="seconds since the scheduler last heard from it")
+
+
+class ScheduleIn(ApiModel):
+    task: TaskRequest = Field(description="the task submitted at each run (as `POST /api/v1/tasks`)")
+    cron: str | None = Field(None, description="a 5-field crontab line: minute hour day month day-of-week")
+    every: float | str | None = Field(None, description="an interval: seconds (>= 1), or a duration like 30s, 5m")
+    timezone: str = Field("UTC", description="the IANA time zone the cron line is read in")
+    enabled: bool = Field(True, description="false: made paused")
+    misfire_grace: int = Field(60, ge=1, le=86400, description="seconds a run may be late (the cloud was down) "
+                                                               "and still happen once; later runs are skipped")
+    description: str = Field("", max_length=500, description="what the schedule is for, for operators")
+
+
+class ScheduleOut(ApiModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(description="the schedule's name")
+    task: dict[str, Any] = Field(description="the task it submits")
+    cron: str | None = Field(None, description="its cron line")
+    every: float | None = Field(None, description="its interval in seconds")
+    enabled: bool = Field(description="false while paused")
+    next_run: int | None = Field(None, description="ms since the epoch; null while paused")
+    last_run: int | None = Field(None, description="the scheduled time (ms) of the last run submitted")
+    last_task: str | None = Field(None, description="the task id of the last run")
+    runs: int = Field(0, description="runs submitted")
+    missed: int = Field(0, description="runs skipped (later than misfire_grace, or the previous still submitting)")
+    last_error: str | None = Field(None, description="why the last submission failed; null once one succeeds")
 
 
 class TaskPage(ApiModel):
@@ -971,8 +1002,26 @@ def create_app(state: CloudState) -> FastAPI:
         tags=["tasks"],
     )
     def create_task(req: TaskRequest, request: Request, response: Response) -> Any:
+        task_id, duplicate = submit_task(req, request)
+        request.state.audit_target = task_id
+        response.headers["Location"] = f"/api/v1/tasks/{task_id}"
+        if duplicate:
+            response.status_code = 200
+        return {"id": task_id, "state": "queued", "duplicate": duplicate}
+
+    def _args_ok(req: TaskRequest, where: str) -> None:
+        try:
+            check_storable(req.args, f"{where}.args")
+        except BodyError as exc:
+            raise ApiError(
+                422, f"{exc} (args must be JSON without NaN or Infinity, integers 64-bit)", code="invalid_request"
+            ) from None
+
+    def submit_task(req: TaskRequest, request: Request | None, where: str = "body") -> tuple[str, bool]:
+        """Queue a task (direct with a target, else scheduled): (id, duplicate). ``request``: the API call
+        to authorize (None: a schedule's run, authorized when the schedule was made)."""
         if req.target is None:
-            return create_scheduled(req, request, response)
+            return submit_scheduled(req, request, where)
         node = store.get_node(req.target)
         if node is None:
             raise ApiError(404, f"target {req.target!r} is not a registered device")
@@ -982,13 +1031,11 @@ def create_app(state: CloudState) -> FastAPI:
                 f"target {req.target!r} is a {node.role}, not a device: only devices run tasks",
                 code="invalid_request",
             )
-        authorize(request, "command", node_topic(node, req.target, "task/cmd"), req.target)
-        try:
-            check_storable(req.args, "body.args")
-        except BodyError as exc:
-            raise ApiError(
-                422, f"{exc} (args must be JSON without NaN or Infinity, integers 64-bit)", code="invalid_request"
-            ) from None
+        if request is not None:
+            authorize(request, "command", node_topic(node, req.target, "task/cmd"), req.target)
+        if req.idempotency_key is not None and (known := store.task_by_key(req.idempotency_key)) is not None:
+            return known.id, True
+        _args_ok(req, where)
         deadline = None if req.timeout is None else int((state.clock() + req.timeout) * 1000)
         task_id = uuid.uuid4().hex
         # the body exactly as TaskDispatcher.dispatch seals it
@@ -997,7 +1044,7 @@ def create_app(state: CloudState) -> FastAPI:
         if size > MAX_TASK_BODY:
             raise ApiError(
                 413,
-                f"body.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in one "
+                f"{where}.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in one "
                 f"message (envelope limit {MAX_PAYLOAD} bytes)",
             )
         # a small device (the ESP32 firmware) announces the largest message it can take in its birth
@@ -1005,45 +1052,40 @@ def create_app(state: CloudState) -> FastAPI:
         if isinstance(limit, int) and not isinstance(limit, bool) and size + ENVELOPE_HEADROOM > limit:
             raise ApiError(
                 413,
-                f"body.args: the task command would be about {size + ENVELOPE_HEADROOM} bytes sealed; device "
+                f"{where}.args: the task command would be about {size + ENVELOPE_HEADROOM} bytes sealed; device "
                 f"{req.target!r} takes messages of at most {limit} bytes (its agent's max_payload)",
             )
-        task = store.create_task(
-            target=req.target,
-            handler=req.handler,
-            args=req.args,
-            deadline=deadline,
-            task_id=task_id,
-            now=int(state.clock() * 1000),
-        )
-        request.state.audit_target = task.id
+        try:
+            task = store.create_task(target=req.target, handler=req.handler, args=req.args, deadline=deadline,
+                                     task_id=task_id, now=int(state.clock() * 1000),
+                                     idempotency_key=req.idempotency_key)
+        except sqlite3.IntegrityError:  # the same key, submitted at the same moment by another caller
+            known = store.task_by_key(req.idempotency_key or "")
+            if known is None:
+                raise
+            return known.id, True
         state.metrics.tasks.labels(state="queued").inc()
         state.fanout.publish(change("task", task_view(task)))
         if state.dispatcher is not None:
             state.dispatcher.request(task.id)
-        response.headers["Location"] = f"/api/v1/tasks/{task.id}"
         log.info("task %s queued: %s on %s", task.id, task.handler, task.target)
-        return {"id": task.id, "state": "queued"}
+        return task.id, False
 
-    def create_scheduled(req: TaskRequest, request: Request, response: Response) -> Any:
+    def submit_scheduled(req: TaskRequest, request: Request | None, where: str) -> tuple[str, bool]:
         svc = state.tasks
         if svc is None:
             raise ApiError(503, "the task scheduler is not running", code="unavailable")
         if req.site is not None and not store.list_nodes(site=req.site, limit=1).items:
             raise ApiError(404, f"site {req.site!r} has no registered node")
-        authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/scheduler/task/cmd", None)
-        try:
-            check_storable(req.args, "body.args")
-        except BodyError as exc:
-            raise ApiError(
-                422, f"{exc} (args must be JSON without NaN or Infinity, integers 64-bit)", code="invalid_request"
-            ) from None
+        if request is not None:
+            authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/scheduler/task/cmd", None)
+        _args_ok(req, where)
         cmd = {"task_id": "0" * 32, "handler": req.handler, "args": req.args, "deadline": 2**62, "attempt": 1,
                "lease": 5.0, "checkpoint": None}
         size = len(cbor2.dumps(cmd))
         if size > MAX_TASK_BODY:
-            raise ApiError(413, f"body.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in "
-                                f"one message (envelope limit {MAX_PAYLOAD} bytes)")
+            raise ApiError(413, f"{where}.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} "
+                                f"fit in one message (envelope limit {MAX_PAYLOAD} bytes)")
         spec = {"handler": req.handler, "args": req.args, "site": req.site or "", "origin": req.origin or "",
                 "origin_role": "app" if req.origin is None else (getattr(store.get_node(req.origin), "role", None)
                                                                  or "app"),
@@ -1054,14 +1096,12 @@ def create_app(state: CloudState) -> FastAPI:
         try:
             task_id, duplicate = svc.submit_threadsafe(spec)
         except ValueError as exc:
-            raise ApiError(422, f"body: {exc}", code="invalid_request") from None
-        request.state.audit_target = task_id
-        response.headers["Location"] = f"/api/v1/tasks/{task_id}"
-        if duplicate:
-            response.status_code = 200
+            raise ApiError(422, f"{where}: {exc}", code="invalid_request") from None
         log.info("scheduled task %s %s: %s (site %s)", task_id, "already known" if duplicate else "queued",
                  req.handler, req.site or "-")
-        return {"id": task_id, "state": "queued", "duplicate": duplicate}
+        return task_id, duplicate
+
+    state.submit_task = submit_task
 
     @app.get(
         "/api/v1/tasks",
@@ -1137,6 +1177,106 @@ def create_app(state: CloudState) -> FastAPI:
 
     # -- live stream ------------------------------------------------------------------------------------
 
+
+    # -- schedules ---------------------------------------------------------------------------------
+
+    def _schedules() -> Any:
+        if state.schedules is None:
+            raise ApiError(503, "schedules are not running", code="unavailable")
+        return state.schedules
+
+    def _authorize_task(req: TaskRequest, request: Request) -> None:
+        if req.target is None:
+            authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/scheduler/task/cmd", None)
+        else:
+            authorize(request, "command", node_topic(store.get_node(req.target), req.target, "task/cmd"), req.target)
+
+    def _schedule_out(view: Any) -> dict[str, Any]:
+        return view.as_dict()
+
+    @app.get(
+        "/api/v1/schedules",
+        response_model=list[ScheduleOut],
+        summary="List schedules",
+        description="Every schedule, with its next and last run, run count, misses and last error.",
+        **needs("viewer", _ERRORS),
+        tags=["schedules"],
+    )
+    def list_schedules() -> Any:
+        return [_schedule_out(v) for v in _schedules().list()]
+
+    @app.get(
+        "/api/v1/schedules/{schedule_id}",
+        response_model=ScheduleOut,
+        summary="Show a schedule",
+        description="One schedule; 404 if unknown.",
+        **needs("viewer", _NOT_FOUND),
+        tags=["schedules"],
+    )
+    def get_schedule(schedule_id: str) -> Any:
+        view = _schedules().get(schedule_id)
+        if view is None:
+            raise ApiError(404, f"schedule {schedule_id!r} does not exist")
+        return _schedule_out(view)
+
+    @app.put(
+        "/api/v1/schedules/{schedule_id}",
+        response_model=ScheduleOut,
+        summary="Create or replace a schedule",
+        description=(
+            "Submit `task` (the body of `POST /api/v1/tasks`) on a `cron` line (5 fields, in `timezone`) or "
+            "`every` N seconds (or `30s`, `5m`, `1h`). Each run is submitted with the idempotency key "
+            "`schedule:{id}:{scheduled time in ms}`, so a run is never submitted twice, also across a cloud "
+            "restart. Misfire policy: runs missed while the cloud was down are coalesced into one, made on "
+            "restart only if the latest missed time is within `misfire_grace` seconds (default 60), else "
+            "skipped (counted in `missed`); never more than one run of a schedule at a time. Replacing a "
+            "schedule re-times it from now and keeps its history."),
+        **needs("operator", _ERRORS),
+        tags=["schedules"],
+    )
+    def put_schedule(schedule_id: str, body: ScheduleIn, request: Request) -> Any:
+        req = body.task
+        _authorize_task(req, request)
+        _args_ok(req, "body.task")
+        spec = body.model_dump(exclude_none=True) | {"id": schedule_id,
+                                                   "task": req.model_dump(exclude_none=True)}
+        try:
+            view = _schedules().put(spec)
+        except ValueError as exc:
+            raise ApiError(422, f"body: {exc}", code="invalid_request") from None
+        request.state.audit_target = schedule_id
+        return _schedule_out(view)
+
+    @app.delete(
+        "/api/v1/schedules/{schedule_id}",
+        status_code=204,
+        summary="Delete a schedule",
+        description="It fires no more (tasks it already submitted are left alone). 404 if unknown.",
+        **needs("operator", _NOT_FOUND),
+        tags=["schedules"],
+    )
+    def delete_schedule(schedule_id: str, request: Request) -> Response:
+        if not _schedules().delete(schedule_id):
+            raise ApiError(404, f"schedule {schedule_id!r} does not exist")
+        request.state.audit_target = schedule_id
+        return Response(status_code=204)
+
+    @app.post(
+        "/api/v1/schedules/{schedule_id}/{action}",
+        response_model=ScheduleOut,
+        summary="Pause or resume a schedule",
+        description="`pause`: it fires no more until resumed; `resume`: it fires again from its next scheduled "
+                    "time (no catch-up run for what it missed while paused). 404 if unknown.",
+        **needs("operator", _NOT_FOUND),
+        tags=["schedules"],
+    )
+    def pause_schedule(schedule_id: str, action: Literal["pause", "resume"], request: Request) -> Any:
+        svc = _schedules()
+        view = svc.pause(schedule_id) if action == "pause" else svc.resume(schedule_id)
+        if view is None:
+            raise ApiError(404, f"schedule {schedule_id!r} does not exist")
+        request.state.audit_target = schedule_id
+        return _schedule_out(view)
 
     # -- executors (scheduled work) ---------------------------------------------------------------
 

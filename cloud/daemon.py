@@ -33,12 +33,14 @@ import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from amqtt.errors import AMQTTError, BrokerError
+from pydantic import ValidationError
 
-from cloud.api import CloudState, create_app
+from cloud.api import ApiError, CloudState, TaskRequest, create_app
 from cloud.apps import AppFanout
 from cloud.auth import AuthStore
 from cloud.automation import CloudAutomation, RetentionSweeper, state_path
@@ -46,6 +48,7 @@ from cloud.fanout import Fanout
 from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
 from cloud.metrics import CloudMetrics, NodeStatusCollector
 from cloud.registry_sync import RegistrySync
+from cloud.schedules import ScheduleService
 from cloud.store import NewEvent, SqliteStore, Store, Task
 from cloud.tasks import TaskService
 from cloud.views import change, event_view, task_view
@@ -414,11 +417,38 @@ class CloudDaemon:
                 policies=watcher,
             )
             self.app = create_app(self.state)
+            # cron and interval task submissions, kept in their own SQLite file next to the database
+            self.schedules = ScheduleService(Path(cfg.database).parent / "schedules.db", self._scheduled_run,
+                                             clock=clock)
+            self.state.schedules = self.schedules
         except BaseException:
             if hasattr(self, "auth"):
                 self.auth.close()
             self.store.close()
             raise
+
+    def _scheduled_run(self, spec: dict[str, Any], key: str) -> str:
+        """A schedule fired (on the schedule service's thread): submit its task as the API would, under
+        the run's idempotency key (a run submitted twice, across a crash, makes one task)."""
+        try:
+            req = TaskRequest.model_validate(spec | {"idempotency_key": key})
+        except ValidationError as exc:
+            raise ValueError(f"task: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+        try:
+            task_id, _dup = self.state.submit_task(req, None, "task")
+        except ApiError as exc:
+            raise ValueError(exc.message) from None
+        return task_id
+
+    async def run_schedules(self) -> None:
+        """Start firing once the task service can take submissions; stop with the daemon."""
+        await self.tasks.ready()
+        await asyncio.to_thread(self.schedules.start)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # not waiting: a run blocked on this (stopping) loop would hold the shutdown; a due run is kept
+            self.schedules.shutdown(wait=False)
 
     # link callbacks ----------------------------------------------------------------------------
 
@@ -794,6 +824,7 @@ class CloudDaemon:
                 tg.create_task(self.sweep(), name="cloud-sweep")
                 tg.create_task(self.dispatcher.run(), name="cloud-tasks")
                 tg.create_task(self.tasks.run(), name="cloud-scheduler")
+                tg.create_task(self.run_schedules(), name="cloud-schedules")
                 tg.create_task(self.apps.run(), name="cloud-apps")
                 tg.create_task(self.automation_ticks(), name="cloud-automation")
                 tg.create_task(self.sweep_retention(), name="cloud-retention")

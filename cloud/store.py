@@ -336,6 +336,7 @@ class Store(Protocol):
         deadline: int | None = None,
         task_id: str | None = None,
         now: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Task: ...
 
     def get_task(self, task_id: str) -> Task | None: ...
@@ -864,12 +865,14 @@ class SqliteStore(Store):
         deadline: int | None = None,
         task_id: str | None = None,
         now: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Task:
         ts = now if now is not None else now_ms()
         tid = task_id or uuid.uuid4().hex
         with self._lock, self.db.atomic():
             self.db["tasks"].insert(
                 {
+                    "idempotency_key": idempotency_key,
                     "id": tid,
                     "target": target,
                     "handler": handler,

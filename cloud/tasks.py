@@ -325,6 +325,10 @@ class TaskService:
         finally:
             self.local.cancel_all()
 
+    async def ready(self) -> None:
+        """Until the service runs (its open tasks restored) and takes submissions."""
+        await self._ready.wait()
+
     # ---- the API's entry points (any thread) ----
 
     def _call(self, fn: Callable[[], Any]) -> Any:

@@ -78,3 +78,55 @@ def test_a_task_on_the_gateway_moves_to_the_cloud_when_the_gateway_is_killed(
     assert "lease lost on gw-home" in t["placement"] and "death message" in t["placement"]
     events = get(f"{d.base}/api/v1/events?type=task.executor_lost")["items"]
     assert any(slow["id"] in e["data"]["tasks"] for e in events)
+
+
+def test_a_schedule_runs_once_per_interval_across_a_cloud_kill_with_one_coalesced_catch_up(
+        tmp_path: Path, procs: ProcessSet) -> None:
+    from harness.deploy import OPENER, request
+
+    d = Deployment(tmp_path, procs, devices=1)
+    cloud = d.start_cloud()
+
+    def put(body: dict[str, Any]) -> dict[str, Any]:
+        req = request(f"{d.base}/api/v1/schedules/tick", json.dumps(body).encode(),
+                      {"content-type": "application/json"}, method="PUT")
+        with OPENER.open(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    def tick_tasks() -> list[dict[str, Any]]:
+        return [t for t in get(f"{d.base}/api/v1/tasks?limit=1000")["items"]
+                if (t["idempotency_key"] or "").startswith("schedule:tick:")]
+
+    def runs() -> list[int]:
+        keys = [t["idempotency_key"] for t in tick_tasks()]
+        assert len(keys) == len(set(keys)), f"a run was submitted twice: {sorted(keys)}"
+        return sorted(int(k.rsplit(":", 1)[1]) for k in keys)
+
+    view = put({"task": {"handler": "echo", "args": {"tick": True}}, "every": 2, "misfire_grace": 30})
+    assert view["next_run"] is not None and view["every"] == 2
+    wait_for(lambda: len(runs()) >= 2, timeout=20, message="two runs")
+    cloud.kill()
+    down = time.time()
+    time.sleep(5)  # the cloud stays down across two fire times (the outage under test, not a synchronisation)
+    cloud = d.start_cloud()
+    up = time.time()
+    wait_for(lambda: len([r for r in runs() if r / 1000 > up]) >= 2, timeout=20, message="runs after the restart")
+    fired = runs()
+    assert all((b - a) % 2000 == 0 and b > a for a, b in zip(fired, fired[1:], strict=False)), fired
+    # a run is submitted at its time (a few ms late), except the one catch-up run for the outage: the
+    # runs the cloud missed while down are coalesced into that one, submitted when it is back
+    late = sorted((t["created"] - int(t["idempotency_key"].rsplit(":", 1)[1]), t["idempotency_key"])
+                  for t in tick_tasks() if t["created"] / 1000 > down)
+    catch_up = [k for lag, k in late if lag > 1000]
+    assert len(catch_up) == 1, f"one coalesced catch-up run after the outage: {late}"
+    skipped = [(a, b) for a, b in zip(fired, fired[1:], strict=False) if b - a > 2000]
+    assert len(skipped) == 1 and skipped[0][1] == int(catch_up[0].rsplit(":", 1)[1]), (skipped, catch_up, fired)
+    assert up - down < 30  # within misfire_grace: the catch-up happens
+    put({"task": {"handler": "echo", "args": {"tick": True}}, "every": 2, "enabled": False})  # paused: no more
+    states = wait_for(lambda: (x := {t["state"] for t in get(f"{d.base}/api/v1/tasks?limit=1000")["items"]
+                                     if (t["idempotency_key"] or "").startswith("schedule:tick:")}) == {"succeeded"}
+                      and x, timeout=10, message="every run succeeded")
+    assert states == {"succeeded"}
+    sched = get(f"{d.base}/api/v1/schedules/tick")
+    assert sched["runs"] == len(runs()) and sched["last_error"] is None and sched["missed"] == 0
+    assert sched["next_run"] is None and sched["enabled"] is False
