@@ -65,6 +65,7 @@ from cwsnet.policy import AccessEngine, Subject
 from cwsnet.policy.access import DenyRecorder
 from cwsnet.policy.watch import PolicyWatcher, shipped_policies, start_watcher
 from cwsnet.replay import SeqCounter
+from edge_agent.handlers import defaults, registry
 
 log = logging.getLogger("cwsnet.cloud")
 
@@ -379,6 +380,7 @@ class CloudDaemon:
             # scheduled work: placed by the offload policies, leased, migrated, replicated (cloud/tasks.py)
             self.tasks = TaskService(self.store, self.endpoint, self.link, node=self.identity.node,
                                      policies=watcher.active, lease=cfg.task_lease, workers=cfg.cloud_workers,
+                                     handlers=registry(cfg.handlers) if cfg.handlers is not None else defaults(),
                                      fanout=self.fanout, metrics=self.metrics, clock=clock)
             self.access = AccessEngine(watcher.active) if watcher.active is not None else None
             # the `at: cloud` automation rules and gateways' automation requests; retention of stored data

@@ -98,9 +98,9 @@ class TaskService:
         self.node, self.clock, self.fanout, self.metrics = node, clock, fanout, metrics
         self.lease, self.workers, self.publish_timeout = lease, workers, publish_timeout
         if handlers is None:
-            from edge_agent.handlers import BUILTIN
+            from edge_agent.handlers import defaults
 
-            handlers = dict(BUILTIN)
+            handlers = defaults()
         self.handlers = handlers
         self.sched = Scheduler(OffloadEngine(policies), lease=lease)
         self._loop: asyncio.AbstractEventLoop | None = None

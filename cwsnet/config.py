@@ -232,6 +232,8 @@ class GatewayConfig(Model):
     metrics_port: int | None = Field(None, ge=1, le=65535)
     task_slots: int = Field(2, ge=0, le=256, description="scheduled tasks the gateway's worker pool runs at once; "
                                                           "0: it runs none")
+    handlers: list[str] | None = Field(None, description="task handlers the gateway's worker pool runs; default: "
+                                       "the built-ins and installed plugins (`shell` only when listed)")
     capabilities: list[str] = Field(default_factory=list, description="what the gateway offers scheduled tasks")
     reconnect: Reconnect = Field(default_factory=Reconnect)
 
@@ -282,6 +284,8 @@ class CloudConfig(Model):
         "task is taken back and re-queued elsewhere (executors heartbeat every third of it)")
     cloud_workers: int = Field(
         2, ge=0, le=256, description="scheduled tasks the cloud runs at once on its own workers (tier cloud); 0: none")
+    handlers: list[str] | None = Field(None, description="task handlers the cloud's workers run; default: the "
+                                       "built-ins and installed plugins (`shell` only when listed)")
     reconnect: Reconnect = Field(default_factory=Reconnect)
     admin_token_file: Path | None = Field(
         None,

@@ -13,12 +13,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import inspect
+import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+log = logging.getLogger("cwsnet.handlers")
 
 Handler = Callable[..., Awaitable[dict[str, Any]]]
 #: what :meth:`TaskContext.save` hands a checkpoint to (the agent: a ``checkpoint`` task_result)
@@ -152,13 +158,89 @@ async def burn(args: dict[str, Any]) -> dict[str, Any]:
     return {"burned": seconds}
 
 
+SHELL_OUTPUT_MAX = 64 * 1024
+
+
+async def shell(args: dict[str, Any]) -> dict[str, Any]:
+    """Run a program: args ``{"argv": [program, arg, ...], "timeout": seconds (default 60, at most
+    3600), "cwd": directory}``. No shell is involved (no expansion, no pipes); stdout and stderr are
+    kept up to 64 KB each. Never in a default handler list: a node runs it only when its own config
+    lists ``shell`` in ``handlers``, so the owner of each machine decides (docs/tasks.md)."""
+    argv, timeout, cwd = args.get("argv"), args.get("timeout", 60), args.get("cwd")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
+        raise TaskFailed('shell needs args {"argv": [<program>, <arg>, ...]} (strings; no shell is used)')
+    if not _number(timeout) or not 0 < timeout <= 3600:
+        raise TaskFailed("shell: args.timeout must be seconds between 0 and 3600")
+    if cwd is not None and not isinstance(cwd, str):
+        raise TaskFailed("shell: args.cwd must be a directory path")
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                    start_new_session=True)
+    except OSError as exc:
+        raise TaskFailed(f"shell: cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise TaskFailed(f"shell: {argv[0]!r} still running after {timeout:g} s: killed") from None
+    return {"exit": proc.returncode, "stdout": out[:SHELL_OUTPUT_MAX].decode(errors="replace"),
+            "stderr": err[:SHELL_OUTPUT_MAX].decode(errors="replace"),
+            "truncated": len(out) > SHELL_OUTPUT_MAX or len(err) > SHELL_OUTPUT_MAX}
+
+
 BUILTIN: dict[str, Handler] = {"echo": echo, "sha256": sha256, "sleep": sleep, "count": count, "burn": burn}
+#: built in, but run only where a node's config lists it (never by default)
+OPT_IN: dict[str, Handler] = {"shell": shell}
+#: the entry-point group plugins register handlers in (``name = "package.module:function"``)
+ENTRY_POINT_GROUP = "cwsnet.handlers"
+
+
+def plugins() -> dict[str, Handler]:
+    """Handlers installed by packages under the ``cwsnet.handlers`` entry-point group. A plugin that
+    fails to load is logged (naming its distribution) and left out; it never stops the node."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, Handler] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep.dist, "name", "?")
+        if ep.name in BUILTIN or ep.name in OPT_IN:
+            log.warning("handler plugin %s (%s) ignored: a built-in handler has that name", ep.name, dist)
+            continue
+        try:
+            fn = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is the plugin's problem
+            log.error("handler plugin %s = %s (%s) cannot be loaded: %s: %s", ep.name, ep.value, dist,
+                      type(exc).__name__, exc)
+            continue
+        if not inspect.iscoroutinefunction(fn):
+            log.error("handler plugin %s = %s (%s) is not an async function; ignored", ep.name, ep.value, dist)
+            continue
+        found[ep.name] = fn
+    return found
+
+
+def available() -> dict[str, Handler]:
+    """Every handler this installation has: built-ins, the opt-in ``shell``, and plugins."""
+    return {**BUILTIN, **OPT_IN, **plugins()}
+
+
+def defaults() -> dict[str, Handler]:
+    """What a gateway or the cloud runs when not told otherwise: built-ins and plugins, not ``shell``."""
+    return {**BUILTIN, **plugins()}
 
 
 def registry(names: list[str]) -> dict[str, Handler]:
-    unknown = [n for n in names if n not in BUILTIN]
+    """The handlers a node's config names (built-in, ``shell``, or from plugins)."""
+    known = available() if any(n not in BUILTIN for n in names) else BUILTIN
+    unknown = [n for n in names if n not in known]
     if unknown:
         from cwsnet.errors import ConfigError
 
-        raise ConfigError(f"handlers: unknown handler(s) {unknown}; known: {sorted(BUILTIN)}")
-    return {n: BUILTIN[n] for n in names}
+        raise ConfigError(f"handlers: unknown handler(s) {unknown}; known: {sorted(known)} (plugins register in the "
+                          f"{ENTRY_POINT_GROUP!r} entry-point group)")
+    return {n: known[n] for n in names}

@@ -95,9 +95,10 @@ class Gateway:
         self._incoming: asyncio.Queue[tuple[Message, Any, bool]] = asyncio.Queue(maxsize=10000)
         self.will_seq: int | None = None
         # the worker pool for scheduled tasks the cloud places on this gateway (tier gateway)
-        from edge_agent.handlers import BUILTIN
+        from edge_agent.handlers import defaults, registry
 
-        self.workers = LocalWorkers(dict(BUILTIN), cfg.task_slots, self._task_report, node=self.node, clock=clock)
+        handlers = registry(cfg.handlers) if cfg.handlers is not None else defaults()
+        self.workers = LocalWorkers(handlers, cfg.task_slots, self._task_report, node=self.node, clock=clock)
         self._lease = 5.0  # the shortest lease of the tasks given to us: heartbeats go every third of it
         self._beat = asyncio.Event()
         self.local = SiteData(cfg.data_dir / "site-data.db")
