@@ -54,6 +54,7 @@ import heapq
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import cbor2
@@ -83,6 +84,14 @@ def canonical(result: Any) -> bytes:
         return cbor2.dumps(result, canonical=True)
     except Exception:  # noqa: BLE001  (a value CBOR cannot encode: compare its JSON)
         return json.dumps(result, sort_keys=True, default=repr).encode()
+
+
+def _t(when: float) -> str:
+    """A time as explanations show it: UTC wall time for a wall clock (the daemons), else ``t=``
+    seconds (a test's or a monotonic clock)."""
+    if when > 1e9:
+        return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return f"t={when:.3f}"
 
 
 def _short(v: Any, limit: int = 120) -> str:
@@ -610,7 +619,7 @@ class Scheduler:
             return f"stale attempt {attempt} (the current lease is attempt {copy.attempt})"
         lost = task._lost.get(node)
         if lost is not None:
-            return (f"{node} no longer holds the lease ({lost[1]} at t={lost[0]:.3f}); {self._where(task)}")
+            return (f"{node} no longer holds the lease ({lost[1]} at {_t(lost[0])}); {self._where(task)}")
         return f"{node} was never given this task; {self._where(task)}"
 
     # ---- submission ----
@@ -635,7 +644,7 @@ class Scheduler:
         if task.replicas > 1:
             detail += f", {task.replicas} replicas ({task.mode})"
         if task.deadline is not None:
-            detail += f", deadline t={task.deadline:.3f}"
+            detail += f", deadline {_t(task.deadline)}"
         if task.checkpoint is not None:
             detail += ", with a checkpoint to resume from"
         self._note(task, now, "submitted", detail)
@@ -914,7 +923,7 @@ class Scheduler:
     def _expire(self, task: Task, now: float) -> None:
         assert task.deadline is not None
         late = now - task.deadline
-        self._finish(task, "expired", now, error=(f"deadline t={task.deadline:.3f} passed ({late:.3f} s ago) while "
+        self._finish(task, "expired", now, error=(f"deadline {_t(task.deadline)} passed ({late:.3f} s ago) while "
                                                   f"{task.state}, after {task.attempts} attempt(s)"))
 
     def cancel(self, task_id: str, now: float, reason: str = "cancelled by request") -> list[Cmd]:
@@ -1162,7 +1171,7 @@ class Scheduler:
         if t.replicas > 1:
             extra.append(f"{t.replicas} replicas ({t.mode})")
         if t.deadline is not None:
-            extra.append(f"deadline t={t.deadline:.3f}")
+            extra.append(f"deadline {_t(t.deadline)}")
         lines.append(f"  priority {t.priority}, {t.attempts} attempt(s) made, at most {t.max_attempts} used up "
                      f"per {'replica' if t.replicas > 1 else 'task'}, lease {self.lease:g} s"
                      + (", " + ", ".join(extra) if extra else ""))
@@ -1182,11 +1191,11 @@ class Scheduler:
                              + (f", {what}" if what else ""))
         for i, d in enumerate(t.assignments, 1):
             rep = f"replica {d.copy + 1}, " if t.replicas > 1 else ""
-            lines.append(f"  assignment {i} at t={d.time:.3f} ({rep}attempt {d.attempt}):")
+            lines.append(f"  assignment {i} at {_t(d.time)} ({rep}attempt {d.attempt}):")
             lines.append(d.explain(t.info, "    "))
         queued = next((c for c in t.copies if c.state == "queued"), None)
         if t.decision is not None and t.decision.action != "run" and queued is not None:
-            lines.append(f"  now waiting (decision at t={t.decision.time:.3f}):")
+            lines.append(f"  now waiting (decision at {_t(t.decision.time)}):")
             lines.append(t.decision.explain(t.info, "    "))
         elif queued is not None and (t.decision is None or t.decision.action == "run"):
             # no tick has placed this copy since it was queued (no executor had a free slot): what would
@@ -1199,7 +1208,7 @@ class Scheduler:
         lines.append("  history:")
         if t._dropped:
             lines.append(f"    ({t._dropped} older entries dropped)")
-        lines += [f"    t={when:.3f} {event}" + (f": {detail}" if detail else "") for when, event, detail in t.history]
+        lines += [f"    {_t(when)} {event}" + (f": {detail}" if detail else "") for when, event, detail in t.history]
         return "\n".join(lines)
 
 

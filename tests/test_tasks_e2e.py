@@ -130,3 +130,93 @@ def test_a_schedule_runs_once_per_interval_across_a_cloud_kill_with_one_coalesce
     sched = get(f"{d.base}/api/v1/schedules/tick")
     assert sched["runs"] == len(runs()) and sched["last_error"] is None and sched["missed"] == 0
     assert sched["next_run"] is None and sched["enabled"] is False
+
+
+def test_a_checkpointed_task_migrates_from_a_killed_agent_and_resumes_from_its_checkpoint(
+        tmp_path: Path, procs: ProcessSet) -> None:
+    d = Deployment(tmp_path, procs, devices=2)
+    d.edit("cloud", {"cloud_workers": 0})  # devices and the gateway only
+    d.edit(d.topo.gateway, {"task_slots": 0})
+    for dev in d.topo.devices:
+        d.edit(dev, {"handlers": ["echo", "count"]})
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    agents = {dev: d.start("agent", dev) for dev in d.topo.devices}
+    wait_for(lambda: {n["node"] for n in get(f"{d.base}/api/v1/nodes") if n["live"] and n["slots"] > 0}
+             >= set(d.topo.devices), timeout=40, message="both agents are executors")
+    r = post(f"{d.base}/api/v1/tasks", {"handler": "count", "site": d.topo.site,
+                                        "args": {"to": 60, "step": 0.1, "every": 10}})
+    t = wait_for(lambda: (x := task(d, r["id"]))["node"] in d.topo.devices and "checkpoint: from" in x["placement"]
+                 and x, timeout=30, message="a checkpoint saved")
+    first = t["node"]
+    agents[first].kill()
+    t = done(d, r["id"], timeout=60)
+    other = next(dev for dev in d.topo.devices if dev != first)
+    assert t["state"] == "succeeded" and t["node"] == other, t
+    assert t["result"]["n"] == 60 and t["result"]["resumed_from"] >= 10, t["result"]  # not from zero
+    assert f"lease lost on {first}" in t["placement"] and "resuming from its checkpoint" in t["placement"]
+
+
+def test_majority_replicas_flag_the_executor_that_returns_a_wrong_result(
+        tmp_path: Path, procs: ProcessSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a handler plugin every agent has; one agent has a buggy build of it
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for root, body in ((good, "return {'sum': sum(args['xs'])}"), (bad, "return {'sum': sum(args['xs']) + 1}")):
+        (root / "sumfx-1.0.dist-info").mkdir(parents=True)
+        (root / "sumfx.py").write_text(f"async def total(args):\n    {body}\n")
+        (root / "sumfx-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: sumfx\nVersion: 1.0\n")
+        (root / "sumfx-1.0.dist-info" / "entry_points.txt").write_text("[cwsnet.handlers]\ntotal = sumfx:total\n")
+    d = Deployment(tmp_path, procs, devices=3)
+    d.edit("cloud", {"cloud_workers": 0})
+    d.edit(d.topo.gateway, {"task_slots": 0})
+    for dev in d.topo.devices:
+        d.edit(dev, {"handlers": ["echo", "total"]})
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    for dev in d.topo.devices:
+        monkeypatch.setenv("PYTHONPATH", str(bad if dev == d.topo.devices[0] else good))
+        d.start("agent", dev)
+    wait_for(lambda: {n["node"] for n in get(f"{d.base}/api/v1/nodes") if n["live"] and n["slots"] > 0}
+             >= set(d.topo.devices), timeout=40, message="three agents are executors")
+    r = post(f"{d.base}/api/v1/tasks", {"handler": "total", "site": d.topo.site, "args": {"xs": [1, 2, 3]},
+                                        "replicas": 3, "mode": "majority"})
+    t = done(d, r["id"])
+    assert t["state"] == "succeeded" and t["result"] == {"sum": 6}
+    wrong = d.topo.devices[0]
+    assert [wrong, {"sum": 7}] in t["disagreement"], t["disagreement"]
+    assert "DISAGREEMENT" in t["placement"] and f"{wrong} said" in t["placement"]
+    events = get(f"{d.base}/api/v1/events?type=task.disagreement")["items"]
+    assert any(e["data"]["task_id"] == r["id"] for e in events)
+    # "first": the first result wins and the other copies are cancelled
+    r = post(f"{d.base}/api/v1/tasks", {"handler": "echo", "site": d.topo.site, "args": {"a": 1},
+                                        "replicas": 2, "mode": "first"})
+    t = done(d, r["id"])
+    assert t["state"] == "succeeded" and t["result"] == {"a": 1} and "first result wins" in t["placement"]
+
+
+def test_a_saturated_device_offloads_its_task_to_the_gateway_and_the_explanation_says_why(
+        tmp_path: Path, procs: ProcessSet) -> None:
+    d = Deployment(tmp_path, procs, devices=2)
+    for dev in d.topo.devices:
+        d.edit(dev, {"handlers": ["echo", "sha256", "burn"], "status_interval": 1.0})
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    for dev in d.topo.devices:
+        d.start("agent", dev)
+    wait_for(lambda: {n["node"] for n in get(f"{d.base}/api/v1/nodes") if n["live"] and n["slots"] > 0}
+             >= {*d.topo.devices, d.topo.gateway}, timeout=40, message="executors live")
+    # real CPU load: both devices burn a core each (this machine has two) as direct tasks
+    burns = [post(f"{d.base}/api/v1/tasks", {"target": dev, "handler": "burn", "args": {"seconds": 40}})["id"]
+             for dev in d.topo.devices]
+    origin = d.topo.devices[0]
+    wait_for(lambda: next(n["cpu"] for n in get(f"{d.base}/api/v1/nodes") if n["node"] == origin) > 0.85,
+             timeout=30, message=f"{origin} saturated")
+    data = "aGVsbG8gd29ybGQ="
+    r = post(f"{d.base}/api/v1/tasks", {"handler": "sha256", "site": d.topo.site, "origin": origin,
+                                        "args": {"data": data}})
+    t = done(d, r["id"])
+    assert t["state"] == "succeeded" and t["node"] == d.topo.gateway, t["placement"]
+    assert t["result"]["bytes"] == 11
+    assert "saturated-device-offloads" in t["placement"] and "origin.cpu" in t["placement"]
+    print(t["placement"])
+    assert len(burns) == 2  # (they end with the agents at teardown)
