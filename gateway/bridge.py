@@ -677,10 +677,12 @@ class Gateway:
             self._lease = min(self._lease, float(lease)) if self.workers.running() else float(lease)
         deadline = body.get("deadline") if isinstance(body.get("deadline"), int) else None
         checkpoint = body.get("checkpoint") if isinstance(body.get("checkpoint"), dict) else None
+        idle = not self.workers.running()
         if self.workers.start(tid, body["handler"], args, attempt=attempt, checkpoint=checkpoint,
                               deadline_ms=deadline):
             log.info("task %s (%s, attempt %s) runs on the gateway", tid, body["handler"], attempt)
-            self._beat.set()  # the next status (a heartbeat listing it) goes now
+            if idle:  # the status loop was on its idle pace: heartbeats (listing it) start now
+                self._beat.set()
 
     async def _task_report(self, body: dict[str, Any]) -> None:
         """A step of a task run here: sealed into the uplink outbox like the site's results."""
@@ -688,8 +690,6 @@ class Gateway:
             await self.emit_own(topics.task_result(self.site, self.node), "task_result", body)
         except Exception as exc:  # noqa: BLE001 - disk full...: the lease covers it (the task moves)
             log.error("task %s: its %s report was not stored (%s)", body.get("task_id"), body.get("state"), exc)
-        if body.get("state") in ("succeeded", "failed", "expired", "cancelled"):
-            self._beat.set()
 
     def _report_soon(self, body: dict[str, Any]) -> None:
         asyncio.get_running_loop().create_task(self._task_report(body))

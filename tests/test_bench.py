@@ -43,3 +43,15 @@ def test_rate_limit_benchmark_runs_and_reports_ratios() -> None:
     assert out["flood_limited_flood_stored"] < out["flood_no_limit_flood_stored"]
     for key in ("quiet_p99_ms", "flood_limited_p99_ms", "p99_ratio_limited_vs_quiet", "quiet_good_per_s"):
         assert out[key] is not None and out[key] > 0, key
+
+
+def test_task_benchmark_runs_and_reports_every_tier() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "tasks.py"
+    r = subprocess.run([sys.executable, str(bench), "--tasks", "10", "--devices", "2", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for tier in ("direct", "device", "gateway", "cloud"):
+        assert out[f"{tier}_tasks_per_s"] > 0 and out[f"{tier}_p99_ms"] >= out[f"{tier}_p50_ms"] >= 0, tier
+    assert out["device_executors"] >= 1 and out["gateway_executors"] == 1 and out["cloud_executors"] == 1
+    assert out["cloud_rate_ratio_vs_direct"] > 0
