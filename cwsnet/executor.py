@@ -14,6 +14,7 @@ Each ``(task_id, attempt)`` runs at most once here; a later attempt of the same 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -22,37 +23,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edge_agent.handlers import TaskContext, takes_context
+
 log = logging.getLogger("cwsnet.executor")
 
 Report = Callable[[dict[str, Any]], Awaitable[None] | None]
 #: at most this many (task, attempt) pairs are remembered as run (the oldest are forgotten first)
 SEEN_MAX = 10_000
-
-
-def takes_context(fn: Callable[..., Any]) -> bool:
-    """Whether a handler takes a second, context, argument."""
-    try:
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        return False
-    return len(params) >= 2
-
-
-class WorkerContext:
-    """What a two-argument handler gets: ``task_id``, ``attempt``, ``checkpoint`` (resume from it,
-    or None) and ``await save(data)`` (a ``checkpoint`` report: a migrated task resumes from it)."""
-
-    def __init__(self, workers: LocalWorkers, task_id: str, attempt: int | None,
-                 checkpoint: dict[str, Any] | None) -> None:
-        self.task_id, self.attempt, self.checkpoint = task_id, attempt, checkpoint
-        self._workers = workers
-
-    async def save(self, data: dict[str, Any]) -> None:
-        if not isinstance(data, dict):
-            raise TypeError("a checkpoint is a map")
-        await self._workers._report({"task_id": self.task_id, "state": "checkpoint", "attempt": self.attempt,
-                                     "checkpoint": dict(data)})
 
 
 @dataclass
@@ -114,6 +91,9 @@ class LocalWorkers:
         for run in list(self._runs.values()):
             run.task.cancel()
 
+    async def _save(self, task_id: str, attempt: int | None, data: dict[str, Any]) -> None:
+        await self._report({"task_id": task_id, "state": "checkpoint", "attempt": attempt, "checkpoint": data})
+
     async def _run(self, task_id: str, name: str, args: dict[str, Any], attempt: int | None,
                    checkpoint: dict[str, Any] | None, deadline_ms: int | None) -> None:
         base = {"task_id": task_id, "attempt": attempt, "result": None, "error": None}
@@ -134,8 +114,8 @@ class LocalWorkers:
                 started = int(self.clock() * 1000)
                 await self._report(base | {"state": "running", "started": started})
                 try:
-                    call = fn(args, WorkerContext(self, task_id, attempt, checkpoint)) if takes_context(fn) \
-                        else fn(args)
+                    ctx = TaskContext(task_id, attempt, checkpoint, functools.partial(self._save, task_id, attempt))
+                    call = fn(args, ctx) if takes_context(fn) else fn(args)
                     result = await asyncio.wait_for(call, timeout)
                 except asyncio.CancelledError:
                     raise
