@@ -217,13 +217,16 @@ class TaskService:
                     self._send(c.node, {"task_id": c.task_id, "handler": c.handler, "args": c.args,
                                         "deadline": None if c.deadline is None else int(c.deadline * 1000),
                                         "attempt": c.attempt, "lease": self.lease, "checkpoint": c.checkpoint},
-                               c.deadline)
+                               # a command that cannot reach its executor within two leases is stale: the
+                               # copy has been re-queued by then, so a gateway holding it drops it then
+                               min(c.deadline or float("inf"), self.clock() + 2 * self.lease))
                 log.info("%s", c.describe())
             elif isinstance(c, Cancel):
                 if c.node == self.node:
                     self.local.cancel(c.task_id, c.attempt)
                 elif c.node:
-                    self._send(c.node, {"task_id": c.task_id, "cancel": True, "attempt": c.attempt}, None)
+                    self._send(c.node, {"task_id": c.task_id, "cancel": True, "attempt": c.attempt},
+                               self.clock() + 2 * self.lease)
                 log.info("%s", c.describe())
             elif isinstance(c, Completed):
                 if self.metrics is not None:
@@ -259,7 +262,9 @@ class TaskService:
                     for e in stored:
                         self.fanout.publish(change("event", event_view(e)))
 
-    def _send(self, node: str, body: dict[str, Any], deadline: float | None) -> None:
+    def _send(self, node: str, body: dict[str, Any], expires: float | None) -> None:
+        """Seal and publish a task command; ``expires`` (s) goes in the clear header: a gateway holding
+        the command for an offline device drops it then."""
         async def go() -> None:
             try:
                 entry = await asyncio.to_thread(self.store.get_node, node)
@@ -268,7 +273,7 @@ class TaskService:
                     return
                 topic = topics.task_cmd(entry.site, node)
                 payload, _ = self.endpoint.seal(topic, "task_cmd", body, to=node,
-                                                expires=None if deadline is None else int(deadline * 1000))
+                                                expires=None if expires is None else int(expires * 1000))
                 await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
             except (LinkError, CwsError, TimeoutError) as exc:
                 # the lease covers it: an assignment that never arrives is re-queued when it expires
