@@ -37,6 +37,20 @@ from cwsnet.errors import (
 PROTOCOL_VERSION = 1
 NONCE_SIZE = nacl.public.Box.NONCE_SIZE  # 24
 MAX_PAYLOAD = 256 * 1024  # bytes; larger payloads are refused as malformed
+#: the largest CBOR body that still fits one envelope with room for the header, topic hash and box
+MAX_BODY = MAX_PAYLOAD - 4096
+
+
+def body_problem(value: Any, what: str = "the body") -> str | None:
+    """Why ``value`` cannot travel as one message body (None: it can): CBOR cannot encode it, or it is
+    larger than one envelope takes."""
+    try:
+        size = len(cbor2.dumps(value))
+    except Exception as exc:  # noqa: BLE001 - any refusal of the encoder
+        return f"{what} cannot be encoded ({type(exc).__name__}: {exc})"
+    if size > MAX_BODY:
+        return f"{what} is {size} bytes; at most {MAX_BODY} fit in one message"
+    return None
 
 #: Message kinds and the channel they travel on.
 KINDS = {

@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.handlers import TaskContext, takes_context
+from cwsnet.envelope import body_problem
+from edge_agent.handlers import TaskContext, TaskFailed, takes_context
 
 log = logging.getLogger("cwsnet.executor")
 
@@ -92,6 +93,9 @@ class LocalWorkers:
             run.task.cancel()
 
     async def _save(self, task_id: str, attempt: int | None, data: dict[str, Any]) -> None:
+        why = body_problem(data, "the checkpoint")
+        if why is not None:
+            raise TaskFailed(why)
         await self._report({"task_id": task_id, "state": "checkpoint", "attempt": attempt, "checkpoint": data})
 
     async def _run(self, task_id: str, name: str, args: dict[str, Any], attempt: int | None,
@@ -128,7 +132,10 @@ class LocalWorkers:
                         tb = "".join(traceback.format_exception(exc, limit=-8))
                         body = {"state": "failed", "error": f"{type(exc).__name__}: {exc}\n{tb}".rstrip()}
                 else:
-                    body = {"state": "succeeded", "result": result if isinstance(result, dict) else {"value": result}}
+                    result = result if isinstance(result, dict) else {"value": result}
+                    why = body_problem(result, "the handler's result")
+                    body = {"state": "failed", "error": f"{why} (chunked results are not supported yet)"} if why \
+                        else {"state": "succeeded", "result": result}
                 await self._report(base | body | {"started": started, "finished": int(self.clock() * 1000)})
         except asyncio.CancelledError:
             await asyncio.shield(self._report(base | {"state": "cancelled", "started": started,

@@ -22,14 +22,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
-
 import cwsnet
 from cwsnet import custody, sdnotify, topics
 from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
+from cwsnet.envelope import body_problem
 from cwsnet.errors import ConfigError
 from cwsnet.identity import file_signature
 from cwsnet.links import link_for
@@ -78,12 +77,8 @@ def _uint(v: Any) -> bool:
 
 
 def _encodable(value: Any) -> str | None:
-    """Why ``value`` cannot go in a message body (None: it can)."""
-    try:
-        cbor2.dumps(value)
-    except Exception as exc:  # noqa: BLE001 - any refusal of the encoder
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """Why ``value`` cannot go in a message body (None: it can): not CBOR, or too big for one message."""
+    return body_problem(value, "it")
 
 
 @dataclass(slots=True)

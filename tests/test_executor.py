@@ -18,11 +18,15 @@ async def _refuse(args: dict[str, Any]) -> dict[str, Any]:
     raise TaskFailed("no, thanks")
 
 
+async def _huge(args: dict[str, Any]) -> dict[str, Any]:
+    return {"blob": b"x" * 300_000}
+
+
 def run_pool(script: Any, slots: int = 2) -> list[dict[str, Any]]:
     reports: list[dict[str, Any]] = []
 
     async def main() -> None:
-        pool = LocalWorkers(dict(BUILTIN) | {"boom": _boom, "refuse": _refuse}, slots, reports.append, node="n1")
+        pool = LocalWorkers(dict(BUILTIN) | {"boom": _boom, "refuse": _refuse, "huge": _huge}, slots, reports.append, node="n1")
         await script(pool, reports)
 
     asyncio.run(main())
@@ -67,8 +71,9 @@ def test_cancel_a_newer_attempt_failures_deadlines_and_unknown_handlers() -> Non
         pool.start("r", "refuse", {}, attempt=1)
         pool.start("late", "echo", {}, attempt=1, deadline_ms=int(time.time() * 1000) - 1)
         pool.start("x", "nope", {}, attempt=1)
+        pool.start("h", "huge", {}, attempt=1)
         await until(lambda: all(any(r["task_id"] == t and r["state"] in ("failed", "expired") for r in reports)
-                                for t in ("b", "r", "late", "x")))
+                                for t in ("b", "r", "late", "x", "h")))
 
     reports = run_pool(script)
     got = states(reports, "s")  # (the superseded run's "cancelled" may come after the new run's "running")
@@ -79,3 +84,4 @@ def test_cancel_a_newer_attempt_failures_deadlines_and_unknown_handlers() -> Non
     assert final["r"]["error"] == "no, thanks"  # the handler's own message, as is
     assert final["late"]["state"] == "expired"
     assert final["x"]["error"].startswith("no handler 'nope' on n1")
+    assert final["h"]["error"].startswith("the handler's result is 300") and "fit in one message" in final["h"]["error"]
