@@ -298,8 +298,8 @@ class TaskRequest(ApiModel):
     requirements: TaskRequirements = Field(default_factory=TaskRequirements,
                                            description="scheduled: what an executor must offer")
     idempotency_key: str | None = Field(
-        None, min_length=1, max_length=200, description="scheduled: submitting the same key again returns the "
-        "existing task instead of making a second one")
+        None, min_length=1, max_length=200, description="submitting the same key again (direct or scheduled) "
+        "returns the existing task instead of making a second one")
 
 
 class TaskCreated(ApiModel):
@@ -316,7 +316,8 @@ class TaskOut(ApiModel):
     target: str = Field(description="node that runs it")
     handler: str = Field(description="handler name")
     args: dict[str, Any] = Field(description="handler arguments")
-    state: str = Field(description="queued, running, succeeded, failed, expired or cancelled")
+    state: str = Field(description="queued, assigned (scheduled: sent to its executor), running, succeeded, failed, "
+                                   "expired or cancelled")
     result: Any = Field(description="handler result (map) once succeeded, else null")
     error: str | None = Field(description="why it failed or expired, else null")
     created: int = Field(description="ms since the epoch")
@@ -333,7 +334,7 @@ class TaskOut(ApiModel):
     node: str | None = Field(None, description="scheduled: the executor it runs on now, or ran on last")
     placement: str | None = Field(None, description="scheduled: where it ran and why: each placement decision "
                                   "(offload policy rule, candidates, what was held back) and the task's history")
-    idempotency_key: str | None = Field(None, description="scheduled: the submitter's idempotency key")
+    idempotency_key: str | None = Field(None, description="the submitter's idempotency key")
     disagreement: list[Any] | None = Field(None, description="scheduled, replicas: [[node, result], ...] when the "
                                            "replicas' results differ")
 
@@ -1238,6 +1239,10 @@ def create_app(state: CloudState) -> FastAPI:
         req = body.task
         _authorize_task(req, request)
         _args_ok(req, "body.task")
+        if req.target is None and state.tasks is not None:  # a handler nobody runs would fail at every run
+            why = state.tasks.handler_problem_threadsafe(req.handler)
+            if why is not None:
+                raise ApiError(422, f"body.task.{why}", code="invalid_request")
         spec = body.model_dump(exclude_none=True) | {"id": schedule_id,
                                                    "task": req.model_dump(exclude_none=True)}
         try:

@@ -364,10 +364,9 @@ class TaskService:
 
         def go() -> tuple[str, bool]:
             now = self.clock()
-            offered = set().union(*(ex.handlers or () for ex in self.sched.executors.values()))
-            if spec["handler"] not in offered and all(ex.handlers is not None for ex in self.sched.executors.values()):
-                raise ValueError(f"handler: no executor offers {spec['handler']!r} (offered: "
-                                 f"{', '.join(sorted(offered)) or 'none'})")
+            why = self._handler_problem(spec["handler"])
+            if why is not None:
+                raise ValueError(why)
             task = Task(
                 id=uuid.uuid4().hex, handler=spec["handler"], args=dict(spec.get("args") or {}),
                 requirements=Requirements(frozenset(req.get("capabilities") or ()), req.get("mem_free"),
@@ -386,6 +385,17 @@ class TaskService:
             return sub.task_id, sub.duplicate
 
         return self._call(go)
+
+    def _handler_problem(self, handler: str) -> str | None:
+        """Why no executor will take ``handler`` (None: one offers it, or one does not say what it offers)."""
+        executors = self.sched.executors.values()
+        offered = set().union(*(ex.handlers or () for ex in executors))
+        if handler in offered or any(ex.handlers is None for ex in executors):
+            return None
+        return f"handler: no executor offers {handler!r} (offered: {', '.join(sorted(offered)) or 'none'})"
+
+    def handler_problem_threadsafe(self, handler: str) -> str | None:
+        return self._call(lambda: self._handler_problem(handler))
 
     def cancel_threadsafe(self, task_id: str, reason: str = "cancelled by an operator") -> bool:
         def go() -> bool:

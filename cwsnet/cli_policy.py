@@ -106,9 +106,14 @@ def _explain_task(args: argparse.Namespace, pset: Any) -> int:
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         if args.task:
-            row = db.execute("select target, handler, args from tasks where id = ?", (args.task,)).fetchone()
+            cols = {r[1] for r in db.execute("pragma table_info(tasks)")}
+            extra = ", kind, placement" if {"kind", "placement"} <= cols else ", 'direct', null"
+            row = db.execute(f"select target, handler, args{extra} from tasks where id = ?", (args.task,)).fetchone()
             if row is None:
                 raise ConfigError(f"task {args.task!r} is not in {db_path}")
+            if row[3] == "scheduled" and row[4]:  # placed by the scheduler: its stored decisions and history
+                print(row[4])
+                return 0
             target, handler, task_args = row[0], row[1], row[2] or "{}"
             size = len(task_args.encode())
         else:

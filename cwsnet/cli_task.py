@@ -326,14 +326,15 @@ def _task_args(args: argparse.Namespace) -> dict[str, Any]:
 
 SCHEDULED_ONLY = (("site", "--site"), ("origin", "--origin"), ("data_class", "--data-class"),
                   ("priority", "--priority"), ("replicas", "--replicas"), ("mode", "--mode"),
-                  ("max_attempts", "--max-attempts"), ("capabilities", "--require-capability"),
-                  ("idempotency_key", "--idempotency-key"))
+                  ("max_attempts", "--max-attempts"), ("capabilities", "--require-capability"))
 
 
 def _task_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"handler": args.handler, "args": _task_args(args)}
     if args.timeout is not None:
         body["timeout"] = args.timeout
+    if args.idempotency_key is not None:  # direct or scheduled
+        body["idempotency_key"] = args.idempotency_key
     if args.target is not None:
         given = [flag for attr, flag in SCHEDULED_ONLY if getattr(args, attr) is not None]
         if given:

@@ -18,6 +18,7 @@ import logging
 import platform
 import sqlite3
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -749,7 +750,8 @@ class Agent:
                 state, fields = "failed", {"error": "handler timed out"}
             except Exception as exc:
                 log.exception("task %s: handler %s raised", task_id, handler_name)
-                state, fields = "failed", {"error": f"{type(exc).__name__}: {exc}"}
+                tb = "".join(traceback.format_exception(exc, limit=-8))  # a bug: the operator gets the traceback
+                state, fields = "failed", {"error": f"{type(exc).__name__}: {exc}\n{tb}".rstrip()}
             else:
                 state, fields = "succeeded", {"result": result}
             finally:
