@@ -42,7 +42,8 @@ def _test_failed(node: pytest.Item) -> bool:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cwsnet chaos")
     group.addoption("--chaos-minutes", type=float, default=float(os.environ.get("CWSNET_CHAOS_MINUTES") or 2),
-                    help="minutes of chaos in tests/test_chaos.py (default 2, or $CWSNET_CHAOS_MINUTES)")
+                    help="minutes of chaos in tests/test_chaos.py (default: a bounded 30 s run, 2 with CWSNET_SOAK=1; or "
+                         "$CWSNET_CHAOS_MINUTES)")
     group.addoption("--chaos-seed", type=int, default=None,
                     help="seed of the chaos schedule (default: $CWSNET_CHAOS_SEED or a random one, printed)")
 

@@ -63,6 +63,9 @@ class Settings:
         "kill_agent": 4, "kill_gateway": 1, "kill_cloud": 1,
         "cut_device": 2, "cut_devices": 1, "cut_uplink": 2,
     })
+    # the first actions are every kind of fault (weight > 0) once, in a seeded random order, so that
+    # a short run still SIGKILLs the cloud and the gateway and cuts the uplink; then the weights apply
+    cover_every_action: bool = False
 
 
 class ChaosLab:
@@ -86,6 +89,8 @@ class ChaosLab:
         self._down: set[str] = set()  # killed on purpose, restart pending
         self._cut: set[str] = set()  # proxies cut, restore pending ("uplink" or a device)
         self.actions: Counter[str] = Counter()
+        # kinds of fault not done yet, done first when settings.cover_every_action
+        self._uncovered = {n for n, w in self.s.weights.items() if w > 0 and self.s.cover_every_action}
         self.unexpected_exits: list[str] = []
         self.timeline: list[str] = []
         self.timeline_file = d.procs.log_dir / "chaos-timeline.log"  # next to the processes' logs
@@ -211,7 +216,12 @@ class ChaosLab:
         names = [n for n, w in self.s.weights.items() if w > 0 and possible[n]]
         if not names:
             return
-        action = self.rng.choices(names, weights=[self.s.weights[n] for n in names])[0]
+        first = sorted(self._uncovered.intersection(names))
+        if first:
+            action = self.rng.choice(first)
+            self._uncovered.discard(action)
+        else:
+            action = self.rng.choices(names, weights=[self.s.weights[n] for n in names])[0]
         self.actions[action] += 1
         if action == "kill_agent":
             self._kill(self.rng.choice(up_agents))
