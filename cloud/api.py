@@ -66,7 +66,7 @@ from cloud.ingest import BodyError, check_storable
 from cloud.metrics import CONTENT_TYPE, CloudMetrics
 from cloud.store import NewEvent, Node, Store
 from cloud.views import change, event_view, node_view, task_view, telemetry_view
-from cwsnet.envelope import MAX_PAYLOAD
+from cwsnet.envelope import MAX_CHECKPOINT, MAX_PAYLOAD
 from cwsnet.policy.access import AccessEngine, Decision, DenyRecorder, Subject, shipped_access_engine
 from cwsnet.policy.watch import PolicyWatcher
 
@@ -305,15 +305,16 @@ class TaskRequest(ApiModel):
 class TaskCreated(ApiModel):
     id: str = Field(description="the task's id (the existing one's when the idempotency key was seen before)")
     state: Literal["queued"] = Field(
-        description="always queued: a direct task is sent at once when the device's gateway can hold it, else when "
-                    "the device is online; a scheduled one when the scheduler places it"
+        description="queued: a direct task is sent at once when the device's gateway can hold it, else when the "
+                    "device is online; a scheduled one when the scheduler places it (for a duplicate, read the "
+                    "existing task's state with GET /api/v1/tasks/{id})"
     )
     duplicate: bool = Field(False, description="true: the idempotency key was seen before; nothing new was made")
 
 
 class TaskOut(ApiModel):
     id: str = Field(description="task id")
-    target: str = Field(description="node that runs it")
+    target: str = Field(description="direct: the device it was sent to; scheduled: '' (see `node`)")
     handler: str = Field(description="handler name")
     args: dict[str, Any] = Field(description="handler arguments")
     state: str = Field(description="queued, assigned (scheduled: sent to its executor), running, succeeded, failed, "
@@ -983,9 +984,13 @@ def create_app(state: CloudState) -> FastAPI:
         "/api/v1/tasks",
         status_code=201,
         response_model=TaskCreated,
-        summary="Run a task on a device",
+        summary="Run a task (on a device, or where the scheduler places it)",
         description=(
-            "Queue a task for a device. The cloud seals a task command to the device and publishes it "
+            "**Scheduled** (no `target`): the scheduler places the task on a device or gateway of `site` or on "
+            "the cloud's workers, as the offload policy says, leases it, moves it when its executor dies and "
+            "explains every decision in the task's `placement` (docs/tasks.md). 422 if no executor of the site "
+            "or the cloud offers the handler, 404 if the site has no node, 503 if the scheduler is not running. "
+            "**Direct** (with `target`): queue a task for that device. The cloud seals a task command to the device and publishes it "
             "on `cws/v1/{site}/{target}/task/cmd`. A device behind a gateway may be offline: its gateway "
             "holds the command durably and delivers it when the device connects, even if the cloud is "
             "unreachable by then. A device without a gateway gets it when it next connects (its birth); "
@@ -994,16 +999,28 @@ def create_app(state: CloudState) -> FastAPI:
             "runs; a task still running has its late result ignored). 404 if the target is not "
             "registered, 422 if it is not a device, 413 if the command would not fit in one envelope "
             f"({MAX_TASK_BODY} bytes of CBOR-encoded task command) or the device's own limit (the `max_payload` "
-            "its agent announces: the ESP32 firmware takes 8 KB by default)."
+            "its agent announces: the ESP32 firmware takes 8 KB by default). Either kind: an `idempotency_key` "
+            "seen before answers 200 with the existing task's id and `duplicate: true` (409 if that task had "
+            "another handler or other args); keys starting with `schedule:` are the schedules' own (422)."
         ),
         **needs("operator", {
+            409: {"model": ErrorResponse, "description": "the idempotency key was used for a different task"},
             413: {"model": ErrorResponse, "description": "the args make the task command too large for one message"},
+            503: {"model": ErrorResponse, "description": "scheduled: the scheduler is not running"},
             **_NOT_FOUND,
         }),
         tags=["tasks"],
     )
     def create_task(req: TaskRequest, request: Request, response: Response) -> Any:
+        if (req.idempotency_key or "").startswith("schedule:"):
+            raise ApiError(422, "body.idempotency_key: keys starting with 'schedule:' are the schedules' own",
+                           code="invalid_request")
         task_id, duplicate = submit_task(req, request)
+        if duplicate:
+            known = store.get_task(task_id)
+            if known is not None and (known.handler != req.handler or known.args != req.args):
+                raise ApiError(409, f"body.idempotency_key: {req.idempotency_key!r} was used for task {task_id} "
+                                    f"({known.handler} with other args); use a new key for a different task")
         request.state.audit_target = task_id
         response.headers["Location"] = f"/api/v1/tasks/{task_id}"
         if duplicate:
@@ -1079,14 +1096,16 @@ def create_app(state: CloudState) -> FastAPI:
         if req.site is not None and not store.list_nodes(site=req.site, limit=1).items:
             raise ApiError(404, f"site {req.site!r} has no registered node")
         if request is not None:
-            authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/scheduler/task/cmd", None)
+            authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/_scheduler/task/cmd", None)
         _args_ok(req, where)
         cmd = {"task_id": "0" * 32, "handler": req.handler, "args": req.args, "deadline": 2**62, "attempt": 1,
                "lease": 5.0, "checkpoint": None}
         size = len(cbor2.dumps(cmd))
-        if size > MAX_TASK_BODY:
-            raise ApiError(413, f"{where}.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} "
-                                f"fit in one message (envelope limit {MAX_PAYLOAD} bytes)")
+        # a re-assignment carries the task's last checkpoint too: room is kept for the largest one
+        if size + MAX_CHECKPOINT > MAX_TASK_BODY:
+            raise ApiError(413, f"{where}.args: the task command would be {size} bytes; a scheduled task's args "
+                                f"take at most {MAX_TASK_BODY - MAX_CHECKPOINT} (one message holds "
+                                f"{MAX_TASK_BODY}, with room for a {MAX_CHECKPOINT}-byte checkpoint)")
         spec = {"handler": req.handler, "args": req.args, "site": req.site or "", "origin": req.origin or "",
                 "origin_role": "app" if req.origin is None else (getattr(store.get_node(req.origin), "role", None)
                                                                  or "app"),
@@ -1134,7 +1153,7 @@ def create_app(state: CloudState) -> FastAPI:
         if task is None:
             raise ApiError(404, f"task {task_id!r} does not exist")
         if task.kind == "scheduled":
-            authorize(request, "read", f"cws/v1/{_one_level(task.site or 'cloud')}/scheduler/task/result", None)
+            authorize(request, "read", f"cws/v1/{_one_level(task.site or 'cloud')}/_scheduler/task/result", None)
         else:
             authorize(request, "read", node_topic(store.get_node(task.target), task.target, "task/result"),
                       task.target)
@@ -1156,7 +1175,7 @@ def create_app(state: CloudState) -> FastAPI:
     def cancel_task(task_id: str, request: Request) -> Any:
         existing = store.get_task(task_id)
         if existing is not None and existing.kind == "scheduled":
-            authorize(request, "command", f"cws/v1/{_one_level(existing.site or 'cloud')}/scheduler/task/cmd", None)
+            authorize(request, "command", f"cws/v1/{_one_level(existing.site or 'cloud')}/_scheduler/task/cmd", None)
             if state.tasks is None or not state.tasks.cancel_threadsafe(task_id):
                 raise ApiError(409, f"task {task_id!r} is {existing.state}; it cannot be cancelled any more")
             task = store.get_task(task_id)
@@ -1188,12 +1207,25 @@ def create_app(state: CloudState) -> FastAPI:
 
     def _authorize_task(req: TaskRequest, request: Request) -> None:
         if req.target is None:
-            authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/scheduler/task/cmd", None)
+            authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/_scheduler/task/cmd", None)
         else:
             authorize(request, "command", node_topic(store.get_node(req.target), req.target, "task/cmd"), req.target)
 
     def _schedule_out(view: Any) -> dict[str, Any]:
         return view.as_dict()
+
+    def _authorize_existing(schedule_id: str, request: Request) -> Any:
+        """404 unless the schedule exists; 403 unless the caller may submit the task it submits now."""
+        view = _schedules().get(schedule_id)
+        if view is None:
+            raise ApiError(404, f"schedule {schedule_id!r} does not exist")
+        try:
+            _authorize_task(TaskRequest.model_validate(view.spec.task), request)
+        except ValueError:  # a spec stored before a validation rule changed: only an admin touches it
+            if principal_of(request).role != "admin":
+                raise ApiError(403, f"schedule {schedule_id!r} has a task this API no longer takes; "
+                                    "only an admin may change it") from None
+        return view
 
     @app.get(
         "/api/v1/schedules",
@@ -1237,10 +1269,15 @@ def create_app(state: CloudState) -> FastAPI:
     )
     def put_schedule(schedule_id: str, body: ScheduleIn, request: Request) -> Any:
         req = body.task
+        if _schedules().get(schedule_id) is not None:  # replacing: the caller must own what it replaces
+            _authorize_existing(schedule_id, request)
         _authorize_task(req, request)
+        if (req.idempotency_key or "").startswith("schedule:"):
+            raise ApiError(422, "body.task.idempotency_key: each run gets its own key (schedule:ID:TIME); "
+                                "leave it out", code="invalid_request")
         _args_ok(req, "body.task")
         if req.target is None and state.tasks is not None:  # a handler nobody runs would fail at every run
-            why = state.tasks.handler_problem_threadsafe(req.handler)
+            why = state.tasks.handler_problem_threadsafe(req.handler, req.site or "")
             if why is not None:
                 raise ApiError(422, f"body.task.{why}", code="invalid_request")
         spec = body.model_dump(exclude_none=True) | {"id": schedule_id,
@@ -1261,6 +1298,7 @@ def create_app(state: CloudState) -> FastAPI:
         tags=["schedules"],
     )
     def delete_schedule(schedule_id: str, request: Request) -> Response:
+        _authorize_existing(schedule_id, request)
         if not _schedules().delete(schedule_id):
             raise ApiError(404, f"schedule {schedule_id!r} does not exist")
         request.state.audit_target = schedule_id
@@ -1276,6 +1314,7 @@ def create_app(state: CloudState) -> FastAPI:
         tags=["schedules"],
     )
     def pause_schedule(schedule_id: str, action: Literal["pause", "resume"], request: Request) -> Any:
+        _authorize_existing(schedule_id, request)
         svc = _schedules()
         view = svc.pause(schedule_id) if action == "pause" else svc.resume(schedule_id)
         if view is None:

@@ -51,7 +51,7 @@ from cloud.store import (
 from cloud.views import change, event_view, node_view, task_view
 from cwsnet import envelope, topics
 from cwsnet.endpoint import Endpoint
-from cwsnet.envelope import KINDS, Opened
+from cwsnet.envelope import INT_MIN, KINDS, Opened, storable_problem
 from cwsnet.errors import (
     EnvelopeError,
     ForgedEnvelope,
@@ -74,8 +74,6 @@ REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired", "checkpoint
 #: sealed before a rotation and held past its grace is kept, not destroyed, until an operator decides)
 NOTICE_REASONS = frozenset({"forged", "topic_mismatch", "wrong_recipient", "version", "malformed", "revoked"})
 UINT_MAX = 2**63 - 1  # unsigned fields: SQLite's INTEGER is a signed 64-bit value
-INT_MIN = -(2**63)
-MAX_DEPTH = 32  # nesting of maps and arrays in a stored body
 
 
 # -- the node directory (peer keys and sites) ----------------------------------------------------
@@ -380,37 +378,11 @@ def _uint(v: Any) -> bool:
 
 
 def check_storable(value: Any, what: str) -> None:
-    """Raise :class:`BodyError` unless ``value`` can be stored as JSON (``cloud.store.to_json``) as is.
-
-    Allowed: maps with text keys, arrays, text, byte strings (stored as base64), bool, null,
-    signed 64-bit integers and finite floats, nested at most :data:`MAX_DEPTH` deep. Anything else
-    (NaN, Infinity, a bignum, a CBOR tag, a map with non-text keys) would make the store fail or
-    silently change the value.
-    """
-    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
-    while stack:
-        v, where, depth = stack.pop()
-        if v is None or isinstance(v, bool | str | bytes | bytearray):
-            continue
-        if isinstance(v, int):
-            if not INT_MIN <= v <= UINT_MAX:
-                raise BodyError(f"{where}: integer out of the signed 64-bit range")
-            continue
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                raise BodyError(f"{where}: {v!r} is not a finite number")
-            continue
-        if depth >= MAX_DEPTH:
-            raise BodyError(f"{what} is nested more than {MAX_DEPTH} levels deep")
-        if isinstance(v, dict):
-            for k, item in v.items():
-                if not isinstance(k, str):
-                    raise BodyError(f"{where}: map key {type(k).__name__} is not text")
-                stack.append((item, f"{where}.{k[:40]}", depth + 1))
-        elif isinstance(v, list | tuple):
-            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
-        else:
-            raise BodyError(f"{where}: a {type(v).__name__} value cannot be stored")
+    """Raise :class:`BodyError` unless ``value`` can be stored as JSON (``cloud.store.to_json``) as is
+    (:func:`cwsnet.envelope.storable_problem`: the rules the executors check before they send)."""
+    why = storable_problem(value, what)
+    if why is not None:
+        raise BodyError(why)
 
 
 def _notice_target(topic: str, sender: Any, seq: Any) -> str | None:

@@ -908,15 +908,24 @@ class SqliteStore(Store):
                     "insert into tasks (id, target, handler, args, state, result, error, created, updated, started, "
                     "finished, deadline, attempts, kind, site, node, placement, sched, idempotency_key, disagreement) "
                     "values (?, '', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'scheduled', ?, ?, ?, ?, ?, ?) "
+                    # a finished task's row is final: a late write of an older snapshot never reopens it
                     "on conflict(id) do update set state = excluded.state, result = excluded.result, "
                     "error = excluded.error, updated = excluded.updated, "
                     "started = coalesce(tasks.started, excluded.started), finished = excluded.finished, "
                     "attempts = excluded.attempts, node = excluded.node, placement = excluded.placement, "
-                    "sched = excluded.sched, disagreement = excluded.disagreement",
+                    "sched = excluded.sched, disagreement = excluded.disagreement "
+                    "where tasks.state not in ('succeeded', 'failed', 'cancelled', 'expired')",
                     [r["id"], r["handler"], to_json(r.get("args") or {}), r["state"], to_json(r.get("result")),
                      r.get("error"), r.get("created", ts), ts, r.get("started"), r.get("finished"),
                      r.get("deadline"), r.get("attempts", 0), r.get("site"), r.get("node"), r.get("placement"),
                      to_json(r["sched"]), r.get("idempotency_key"), to_json(r.get("disagreement"))])
+
+    def fail_scheduled(self, task_id: str, error: str, *, now: int | None = None) -> None:
+        """Mark an open scheduled task failed (one that cannot be restored after a restart)."""
+        with self._lock, self.db.atomic():
+            self.db.conn.execute("update tasks set state = 'failed', error = ?, updated = ?, finished = ? "
+                                 "where id = ? and kind = 'scheduled' and state in ('queued', 'assigned', 'running')",
+                                 [error, now or now_ms(), now or now_ms(), task_id])
 
     def open_scheduled(self) -> list[Task]:
         """Scheduled tasks not finished yet (to hand back to the scheduler after a restart), oldest first."""
@@ -1014,7 +1023,8 @@ class SqliteStore(Store):
 
     def overdue_tasks(self, now: int) -> list[Task]:
         rows = self._rows(
-            "select * from tasks where deadline is not null and ((state = 'queued' and deadline < ?) "
+            "select * from tasks where kind is not 'scheduled' and deadline is not null and "
+            "((state = 'queued' and deadline < ?) "
             "or (state = 'running' and deadline < ?)) order by created",
             [now, now - self.RUNNING_GRACE_MS],
         )

@@ -83,7 +83,7 @@ def executor_status(node: str, role: str, site: str, body: dict[str, Any]) -> Ex
         battery=_num(body.get("battery")),
         queue=len(tasks) if isinstance(tasks, list) else None,
         running=tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None,
-        interval=interval if interval and interval > 0 else DEFAULT_STATUS_INTERVAL,
+        interval=min(interval, 3600.0) if interval and interval > 0 else DEFAULT_STATUS_INTERVAL,
     )
 
 
@@ -108,10 +108,14 @@ class TaskService:
         self._touched: dict[str, None] = {}
         self._out: list[Cmd] = []
         # the cloud's own workers: their reports go straight to the scheduler
+        # (the pool checks results and checkpoints like ingest does: one the store cannot keep fails the task)
         self.local = LocalWorkers(self.handlers, workers, lambda body: self._result(self.node, body, self.clock()),
                                   node=node, clock=clock)
-        self._sending: set[asyncio.Task[Any]] = set()
+        self._sending: dict[str, asyncio.Task[Any]] = {}  # node -> its last command's send (kept in order)
         self._ready = asyncio.Event()
+        self._carrying = asyncio.Lock()
+        self._early: list[tuple[str, str, str, str, Any]] = []  # what ingest stored before the restore ended
+        self._deaf_since: float | None = None  # the cloud's broker link is down: nobody can be heard
 
     # ---- policies ----
 
@@ -130,6 +134,9 @@ class TaskService:
         """A newly stored message: statuses make executors (and heartbeats), deaths take their work
         back, task results move scheduled tasks."""
         if not isinstance(body, dict) or sender == self.node:  # (the cloud's own workers report directly)
+            return
+        if not self._ready.is_set():  # the open tasks are being restored: their results must find them
+            self._early.append((sender, role, site, kind, body))
             return
         now = self.clock()
         if kind in ("birth", "status"):
@@ -196,11 +203,23 @@ class TaskService:
                 "finished": None if t.finished_at is None else int(t.finished_at * 1000)}
 
     async def _carry_out(self) -> None:
+        """Persist the touched tasks, then carry out the commands, in order. One at a time (the loop and
+        the API's calls share it); if the store fails, the commands wait for the next try: nothing is
+        sent that is not stored, and nothing is dropped."""
+        async with self._carrying:
+            await self._carry_out_locked()
+
+    async def _carry_out_locked(self) -> None:
         cmds, self._out = self._out, []
         touched, self._touched = list(self._touched), {}
         rows = [self._row(t) for tid in touched if (t := self.sched.get(tid)) is not None]
         if rows:
-            await asyncio.to_thread(self.store.save_scheduled, rows, now=int(self.clock() * 1000))
+            try:
+                await asyncio.to_thread(self.store.save_scheduled, rows, now=int(self.clock() * 1000))
+            except BaseException:
+                self._out[:0] = cmds  # back in front, in order, for the next try
+                self._touched = dict.fromkeys(touched) | self._touched
+                raise
             if self.fanout is not None:
                 for tid in touched:
                     stored = await asyncio.to_thread(self.store.get_task, tid)
@@ -279,9 +298,16 @@ class TaskService:
                 # the lease covers it: an assignment that never arrives is re-queued when it expires
                 log.warning("task command %s for %s not sent: %s", body.get("task_id"), node, exc)
 
-        t = asyncio.get_running_loop().create_task(go())
-        self._sending.add(t)
-        t.add_done_callback(self._sending.discard)
+        prev = self._sending.get(node)
+
+        async def in_order() -> None:
+            if prev is not None and not prev.done():
+                await asyncio.wait([prev])  # a node gets its commands in the order they were decided
+            await go()
+
+        t = asyncio.get_running_loop().create_task(in_order())
+        self._sending[node] = t
+        t.add_done_callback(lambda done: self._sending.pop(node, None) if self._sending.get(node) is done else None)
 
     # ---- the cloud's own workers ----
 
@@ -304,15 +330,32 @@ class TaskService:
                 self.sched.restore(t.sched, now)
                 self._touched[t.id] = None
             except (ValueError, TypeError, KeyError) as exc:
-                log.error("task %s cannot be restored (%s); it stays %s in the store", t.id, exc, t.state)
+                log.error("task %s cannot be restored (%s); marked failed", t.id, exc)
+                await asyncio.to_thread(self.store.fail_scheduled, t.id, f"cannot be restored after a restart: {exc}")
         if restored:
             log.info("restored %d open scheduled task(s)", len(restored))
         self._ready.set()
         try:
+            early, self._early = self._early, []
+            for item in early:
+                self.observe(*item)
             while True:
                 now = self.clock()
                 self._apply(self.sched.executor_seen(self._cloud_status(), now))
-                self._apply(self.sched.tick(now))
+                deaf = not self.link.connected.is_set()
+                if deaf and self._deaf_since is None:
+                    # the cloud cannot hear anyone (nor send): silence is not the executors' fault, so no
+                    # lease expires (and nothing is assigned) until the link is back; then each executor
+                    # gets a full lease to report again
+                    self._deaf_since = now
+                    log.warning("cloud broker link down: task leases are paused until it is back")
+                elif not deaf and self._deaf_since is not None:
+                    log.info("cloud broker link back after %.1f s: every executor gets a full lease to report",
+                             now - self._deaf_since)
+                    self._deaf_since = None
+                    self._apply(self.sched.pardon(now))
+                if not deaf:
+                    self._apply(self.sched.tick(now))
                 if self._out or self._touched:
                     try:
                         await self._carry_out()
@@ -320,7 +363,7 @@ class TaskService:
                         log.exception("carrying out the scheduler's commands failed; retrying")
                         await asyncio.sleep(0.5)
                         continue
-                wait = self.sched.next_wakeup(self.clock())
+                wait = self.sched.next_wakeup(self.clock()) if not deaf else None
                 wait = min(wait if wait is not None else 1.0, self.lease / 3)  # the cloud heartbeats itself too
                 self._wake.clear()
                 if not self._out and not self._touched:
@@ -364,7 +407,7 @@ class TaskService:
 
         def go() -> tuple[str, bool]:
             now = self.clock()
-            why = self._handler_problem(spec["handler"])
+            why = self._handler_problem(spec["handler"], spec.get("site") or "")
             if why is not None:
                 raise ValueError(why)
             task = Task(
@@ -386,16 +429,17 @@ class TaskService:
 
         return self._call(go)
 
-    def _handler_problem(self, handler: str) -> str | None:
-        """Why no executor will take ``handler`` (None: one offers it, or one does not say what it offers)."""
-        executors = self.sched.executors.values()
+    def _handler_problem(self, handler: str, site: str = "") -> str | None:
+        """Why no executor that may run a task of ``site`` will take ``handler`` (None: one of the site's or
+        the cloud's executors offers it, or one does not say what it offers)."""
+        executors = [ex for ex in self.sched.executors.values() if ex.tier == "cloud" or (site and ex.site == site)]
         offered = set().union(*(ex.handlers or () for ex in executors))
         if handler in offered or any(ex.handlers is None for ex in executors):
             return None
         return f"handler: no executor offers {handler!r} (offered: {', '.join(sorted(offered)) or 'none'})"
 
-    def handler_problem_threadsafe(self, handler: str) -> str | None:
-        return self._call(lambda: self._handler_problem(handler))
+    def handler_problem_threadsafe(self, handler: str, site: str = "") -> str | None:
+        return self._call(lambda: self._handler_problem(handler, site))
 
     def cancel_threadsafe(self, task_id: str, reason: str = "cancelled by an operator") -> bool:
         def go() -> bool:

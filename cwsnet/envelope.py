@@ -15,6 +15,7 @@ the topic, so a changed header, a swapped topic or a re-addressed message fails 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,17 +40,61 @@ NONCE_SIZE = nacl.public.Box.NONCE_SIZE  # 24
 MAX_PAYLOAD = 256 * 1024  # bytes; larger payloads are refused as malformed
 #: the largest CBOR body that still fits one envelope with room for the header, topic hash and box
 MAX_BODY = MAX_PAYLOAD - 4096
+#: the largest checkpoint a task may save (a re-assigned task's command carries it with the args)
+MAX_CHECKPOINT = 64 * 1024
 
 
-def body_problem(value: Any, what: str = "the body") -> str | None:
-    """Why ``value`` cannot travel as one message body (None: it can): CBOR cannot encode it, or it is
-    larger than one envelope takes."""
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_DEPTH = 32  # nesting of maps and arrays in a stored body
+
+
+def storable_problem(value: Any, what: str) -> str | None:
+    """Why ``value`` cannot be stored as JSON as is by the cloud (None: it can).
+
+    Allowed: maps with text keys, arrays, text, byte strings (stored as base64), bool, null,
+    signed 64-bit integers and finite floats, nested at most :data:`MAX_DEPTH` deep. Anything else
+    (NaN, Infinity, a bignum, a CBOR tag, a map with non-text keys) would make the store fail or
+    silently change the value.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        if v is None or isinstance(v, bool | str | bytes | bytearray):
+            continue
+        if isinstance(v, int):
+            if not INT_MIN <= v <= INT_MAX:
+                return f"{where}: integer out of the signed 64-bit range"
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return f"{where}: {v!r} is not a finite number"
+            continue
+        if depth >= MAX_DEPTH:
+            return f"{what} is nested more than {MAX_DEPTH} levels deep"
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    return f"{where}: map key {type(k).__name__} is not text"
+                stack.append((item, f"{where}.{k[:40]}", depth + 1))
+        elif isinstance(v, list | tuple):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(v))
+        else:
+            return f"{where}: a {type(v).__name__} value cannot be stored"
+    return None
+
+
+def body_problem(value: Any, what: str = "the body", limit: int = MAX_BODY) -> str | None:
+    """Why ``value`` cannot travel as one message body that the cloud can store (None: it can): the
+    rules of :func:`storable_problem`, CBOR can encode it, and it is at most ``limit`` bytes."""
+    why = storable_problem(value, what)
+    if why is not None:
+        return why
     try:
         size = len(cbor2.dumps(value))
     except Exception as exc:  # noqa: BLE001 - any refusal of the encoder
         return f"{what} cannot be encoded ({type(exc).__name__}: {exc})"
-    if size > MAX_BODY:
-        return f"{what} is {size} bytes; at most {MAX_BODY} fit in one message"
+    if size > limit:
+        return f"{what} is {size} bytes; at most {limit} fit"
     return None
 
 #: Message kinds and the channel they travel on.

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cwsnet.envelope import body_problem
+from cwsnet.envelope import MAX_CHECKPOINT, body_problem
 from edge_agent.handlers import TaskContext, TaskFailed, takes_context
 
 log = logging.getLogger("cwsnet.executor")
@@ -93,7 +93,7 @@ class LocalWorkers:
             run.task.cancel()
 
     async def _save(self, task_id: str, attempt: int | None, data: dict[str, Any]) -> None:
-        why = body_problem(data, "the checkpoint")
+        why = body_problem(data, "the checkpoint", MAX_CHECKPOINT)
         if why is not None:
             raise TaskFailed(why)
         await self._report({"task_id": task_id, "state": "checkpoint", "attempt": attempt, "checkpoint": data})
@@ -134,7 +134,7 @@ class LocalWorkers:
                 else:
                     result = result if isinstance(result, dict) else {"value": result}
                     why = body_problem(result, "the handler's result")
-                    body = {"state": "failed", "error": f"{why} (chunked results are not supported yet)"} if why \
+                    body = {"state": "failed", "error": f"{why} in one message (chunked results: not yet)"} if why \
                         else {"state": "succeeded", "result": result}
                 await self._report(base | body | {"started": started, "finished": int(self.clock() * 1000)})
         except asyncio.CancelledError:

@@ -740,6 +740,19 @@ class Scheduler:
             elif task is not None:
                 self._out.append(Cancel(tid, ex.node, self._not_holder(task, ex.node, None, None)))
 
+    def pardon(self, now: float) -> list[Cmd]:
+        """The I/O layer could hear nobody until ``now`` (its own link was down): every live executor
+        and every lease it holds counts from ``now``, as if each had just reported."""
+        for ex in self.executors.values():
+            if ex.live:
+                ex.last_seen = max(ex.last_seen, now)
+                ex.busy_since = max(ex.busy_since, now) if ex.running else ex.busy_since
+                for tid in ex.running:
+                    copy = self._held(self.tasks[tid], ex.node)
+                    if copy is not None:
+                        copy.renewed = max(copy.renewed, now)
+        return self._flush()
+
     def executor_gone(self, node: str, now: float, reason: str = "gone (disconnected)") -> list[Cmd]:
         """The I/O layer knows ``node`` is gone (death message, closed session): its tasks move now."""
         ex = self.executors.get(node)

@@ -29,7 +29,7 @@ from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
-from cwsnet.envelope import body_problem
+from cwsnet.envelope import MAX_CHECKPOINT, body_problem
 from cwsnet.errors import ConfigError
 from cwsnet.identity import file_signature
 from cwsnet.links import link_for
@@ -670,7 +670,7 @@ class Agent:
     async def _checkpoint(self, held: _Held, data: dict[str, Any]) -> None:
         """A handler's ``ctx.save``: a ``checkpoint`` result, handed to the outbox (never waits for
         the network)."""
-        why = _encodable(data)
+        why = body_problem(data, "it", MAX_CHECKPOINT)
         if why is not None:
             raise TaskFailed(f"checkpoint cannot be sent ({why})")
         self._task_result(held.task_id, held.attempt, "checkpoint", held.trace, checkpoint=data)

@@ -110,10 +110,13 @@ def test_an_idempotency_key_submits_once(d: Deployment) -> None:
     first = ok(d, "task", "run", "echo", "--arg", "n=1", "--idempotency-key", "cli-key-1")
     tid = first.split()[1]
     assert first.strip() == f"task {tid} queued (scheduled)"
-    again = ok(d, "task", "run", "echo", "--arg", "n=2", "--idempotency-key", "cli-key-1")
+    again = ok(d, "task", "run", "echo", "--arg", "n=1", "--idempotency-key", "cli-key-1")
     assert again.split()[1] == tid and "already submitted" in again
-    assert json.loads(ok(d, "task", "run", "echo", "--idempotency-key", "cli-key-1", "--json")) == {
+    assert json.loads(ok(d, "task", "run", "echo", "--arg", "n=1", "--idempotency-key", "cli-key-1", "--json")) == {
         "id": tid, "state": "queued", "duplicate": True}
+    # the same key for a different task: refused, naming the task the key belongs to
+    r = cli(d, "task", "run", "echo", "--arg", "n=2", "--idempotency-key", "cli-key-1")
+    assert r.returncode == 1 and f"was used for task {tid}" in r.stderr, r.stderr
 
 
 def test_list_and_show(d: Deployment) -> None:

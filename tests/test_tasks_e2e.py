@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,11 @@ def test_a_task_without_a_target_runs_on_the_cloud_workers_and_survives_a_cloud_
     assert t["state"] == "succeeded" and t["result"] == {"x": 1}
     assert t["kind"] == "scheduled" and t["node"] == "cloud"
     assert "RUN ON cloud cloud" in t["placement"] and "history:" in t["placement"]
-    again = post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {"x": 2}, "idempotency_key": "k-1"})
+    again = post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {"x": 1}, "idempotency_key": "k-1"})
     assert again == {"id": r["id"], "state": "queued", "duplicate": True}
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the key of another task
+        post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {"x": 2}, "idempotency_key": "k-1"})
+    assert refused.value.code == 409
     # a long one is running when the cloud is SIGKILLed: after the restart it is restored (its holder, the
     # old cloud process, never reports again: it is lost after the lease and runs again)
     long = post(f"{d.base}/api/v1/tasks", {"handler": "sleep", "args": {"seconds": 30}, "max_attempts": 2})
@@ -47,7 +51,7 @@ def test_a_task_without_a_target_runs_on_the_cloud_workers_and_survives_a_cloud_
     cloud = d.start_cloud()
     t = wait_for(lambda: (x := task(d, long["id"]))["attempts"] >= 2 and x, timeout=30, message="re-run")
     assert "restored" in t["placement"] and "lease lost" in t["placement"]
-    assert post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {}, "idempotency_key": "k-1"})["duplicate"]
+    assert post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {"x": 1}, "idempotency_key": "k-1"})["duplicate"]
     r = post(f"{d.base}/api/v1/tasks/{long['id']}/cancel", {})
     assert r["state"] == "cancelled"
     nodes = get(f"{d.base}/api/v1/nodes")
@@ -90,8 +94,11 @@ def test_a_schedule_runs_once_per_interval_across_a_cloud_kill_with_one_coalesce
     def put(body: dict[str, Any]) -> dict[str, Any]:
         req = request(f"{d.base}/api/v1/schedules/tick", json.dumps(body).encode(),
                       {"content-type": "application/json"}, method="PUT")
-        with OPENER.open(req, timeout=5) as r:
-            return json.loads(r.read())
+        try:
+            with OPENER.open(req, timeout=5) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"PUT {body}: {exc.code} {exc.read().decode()}") from None
 
     def tick_tasks() -> list[dict[str, Any]]:
         return [t for t in get(f"{d.base}/api/v1/tasks?limit=1000")["items"]
@@ -113,14 +120,14 @@ def test_a_schedule_runs_once_per_interval_across_a_cloud_kill_with_one_coalesce
     wait_for(lambda: len([r for r in runs() if r / 1000 > up]) >= 2, timeout=20, message="runs after the restart")
     fired = runs()
     assert all((b - a) % 2000 == 0 and b > a for a, b in zip(fired, fired[1:], strict=False)), fired
-    # a run is submitted at its time (a few ms late), except the one catch-up run for the outage: the
-    # runs the cloud missed while down are coalesced into that one, submitted when it is back
-    late = sorted((t["created"] - int(t["idempotency_key"].rsplit(":", 1)[1]), t["idempotency_key"])
-                  for t in tick_tasks() if t["created"] / 1000 > down)
-    catch_up = [k for lag, k in late if lag > 1000]
-    assert len(catch_up) == 1, f"one coalesced catch-up run after the outage: {late}"
+    # the runs the cloud missed while down are coalesced into one run at its restart (no storm): the fire
+    # times have exactly one gap, across the outage; the one run submitted late (if the restart did not
+    # land on a fire time) is that catch-up run
     skipped = [(a, b) for a, b in zip(fired, fired[1:], strict=False) if b - a > 2000]
-    assert len(skipped) == 1 and skipped[0][1] == int(catch_up[0].rsplit(":", 1)[1]), (skipped, catch_up, fired)
+    assert len(skipped) == 1 and skipped[0][0] / 1000 <= down <= skipped[0][1] / 1000 + 2, (skipped, down, fired)
+    late = [t["idempotency_key"] for t in tick_tasks()
+            if t["created"] - int(t["idempotency_key"].rsplit(":", 1)[1]) > 1000]
+    assert len(late) <= 1 and all(int(k.rsplit(":", 1)[1]) == skipped[0][1] for k in late), (late, skipped)
     assert up - down < 30  # within misfire_grace: the catch-up happens
     put({"task": {"handler": "echo", "args": {"tick": True}}, "every": 2, "enabled": False})  # paused: no more
     states = wait_for(lambda: (x := {t["state"] for t in get(f"{d.base}/api/v1/tasks?limit=1000")["items"]
@@ -161,9 +168,12 @@ def test_majority_replicas_flag_the_executor_that_returns_a_wrong_result(
         tmp_path: Path, procs: ProcessSet, monkeypatch: pytest.MonkeyPatch) -> None:
     # a handler plugin every agent has; one agent has a buggy build of it
     good, bad = tmp_path / "good", tmp_path / "bad"
-    for root, body in ((good, "return {'sum': sum(args['xs'])}"), (bad, "return {'sum': sum(args['xs']) + 1}")):
+    # (the buggy one answers at once, the good ones after a moment: a result arriving after the majority
+    # agreed is not compared, so the wrong one must come first for this test to see it flagged)
+    for root, body in ((good, "await asyncio.sleep(1.0)\n    return {'sum': sum(args['xs'])}"),
+                       (bad, "return {'sum': sum(args['xs']) + 1}")):
         (root / "sumfx-1.0.dist-info").mkdir(parents=True)
-        (root / "sumfx.py").write_text(f"async def total(args):\n    {body}\n")
+        (root / "sumfx.py").write_text(f"import asyncio\n\n\nasync def total(args):\n    {body}\n")
         (root / "sumfx-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: sumfx\nVersion: 1.0\n")
         (root / "sumfx-1.0.dist-info" / "entry_points.txt").write_text("[cwsnet.handlers]\ntotal = sumfx:total\n")
     d = Deployment(tmp_path, procs, devices=3)
