@@ -82,7 +82,11 @@ class LocalWorkers:
         return True
 
     def cancel(self, task_id: str, attempt: int | None = None) -> bool:
+        """Stop the run of ``task_id`` (of that ``attempt``, if given). A cancel that overtook its
+        attempt's start is remembered: that attempt will not run here."""
         run = self._runs.get(task_id)
+        if attempt is not None and (task_id, attempt) not in self._seen and (run is None or run.attempt != attempt):
+            self._seen[(task_id, attempt)] = None
         if run is None or (attempt is not None and run.attempt != attempt):
             return False
         run.task.cancel()

@@ -67,6 +67,8 @@ def test_cancel_a_newer_attempt_failures_deadlines_and_unknown_handlers() -> Non
         await until(lambda: ("running", 3) in states(reports, "s"))
         assert pool.cancel("s", attempt=3)
         await until(lambda: ("cancelled", 3) in states(reports, "s"))
+        assert not pool.cancel("early", attempt=4)  # a cancel that overtook its start...
+        assert not pool.start("early", "echo", {}, attempt=4)  # ...means that attempt never runs here
         pool.start("b", "boom", {}, attempt=1)
         pool.start("r", "refuse", {}, attempt=1)
         pool.start("late", "echo", {}, attempt=1, deadline_ms=int(time.time() * 1000) - 1)

@@ -668,3 +668,13 @@ def test_restore_after_a_restart_keeps_leases_queues_checkpoints_and_keys() -> N
     resumed = [a for a in of(cmds + later, Assign) if a.task_id == "t-1"]
     assert resumed and resumed[0].checkpoint == {"n": 7}
     assert "restored" in r.explain("t-1")
+
+
+def test_pardon_gives_every_executor_a_full_lease_after_the_scheduler_could_not_hear() -> None:
+    s = sched()  # lease 5 s
+    up(s, 0.0, gw("gw-1"))
+    s.submit(task("t-1", origin="app-1", role="app"), 0.0)
+    assert assigned(s.tick(0.0)) == {"t-1": "gw-1"}
+    s.pardon(9.0)  # the I/O layer's own link was down from 1 s to 9 s: gw-1 could not be heard
+    assert not of(s.tick(13.0), ExecutorLost)
+    assert [x.node for x in of(s.tick(14.0), ExecutorLost)] == ["gw-1"]
