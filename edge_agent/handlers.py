@@ -109,6 +109,7 @@ async def sleep(args: dict[str, Any]) -> dict[str, Any]:
 
 
 COUNT_MAX = 1_000_000
+COUNT_CHECKPOINTS_MAX = 1000
 
 
 async def count(args: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
@@ -122,6 +123,9 @@ async def count(args: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         raise TaskFailed("count: args.step must be a number of seconds between 0 and 60")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise TaskFailed("count: args.every must be an integer >= 1")
+    if to // every > COUNT_CHECKPOINTS_MAX:  # each checkpoint is a message: a run saves at most this many
+        raise TaskFailed(f"count: args.every must be at least {-(-to // COUNT_CHECKPOINTS_MAX)} for to={to} "
+                         f"(at most {COUNT_CHECKPOINTS_MAX} checkpoints a run)")
     start = 0
     if ctx.checkpoint is not None:
         n = ctx.checkpoint.get("n", 0)
@@ -173,14 +177,33 @@ async def shell(args: dict[str, Any]) -> dict[str, Any]:
         raise TaskFailed("shell: args.timeout must be seconds between 0 and 3600")
     if cwd is not None and not isinstance(cwd, str):
         raise TaskFailed("shell: args.cwd must be a directory path")
+    # a minimal environment: the daemon's own (its config paths, anything secret in it) is not passed on
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/")}
     try:
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                     start_new_session=True)
     except OSError as exc:
         raise TaskFailed(f"shell: cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+
+    async def capped(stream: asyncio.StreamReader) -> tuple[bytes, bool]:
+        """Keep the first SHELL_OUTPUT_MAX bytes; read (and drop) the rest, so the program never blocks
+        on a full pipe and its output never fills the memory."""
+        kept, more = bytearray(), False
+        while chunk := await stream.read(65536):
+            room = SHELL_OUTPUT_MAX - len(kept)
+            kept += chunk[:room]
+            more = more or len(chunk) > room
+        return bytes(kept), more
+
+    async def run() -> tuple[tuple[bytes, bool], tuple[bytes, bool]]:
+        assert proc.stdout is not None and proc.stderr is not None
+        got = await asyncio.gather(capped(proc.stdout), capped(proc.stderr))
+        await proc.wait()
+        return got[0], got[1]
+
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        (out, out_more), (err, err_more) = await asyncio.wait_for(run(), timeout)
     except (TimeoutError, asyncio.CancelledError) as exc:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -188,9 +211,8 @@ async def shell(args: dict[str, Any]) -> dict[str, Any]:
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise TaskFailed(f"shell: {argv[0]!r} still running after {timeout:g} s: killed") from None
-    return {"exit": proc.returncode, "stdout": out[:SHELL_OUTPUT_MAX].decode(errors="replace"),
-            "stderr": err[:SHELL_OUTPUT_MAX].decode(errors="replace"),
-            "truncated": len(out) > SHELL_OUTPUT_MAX or len(err) > SHELL_OUTPUT_MAX}
+    return {"exit": proc.returncode, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
+            "truncated": out_more or err_more}
 
 
 BUILTIN: dict[str, Handler] = {"echo": echo, "sha256": sha256, "sleep": sleep, "count": count, "burn": burn}

@@ -48,11 +48,19 @@ def test_plugins_register_by_entry_point_and_broken_ones_are_left_out(
         handlers.registry(["nope"])
 
 
-def test_shell_runs_a_program_without_a_shell_and_only_where_listed(tmp_path: Path) -> None:
+def test_shell_runs_a_program_without_a_shell_and_only_where_listed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CWSNET_SECRET_FOR_TEST", "s3cret")
     assert "shell" not in handlers.BUILTIN and "shell" in handlers.registry(["shell"])
     out = asyncio.run(handlers.shell({"argv": [sys.executable, "-c", "import sys; print('hi $HOME'); "
                                                "sys.stderr.write('e'); sys.exit(3)"], "cwd": str(tmp_path)}))
     assert out == {"exit": 3, "stdout": "hi $HOME\n", "stderr": "e", "truncated": False}
+    # output past 64 KB is read and dropped (never held in memory, never blocking the program)
+    big = asyncio.run(handlers.shell({"argv": [sys.executable, "-c", "import sys; sys.stdout.write('x' * 3_000_000)"]}))
+    assert big["exit"] == 0 and len(big["stdout"]) == handlers.SHELL_OUTPUT_MAX and big["truncated"]
+    # the daemon's environment is not passed on
+    env = asyncio.run(handlers.shell({"argv": [sys.executable, "-c", "import os; print(sorted(os.environ))"]}))
+    assert "CWSNET_SECRET_FOR_TEST" not in env["stdout"] and "PATH" in env["stdout"]
     with pytest.raises(handlers.TaskFailed, match="still running after 0.2 s: killed"):
         asyncio.run(handlers.shell({"argv": [sys.executable, "-c", "import time; time.sleep(30)"], "timeout": 0.2}))
     for bad in ({"argv": "ls -l"}, {"argv": []}, {"argv": ["ls"], "timeout": 0}, {"argv": ["ls"], "cwd": 3}):
@@ -60,3 +68,8 @@ def test_shell_runs_a_program_without_a_shell_and_only_where_listed(tmp_path: Pa
             asyncio.run(handlers.shell(bad))
     with pytest.raises(handlers.TaskFailed, match="cannot run '/no/such/program'"):
         asyncio.run(handlers.shell({"argv": ["/no/such/program"]}))
+
+
+def test_count_refuses_a_checkpoint_flood() -> None:
+    with pytest.raises(handlers.TaskFailed, match="every must be at least 1000 for to=1000000"):
+        asyncio.run(handlers.count({"to": 1_000_000, "every": 1}, handlers.TaskContext("t")))
