@@ -139,16 +139,21 @@ def cloud_and_gateway(lab: HomeLab, topo: Topology) -> Iterator[None]:
         wait_site_ready(lab, topo.gateway, procs[-1])
         yield
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_processes(procs)
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group, then SIGKILL those still running after 10 s."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def run_cwsnet(devices: int, messages: int, batch: int, workdir: Path, *, name: str | None = None,

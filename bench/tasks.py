@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e import cloud_and_gateway, free_port, pct  # noqa: E402
+from e2e import cloud_and_gateway, free_port, pct, stop_processes  # noqa: E402
 
 from cwsnet.homelab import HomeLab, Topology  # noqa: E402
 
@@ -150,12 +148,7 @@ def main() -> None:
                     out[f"{tier}_rate_ratio_vs_direct"] = round(
                         out[f"{tier}_tasks_per_s"] / max(out["direct_tasks_per_s"], 0.01), 2)
             finally:
-                for p in agents:
-                    try:
-                        os.killpg(p.pid, signal.SIGTERM)
-                        p.wait(10)
-                    except (ProcessLookupError, subprocess.TimeoutExpired):
-                        os.killpg(p.pid, signal.SIGKILL)
+                stop_processes(agents)
     if args.json:
         print(json.dumps(out))
         return
