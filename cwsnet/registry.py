@@ -408,11 +408,12 @@ class KeyRing:
 
 def device_rules(site: str, node: str) -> dict[str, list[str]]:
     """What the shipped default policy (``device-uplink``/``device-downlink``) gives a device: it publishes
-    only its own uplink channels, receipts and firmware requests (never a command or an ack, not even on
-    its own prefix) and reads only what is addressed to it."""
+    only its own uplink channels, receipts, site tasks (submissions and its executor status, for its
+    gateway) and firmware requests (never a command or an ack, not even on its own prefix) and reads
+    only what is addressed to it."""
     base = f"cws/v1/{site}/{node}"
     return {"publish": [f"{base}/status", f"{base}/telemetry/+", f"{base}/event/+", f"{base}/task/result",
-                        f"{base}/receipt", f"{base}/ota/get"],
+                        f"{base}/receipt", f"{base}/task/submit", f"{base}/task/status", f"{base}/ota/get"],
             "subscribe": [f"{base}/task/cmd", f"{base}/ack", f"{base}/config", f"{base}/ota/data"]}
 
 

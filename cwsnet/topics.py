@@ -17,8 +17,11 @@ VERSION = "v1"
 #: Channels a node publishes (uplink) and the ones addressed to a node (downlink).
 UPLINK_CHANNELS = ("status", "telemetry", "event", "task/result")
 DOWNLINK_CHANNELS = ("task/cmd", "ack", "config")
-#: Published by a device for its gateway only (never forwarded): receipts for held commands.
-LOCAL_CHANNELS = ("receipt",)
+#: Published by a device for its gateway only (never forwarded): receipts for held commands, site
+#: tasks it submits and its executor status for the gateway's scheduler (protocol §3, site tasks).
+LOCAL_CHANNELS = ("receipt", "task/submit", "task/status")
+#: Published by a gateway for the cloud: site tasks its scheduler gives the cloud to run (§3).
+OFFLOAD_CHANNEL = "task/offload"
 #: Firmware updates between a gateway and its devices (never forwarded, not sealed: §8).
 OTA_CHANNELS = ("ota/get", "ota/data")
 
@@ -61,6 +64,18 @@ def task_cmd(site: str, node: str) -> str:
 
 def task_result(site: str, node: str) -> str:
     return f"{base(site, node)}/task/result"
+
+
+def task_submit(site: str, node: str) -> str:
+    return f"{base(site, node)}/task/submit"
+
+
+def task_status(site: str, node: str) -> str:
+    return f"{base(site, node)}/task/status"
+
+
+def task_offload(site: str, node: str) -> str:
+    return f"{base(site, node)}/task/offload"
 
 
 def ack(site: str, node: str) -> str:
@@ -145,7 +160,8 @@ def parse(topic: str) -> TopicParts:
         return TopicParts(site, node, "status", None)
     if len(rest) == 2 and rest[0] in ("telemetry", "event"):
         return TopicParts(site, node, rest[0], check_name(rest[1], rest[0] + " name"))
-    if rest in (["task", "cmd"], ["task", "result"], ["ota", "get"], ["ota", "data"]):
+    if rest in (["task", "cmd"], ["task", "result"], ["task", "submit"], ["task", "status"], ["task", "offload"],
+                ["ota", "get"], ["ota", "data"]):
         return TopicParts(site, node, "/".join(rest), None)
     if rest in (["ack"], ["config"], ["receipt"]):
         return TopicParts(site, node, rest[0], None)
