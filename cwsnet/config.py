@@ -235,6 +235,8 @@ class GatewayConfig(Model):
     handlers: list[str] | None = Field(None, description="task handlers the gateway's worker pool runs; default: "
                                        "the built-ins and installed plugins (`shell` only when listed)")
     capabilities: list[str] = Field(default_factory=list, description="what the gateway offers scheduled tasks")
+    task_lease: float = Field(5.0, gt=0.5, le=3600, description="seconds a site task's executor may stay silent "
+                              "before the gateway's scheduler moves the task (site tasks: docs/tasks.md)")
     reconnect: Reconnect = Field(default_factory=Reconnect)
 
 

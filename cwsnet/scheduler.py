@@ -370,6 +370,39 @@ class ExecutorStatus:
                            self.latency_ms, self.bandwidth_kbps, self.capabilities, self.handlers)
 
 
+#: an executor that does not say how often it reports is assumed to every this many seconds
+DEFAULT_STATUS_INTERVAL = 10.0
+
+
+def _opt_num(v: Any) -> float | None:
+    return float(v) if _num(v) else None
+
+
+def executor_status(node: str, role: str, site: str, body: dict[str, Any]) -> ExecutorStatus | None:
+    """An executor's status from its ``birth``/``status`` body (protocol §3); None for a node that runs
+    no scheduled work (no ``slots``: the firmware, an old agent). ``cpu`` in a status is a percentage."""
+    slots = body.get("slots")
+    if role not in ("device", "gateway") or not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
+        return None
+    cpu = _opt_num(body.get("cpu"))
+    handlers = body.get("handlers")
+    caps = body.get("capabilities")
+    tasks = body.get("tasks")
+    interval = _opt_num(body.get("interval"))
+    mem_free = body.get("mem_free")
+    return ExecutorStatus(
+        node, role, site, capacity=min(slots, 1024),
+        capabilities=frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else frozenset(),
+        handlers=frozenset(h for h in handlers if isinstance(h, str)) if isinstance(handlers, list) else None,
+        cpu=None if cpu is None else max(0.0, min(1.0, cpu / 100.0)),
+        mem_free=mem_free if isinstance(mem_free, int) and not isinstance(mem_free, bool) else None,
+        battery=_opt_num(body.get("battery")),
+        queue=len(tasks) if isinstance(tasks, list) else None,
+        running=tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None,
+        interval=min(interval, 3600.0) if interval and interval > 0 else DEFAULT_STATUS_INTERVAL,
+    )
+
+
 @dataclass(eq=False)
 class Executor:
     """An executor as the scheduler knows it."""
@@ -873,6 +906,29 @@ class Scheduler:
 
     # ---- outcomes ----
 
+    def report(self, sender: str, body: Any, now: float) -> list[Cmd]:
+        """A ``task_result`` body (protocol §3) from ``sender``, as the I/O layer received it: ``running``,
+        ``checkpoint`` or a final state, counted only from the lease holder (the ``attempt`` echoed). A
+        report for a task this scheduler does not know (a direct task, one already forgotten) is no
+        command; ``cancelled`` is what the executor was told to do, so nothing either."""
+        if not isinstance(body, dict):
+            return []
+        tid, state = body.get("task_id"), body.get("state")
+        if not isinstance(tid, str) or tid not in self.tasks:
+            return []
+        attempt = body.get("attempt") if isinstance(body.get("attempt"), int) else None
+        if state == "running":
+            return self.started(tid, sender, now, attempt)
+        if state == "checkpoint":
+            data = body.get("checkpoint")
+            return self.checkpoint(tid, sender, data if isinstance(data, dict) else None, now, attempt)
+        if state == "succeeded":
+            return self.finished(tid, sender, True, body.get("result"), None, now, attempt)
+        if state in ("failed", "expired"):
+            error = body.get("error") if isinstance(body.get("error"), str) else f"{state} (no error given)"
+            return self.finished(tid, sender, False, None, error, now, attempt)
+        return []
+
     def _resolve(self, task: Task, now: float) -> None:
         if task.terminal:
             return
@@ -1227,4 +1283,4 @@ class Scheduler:
 
 __all__ = ["MAX_HISTORY", "MODES", "STATES", "TERMINAL", "Assign", "Cancel", "Cmd", "Completed", "Copy", "Decision",
            "Drained", "Executor", "ExecutorLost", "ExecutorStatus", "Ignored", "Requeued", "Requirements", "Scheduler",
-           "Submitted", "Task", "canonical"]
+           "Submitted", "Task", "canonical", "executor_status"]

@@ -46,6 +46,7 @@ from gateway.ota import RATE as ota_rate
 from gateway.ota import OtaServer
 from gateway.outbox import UplinkOutbox
 from gateway.site_policy import SitePolicies
+from gateway.site_tasks import SiteTasks
 
 log = logging.getLogger("cwsnet.gateway")
 
@@ -103,6 +104,8 @@ class Gateway:
         self._beat = asyncio.Event()
         self.local = SiteData(cfg.data_dir / "site-data.db")
         self.site_policy = SitePolicies(self)
+        # tasks the site's devices submit: scheduled here, so they run while the cloud is away
+        self.site_tasks = SiteTasks(self, cfg.task_lease)
 
         self.site_link = link_for(
             cfg.site_client, bundle, cfg.reconnect, client_id=f"{self.node}-bridge", section="site_client",
@@ -251,6 +254,15 @@ class Gateway:
             except sqlite3.Error as exc:  # the command is delivered again and receipted again
                 self._storage_trouble("recording a receipt", exc)
             return
+        if parts.channel == "task/submit":
+            await self.site_tasks.on_submit(msg, header)
+            return
+        if parts.channel == "task/status":
+            await self.site_tasks.on_status(msg, header)
+            return
+        if parts.channel == "task/result" and header.recipient == self.node:
+            await self.site_tasks.on_result(msg, header)
+            return
         if header.kind in ("birth", "status"):
             if header.sender not in self.devices_online or header.kind == "birth":
                 self.devices_online.add(header.sender)
@@ -259,6 +271,7 @@ class Gateway:
                                                                                     force=header.kind == "birth"))
         elif header.kind == "death":
             self.devices_online.discard(header.sender)
+            self.site_tasks.on_death(header.sender)
         await self._incoming.put((msg, header, parts.channel == "status"))
 
     async def _ota_request(self, msg: Message) -> None:
@@ -523,12 +536,15 @@ class Gateway:
         if new:
             self.stats["commands_held"] += 1
         if node in self.devices_online:
-            await self._deliver([(node, header.seq, msg.topic, msg.payload)])
+            await self.deliver([(node, header.seq, msg.topic, msg.payload)])
         else:
             log.info("%s is offline: command seq %d held until it connects (expires in %.0f s)", node, header.seq,
                      expires - now)
 
-    async def _deliver(self, items: list[tuple[str, int, str, bytes]]) -> None:
+    async def deliver(self, items: list[tuple[str, int, str, bytes]], store: DownlinkStore | None = None) -> None:
+        """Publish held commands to their devices and record the delivery in ``store`` (the cloud's
+        commands by default; the site scheduler's have their own)."""
+        store = store or self.downlink
         delivered = []
         for node, seq, topic, payload in items:
             try:
@@ -540,17 +556,19 @@ class Gateway:
             self.stats["forwarded_down"] += 1
         if delivered:
             try:
-                await self._db_call(self.downlink.delivered, delivered, self.clock())
+                await self._db_call(store.delivered, delivered, self.clock())
             except sqlite3.Error as exc:  # only the redelivery timer is affected
                 self._storage_trouble("recording deliveries", exc)
 
     async def _deliver_held(self, node: str) -> None:
-        """A device came online: deliver what is held for it, oldest first."""
+        """A device came online: deliver what is held for it, oldest first (the cloud's, then the site
+        scheduler's)."""
         try:
-            held = await self._db_call(self.downlink.for_node, node, self.clock())
-            if held:
-                log.info("%s is online: delivering %d held command(s)", node, len(held))
-                await self._deliver([(h.node, h.seq, h.topic, h.payload) for h in held])
+            for store in (self.downlink, self.site_tasks.commands):
+                held = await self._db_call(store.for_node, node, self.clock())
+                if held:
+                    log.info("%s is online: delivering %d held command(s)", node, len(held))
+                    await self.deliver([(h.node, h.seq, h.topic, h.payload) for h in held], store)
         except Exception:
             log.exception("delivering held commands to %s failed; retried later", node)
 
@@ -563,7 +581,9 @@ class Gateway:
         if opened.header.kind != "ack" or not isinstance(opened.body, dict):
             log.warning("rejected %s on %s: expected a receipt", opened.header.kind, msg.topic)
             return
-        n = await self._db_call(self.downlink.received, opened.header.sender,
+        # "of": whose seqs the receipt names: this gateway's own commands (site tasks), else the cloud's
+        store = self.site_tasks.commands if opened.body.get("of") == self.node else self.downlink
+        n = await self._db_call(store.received, opened.header.sender,
                                 custody.parse_ranges(opened.body.get("received")))
         self.stats["receipts"] += n
 
@@ -574,13 +594,14 @@ class Gateway:
             await asyncio.sleep(every)
             try:
                 now = self.clock()
-                for node, seq in await self._db_call(self.downlink.expire, now):
-                    self.stats["commands_expired"] += 1
-                    log.info("command seq %d for %s expired before %s came back; dropped", seq, node, node)
-                again = await self._db_call(self.downlink.undelivered_since, now - self.cfg.downlink.redeliver_after,
-                                            now)
-                await self._deliver([(h.node, h.seq, h.topic, h.payload) for h in again
-                                     if h.node in self.devices_online])
+                for store in (self.downlink, self.site_tasks.commands):
+                    for node, seq in await self._db_call(store.expire, now):
+                        self.stats["commands_expired"] += 1
+                        log.info("command seq %d for %s expired before %s came back; dropped", seq, node, node)
+                    again = await self._db_call(store.undelivered_since, now - self.cfg.downlink.redeliver_after,
+                                                now)
+                    await self.deliver([(h.node, h.seq, h.topic, h.payload) for h in again
+                                        if h.node in self.devices_online], store)
             except sqlite3.Error as exc:
                 self._storage_trouble("sweeping held commands", exc)
             except Exception:
@@ -622,7 +643,10 @@ class Gateway:
                                   "pushes it again", reg.rev)
             return
         if opened.header.kind == "task_cmd":
-            self._task_command(opened.body)
+            self.task_command(opened.body)
+            return
+        if opened.header.kind == "task_result":  # the cloud runs a site task of ours (task/offload)
+            self.site_tasks.on_cloud_result(opened.body, opened.header.seq)
             return
         if opened.header.kind == "ack":
             body = opened.body if isinstance(opened.body, dict) else {}
@@ -650,9 +674,10 @@ class Gateway:
             self._pump_wake.set()  # acks open the window
 
     # ---- scheduled tasks placed on the gateway ---------------------------------------------
-    def _task_command(self, body: Any) -> None:
-        """A task for the gateway's worker pool (or a cancel); the cloud's replay window already made
-        sure each command is taken once, and the pool runs each (task, attempt) once."""
+    def task_command(self, body: Any) -> None:
+        """A task for the gateway's worker pool (or a cancel), from the cloud's scheduler or the site's;
+        the cloud's replay window already made sure each of its commands is taken once, and the pool
+        runs each (task, attempt) once."""
         if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
             log.warning("task command from the cloud without a task_id; ignored")
             return
@@ -685,7 +710,11 @@ class Gateway:
                 self._beat.set()
 
     async def _task_report(self, body: dict[str, Any]) -> None:
-        """A step of a task run here: sealed into the uplink outbox like the site's results."""
+        """A step of a task run here: for a site task, straight to the site scheduler; for the cloud's,
+        sealed into the uplink outbox like the site's results."""
+        if self.site_tasks.owns(body.get("task_id")):
+            await self.site_tasks.local_report(body)
+            return
         try:
             await self.emit_own(topics.task_result(self.site, self.node), "task_result", body)
         except Exception as exc:  # noqa: BLE001 - disk full...: the lease covers it (the task moves)
@@ -695,11 +724,12 @@ class Gateway:
         asyncio.get_running_loop().create_task(self._task_report(body))
 
     # ---- the gateway's own messages (summaries, events) -----------------------------------
-    async def emit_own(self, topic: str, kind: str, body: Any) -> None:
+    async def emit_own(self, topic: str, kind: str, body: Any, *, expires: float | None = None) -> None:
         """Seal a message of the gateway's own for the cloud and put it in the uplink outbox: it goes
         up (in order within its priority class, re-sent until acked) like its devices' messages, also
-        after an outage."""
-        payload, header = self.endpoint.seal(topic, kind, body, to="cloud")
+        after an outage. ``expires`` (s): the clear header's ``exp`` (the cloud drops it after that)."""
+        payload, header = self.endpoint.seal(topic, kind, body, to="cloud",
+                                             expires=None if expires is None else int(expires * 1000))
         policies = getattr(self, "site_policy", None)  # None while the gateway is being built
         priority = self.outbox.priority_for(policies.qos if policies else None, topic, role="gateway")
         await self._db_call(self.outbox.add_many, [(self.node, header.seq, topic, payload, False, priority)],
@@ -857,6 +887,7 @@ class Gateway:
                     tg.create_task(self._status_loop()),
                     tg.create_task(self._registry_watch()),
                     tg.create_task(self.site_policy.run()),
+                    tg.create_task(self.site_tasks.run()),
                 ]
                 if ready is not None:
                     ready.set()
@@ -874,6 +905,7 @@ class Gateway:
             self._db.submit(self.outbox.close).result()
             self._db.submit(self.downlink.close).result()
             self._db.submit(self.local.close).result()
+            self._db.submit(self.site_tasks.close).result()
             self._db.shutdown()
             self.state.close()
             log.info("gateway %s stopped", self.node)

@@ -94,6 +94,9 @@ class SitePolicies:
         self.automation = AutomationEngine(pset or PolicySet(), at="gateway")
         if old is not None:
             self.automation.load_state(old.state())
+        site_tasks = getattr(self.gw, "site_tasks", None)  # None while the gateway is being built
+        if site_tasks is not None:
+            site_tasks.use_policies(pset)
 
     # ---- events -------------------------------------------------------------------------
     def event(self, kind: str, severity: str, message: str, data: dict[str, Any], key: tuple[str, ...] = ()) -> None:
