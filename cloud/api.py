@@ -64,7 +64,7 @@ from cloud.auth import (
 from cloud.fanout import Fanout
 from cloud.ingest import BodyError, check_storable
 from cloud.metrics import CONTENT_TYPE, CloudMetrics
-from cloud.store import NewEvent, Node, Store
+from cloud.store import NewEvent, Node, Store, Task
 from cloud.views import change, event_view, node_view, task_view, telemetry_view
 from cwsnet.envelope import MAX_CHECKPOINT, MAX_PAYLOAD
 from cwsnet.policy.access import AccessEngine, Decision, DenyRecorder, Subject, shipped_access_engine
@@ -313,12 +313,12 @@ class TaskCreated(ApiModel):
 
 
 class TaskOut(ApiModel):
-    id: str = Field(description="task id")
-    target: str = Field(description="direct: the device it was sent to; scheduled: '' (see `node`)")
+    id: str = Field(description="task id (a site task's: `s-` and 24 hex digits, made from its origin and key)")
+    target: str = Field(description="direct: the device it was sent to; scheduled, site: '' (see `node`)")
     handler: str = Field(description="handler name")
-    args: dict[str, Any] = Field(description="handler arguments")
-    state: str = Field(description="queued, assigned (scheduled: sent to its executor), running, succeeded, failed, "
-                                   "expired or cancelled")
+    args: dict[str, Any] = Field(description="handler arguments (site: {}, the gateway keeps them)")
+    state: str = Field(description="queued, assigned (scheduled, site: sent to its executor), running, succeeded, "
+                                   "failed, expired or cancelled")
     result: Any = Field(description="handler result (map) once succeeded, else null")
     error: str | None = Field(description="why it failed or expired, else null")
     created: int = Field(description="ms since the epoch")
@@ -327,15 +327,21 @@ class TaskOut(ApiModel):
     finished: int | None = Field(None, description="when the node finished it (node clock), ms")
     deadline: int | None = Field(None, description="ms since the epoch after which it expires; null for none")
     dispatched: int | None = Field(None, description="when the command was last published to the node, ms")
-    attempts: int = Field(0, description="direct: how many times the command was published; scheduled: how many "
-                                         "assignments were made (over all replicas)")
-    kind: Literal["direct", "scheduled"] = Field("direct", description="`direct` (sent to `target` as asked) or "
-                                                 "`scheduled` (placed, leased and moved by the scheduler)")
-    site: str | None = Field(None, description="scheduled: the site whose executors may run it")
-    node: str | None = Field(None, description="scheduled: the executor it runs on now, or ran on last")
+    attempts: int = Field(0, description="direct: how many times the command was published; scheduled, site: how "
+                                         "many assignments were made (over all replicas)")
+    kind: Literal["direct", "scheduled", "site"] = Field(
+        "direct", description="`direct` (sent to `target` as asked), `scheduled` (placed, leased and moved by the "
+        "cloud's scheduler) or `site` (submitted by a device and scheduled by its gateway, which reports it "
+        "here: read-only for the cloud, docs/tasks.md)")
+    site: str | None = Field(None, description="scheduled: the site whose executors may run it; site: the site of "
+                                               "the gateway that owns it")
+    node: str | None = Field(None, description="scheduled, site: the executor it runs on now, or ran on last")
     placement: str | None = Field(None, description="scheduled: where it ran and why: each placement decision "
-                                  "(offload policy rule, candidates, what was held back) and the task's history")
-    idempotency_key: str | None = Field(None, description="the submitter's idempotency key")
+                                  "(offload policy rule, candidates, what was held back) and the task's history; "
+                                  "site: the same explanation, as the gateway's scheduler reported it")
+    origin: str | None = Field(None, description="site: the device that submitted it")
+    idempotency_key: str | None = Field(None, description="the submitter's idempotency key (site: "
+                                                          "`site:{gateway}:{origin}:{key}`)")
     disagreement: list[Any] | None = Field(None, description="scheduled, replicas: [[node, result], ...] when the "
                                            "replicas' results differ")
 
@@ -1012,9 +1018,10 @@ def create_app(state: CloudState) -> FastAPI:
         tags=["tasks"],
     )
     def create_task(req: TaskRequest, request: Request, response: Response) -> Any:
-        if (req.idempotency_key or "").startswith("schedule:"):
-            raise ApiError(422, "body.idempotency_key: keys starting with 'schedule:' are the schedules' own",
-                           code="invalid_request")
+        for own, whose in (("schedule:", "the schedules'"), ("site:", "the site tasks'")):
+            if (req.idempotency_key or "").startswith(own):
+                raise ApiError(422, f"body.idempotency_key: keys starting with {own!r} are {whose} own",
+                               code="invalid_request")
         task_id, duplicate = submit_task(req, request)
         if duplicate:
             known = store.get_task(task_id)
@@ -1123,11 +1130,16 @@ def create_app(state: CloudState) -> FastAPI:
 
     state.submit_task = submit_task
 
+    def _task_out(task: Task) -> dict[str, Any]:
+        """``task_view`` and the origin of a site task (the device that submitted it)."""
+        return {"origin": task.origin, **task_view(task)}
+
     @app.get(
         "/api/v1/tasks",
         response_model=TaskPage,
         summary="List tasks",
-        description="Tasks, newest first, optionally filtered by state or target, paged.",
+        description="Tasks, newest first, optionally filtered by state, target or kind (`direct`, `scheduled`, "
+                    "`site`: the tasks devices submitted to their gateways, as the gateways report them), paged.",
         **needs("viewer", _ERRORS),
         tags=["tasks"],
     )
@@ -1136,15 +1148,17 @@ def create_app(state: CloudState) -> FastAPI:
         offset: int = offset_q,
         state_: str | None = Query(None, alias="state", description="only tasks in this state"),
         target: str | None = Query(None, description="only tasks for this node"),
+        kind: Literal["direct", "scheduled", "site"] | None = Query(None, description="only tasks of this kind"),
     ) -> Any:
-        page = store.list_tasks(limit=limit, offset=offset, state=state_, target=target)
-        return {"items": [task_view(t) for t in page.items], "total": page.total, "limit": limit, "offset": offset}
+        page = store.list_tasks(limit=limit, offset=offset, state=state_, target=target, kind=kind)
+        return {"items": [_task_out(t) for t in page.items], "total": page.total, "limit": limit, "offset": offset}
 
     @app.get(
         "/api/v1/tasks/{task_id}",
         response_model=TaskOut,
         summary="Show a task",
-        description="A task's state, result and error; 404 if unknown.",
+        description="A task's state, result and error, and for a scheduled or site task where it runs and why "
+                    "(`placement`; a site task's is its gateway's explanation); 404 if unknown.",
         **needs("viewer", _NOT_FOUND),
         tags=["tasks"],
     )
@@ -1154,10 +1168,14 @@ def create_app(state: CloudState) -> FastAPI:
             raise ApiError(404, f"task {task_id!r} does not exist")
         if task.kind == "scheduled":
             authorize(request, "read", f"cws/v1/{_one_level(task.site or 'cloud')}/_scheduler/task/result", None)
+        elif task.kind == "site":  # the submitting device's task: read like that device's results
+            origin = task.origin or "+"
+            authorize(request, "read", f"cws/v1/{_one_level(task.site)}/{_one_level(origin)}/task/result",
+                      task.origin)
         else:
             authorize(request, "read", node_topic(store.get_node(task.target), task.target, "task/result"),
                       task.target)
-        return task_view(task)
+        return _task_out(task)
 
     @app.post(
         "/api/v1/tasks/{task_id}/cancel",
@@ -1166,21 +1184,28 @@ def create_app(state: CloudState) -> FastAPI:
         description=(
             "A direct task: cancel it while it is still queued (409 if it already runs or finished; a command "
             "already published to the device cannot be recalled: its result, if any, is then ignored). A "
-            "scheduled task: cancel it until it finishes; its executors are told to stop (409 once finished)."
+            "scheduled task: cancel it until it finishes; its executors are told to stop (409 once finished). "
+            "A site task: always 409, its gateway owns it (the cloud only shows what the gateway reports)."
         ),
-        **needs("operator", {409: {"model": ErrorResponse, "description": "the task is no longer queued"},
+        **needs("operator", {409: {"model": ErrorResponse, "description": "the task is no longer queued, or it is "
+                                                                          "a site task (its gateway owns it)"},
                              **_NOT_FOUND}),
         tags=["tasks"],
     )
     def cancel_task(task_id: str, request: Request) -> Any:
         existing = store.get_task(task_id)
+        if existing is not None and existing.kind == "site":
+            gateway = (existing.sched or {}).get("gateway") or "?"
+            raise ApiError(409, f"task {task_id} is a site task owned by gateway {gateway}; the cloud neither "
+                                f"schedules nor cancels site tasks (it was submitted by {existing.origin or '?'} "
+                                f"of site {existing.site or '?'}, whose gateway decides where it runs)")
         if existing is not None and existing.kind == "scheduled":
             authorize(request, "command", f"cws/v1/{_one_level(existing.site or 'cloud')}/_scheduler/task/cmd", None)
             if state.tasks is None or not state.tasks.cancel_threadsafe(task_id):
                 raise ApiError(409, f"task {task_id!r} is {existing.state}; it cannot be cancelled any more")
             task = store.get_task(task_id)
             assert task is not None
-            return task_view(task)
+            return _task_out(task)
         if existing is not None:
             authorize(request, "command", node_topic(store.get_node(existing.target), existing.target, "task/cmd"),
                       existing.target)
@@ -1193,7 +1218,7 @@ def create_app(state: CloudState) -> FastAPI:
             raise ApiError(409, f"task {task_id!r} is {task.state}; only a queued task can be cancelled")
         state.metrics.tasks.labels(state="cancelled").inc()
         state.fanout.publish(change("task", task_view(task)))
-        return task_view(task)
+        return _task_out(task)
 
     # -- live stream ------------------------------------------------------------------------------------
 

@@ -12,6 +12,10 @@ Data path::
             {"acks": [[sender, first, last], ...], "rejected": [[sender, seq, reason], ...]}
             to each gateway of the site on cws/v1/{site}/{gw}/ack
 
+A gateway's offloads (``task/offload``, site tasks it gives the cloud to run) take the same path; once
+stored they are handed to ``cloud.site_offload.SiteOffloads``, whose replies go to the gateway's
+``task/cmd``.
+
 MQTT acks go out only after the commit, and the end-to-end acks to gateways only after that: a
 crash at any point loses nothing, it only causes redelivery, which ingest absorbs exactly once.
 
@@ -49,8 +53,9 @@ from cloud.ingest import AckCoalescer, BatchResult, Ingest, NodeDirectory
 from cloud.metrics import CloudMetrics, NodeStatusCollector
 from cloud.registry_sync import RegistrySync
 from cloud.schedules import ScheduleService
+from cloud.site_offload import SiteOffloads
 from cloud.store import NewEvent, SqliteStore, Store, Task
-from cloud.tasks import TaskService
+from cloud.tasks import TaskService, cloud_handlers
 from cloud.views import change, event_view, task_view
 from cwsnet import topics
 from cwsnet.broker import BrokerSettings, start_broker
@@ -65,14 +70,14 @@ from cwsnet.policy import AccessEngine, Subject
 from cwsnet.policy.access import DenyRecorder
 from cwsnet.policy.watch import PolicyWatcher, shipped_policies, start_watcher
 from cwsnet.replay import SeqCounter
-from edge_agent.handlers import defaults, registry
 
 log = logging.getLogger("cwsnet.cloud")
 
 CLIENT_ID = "cloud-ingest"
 SEQ_COUNTER = "cloud.seq_mark"
-#: uplink subscriptions of the ingest link (QoS 1)
-SUBSCRIPTIONS = tuple(topics.all_sites_filter(ch) for ch in ("status", "telemetry", "event", "task/result"))
+#: uplink subscriptions of the ingest link (QoS 1), and gateways' offloads of site tasks (protocol §3)
+SUBSCRIPTIONS = tuple(topics.all_sites_filter(ch) for ch in ("status", "telemetry", "event", "task/result",
+                                                              topics.OFFLOAD_CHANNEL))
 BATCH_MAX = 200
 QUEUE_MAX = 2000
 EXPIRED_ERROR = "deadline passed before the device could run it"
@@ -195,7 +200,7 @@ class TaskDispatcher:
     def on_birth(self, node: str) -> None:
         entry = self.store.get_node(node)
         if entry is not None and entry.role == "gateway":  # back after an outage: it holds for its devices
-            for task in self.store.list_tasks(state="queued", limit=100_000).items:
+            for task in self.store.list_tasks(state="queued", kind="direct", limit=100_000).items:
                 target = self.store.get_node(task.target)
                 if target is not None and target.site == entry.site:
                     self.request(task.id)
@@ -204,7 +209,7 @@ class TaskDispatcher:
             self.request(task.id)
 
     def on_connect(self) -> None:
-        for task in self.store.list_tasks(state="queued", limit=100_000).items:
+        for task in self.store.list_tasks(state="queued", kind="direct", limit=100_000).items:
             self.request(task.id)
 
     def _enqueue(self, task_id: str) -> None:
@@ -257,7 +262,7 @@ class TaskDispatcher:
 
     def _ready_to_send(self, task_id: str) -> tuple[Task, str] | None:
         task = self.store.get_task(task_id)
-        if task is None or task.state != "queued":
+        if task is None or task.state != "queued" or task.kind != "direct":  # scheduled, site: not ours to send
             return None
         now_ms = int(self.clock() * 1000)
         if task.deadline is not None and task.deadline < now_ms:
@@ -358,8 +363,9 @@ class CloudDaemon:
                 offline_after=cfg.offline_after,
                 # apps and the cloud's automation rules get the stored messages they want
                 # (and the scheduler the statuses and task results: executors, heartbeats, results)
+                # (and the site offload runner the offloads gateways send it)
                 for_apps=lambda topic: (self.apps.wants(topic) or self.automation.wants(topic)
-                                        or TaskService.wants(topic)),
+                                        or TaskService.wants(topic) or SiteOffloads.wants(topic)),
             )
             self.ingest.update_gauges()
             self.coalescer = AckCoalescer()
@@ -380,8 +386,13 @@ class CloudDaemon:
             # scheduled work: placed by the offload policies, leased, migrated, replicated (cloud/tasks.py)
             self.tasks = TaskService(self.store, self.endpoint, self.link, node=self.identity.node,
                                      policies=watcher.active, lease=cfg.task_lease, workers=cfg.cloud_workers,
-                                     handlers=registry(cfg.handlers) if cfg.handlers is not None else defaults(),
+                                     handlers=cloud_handlers(cfg.handlers),
                                      fanout=self.fanout, metrics=self.metrics, clock=clock)
+            # site tasks the gateways' schedulers give the cloud (task/offload): run in a pool of their own,
+            # with the same handlers, answered to each gateway on its task/cmd (cloud/site_offload.py)
+            self.offloads = SiteOffloads(self.endpoint, self.link, handlers=self.tasks.handlers,
+                                         slots=cfg.cloud_workers, node=self.identity.node, clock=clock,
+                                         metrics=self.metrics)
             self.access = AccessEngine(watcher.active) if watcher.active is not None else None
             # the `at: cloud` automation rules and gateways' automation requests; retention of stored data
             self.automation = CloudAutomation(
@@ -509,6 +520,12 @@ class CloudDaemon:
         except Exception:
             log.exception("announcing %d changes on the live stream failed", len(result.changes))
         for item, body in result.for_apps:  # statuses, deaths and task results move scheduled work
+            if item.kind == "task_cmd" and SiteOffloads.wants(item.topic):  # stored and acked: run it
+                try:
+                    self.offloads.offer(item.sender, topics.parse(item.topic).site, body, item.expires)
+                except Exception:
+                    log.exception("the offload of %s seq %d could not be taken", item.sender, item.seq)
+                continue
             entry = self.directory.get(item.sender) if item.kind in ("birth", "status", "death", "task_result") else None
             if entry is not None:
                 try:
@@ -826,6 +843,7 @@ class CloudDaemon:
                 tg.create_task(self.sweep(), name="cloud-sweep")
                 tg.create_task(self.dispatcher.run(), name="cloud-tasks")
                 tg.create_task(self.tasks.run(), name="cloud-scheduler")
+                tg.create_task(self.offloads.run(), name="cloud-site-offloads")
                 tg.create_task(self.run_schedules(), name="cloud-schedules")
                 tg.create_task(self.apps.run(), name="cloud-apps")
                 tg.create_task(self.automation_ticks(), name="cloud-automation")

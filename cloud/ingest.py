@@ -15,6 +15,13 @@ body so it stops retransmitting a message the cloud will never accept (``docs/pr
 ``unknown_sender`` gets no notice (the device may be registered later and its data must then get
 in on retransmit), nor does ``replay`` (already acked as stored).
 
+Besides the uplink channels, ingest takes a gateway's ``task/offload`` (kind ``task_cmd``: a site task
+its scheduler gives the cloud to run, protocol §3): only from a gateway of that site (anything else is
+``topic_mismatch``), stored once and acked like any message in the gateway's outbox, with no effect in
+the store; the daemon hands the stored body to ``cloud.site_offload``. A gateway's ``task_result`` that
+carries ``site_task`` is its *mirror* of a site task: checked field by field and upserted as a tasks row
+of kind ``site`` (never a direct task's transition, never the scheduler's).
+
 Body checks bound what reaches the store: every unsigned field (``ts``, ``will_seq``,
 ``started``, ``finished``) is 0..2^63-1, every other integer in a stored JSON document is a signed
 64-bit one, floats are finite, map keys are text and nesting is at most :data:`MAX_DEPTH` deep. A
@@ -28,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import defaultdict
@@ -43,6 +51,7 @@ from cloud.store import (
     NewEvent,
     NodeKey,
     Reading,
+    SiteTaskReport,
     StatusUpdate,
     Store,
     TaskReport,
@@ -67,8 +76,14 @@ from cwsnet.registry import KeyRing, PastKey
 log = logging.getLogger("cwsnet.cloud.ingest")
 
 UPLINK_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
+#: a gateway's channel to the cloud for site tasks the cloud runs (kind ``task_cmd``, protocol §3, site tasks)
+OFFLOAD_KIND = "task_cmd"
 SEVERITIES = ("info", "warning", "error", "critical")
 REPORTED_TASK_STATES = ("running", "succeeded", "failed", "expired", "checkpoint", "cancelled")
+#: the states of a site task in its gateway's mirror reports (protocol §3, "The mirror")
+SITE_TASK_STATES = ("queued", "assigned", "running", "succeeded", "failed", "cancelled", "expired")
+_SITE_TASK_ID = re.compile(r"^s-[0-9a-f]{24}$")
+_SITE_TASK_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 #: rejection reasons the gateway is told about (it then drops the message from its outbox)
 #: (not ``unknown_sender``/``unknown_key``: the registry may catch up; not ``retired_key``: a message
 #: sealed before a rotation and held past its grace is kept, not destroyed, until an operator decides)
@@ -659,6 +674,12 @@ class Ingest:
                             data={"reason": "death", "seq": item.seq},
                         )
                     )
+            if out.site_task_changed and item.site_task is not None:  # a gateway's mirror (never scheduled here)
+                changed_tasks.append(item.site_task.task_id)
+            elif item.site_task is not None:
+                log.debug("site task report %s -> %s from %s seq %d changes nothing (an older report than the one "
+                          "applied, or the id is another site's or kind's)", item.site_task.task_id,
+                          item.site_task.state, item.sender, item.seq)
             if out.task_state is not None and item.task is not None:
                 self.metrics.tasks.labels(state=out.task_state).inc()
                 changed_tasks.append(item.task.task_id)
@@ -713,7 +734,8 @@ class Ingest:
             parts = topics.parse(topic)
         except TopicError as exc:
             raise TopicMismatch(str(exc), **kw) from None
-        if not parts.uplink:
+        offload = parts.channel == topics.OFFLOAD_CHANNEL
+        if not parts.uplink and not offload:
             raise TopicMismatch(f"{topic!r} is not an uplink topic", **kw)
         if parts.node != h.sender:
             raise TopicMismatch(f"topic node {parts.node!r} is not the sender {h.sender!r}", **kw)
@@ -727,7 +749,13 @@ class Ingest:
             raise TopicMismatch(
                 f"topic site {parts.site!r} is not {h.sender!r}'s registered site {entry.site!r}", **kw
             )
-        if h.kind not in UPLINK_KINDS or KINDS[h.kind] != parts.channel:
+        if offload:
+            if h.kind != OFFLOAD_KIND:
+                raise TopicMismatch(f"a {h.kind!r} message does not belong on channel {parts.channel!r}", **kw)
+            if entry.role != "gateway":  # only a site's gateway schedules site tasks: nothing else offloads
+                raise TopicMismatch(f"{h.sender!r} is a {entry.role}: only a gateway of site {entry.site!r} offloads "
+                                    "site tasks to the cloud", **kw)
+        elif h.kind not in UPLINK_KINDS or KINDS[h.kind] != parts.channel:
             raise TopicMismatch(f"a {h.kind!r} message does not belong on channel {parts.channel!r}", **kw)
 
         invalid = None
@@ -744,10 +772,11 @@ class Ingest:
             received=received,
             trace=h.trace,
             kv=h.key_version,
+            expires=h.expires if _uint(h.expires) else None,
         )
         if invalid is None:
             try:
-                item = self._effects(item, parts, opened.body, received)
+                item = self._effects(item, parts, opened.body, received, entry)
             except BodyError as exc:
                 invalid = str(exc)
         wanted = self.for_apps is not None and invalid is None and self.for_apps(topic)
@@ -759,9 +788,15 @@ class Ingest:
                 wanted = False
         return _Prepared(index, item, parts.site, invalid, opened.body if wanted else None)
 
-    def _effects(self, item: IngestItem, parts: topics.TopicParts, body: Any, received: int) -> IngestItem:
+    def _effects(self, item: IngestItem, parts: topics.TopicParts, body: Any, received: int,
+                 entry: NodeKey) -> IngestItem:
         if not _is_map(body):
             raise BodyError(f"{item.kind} body must be a map with text keys, got {type(body).__name__}")
+        if parts.channel == topics.OFFLOAD_CHANNEL:
+            _check_offload(body)
+            return item  # no effect in the store: the stored body goes to the site offload runner
+        if item.kind == "task_result" and "site_task" in body:
+            return replace(item, site_task=_site_task_report(body, item.sender, entry))
         if item.kind in ("birth", "status", "death"):
             state = body.get("state", "offline" if item.kind == "death" else "online")
             if state not in ("online", "offline"):
@@ -852,3 +887,75 @@ class Ingest:
             )
         raise BodyError(f"kind {item.kind!r} is not an uplink kind")  # unreachable: rule 7 checked it
 
+
+
+def _check_offload(body: dict[str, Any]) -> None:
+    """A gateway's offload (a ``task_cmd`` on its ``task/offload``, protocol §3): the fields the cloud
+    needs to take it once per ``(task_id, attempt)``. ``handler`` and ``args`` are checked when it is run
+    (a bad one is answered ``failed``, as the gateway's own pool does)."""
+    task_id = body.get("task_id")
+    if not isinstance(task_id, str) or not 0 < len(task_id) <= 200:
+        raise BodyError("task_cmd field 'task_id' must be text of 1..200 characters")
+    if "cancel" in body and not isinstance(body["cancel"], bool):
+        raise BodyError("task_cmd field 'cancel' must be a bool")
+    if body.get("attempt") is not None and not _uint(body["attempt"]):
+        raise BodyError("task_cmd field 'attempt' must be uint or null")
+    if body.get("deadline") is not None and not _uint(body["deadline"]):
+        raise BodyError("task_cmd field 'deadline' must be uint ms below 2^63 or null")
+    if body.get("checkpoint") is not None and not _is_map(body["checkpoint"]):
+        raise BodyError("task_cmd field 'checkpoint' must be a map or null")
+    check_storable(body, "task_cmd body")  # what the handler gets must be what a JSON store keeps
+
+
+def _site_task_report(body: dict[str, Any], gateway: str, entry: NodeKey) -> SiteTaskReport:
+    """Check a gateway's mirror of a site task (protocol §3, "The mirror"); :class:`BodyError` names the
+    field at fault. The task id must be the one its origin and key make, so a gateway cannot write over
+    another site's task (the store also keeps each row to its site)."""
+    if entry.role != "gateway":
+        raise BodyError(f"task_result field 'site_task': {gateway!r} is a {entry.role}; only a gateway mirrors "
+                        "site tasks")
+    st = body["site_task"]
+    if not _is_map(st):
+        raise BodyError("task_result field 'site_task' must be a map")
+    task_id, state = body.get("task_id"), body.get("state")
+    if not isinstance(task_id, str) or not _SITE_TASK_ID.match(task_id):
+        raise BodyError("task_result field 'task_id' of a site task must be 's-' and 24 lowercase hex digits")
+    if state not in SITE_TASK_STATES:
+        raise BodyError(f"task_result state of a site task must be one of {SITE_TASK_STATES}, got {state!r}")
+    result, error = body.get("result"), body.get("error")
+    if result is not None and not _is_map(result):
+        raise BodyError("task_result field 'result' must be a map or null")
+    check_storable(result, "task_result result")
+    if error is not None and not isinstance(error, str):
+        raise BodyError("task_result field 'error' must be text or null")
+    origin, key = st.get("origin"), st.get("key")
+    try:
+        topics.check_name(origin, "site_task field 'origin'")
+    except TopicError as exc:
+        raise BodyError(str(exc)) from None
+    if not isinstance(key, str) or not _SITE_TASK_KEY.match(key):
+        raise BodyError("site_task field 'key' must be 1-128 characters from A-Z a-z 0-9 _ . : -")
+    if task_id != "s-" + hashlib.sha256(f"{origin}/{key}".encode()).hexdigest()[:24]:
+        raise BodyError(f"task_id {task_id!r} is not the id of {origin!r}'s submission {key!r} "
+                        "('s-' + the first 24 hex digits of SHA-256(origin/key))")
+    handler, priority, data_class, node = st.get("handler"), st.get("priority"), st.get("data_class"), st.get("node")
+    if not isinstance(handler, str) or not 0 < len(handler) <= 200:
+        raise BodyError("site_task field 'handler' must be text of 1..200 characters")
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
+        raise BodyError("site_task field 'priority' must be an integer 0..9")
+    for name, value in (("data_class", data_class), ("node", node)):
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise BodyError(f"site_task field {name!r} must be text (at most 200 characters) or null")
+    attempts, submitted, finished = st.get("attempts"), st.get("submitted"), st.get("finished")
+    for name, value, nullable in (("attempts", attempts, False), ("submitted", submitted, False),
+                                  ("finished", finished, True)):
+        if not (_uint(value) or (nullable and value is None)):
+            raise BodyError(f"site_task field {name!r} must be uint{' or null' if nullable else ''}")
+    explain = st.get("explain")
+    if not isinstance(explain, str):
+        raise BodyError("site_task field 'explain' must be text")
+    return SiteTaskReport(
+        task_id=task_id, state=state, gateway=gateway, site=entry.site, origin=origin, key=key, handler=handler,
+        priority=priority, data_class=data_class, node=node, attempts=attempts, submitted=submitted,
+        finished=finished, explain=explain, result=result, error=error,
+    )

@@ -25,7 +25,7 @@ REJECT_REASONS = (
     "wrong_recipient",
     "replay",
 )
-MESSAGE_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result")
+MESSAGE_KINDS = ("birth", "status", "death", "telemetry", "event", "task_result", "task_cmd")  # task_cmd: offloads
 
 
 class CloudMetrics:
@@ -85,6 +85,21 @@ class CloudMetrics:
             ["state"],
             registry=r,
         )
+        self.site_offloads = Counter(
+            "cwsnet_cloud_site_offloads",
+            "Site tasks gateways offloaded to the cloud's workers (protocol §3, site tasks), by outcome: started "
+            "(taken to run), then succeeded, failed, cancelled or expired as each run ends; refused (answered "
+            "failed without running: cloud_workers 0, no handler or args); stale (its exp had passed: not run, "
+            "not answered)",
+            ["outcome"],
+            registry=r,
+        )
+        self.site_offload_replies_dropped = Counter(
+            "cwsnet_cloud_site_offload_replies_dropped",
+            "Reports on offloaded site tasks dropped unsent because a gateway's queue of unsent replies was "
+            "full (the link stayed down); the gateway's lease moves such a task",
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "cwsnet_cloud_broker_connected", "1 while ingest is connected to the cloud broker", registry=r
         )
@@ -102,6 +117,8 @@ class CloudMetrics:
             self.received.labels(kind=kind)
         for state in TASK_STATES:
             self.tasks.labels(state=state)
+        for outcome in ("started", "succeeded", "failed", "cancelled", "expired", "refused", "stale"):
+            self.site_offloads.labels(outcome=outcome)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format 0.0.4 (see :data:`CONTENT_TYPE`)."""

@@ -157,14 +157,18 @@ class Task:
     deadline: int | None = None
     dispatched: int | None = None
     attempts: int = 0
-    #: "direct": sent to ``target`` as asked; "scheduled": placed by the workload scheduler (cloud/tasks.py)
+    #: "direct": sent to ``target`` as asked; "scheduled": placed by the workload scheduler (cloud/tasks.py);
+    #: "site": submitted by a device and scheduled by its gateway, mirrored here (read-only for the cloud)
     kind: str = "direct"
     site: str | None = None
-    node: str | None = None  # scheduled: the executor it runs on (or ran on last)
-    placement: str | None = None  # scheduled: the explanation of where it runs and why
-    sched: dict[str, Any] | None = None  # scheduled: the scheduler's record (cwsnet.scheduler.Task.to_record)
+    node: str | None = None  # scheduled, site: the executor it runs on (or ran on last)
+    placement: str | None = None  # scheduled, site: the explanation of where it runs and why
+    #: scheduled: the scheduler's record (cwsnet.scheduler.Task.to_record); site: what the gateway's mirror
+    #: said beyond the columns (``gateway``, ``seq`` of the report applied, ``key``, ``priority``, ``data_class``)
+    sched: dict[str, Any] | None = None
     idempotency_key: str | None = None
     disagreement: Any = None  # replicas (majority) that returned different results: [[node, result], ...]
+    origin: str | None = None  # site: the device that submitted it
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +213,32 @@ class TaskReport:
 
 
 @dataclass(frozen=True, slots=True)
+class SiteTaskReport:
+    """A gateway's mirror of one of its site tasks (docs/protocol.md §3, "The mirror"), checked by ingest.
+
+    Stored as a tasks row of kind ``site``; a report whose gateway ``seq`` is not newer than the one
+    applied to the row changes nothing (reports of an outage may arrive out of order).
+    """
+
+    task_id: str
+    state: str
+    gateway: str
+    site: str
+    origin: str
+    key: str
+    handler: str
+    priority: int
+    data_class: str | None
+    node: str | None
+    attempts: int
+    submitted: int
+    finished: int | None
+    explain: str
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class IngestItem:
     """One authenticated message and what storing it changes. Effects apply only if it is new."""
 
@@ -226,6 +256,8 @@ class IngestItem:
     readings: tuple[Reading, ...] = ()
     event: NewEvent | None = None
     task: TaskReport | None = None
+    site_task: SiteTaskReport | None = None  # a gateway's site-task mirror (its task_result with site_task)
+    expires: int | None = None  # the clear header's exp (ms), if any: an offload past it is not run
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,12 +266,14 @@ class IngestOutcome:
 
     ``outcome`` is ``"stored"`` or ``"duplicate"`` (``(sender, seq)`` was already stored);
     ``node_changed`` says a status effect changed the registry row; ``task_state`` is the task's
-    new state when a task report moved it.
+    new state when a task report moved it; ``site_task_changed`` says a gateway's mirror report
+    created or updated its site task's row.
     """
 
     outcome: Outcome
     node_changed: bool = False
     task_state: str | None = None
+    site_task_changed: bool = False
 
 
 # -- the interface ------------------------------------------------------------------------------
@@ -359,7 +393,8 @@ class Store(Protocol):
     def mark_dispatched(self, task_id: str, *, now: int | None = None) -> None: ...
 
     def list_tasks(
-        self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None
+        self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None,
+        kind: str | None = None,
     ) -> Page[Task]: ...
 
     def queued_tasks_for(self, node: str) -> list[Task]: ...
@@ -500,8 +535,8 @@ class SqliteStore(Store):
             )
             have = set(db["tasks"].columns_dict)
             for col, typ in (("kind", str), ("site", str), ("node", str), ("placement", str), ("sched", str),
-                             ("idempotency_key", str), ("disagreement", str)):
-                if col not in have:  # databases made before the workload scheduler (issue 7)
+                             ("idempotency_key", str), ("disagreement", str), ("origin", str)):
+                if col not in have:  # databases made before the workload scheduler (issue 7) or site tasks
                     db["tasks"].add_column(col, typ)
             db.execute("create unique index if not exists idx_tasks_key on tasks (idempotency_key) "
                        "where idempotency_key is not null")
@@ -679,6 +714,7 @@ class SqliteStore(Store):
                     )
                 if item.event is not None:
                     self._insert_events(conn, [item.event])
+                site_task_changed = item.site_task is not None and self._apply_site_task(conn, item)
                 if item.task is not None and item.task.state in DIRECT_REPORTS:
                     t = item.task
                     moved = self._transition(
@@ -693,10 +729,47 @@ class SqliteStore(Store):
                         now=item.received,
                     )
                     task_state = t.state if moved else None
-                outcomes.append(IngestOutcome("stored", node_changed=node_changed, task_state=task_state))
+                outcomes.append(IngestOutcome("stored", node_changed=node_changed, task_state=task_state,
+                                              site_task_changed=site_task_changed))
             if telemetry_rows:
                 self.db["telemetry"].insert_all(telemetry_rows, ignore=True, batch_size=500)
         return outcomes
+
+    @staticmethod
+    def _apply_site_task(conn: sqlite3.Connection, item: IngestItem) -> bool:
+        """Upsert the site task a gateway's mirror report describes; True if the row changed.
+
+        The row is the gateway's: it is written only as kind ``site``, of the report's site, and only
+        by a report newer (by that gateway's ``seq``) than the one applied; a row of another kind or
+        another site with the same id is never touched. The idempotency key
+        ``site:{gateway}:{origin}:{key}`` is kept unless another task already holds it (then None:
+        the unique index must never make a gateway's report fail the ingest batch).
+        """
+        st = item.site_task
+        assert st is not None
+        key: str | None = f"site:{st.gateway}:{st.origin}:{st.key}"
+        holder = conn.execute("select id from tasks where idempotency_key = ?", [key]).fetchone()
+        if holder is not None and holder[0] != st.task_id:
+            key = None
+        sched = {"gateway": st.gateway, "seq": item.seq, "key": st.key, "priority": st.priority,
+                 "data_class": st.data_class}
+        updated = st.finished if st.finished is not None else item.ts
+        cur = conn.execute(
+            "insert into tasks (id, target, handler, args, state, result, error, created, updated, started, finished, "
+            "deadline, attempts, kind, site, node, placement, sched, idempotency_key, origin) "
+            "values (?, '', ?, '{}', ?, ?, ?, ?, ?, null, ?, null, ?, 'site', ?, ?, ?, ?, ?, ?) "
+            "on conflict(id) do update set state = excluded.state, result = excluded.result, "
+            "error = excluded.error, updated = excluded.updated, finished = excluded.finished, "
+            "attempts = excluded.attempts, node = excluded.node, placement = excluded.placement, "
+            "sched = excluded.sched, handler = excluded.handler, origin = excluded.origin "
+            "where tasks.kind = 'site' and tasks.site = excluded.site "
+            # another gateway's seq says nothing about this one's order: its report is taken as it comes
+            "and (json_extract(tasks.sched, '$.gateway') is not json_extract(excluded.sched, '$.gateway') "
+            "or coalesce(json_extract(tasks.sched, '$.seq'), -1) < json_extract(excluded.sched, '$.seq'))",
+            [st.task_id, st.handler, st.state, to_json(st.result), st.error, st.submitted, updated, st.finished,
+             st.attempts, st.site, st.node, st.explain, to_json(sched), key, st.origin],
+        )
+        return cur.rowcount > 0
 
     @staticmethod
     def _apply_status(conn: sqlite3.Connection, item: IngestItem) -> bool:
@@ -854,6 +927,7 @@ class SqliteStore(Store):
             sched=_from_json(row.get("sched")),
             idempotency_key=row.get("idempotency_key"),
             disagreement=_from_json(row.get("disagreement")),
+            origin=row.get("origin"),
         )
 
     def create_task(
@@ -953,7 +1027,8 @@ class SqliteStore(Store):
         sql = (
             "update tasks set state = ?, result = coalesce(?, result), error = coalesce(?, error), "
             "started = coalesce(?, started), finished = coalesce(?, finished), updated = ? "
-            f"where id = ? and state in ({marks})"
+            # only direct tasks move this way (scheduled ones are the scheduler's, site ones their gateway's)
+            f"where id = ? and state in ({marks}) and coalesce(kind, 'direct') = 'direct'"
         )
         params: list[Any] = [state, to_json(result), error, started, finished, now, task_id, *sources]
         if target is not None:
@@ -996,7 +1071,8 @@ class SqliteStore(Store):
             )
 
     def list_tasks(
-        self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None
+        self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None,
+        kind: str | None = None,
     ) -> Page[Task]:
         clauses, params = [], []
         if state is not None:
@@ -1005,6 +1081,9 @@ class SqliteStore(Store):
         if target is not None:
             clauses.append("target = ?")
             params.append(target)
+        if kind is not None:  # rows made before the scheduler have no kind: they are direct
+            clauses.append("coalesce(kind, 'direct') = ?")
+            params.append(kind)
         where = " where " + " and ".join(clauses) if clauses else ""
         with self._lock:
             total = self._scalar(f"select count(*) from tasks{where}", params)
@@ -1023,7 +1102,7 @@ class SqliteStore(Store):
 
     def overdue_tasks(self, now: int) -> list[Task]:
         rows = self._rows(
-            "select * from tasks where kind is not 'scheduled' and deadline is not null and "
+            "select * from tasks where coalesce(kind, 'direct') = 'direct' and deadline is not null and "
             "((state = 'queued' and deadline < ?) "
             "or (state = 'running' and deadline < ?)) order by created",
             [now, now - self.RUNNING_GRACE_MS],

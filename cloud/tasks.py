@@ -49,42 +49,22 @@ from cwsnet.scheduler import (
     Scheduler,
     Submitted,
     Task,
+    executor_status,
 )
 
 log = logging.getLogger("cwsnet.cloud.tasks")
 
 #: how long an API call waits for the event loop to take a submission / answer a question
 API_WAIT = 10.0
-#: an executor that does not say how often it reports is assumed to every this many seconds
-DEFAULT_STATUS_INTERVAL = 10.0
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+def cloud_handlers(names: list[str] | None) -> dict[str, Any]:
+    """The cloud's handler registry (config ``handlers``; None: the built-ins and installed plugins, not
+    ``shell``). One registry serves the cloud's scheduled workers and the site tasks gateways offload to it
+    (cloud/site_offload.py), so both run exactly the same handlers. ``ConfigError`` for an unknown name."""
+    from edge_agent.handlers import defaults, registry
 
-
-def executor_status(node: str, role: str, site: str, body: dict[str, Any]) -> ExecutorStatus | None:
-    """An executor's status from its ``birth``/``status`` body; None for a node that runs no scheduled
-    work (no ``slots``: the firmware, an old agent)."""
-    slots = body.get("slots")
-    if role not in ("device", "gateway") or not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
-        return None
-    cpu = _num(body.get("cpu"))
-    handlers = body.get("handlers")
-    caps = body.get("capabilities")
-    tasks = body.get("tasks")
-    interval = _num(body.get("interval"))
-    return ExecutorStatus(
-        node, role, site, capacity=min(slots, 1024),
-        capabilities=frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else frozenset(),
-        handlers=frozenset(h for h in handlers if isinstance(h, str)) if isinstance(handlers, list) else None,
-        cpu=None if cpu is None else max(0.0, min(1.0, cpu / 100.0)),
-        mem_free=body.get("mem_free") if isinstance(body.get("mem_free"), int) else None,
-        battery=_num(body.get("battery")),
-        queue=len(tasks) if isinstance(tasks, list) else None,
-        running=tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None,
-        interval=min(interval, 3600.0) if interval and interval > 0 else DEFAULT_STATUS_INTERVAL,
-    )
+    return registry(names) if names is not None else defaults()
 
 
 class TaskService:
@@ -97,11 +77,7 @@ class TaskService:
         self.store, self.endpoint, self.link = store, endpoint, link
         self.node, self.clock, self.fanout, self.metrics = node, clock, fanout, metrics
         self.lease, self.workers, self.publish_timeout = lease, workers, publish_timeout
-        if handlers is None:
-            from edge_agent.handlers import defaults
-
-            handlers = defaults()
-        self.handlers = handlers
+        self.handlers = handlers if handlers is not None else cloud_handlers(None)
         self.sched = Scheduler(OffloadEngine(policies), lease=lease)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
@@ -135,6 +111,8 @@ class TaskService:
         back, task results move scheduled tasks."""
         if not isinstance(body, dict) or sender == self.node:  # (the cloud's own workers report directly)
             return
+        if kind == "task_result" and "site_task" in body:  # a gateway's site task: its scheduler's, never ours
+            return
         if not self._ready.is_set():  # the open tasks are being restored: their results must find them
             self._early.append((sender, role, site, kind, body))
             return
@@ -154,21 +132,8 @@ class TaskService:
             self._result(sender, body, now)
 
     def _result(self, sender: str, body: dict[str, Any], now: float) -> None:
-        tid, state = body.get("task_id"), body.get("state")
-        if not isinstance(tid, str) or self.sched.get(tid) is None:
-            return  # a direct task (ingest stored it) or unknown here
-        attempt = body.get("attempt") if isinstance(body.get("attempt"), int) else None
-        if state == "running":
-            self._apply(self.sched.started(tid, sender, now, attempt), tid)
-        elif state == "checkpoint":
-            data = body.get("checkpoint")
-            self._apply(self.sched.checkpoint(tid, sender, data if isinstance(data, dict) else None, now, attempt), tid)
-        elif state == "succeeded":
-            self._apply(self.sched.finished(tid, sender, True, body.get("result"), None, now, attempt))
-        elif state in ("failed", "expired"):
-            error = body.get("error") if isinstance(body.get("error"), str) else f"{state} (no error given)"
-            self._apply(self.sched.finished(tid, sender, False, None, error, now, attempt))
-        # "cancelled": the executor stopped because it was told to; nothing to do
+        # a direct task's (ingest stored it) or one unknown here: no command
+        self._apply(self.sched.report(sender, body, now), body.get("task_id") if isinstance(body, dict) else None)
 
     # ---- commands ----
 

@@ -47,6 +47,7 @@ def task_view(task: Task) -> dict[str, Any]:
     return {
         "id": task.id,
         "target": task.target,
+        "origin": task.origin,
         "handler": task.handler,
         "args": task.args,
         "state": task.state,

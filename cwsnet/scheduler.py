@@ -420,6 +420,7 @@ class Executor:
     draining: bool = False
     reports_tasks: bool = False  # its heartbeats list its tasks: a task it stops listing is lost
     lost_at: float | None = None
+    lost_why: str = ""  # why it was lost (silent past its lease, its death message, unreachable)
     drain_reported: bool = False
     interval: float | None = None  # its idle status interval (see ExecutorStatus)
     busy_since: float = 0.0  # when it was last given a task while holding none
@@ -794,7 +795,7 @@ class Scheduler:
         return self._flush()
 
     def _lose_executor(self, ex: Executor, now: float, reason: str) -> None:
-        ex.live, ex.lost_at = False, now
+        ex.live, ex.lost_at, ex.lost_why = False, now, reason
         tids = tuple(sorted(ex.running))
         self._out.append(ExecutorLost(ex.node, reason, tids))
         for tid in tids:
@@ -1123,7 +1124,8 @@ class Scheduler:
             if ex.tier != "cloud" and ex.site != site:
                 continue  # other sites' executors are never offered
             if not ex.live:
-                why: str | None = "lease lost" if ex.lost_at is not None else "offline"
+                why: str | None = (f"lost: {ex.lost_why}" if ex.lost_why else "lease lost") if ex.lost_at is not None \
+                    else "offline"
             elif ex.draining:
                 why = "draining"
             elif ex.node in exclude:
