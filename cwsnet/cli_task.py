@@ -1,5 +1,8 @@
 """``cwsnet task run|list|show|cancel`` and ``cwsnet node list|drain|undrain``: work over the REST API.
 
+(``cwsnet task submit`` is the exception: run on a device, it submits a *site task* through the
+device's own agent to its gateway, by a row in the agent's ``submissions.db``; no API, no token.)
+
 Unlike ``cwsnet operator`` these talk to a running cloud's REST API (``/api/v1/tasks``,
 ``/api/v1/nodes``) with an API token, so they work from any machine that reaches it. Where:
 ``--url``, else ``$CWSNET_URL``, else the port in the home lab's cloud config
@@ -229,7 +232,7 @@ def _deadline(ms: int) -> str:
 
 
 def _where(t: dict[str, Any]) -> str:
-    return (t.get("node") or "-") if t.get("kind") == "scheduled" else (t.get("target") or "-")
+    return (t.get("node") or "-") if t.get("kind") in ("scheduled", "site") else (t.get("target") or "-")
 
 
 def _compact(value: Any) -> str:
@@ -446,6 +449,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             ("node" if kind == "scheduled" else "target", _where(t))]
     if kind == "scheduled":
         rows.append(("site", t.get("site") or "- (the cloud's workers only)"))
+    elif kind == "site":  # submitted by a device, scheduled by its gateway (it keeps the args)
+        rows[1:] = [("state", t["state"]), ("node", t.get("node") or "-"), ("site", t.get("site") or "-"),
+                    ("origin", t.get("origin") or "-")]
     rows += [("attempts", str(t.get("attempts", 0))), ("created", _when(t.get("created"))),
              ("updated", _when(t.get("updated")))]
     if t.get("deadline") is not None:
@@ -540,6 +546,132 @@ def cmd_undrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- task submit: a site task, through this device's agent to its gateway ---------------------------------------
+
+SUBMIT_EPILOG = (
+    "Unlike `task run` (which goes through the cloud's REST API), this goes through the CWSNet agent running on "
+    "this device: the submission is written to {data_dir}/submissions.db (data_dir from the agent's config), the "
+    "agent picks it up within a second and sends it, sealed, to its site gateway, whose scheduler places it (on "
+    "this device, another device of the site, the gateway or the cloud: the site's offload policies) and reports "
+    "the outcome back to the agent. While the gateway is away the submission waits in the agent's outbox; while "
+    "the agent is not running it waits in submissions.db. Run it as the agent's user (it writes the agent's data "
+    "dir). Examples: `cwsnet task submit --config agent.yaml echo --args '{\"x\": 1}' --wait`; `cwsnet task "
+    "submit --config agent.yaml sha256 --args '{\"data\": \"aGVsbG8=\"}' --key nightly-1 --priority 8`. "
+    "Exit codes: 0 submitted (with --wait: it succeeded); 1 with --wait: it failed, was cancelled or expired; "
+    "2 bad flags or values, an unreadable agent config or bundle, an agent without a gateway, or --timeout ran out "
+    "(the agent may not be running)."
+)
+#: seconds after which `--wait` says the agent has not picked the submission up yet
+SUBMIT_HINT_AFTER = 5.0
+
+
+def _submit_args(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        loaded = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--args: not valid JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--args: expected a JSON object ({{\"key\": value, ...}}), got {type(loaded).__name__}")
+    return loaded
+
+
+def _agent_submissions(config: str) -> tuple[Any, Any, Any]:
+    """(the agent's config, its bundle, its submissions.db) from the agent's config file."""
+    import sqlite3
+
+    from cwsnet.bundle import Bundle
+    from cwsnet.config import AgentConfig, load_config
+    from edge_agent.submissions import Submissions
+
+    cfg = load_config(config, AgentConfig)
+    bundle = Bundle.load(cfg.identity_file)
+    if bundle.gateway is None:
+        raise ConfigError(f"{config}: the agent's bundle {cfg.identity_file} names no gateway: site tasks go through "
+                          "a gateway (use `cwsnet task run` to submit through the cloud's API instead)")
+    try:
+        subs = Submissions.in_dir(cfg.data_dir)
+    except (sqlite3.Error, OSError) as exc:
+        raise ConfigError(f"{cfg.data_dir}: cannot open the agent's submissions.db: {exc} (run this as the agent's "
+                          "user)") from None
+    return cfg, bundle, subs
+
+
+def _wait_submission(subs: Any, key: str, config: str, limit: float | None, quiet: bool) -> tuple[Any, bool]:
+    """Poll the submission until it has an outcome or ``limit`` seconds pass: (the row, finished?)."""
+    started = time.monotonic()
+    deadline = None if limit is None else started + limit
+    hinted = False
+    while True:
+        row = subs.get(key)
+        if row is None or row.final:
+            return row, row is not None
+        now = time.monotonic()
+        if not hinted and not quiet and row.state == "new" and now - started >= SUBMIT_HINT_AFTER:
+            hinted = True
+            print(f"  not picked up by the agent yet: is it running (`cwsnet agent --config {config}`)?",
+                  file=sys.stderr, flush=True)
+        if deadline is not None and now >= deadline:
+            return row, False
+        time.sleep(POLL if deadline is None else max(0.0, min(POLL, deadline - now)))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from edge_agent.submissions import new_key
+
+    if args.timeout is not None and not args.wait:
+        raise ConfigError("--timeout: only with --wait (how long to wait for the outcome)")
+    task_args = _submit_args(args.submit_args)
+    _cfg, bundle, subs = _agent_submissions(args.agent_config)
+    try:
+        key = args.key if args.key is not None else new_key()
+        try:
+            sub, added = subs.add_new(bundle.identity.node, key, args.handler, task_args, priority=args.priority,
+                                      max_attempts=args.max_attempts, data_class=args.data_class)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{subs.path}: cannot record the submission: {exc} (run this as the agent's user)") \
+                from None
+        if not args.json:
+            if added:
+                print(f"site task {key} (task id {sub.task_id}) submitted to the local agent of {bundle.identity.node}, "
+                      f"for gateway {bundle.gateway}", flush=True)
+            else:
+                print(f"site task {key} (task id {sub.task_id}) was already submitted ({sub.state}); nothing new was "
+                      "made", flush=True)
+        if not args.wait:
+            if args.json:
+                _print_json(sub.to_json())
+            return 0
+        row, finished = _wait_submission(subs, key, args.agent_config, args.timeout, args.json)
+    finally:
+        subs.close()
+    if row is None:
+        raise CwsError(f"{subs.path}: the submission {key!r} disappeared while waiting for it")
+    if args.json:
+        _print_json(row.to_json())
+    elif finished:
+        print(f"site task {key} {row.state}" + (f" on {row.node}" if row.node else ""))
+        if row.result is not None:
+            print(f"result: {_compact(row.to_json()['result'])}")
+        if row.error:
+            print(f"error: {row.error}")
+    if not finished:
+        if row.state == "new":
+            print(f"cwsnet: site task {key} was not picked up within {args.timeout:g} s: the agent may not be running "
+                  f"(`cwsnet agent --config {args.agent_config}`); it stays in {subs.path} and goes when the agent "
+                  "runs", file=sys.stderr)
+        else:
+            print(f"cwsnet: site task {key} is still {row.state} after {args.timeout:g} s, waiting for gateway "
+                  f"{bundle.gateway}'s outcome; it goes on (its outcome will be in {subs.path})", file=sys.stderr)
+        return 2
+    return 0 if row.state == "succeeded" else 1
+
+
 # -- parser ----------------------------------------------------------------------------------------------------
 
 
@@ -570,7 +702,9 @@ def add_parser(sub: Any) -> None:
         description="Submit and follow tasks through a running cloud's REST API. Without --target a task is "
                     "*scheduled*: the scheduler places it (offload policies) on a device, a gateway or the "
                     "cloud's own workers, leases it and moves it when its executor is lost; `task show` says "
-                    "where it ran and why. With --target it is a *direct* task for exactly that device.",
+                    "where it ran and why. With --target it is a *direct* task for exactly that device. "
+                    "`task submit` is the exception: run on a device, it goes through the device's agent to its "
+                    "site gateway (a site task), not through the API.",
         epilog=EXIT_CODES)
     tsub = tp.add_subparsers(dest="task_command", metavar="ACTION", required=True)
 
@@ -650,6 +784,38 @@ def add_parser(sub: Any) -> None:
     _json_flag(sp, "the cancelled task")
     _common(sp)
     sp.set_defaults(func=cmd_cancel)
+
+    sp = tsub.add_parser(
+        "submit", help="submit a site task through this device's agent to its gateway (not the cloud's API)",
+        description="Submit a *site task* from this device: the local CWSNet agent sends it to its site gateway, "
+                    "whose scheduler places and runs it and reports the outcome back. Prints the submission's key "
+                    "and task id. With --wait, poll the outcome (every 0.2 s) and print its state and result or "
+                    "error. No API token is needed: it goes through the agent (its config file), not the cloud's "
+                    "REST API.",
+        epilog=SUBMIT_EPILOG)
+    sp.add_argument("handler", metavar="HANDLER", help="the task handler, e.g. echo, sha256, sleep, count")
+    sp.add_argument("--config", dest="agent_config", required=True, metavar="AGENT_YAML",
+                    help="the agent's config file (as for `cwsnet agent --config`): its data_dir and bundle")
+    sp.add_argument("--args", dest="submit_args", metavar="JSON",
+                    help="the handler's arguments as a JSON object (default: {})")
+    sp.add_argument("--key", metavar="K",
+                    help="this device's name for the submission, 1-128 characters from A-Z a-z 0-9 _ . : - (default: "
+                         "a fresh random one); the same key with the same work is the same task, submitted once")
+    sp.add_argument("--priority", type=_int_in(0, 9), default=5, metavar="0-9", help="9 runs first, 0 last "
+                                                                                      "(default: 5)")
+    sp.add_argument("--max-attempts", dest="max_attempts", type=_int_in(1, 10), default=3, metavar="N",
+                    help="attempts the gateway gives it (a failure or a lost executor uses one) (default: 3)")
+    sp.add_argument("--data-class", dest="data_class", metavar="C",
+                    help="the class of its data for the site's offload policy (a keep_on_site class never goes to "
+                         "the cloud)")
+    sp.add_argument("--wait", action="store_true",
+                    help="wait for the outcome: exit 0 if it succeeded, 1 if it failed, was cancelled or expired")
+    sp.add_argument("--timeout", type=_seconds, metavar="S",
+                    help="with --wait: give up after S seconds, exit 2 (the task goes on) (default: wait until the "
+                         "outcome comes)")
+    sp.add_argument("--json", action="store_true",
+                    help="print the submission (with --wait: with its outcome) as JSON, as submissions.db holds it")
+    sp.set_defaults(func=cmd_submit)
 
     np_ = sub.add_parser(
         "node", help="list, drain and undrain the executors that run scheduled tasks",

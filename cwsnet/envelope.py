@@ -108,6 +108,8 @@ KINDS = {
     "task_result": "task/result",
     "ack": "ack",
     "config": "config",
+    "task_submit": "task/submit",  # site tasks (§3): device -> its gateway
+    "task_done": "task/cmd",  # site tasks: gateway -> device, the outcome of what it submitted
 }
 
 _REQUIRED = {"v": int, "id": bytes, "from": str, "to": str, "seq": int, "ts": int, "kind": str}

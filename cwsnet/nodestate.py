@@ -3,8 +3,9 @@
 WAL mode; each write commits before returning, so a SIGKILL never rolls a ``seq`` back.
 
 Tasks: one row per task id seen (the latest ``attempt`` accepted for it, None for a command without
-one, and whether it finished), so a node runs each task id, or each ``(task id, attempt)`` of a
-scheduled task, at most once, and reports what a restart interrupted.
+one, whether it finished, and which node assigned it: the cloud, or the device's gateway for a site
+task), so a node runs each task id, or each ``(task id, attempt)`` of a scheduled task, at most once,
+and reports what a restart interrupted to the node that gave it the task.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ class SeenTask:
     done: bool
 
 
+@dataclass(frozen=True, slots=True)
+class UnfinishedRun:
+    """A task accepted here whose final result was never delivered: the node stopped meanwhile."""
+
+    task_id: str
+    trace: str | None
+    attempt: int | None
+    assigner: str  # the node that sent its task_cmd, to which its results are sealed ("cloud" or a gateway)
+
+
 class NodeState:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,8 +49,8 @@ class NodeState:
         if "kv" not in self.db.table_names():
             self.db["kv"].create({"key": str, "value": str}, pk="key")
         if "seen_tasks" not in self.db.table_names():
-            self.db["seen_tasks"].create({"task_id": str, "ts": float, "done": int, "trace": str, "attempt": int},
-                                         pk="task_id")
+            self.db["seen_tasks"].create({"task_id": str, "ts": float, "done": int, "trace": str, "attempt": int,
+                                          "assigner": str}, pk="task_id")
         else:
             columns = self.db["seen_tasks"].columns_dict
             if "done" not in columns:  # state files from 0.1.0 development builds
@@ -47,6 +58,8 @@ class NodeState:
                 self.db["seen_tasks"].add_column("trace", str)
             if "attempt" not in columns:  # state files from before scheduled tasks (attempts)
                 self.db["seen_tasks"].add_column("attempt", int)
+            if "assigner" not in columns:  # state files from before site tasks (every task came from the cloud)
+                self.db["seen_tasks"].add_column("assigner", str)
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -82,22 +95,24 @@ class NodeState:
         return None if row is None else SeenTask(row[0], bool(row[1]))
 
     def mark_task(self, task_id: str, keep: int = 10000, trace: str | None = None,
-                  attempt: int | None = None) -> None:
-        """Record that ``task_id`` was accepted (before it runs: a node runs a task at most once).
+                  attempt: int | None = None, assigner: str = "cloud") -> None:
+        """Record that ``task_id`` was accepted (before it runs: a node runs a task at most once),
+        and from whom (``assigner``: its results, even a restart's "interrupted", are sealed to it).
 
         With an ``attempt`` (a scheduled task's lease number), a higher attempt than the one
         recorded replaces it (unfinished again: the task came back to this node); a lower or equal
         one changes nothing. Without one, a task id already recorded changes nothing."""
         with self.db.conn:
             if attempt is None:
-                self.db.execute("insert or ignore into seen_tasks (task_id, ts, done, trace) values (?, ?, 0, ?)",
-                                [task_id, time.time(), trace])
+                self.db.execute("insert or ignore into seen_tasks (task_id, ts, done, trace, assigner) "
+                                "values (?, ?, 0, ?, ?)", [task_id, time.time(), trace, assigner])
             else:
                 self.db.execute(
-                    "insert into seen_tasks (task_id, ts, done, trace, attempt) values (?, ?, 0, ?, ?) "
+                    "insert into seen_tasks (task_id, ts, done, trace, attempt, assigner) values (?, ?, 0, ?, ?, ?) "
                     "on conflict (task_id) do update set ts = excluded.ts, done = 0, trace = excluded.trace, "
-                    "attempt = excluded.attempt where coalesce(seen_tasks.attempt, 0) < excluded.attempt",
-                    [task_id, time.time(), trace, attempt])
+                    "attempt = excluded.attempt, assigner = excluded.assigner "
+                    "where coalesce(seen_tasks.attempt, 0) < excluded.attempt",
+                    [task_id, time.time(), trace, attempt, assigner])
             self.db.execute(
                 "delete from seen_tasks where task_id not in "
                 "(select task_id from seen_tasks order by ts desc limit ?)",
@@ -140,6 +155,12 @@ class NodeState:
         """Like :meth:`unfinished_tasks`, with the attempt each was accepted under (None: no attempt)."""
         return [(r[0], r[1], r[2]) for r in self.db.execute(
             "select task_id, trace, attempt from seen_tasks where coalesce(done, 1) = 0 order by ts").fetchall()]
+
+    def unfinished_runs(self) -> list[UnfinishedRun]:
+        """Like :meth:`unfinished_attempts`, with the node that assigned each (``cloud`` for rows
+        recorded before site tasks)."""
+        return [UnfinishedRun(r[0], r[1], r[2], r[3] or "cloud") for r in self.db.execute(
+            "select task_id, trace, attempt, assigner from seen_tasks where coalesce(done, 1) = 0 order by ts")]
 
     def close(self) -> None:
         self.db.close()

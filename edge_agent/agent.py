@@ -9,19 +9,29 @@ As an executor of the cloud's scheduler (docs/protocol.md §3, task_cmd), the ag
 third of the shortest lease while it holds one: the heartbeat that keeps them here), passes a
 :class:`~edge_agent.handlers.TaskContext` to handlers that take one (resume from a checkpoint, save
 checkpoints), and stops a task on a cancel command.
+
+Behind a gateway it also takes part in *site tasks* (docs/protocol.md §3, "Site tasks"): it submits
+work to its gateway (:meth:`Agent.submit_task`, or a ``new`` row that ``cwsnet task submit`` puts in
+``submissions.db``), records the gateway's ``task_done`` outcome, offers itself to the gateway's
+scheduler (its status, sealed to the gateway on ``task/status``) and runs the tasks the gateway
+assigns exactly as the cloud's, sealing each task's results to the node that assigned it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import platform
 import sqlite3
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 import cwsnet
 from cwsnet import custody, sdnotify, topics
@@ -30,7 +40,7 @@ from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
 from cwsnet.endpoint import Endpoint
 from cwsnet.envelope import MAX_CHECKPOINT, body_problem
-from cwsnet.errors import ConfigError
+from cwsnet.errors import ConfigError, CwsError
 from cwsnet.identity import file_signature
 from cwsnet.links import link_for
 from cwsnet.mqtt import AuthRefused, LinkDown, LinkError, Message, Will
@@ -38,6 +48,8 @@ from cwsnet.nodestate import NodeState
 from edge_agent.handlers import TaskContext, TaskFailed, registry, takes_context
 from edge_agent.outbox import CLASS_NAMES, PRIORITY, AgentOutbox
 from edge_agent.sensors import Sensor, build_sensor, system_snapshot
+from edge_agent.submissions import FINAL as SUBMISSION_FINAL
+from edge_agent.submissions import Submission, Submissions, new_key
 
 log = logging.getLogger("cwsnet.agent")
 
@@ -50,6 +62,11 @@ BUNDLE_POLL = 1.0
 TOKEN_SETTLE = 60.0
 #: seconds between two systemd STATUS= updates when systemd asks for no watchdog
 SYSTEMD_STATUS_EVERY = 5.0
+#: seconds between checks of submissions.db for submissions another process (`cwsnet task submit`) added
+SUBMISSION_POLL = 1.0
+
+#: called with (key, row) when the gateway reports how a site task this agent submitted ended
+TaskDoneCallback = Callable[[str, Submission], None]
 
 
 @dataclass(eq=False)
@@ -66,6 +83,7 @@ class _Held:
     entered: bool = False  # its run began (a task cancelled before that never runs its code)
     started: int | None = None  # ms, once it got a slot
     stop_reason: str | None = None  # set when a cancel (or a newer attempt) stops it
+    assigner: str = "cloud"  # who sent its task_cmd: its results are sealed to it (the cloud or our gateway)
 
     @property
     def scheduled(self) -> bool:
@@ -93,12 +111,15 @@ class _Unstored:
     trace: str | None
     delivered: asyncio.Future[bool]
     sealed: tuple[bytes, int] | None = None  # (payload, seq) once sealed: a retry reuses the seq
+    to: str | None = None  # the recipient, when the caller knows it (else :meth:`Agent._recipient` decides)
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, *, clock: Any = time.time) -> None:
+    def __init__(self, cfg: AgentConfig, *, clock: Any = time.time, on_task_done: TaskDoneCallback | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
+        #: called with (key, row) when the gateway reports how a site task this agent submitted ended
+        self.on_task_done = on_task_done
         bundle = Bundle.load_node(cfg.identity_file)
         self.bundle = bundle
         self.node = bundle.identity.node
@@ -111,6 +132,12 @@ class Agent:
         self._previous_token: str | None = None  # the MQTT token before the last rotation
         self._token_rotated_at = float("-inf")
         self.cloud_window = self.state.replay_window("cloud")
+        # commands (site tasks, their outcomes) from our gateway: a window over the gateway's seq, like the cloud's
+        self.gateway_window = self.state.replay_window(self.gateway) if self.gateway is not None else None
+        # site tasks this device submitted (shared with `cwsnet task submit` in other processes)
+        self.submissions = Submissions.in_dir(cfg.data_dir)
+        self._handed: set[str] = set()  # submission keys handed to the outbox in this run
+        self._submissions_retry = False  # a storage error left a `new` submission behind: look again
         self.handlers = registry(cfg.handlers)
         self._with_ctx = {name for name, fn in self.handlers.items() if takes_context(fn)}  # (args, ctx) handlers
         self.sensors: list[Sensor] = [build_sensor(s) for s in cfg.sensors]
@@ -277,10 +304,17 @@ class Agent:
         """Tasks this node accepted and never finished (it was killed or lost power meanwhile) are
         reported failed once delivered (with the attempt they ran under), so they never look `running`
         for ever; that attempt is not run again (the scheduler may send a newer one)."""
-        for task_id, trace, attempt in self.state.unfinished_attempts():
-            log.warning("task %s was interrupted by a restart; reporting it failed%s", task_id,
+        for run in self.state.unfinished_runs():
+            task_id, attempt = run.task_id, run.attempt
+            if run.assigner not in ("cloud", self.gateway):  # the bundle names another gateway now
+                log.warning("task %s was interrupted by a restart; gateway %s gave it, which is not this agent's "
+                            "gateway any more: not reported", task_id, run.assigner)
+                with contextlib.suppress(sqlite3.Error):  # else it is skipped again at the next start
+                    self.state.finish_attempt(task_id, attempt)
+                continue
+            log.warning("task %s was interrupted by a restart; reporting it failed to %s%s", task_id, run.assigner,
                         "" if attempt is None else f" (attempt {attempt})")
-            delivered = self._task_result(task_id, attempt, "failed", trace,
+            delivered = self._task_result(task_id, attempt, "failed", run.trace, to=run.assigner,
                                           error="interrupted: the agent restarted while running it")
             await self._finish_when_delivered(task_id, attempt, delivered)
 
@@ -302,7 +336,31 @@ class Agent:
             await self.link.publish(topic, payload, qos=1, retain=True)
         except LinkError:
             return
+        self._publish_task_status(body)
         self._wake_flush.set()
+
+    def _publish_task_status(self, body: dict[str, Any]) -> None:
+        """The executor status for the gateway's scheduler (protocol §3, site tasks): the same body as
+        the status just sent, sealed to the gateway on ``task/status``, straight on the link (not
+        retained, not stored: a lost one is replaced by the next). Only from an executor behind a
+        gateway, and only while connected (a stored one would renew no lease in time)."""
+        if self.gateway is None or self.slots <= 0 or self._tg is None or not self.link.connected.is_set():
+            return
+        topic = topics.task_status(self.site, self.node)
+        try:
+            payload, _ = self.endpoint.seal(topic, "status", body, to=self.gateway)
+        except sqlite3.Error as exc:  # no seq can be reserved: the next status tries again
+            self._storage_failed(exc)
+            return
+
+        async def publish() -> None:
+            try:
+                await self.link.publish(topic, payload, qos=1, retain=False)
+            except LinkError as exc:
+                log.info("executor status for gateway %s not sent (%s); the next status replaces it", self.gateway,
+                         exc)
+
+        self._tg.create_task(publish())
 
     # ---- sending ------------------------------------------------------------------------
     async def send(self, topic: str, kind: str, body: Any, *, retain: bool = False,
@@ -314,9 +372,10 @@ class Agent:
         return delivered
 
     def hand_over(self, topic: str, kind: str, body: Any, *, retain: bool = False,
-                  trace: str | None = None) -> asyncio.Future[bool]:
+                  trace: str | None = None, to: str | None = None) -> asyncio.Future[bool]:
         """Seal and store (or keep in memory while the disk refuses) without waiting for the network:
-        the flusher sends it. The future is :meth:`send`'s."""
+        the flusher sends it. The future is :meth:`send`'s. ``to``: the recipient, when the caller
+        knows it (a task's results go to whoever assigned the task); else :meth:`_recipient` decides."""
         delivered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if len(self._unstored) >= UNSTORED_MAX:  # the disk has been full for a while: lowest class goes first
             victim = min(self._unstored, key=lambda u: PRIORITY.get(u.kind, 0))
@@ -327,7 +386,7 @@ class Agent:
                 log.warning("disk still refusing writes: %s dropped from memory (%s so far)", victim.kind,
                             self._unstored_drops)
             victim.delivered.set_result(False)
-        self._unstored.append(_Unstored(topic, kind, body, retain, trace, delivered))
+        self._unstored.append(_Unstored(topic, kind, body, retain, trace, delivered, to=to))
         self._store_unstored()
         return delivered
 
@@ -343,14 +402,19 @@ class Agent:
                 self._routes_known = True
             try:
                 if u.sealed is None:  # sealing may reserve a seq block, which writes to the disk too
-                    payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to=self._recipient(u.kind, u.topic),
-                                                         trace=u.trace)
+                    to = u.to or self._recipient(u.kind, u.topic)
+                    payload, header = self.endpoint.seal(u.topic, u.kind, u.body, to=to, trace=u.trace)
                     u.sealed = (payload, header.seq)
                 payload, seq = u.sealed
                 added = self.outbox.add(seq, u.topic, payload, u.retain, u.kind)
             except sqlite3.Error as exc:  # disk full, I/O error: keep it in memory and retry
                 self._storage_failed(exc)
                 return
+            except (CwsError, ValueError) as exc:  # it can never be sealed (no key for its recipient): do not
+                self._unstored.popleft()           # let it stop the agent or hold back what follows
+                log.error("%s on %s cannot be sealed (%s); dropped", u.kind, u.topic, exc)
+                u.delivered.set_result(False)
+                continue
             self._unstored.popleft()
             if added:
                 self._delivered[seq] = u.delivered
@@ -495,13 +559,15 @@ class Agent:
             if time.monotonic() < last + self.status_every() - 0.001:
                 continue  # woken early (a lease arrived) or a moment early: wait for the new due time
             last = time.monotonic()
+            body = self.status_body()
+            self._publish_task_status(body)  # the gateway's scheduler hears the same, at the same pace
             if self.storage_error is None:
-                await self.send(topic, "status", self.status_body(), retain=True)
+                await self.send(topic, "status", body, retain=True)
                 continue
             # the outbox cannot be written: say so directly (not stored, like a birth), so the
             # operator sees the storage error while it lasts rather than after it
             try:
-                payload, _ = self.endpoint.seal(topic, "status", self.status_body(), to="cloud")
+                payload, _ = self.endpoint.seal(topic, "status", body, to="cloud")
                 await self.link.publish(topic, payload, qos=1, retain=True)
             except (LinkError, sqlite3.Error) as exc:
                 log.info("status not sent: %s", exc)
@@ -519,24 +585,40 @@ class Agent:
         if opened.header.kind == "config" and opened.header.sender == self.gateway and self.gateway is not None:
             self._routes_from_gateway(opened.header.seq, opened.body)
             return
-        if opened.header.sender != "cloud":
-            log.warning("rejected %s on %s: only the cloud sends commands", opened.header.kind, msg.topic)
+        kind, sender, seq = opened.header.kind, opened.header.sender, opened.header.seq
+        if sender == "cloud":
+            window = self.cloud_window
+        elif sender == self.gateway and self.gateway_window is not None and kind in ("task_cmd", "task_done"):
+            window = self.gateway_window  # site tasks (protocol §3): the gateway assigns work and reports outcomes
+        else:
+            log.warning("rejected %s on %s: only the cloud sends commands", kind, msg.topic)
             return
-        verdict = self.cloud_window.check(opened.header.seq)
+        verdict = window.check(seq)
         if verdict != "new":
-            log.warning("rejected %s seq %d from cloud: %s", opened.header.kind, opened.header.seq, verdict)
-            self._receipt(opened.header.seq)  # a copy the gateway held for us: it may forget it
+            log.warning("rejected %s seq %d from %s: %s", kind, seq, sender, verdict)
+            self._receipt(seq, sender)  # a copy the gateway held for us: it may forget it
             return
-        self.cloud_window.accept(opened.header.seq)
+        if kind == "task_done" and sender != "cloud":
+            try:
+                self._task_done(opened.body)  # idempotent: recorded before the seq is taken as seen
+                window.accept(seq)
+                self.state.save_replay_window(sender, window)
+            except sqlite3.Error as exc:  # no receipt: the gateway delivers it again
+                self._storage_failed(exc)
+                log.warning("task_done seq %d from %s not recorded: %s", seq, sender, exc)
+                return
+            self._receipt(seq, sender)
+            return
+        window.accept(seq)
         try:
-            self.state.save_replay_window("cloud", self.cloud_window)
-            if opened.header.kind == "task_cmd":
-                self._take_task(opened, msg.topic)
+            self.state.save_replay_window(sender, window)
+            if kind == "task_cmd":
+                self._take_task(opened, msg.topic, sender)
         except sqlite3.Error as exc:  # cannot record it (a task must be recorded before it runs): no receipt,
             self._storage_failed(exc)  # so the gateway delivers it again, and the cloud re-sends it at a birth
-            log.warning("%s seq %d from cloud not taken: %s", opened.header.kind, opened.header.seq, exc)
+            log.warning("%s seq %d from %s not taken: %s", kind, seq, sender, exc)
             return
-        self._receipt(opened.header.seq)
+        self._receipt(seq, sender)
 
     def _routes_from_gateway(self, seq: int, body: Any) -> None:
         """The gateway's routes (protocol §9): [[stream pattern, "gateway" | "cloud"], ...], first match
@@ -562,15 +644,21 @@ class Agent:
             self._wake_flush.set()
 
     def _recipient(self, kind: str, topic: str) -> str:
-        """``cloud``, or our gateway for telemetry of a stream the site keeps (routing policy)."""
+        """``cloud``, or our gateway for a site task submission and for telemetry of a stream the site
+        keeps (routing policy). (A task's results name their recipient when handed over: the node that
+        assigned the task.)"""
+        if kind == "task_submit" and self.gateway is not None:
+            return self.gateway
         if kind != "telemetry" or self.gateway is None or not self.routes:
             return "cloud"
         stream = topic.rsplit("/", 1)[-1]
         return self.gateway if topics.route_in_table(self.routes, stream) == "gateway" else "cloud"
 
-    def _take_task(self, opened: Any, topic: str) -> None:
-        """A task command (protocol §3): run it once per task id, or once per ``(task_id, attempt)``
-        for a scheduled one; a ``cancel`` stops what runs here and never starts anything."""
+    def _take_task(self, opened: Any, topic: str, assigner: str = "cloud") -> None:
+        """A task command (protocol §3) from ``assigner`` (the cloud, or our gateway for a site task):
+        run it once per task id, or once per ``(task_id, attempt)`` for a scheduled one; a ``cancel``
+        stops what runs here and never starts anything. Every result of the task is sealed to
+        ``assigner``."""
         body = opened.body if isinstance(opened.body, dict) else {}
         task_id = body.get("task_id")
         if not isinstance(task_id, str) or not task_id:
@@ -581,7 +669,7 @@ class Agent:
             log.warning("task %s: command with attempt %r (not an unsigned integer); ignored", task_id, attempt)
             return
         if body.get("cancel") is True:
-            self._cancel_task(task_id, attempt)
+            self._cancel_task(task_id, attempt, assigner)
             return
         seen = self.state.task_record(task_id)
         if seen is not None and (attempt is None or (seen.attempt or 0) >= attempt):
@@ -596,8 +684,10 @@ class Agent:
                                   or lease == float("inf")):
             log.warning("task %s: lease %r is not a positive number of seconds; taken as none", task_id, lease)
             lease = None
-        self.state.mark_task(task_id, trace=opened.header.trace, attempt=attempt)  # before it runs: at most once
-        held = _Held(task_id, attempt, None if lease is None else float(lease), opened.header.trace, body)
+        # recorded before it runs (at most once), with who gave it: a restart's report goes there too
+        self.state.mark_task(task_id, trace=opened.header.trace, attempt=attempt, assigner=assigner)
+        held = _Held(task_id, attempt, None if lease is None else float(lease), opened.header.trace, body,
+                     assigner=assigner)
         old = self._held.get(task_id)
         if old is not None:  # an older attempt still runs here: the scheduler moved on from it
             self._stop(old, f"superseded by attempt {attempt}")
@@ -610,14 +700,18 @@ class Agent:
         if held.lease is not None:
             self._wake_status.set()  # the next status (a heartbeat listing it) within a third of its lease
 
-    def _cancel_task(self, task_id: str, attempt: int | None) -> None:
-        """Stop ``task_id`` (only that ``attempt``, if given) if it is held here: it reports
-        ``cancelled``. Anything else is ignored, but a cancelled attempt not seen yet is remembered,
-        so its command, arriving late, does not run it."""
+    def _cancel_task(self, task_id: str, attempt: int | None, assigner: str = "cloud") -> None:
+        """Stop ``task_id`` (only that ``attempt``, if given) if it is held here and ``assigner`` gave
+        it: it reports ``cancelled``. Anything else is ignored, but a cancelled attempt not seen yet is
+        remembered, so its command, arriving late, does not run it."""
         held = self._held.get(task_id)
+        if held is not None and held.assigner != assigner:
+            log.warning("cancel of task %s from %s, which %s assigned; ignored", task_id, assigner, held.assigner)
+            return
         if held is not None and (attempt is None or attempt == held.attempt):
-            log.info("task %s (attempt %s): cancelled by the cloud", task_id, held.attempt)
-            self._stop(held, "cancelled by the cloud")
+            reason = "cancelled by the cloud" if assigner == "cloud" else f"cancelled by gateway {assigner}"
+            log.info("task %s (attempt %s): %s", task_id, held.attempt, reason)
+            self._stop(held, reason)
             return
         if attempt is not None and self.state.refuse_attempt(task_id, attempt):
             log.info("task %s attempt %d cancelled before it came here: it will not run", task_id, attempt)
@@ -630,14 +724,18 @@ class Agent:
             if held.entered and held.run is not None:  # else its run reports it cancelled as it begins
                 held.run.cancel()
 
-    def _receipt(self, cloud_seq: int) -> None:
-        """Tell our gateway that a command (cloud ``seq``) arrived, so it stops holding it for us.
-        Fire and forget: if the receipt is lost the gateway delivers again and we refuse the repeat."""
+    def _receipt(self, seq: int, of: str = "cloud") -> None:
+        """Tell our gateway that a command (``seq`` of sender ``of``: the cloud's, or the gateway's
+        own for a site task's command or outcome) arrived, so it stops holding it for us. Fire and
+        forget: if the receipt is lost the gateway delivers again and we refuse the repeat."""
         if self.gateway is None or self._tg is None:
             return
         topic = topics.receipt(self.site, self.node)
+        body: dict[str, Any] = {"received": [[seq, seq]]}
+        if of != "cloud":
+            body["of"] = of  # absent: the cloud's seqs (the receipt of before site tasks)
         try:
-            payload, _ = self.endpoint.seal(topic, "ack", {"received": [[cloud_seq, cloud_seq]]}, to=self.gateway)
+            payload, _ = self.endpoint.seal(topic, "ack", body, to=self.gateway)
         except sqlite3.Error as exc:  # the gateway delivers the command again; we refuse the repeat then
             self._storage_failed(exc)
             return
@@ -646,17 +744,18 @@ class Agent:
             try:
                 await self.link.publish(topic, payload, qos=1)
             except LinkError as exc:
-                log.info("receipt for cloud seq %d not sent (%s); the gateway will deliver again", cloud_seq, exc)
+                log.info("receipt for %s seq %d not sent (%s); the gateway will deliver again", of, seq, exc)
 
         self._tg.create_task(publish())
 
-    def _task_result(self, task_id: str, attempt: int | None, state: str, trace: str | None,
+    def _task_result(self, task_id: str, attempt: int | None, state: str, trace: str | None, *, to: str = "cloud",
                      **fields: Any) -> asyncio.Future[bool]:
-        """Hand a task_result to the outbox (the flusher sends it); the future says if it got through."""
+        """Hand a task_result, sealed to ``to`` (the node that assigned the task), to the outbox (the
+        flusher sends it); the future says if it got through."""
         body = {"task_id": task_id, "state": state, "result": None, "error": None} | fields
         if attempt is not None:
             body["attempt"] = attempt
-        delivered = self.hand_over(topics.task_result(self.site, self.node), "task_result", body, trace=trace)
+        delivered = self.hand_over(topics.task_result(self.site, self.node), "task_result", body, trace=trace, to=to)
         self._wake_flush.set()
         return delivered
 
@@ -665,7 +764,7 @@ class Agent:
         (nothing runs in between), so a status sealed after it no longer lists it."""
         if self._held.get(held.task_id) is held:
             del self._held[held.task_id]
-        return self._task_result(held.task_id, held.attempt, state, held.trace, **fields)
+        return self._task_result(held.task_id, held.attempt, state, held.trace, to=held.assigner, **fields)
 
     async def _checkpoint(self, held: _Held, data: dict[str, Any]) -> None:
         """A handler's ``ctx.save``: a ``checkpoint`` result, handed to the outbox (never waits for
@@ -673,7 +772,7 @@ class Agent:
         why = body_problem(data, "it", MAX_CHECKPOINT)
         if why is not None:
             raise TaskFailed(f"checkpoint cannot be sent ({why})")
-        self._task_result(held.task_id, held.attempt, "checkpoint", held.trace, checkpoint=data)
+        self._task_result(held.task_id, held.attempt, "checkpoint", held.trace, to=held.assigner, checkpoint=data)
 
     async def _run_task(self, held: _Held) -> None:
         held.entered = True
@@ -727,7 +826,7 @@ class Agent:
         async with self._task_slots:
             started = held.started = int(self.clock() * 1000)
             self.running_tasks += 1
-            self._task_result(task_id, held.attempt, "running", held.trace, started=started)
+            self._task_result(task_id, held.attempt, "running", held.trace, to=held.assigner, started=started)
             log.info("task %s: running %s (attempt %s) trace=%s", task_id, handler_name, held.attempt, held.trace)
             try:
                 timeout = self.cfg.max_task_seconds
@@ -758,6 +857,127 @@ class Agent:
                 self.running_tasks -= 1
             log.info("task %s: %s", task_id, state)
             return self._final(held, state, started=started, finished=int(self.clock() * 1000), **fields)
+
+    # ---- site tasks this device submits (protocol §3, "Site tasks") -------------------------------
+    def submit_task(self, handler: str, args: dict[str, Any] | None = None, *, key: str | None = None,
+                    priority: int = 5, max_attempts: int = 3, deadline: int | None = None,
+                    data_class: str | None = None, requirements: dict[str, Any] | None = None) -> str:
+        """Ask this device's gateway to run ``handler(args)`` somewhere on the site (or in the cloud, as
+        the site's offload policies say); returns the submission's key (default: a fresh uuid4 hex).
+
+        The submission is recorded in ``submissions.db`` and handed to the outbox sealed to the
+        gateway, so one made while the gateway is away goes when it is back. The outcome comes as
+        the gateway's ``task_done``: it is stored in the row (:attr:`submissions`), logged, and passed
+        to :attr:`on_task_done`. The same key again with the same work changes nothing; with other
+        work it is a ValueError. Bad values are ValueErrors naming the field; an agent whose bundle
+        names no gateway cannot submit (ConfigError). Call it from the agent's event loop (a handler,
+        a sensor, ``on_task_done``); called before the agent runs, the submission goes once it does.
+        """
+        if self.gateway is None:
+            raise ConfigError(f"{self.cfg.identity_file}: agent {self.node} has no gateway (its bundle names none): "
+                              "site tasks are submitted to a gateway; submit work through the cloud's API instead "
+                              "(`cwsnet task run`)")
+        key = new_key() if key is None else key
+        sub, added = self.submissions.add_new(self.node, key, handler, args, priority=priority,
+                                              max_attempts=max_attempts, deadline=deadline, data_class=data_class,
+                                              requirements=requirements)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not running yet: the submission loop sends it once the agent runs
+            return key
+        if sub.state == "new" and sub.key not in self._handed:
+            self._send_submission(sub)
+        elif not added:
+            log.info("site task %s (%s) was already submitted (%s); nothing new sent", key, sub.task_id, sub.state)
+        return key
+
+    def _load(self) -> dict[str, Any]:
+        """What the submitter's load is now (the policy's ``origin.*``): CPU 0..1, tasks held, free memory."""
+        cpu = psutil.cpu_percent(interval=None)
+        return {"cpu": round(min(max(cpu / 100.0, 0.0), 1.0), 3), "queue": len(self._held),
+                "mem_free": int(psutil.virtual_memory().available)}
+
+    def _send_submission(self, sub: Submission) -> None:
+        """Hand a ``new`` submission to the outbox, sealed to the gateway (retransmitted until its
+        custody ack), and mark it ``submitted``."""
+        if self.gateway is None:
+            row = self.submissions.done(sub.key, "failed", error=f"agent {self.node} has no gateway (its bundle "
+                                        "names none): site tasks are submitted to a gateway")
+            log.warning("site task %s (%s) failed: agent %s has no gateway", sub.key, sub.task_id, self.node)
+            if row is not None:
+                self._notify_done(row)
+            return
+        body = sub.body() | {"load": self._load()}
+        delivered = self.hand_over(topics.task_submit(self.site, self.node), "task_submit", body)
+        self._handed.add(sub.key)
+        delivered.add_done_callback(lambda fut, key=sub.key: self._submission_delivered(key, fut))
+        self._wake_flush.set()
+        log.info("site task %s (%s): %s submitted to gateway %s", sub.key, sub.task_id, sub.handler, self.gateway)
+        try:
+            self.submissions.mark_sent(sub.key)
+        except sqlite3.Error as exc:  # it is in the outbox all the same; the row says `new` until a restart re-sends it
+            self._storage_failed(exc)
+
+    def _submission_delivered(self, key: str, delivered: asyncio.Future[bool]) -> None:
+        """The agent dropped a submission before the gateway took custody (outbox full, or it cannot be
+        sealed): say so in its row rather than leave it ``submitted`` for ever."""
+        if delivered.cancelled() or delivered.result():
+            return
+        error = ("dropped by the agent before the gateway took it (its outbox was full, or it could not be sealed: see "
+                 "the agent's log); submit again")
+        log.warning("site task %s: %s", key, error)
+        try:
+            row = self.submissions.done(key, "failed", error=error)
+        except sqlite3.Error as exc:
+            self._storage_failed(exc)
+            return
+        if row is not None:
+            self._notify_done(row)
+
+    async def _submission_loop(self) -> None:
+        """Send the submissions another process (``cwsnet task submit``) recorded as ``new``, within
+        about a second. ``PRAGMA data_version`` tells cheaply whether another process wrote."""
+        while True:
+            try:
+                if self.submissions.changed() or self._submissions_retry:
+                    self._submissions_retry = False
+                    for sub in self.submissions.take_new():
+                        if sub.key not in self._handed:
+                            self._send_submission(sub)
+            except sqlite3.Error as exc:  # busy for longer than busy_timeout, disk trouble: look again
+                self._submissions_retry = True
+                log.warning("cannot read or update %s: %s; trying again", self.submissions.path, exc)
+            except Exception:  # a row another program wrote by hand that cannot be read: never stop the agent
+                log.exception("submissions in %s cannot be sent; trying again when it changes", self.submissions.path)
+            await asyncio.sleep(SUBMISSION_POLL)
+
+    def _task_done(self, body: Any) -> None:
+        """The gateway's ``task_done``: how a site task this device submitted ended. Stored in its row
+        (only for a key of ours), logged, passed to :attr:`on_task_done`."""
+        key = body.get("key") if isinstance(body, dict) else None
+        state = body.get("state") if isinstance(body, dict) else None
+        if not isinstance(key, str) or state not in SUBMISSION_FINAL:
+            log.warning("task_done from gateway %s without a text key and a final state (got key %r, state %r); "
+                        "ignored", self.gateway, key, state)
+            return
+        error, node = body.get("error"), body.get("node")
+        row = self.submissions.done(key, state, body.get("result"), None if error is None else str(error),
+                                    node if isinstance(node, str) else None)
+        if row is None:
+            log.warning("task_done from gateway %s for key %r, which this agent did not submit; ignored",
+                        self.gateway, key)
+            return
+        log.info("site task %s (%s, %s): %s%s%s", key, row.task_id, row.handler, state,
+                 f" on {row.node}" if row.node else "", f": {row.error}" if row.error else "")
+        self._notify_done(row)
+
+    def _notify_done(self, row: Submission) -> None:
+        if self.on_task_done is None:
+            return
+        try:
+            self.on_task_done(row.key, row)
+        except Exception:  # the program's callback must not stop the agent
+            log.exception("on_task_done callback failed for site task %s", row.key)
 
     # ---- systemd (Type=notify, WatchdogSec=) ------------------------------------------------
     def systemd_status(self) -> str:
@@ -804,6 +1024,7 @@ class Agent:
                          tg.create_task(self._status_loop()), tg.create_task(self._bundle_watch())]
                 tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
                 tasks.append(tg.create_task(self._report_interrupted()))
+                tasks.append(tg.create_task(self._submission_loop()))
                 if self.systemd.enabled:
                     tasks.append(tg.create_task(self._systemd_loop()))
                     self.systemd.ready(self.systemd_status())
@@ -816,5 +1037,6 @@ class Agent:
             self.systemd.stopping()
             self.systemd.close()
             self.outbox.close()
+            self.submissions.close()
             self.state.close()
             log.info("agent %s stopped", self.node)

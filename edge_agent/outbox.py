@@ -12,7 +12,7 @@ within it, until the new one fits:
     0 telemetry   bulk readings (dropped first)
     1 status      periodic status; a newer one supersedes it anyway
     2 event       events and alarms
-    3 result      task results and births/deaths (dropped last)
+    3 result      task results, site task submissions and births/deaths (dropped last)
 
 A message of a lower class than everything held is itself dropped when the outbox is full of
 higher classes. Every drop is counted per class, durably, and reported in the agent's status.
@@ -30,7 +30,9 @@ from pathlib import Path
 
 from cwsnet.db import open_durable, transaction
 
-PRIORITY = {"telemetry": 0, "status": 1, "event": 2, "task_result": 3, "birth": 3, "death": 3}
+#: a site task submission (task_submit) is work someone asked for: kept like a task result, never
+#: held back as bulk telemetry under the gateway's back-pressure
+PRIORITY = {"telemetry": 0, "status": 1, "event": 2, "task_result": 3, "task_submit": 3, "birth": 3, "death": 3}
 CLASS_NAMES = {0: "telemetry", 1: "status", 2: "event", 3: "result"}
 
 
