@@ -1,0 +1,94 @@
+"""Site tasks end to end (issue 7, protocol §3 "Site tasks"), with real processes: a device submits
+work through its local agent (`cwsnet task submit`), its gateway places it by the site's offload
+policy, and the cloud records what happened. The gateway's uplink runs through a fault-injecting
+proxy: with it cut, work the policy sends to the cloud waits or runs on the device, as each rule's
+``if_unreachable`` says, and the explanations the cloud shows afterwards say why.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness import FaultProxy, ProcessSet, wait_for
+from harness.deploy import Deployment, get
+
+SITE_OFFLOAD = """kind: offload
+name: site-offload
+rules:
+  - name: hashes-go-to-the-cloud
+    match: {handler: sha256, origin_role: device}
+    run_on: [cloud]
+    if_unreachable: wait
+  - name: echoes-prefer-the-cloud
+    match: {handler: echo, origin_role: device}
+    run_on: [cloud]
+    if_unreachable: local
+"""
+
+
+def submit(d: Deployment, device: str, handler: str, args: dict[str, Any], key: str, wait: bool) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "cwsnet", "task", "submit", "--config", str(d.lab.config_path(device)), handler,
+           "--args", json.dumps(args), "--key", key, "--json"] + (["--wait", "--timeout", "60"] if wait else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert out.returncode in (0, 1), out.stderr
+    return json.loads(out.stdout)
+
+
+def site_task(d: Deployment, task_id: str) -> dict[str, Any] | None:
+    t = get(f"{d.base}/api/v1/tasks/{task_id}")
+    return t if t.get("kind") == "site" and t["state"] in ("succeeded", "failed") else None
+
+
+def test_site_tasks_go_to_the_cloud_and_wait_or_run_locally_while_the_uplink_is_cut(
+    tmp_path: Path, procs: ProcessSet, fault_proxy: Any
+) -> None:
+    d = Deployment(tmp_path, procs, devices=1)
+    (d.lab.path("policies")).mkdir(exist_ok=True)
+    d.lab.path("policies", "site-offload.yaml").write_text(SITE_OFFLOAD)
+    proxy: FaultProxy = fault_proxy(d.topo.cloud_mqtts_port)  # the uplink is TLS: the proxy carries it
+    d.edit(d.topo.gateway, {"uplink": {"port": proxy.port, "keepalive": 5}, "retransmit_after": 2.0})
+    d.start_cloud()
+    gw = d.start("gateway", d.topo.gateway)
+    d.start("agent", "dev-1")
+    wait_for(lambda: d.online() == {"dev-1"}, timeout=30, message="dev-1 online")
+
+    # the uplink is up: the policy sends hashes to the cloud, and the device gets the result
+    data = base64.b64encode(b"hello site").decode()
+    first = submit(d, "dev-1", "sha256", {"data": data}, "hash-1", wait=True)
+    assert first["state"] == "succeeded" and first["node"] == "cloud", first
+    assert first["result"]["sha256"] == hashlib.sha256(b"hello site").hexdigest()
+    shown = wait_for(lambda: site_task(d, first["task_id"]), timeout=20, message="the site task at the cloud")
+    assert shown["origin"] == "dev-1" and shown["node"] == "cloud" and shown["site"] == d.topo.site
+    assert "site-offload/hashes-go-to-the-cloud" in shown["placement"]
+
+    # the uplink is cut: the cloud is unreachable for the gateway's scheduler
+    proxy.cut()
+    gw.wait_log(r"uplink down: site tasks", timeout=30)
+    echo = submit(d, "dev-1", "echo", {"n": 1}, "echo-1", wait=True)  # `local`: runs on the device itself
+    assert echo["state"] == "succeeded" and echo["node"] == "dev-1" and echo["result"] == {"n": 1}, echo
+    held = submit(d, "dev-1", "sha256", {"data": data}, "hash-2", wait=False)  # `wait`: for the uplink
+    gw.wait_log(rf"site task {held['task_id']} \(sha256, key hash-2\) submitted", timeout=20)
+    row = submit(d, "dev-1", "sha256", {"data": data}, "hash-2", wait=False)  # the same key: the same task
+    assert row["task_id"] == held["task_id"] and row["state"] == "submitted", row
+
+    proxy.restore()
+    done = wait_for(lambda: (r := submit(d, "dev-1", "sha256", {"data": data}, "hash-2", wait=False))["state"]
+                    != "submitted" and r, timeout=60, message="hash-2 done once the uplink is back")
+    assert done["state"] == "succeeded" and done["node"] == "cloud", done
+
+    # what the cloud shows, once the gateway's reports of the outage have come up
+    e = wait_for(lambda: site_task(d, echo["task_id"]), timeout=30, message="echo-1 at the cloud")
+    assert e["node"] == "dev-1"
+    assert "runs on its origin dev-1 (if_unreachable: local)" in e["placement"], e["placement"]
+    assert "cloud: lost: unreachable (the gateway's uplink is down)" in e["placement"], e["placement"]
+    h = wait_for(lambda: site_task(d, held["task_id"]), timeout=30, message="hash-2 at the cloud")
+    assert h["node"] == "cloud"
+    assert "waiting: no listed tier can take it now: waits (if_unreachable: wait)" in h["placement"], h["placement"]
+    listed = {t["id"] for t in get(f"{d.base}/api/v1/tasks?kind=site")["items"]}
+    assert {first["task_id"], echo["task_id"], held["task_id"]} <= listed
