@@ -456,12 +456,13 @@ class SiteTasks:
 
     async def _mirror(self, t: Task) -> None:
         """Report the task to the cloud when its state changed since the last report."""
-        if self._reported.get(t.id) == t.state:
+        state = t.state  # what this report says (the task may move on while the report is being stored)
+        if self._reported.get(t.id) == state:
             return
         gw = self.gw
         node = (t.holders() or [None])[0] or next((c.node for c in reversed(t.copies) if c.node), None)
         key = (t.idempotency_key or "/").split("/", 1)[1]
-        body = {"task_id": t.id, "state": t.state, "result": t.result if t.state == "succeeded" else None,
+        body = {"task_id": t.id, "state": state, "result": t.result if state == "succeeded" else None,
                 "error": t.error,
                 "site_task": {"origin": t.origin, "key": key, "handler": t.handler, "priority": t.priority,
                               "data_class": t.data_class, "node": node, "attempts": t.attempts,
@@ -470,7 +471,7 @@ class SiteTasks:
                               "explain": self.sched.explain(t.id)[:16_000]}}
         try:
             await gw.emit_own(topics.task_result(gw.site, gw.node), "task_result", body)
-            self._reported[t.id] = t.state
+            self._reported[t.id] = state
         except Exception as exc:  # noqa: BLE001 - disk full...: the next change reports it
             log.warning("site task %s not mirrored to the cloud (%s)", t.id, exc)
 

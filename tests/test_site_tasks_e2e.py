@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import cbor2
 from harness import FaultProxy, ProcessSet, wait_for
 from harness.deploy import Deployment, get
 
@@ -92,3 +94,39 @@ def test_site_tasks_go_to_the_cloud_and_wait_or_run_locally_while_the_uplink_is_
     assert "waiting: no listed tier can take it now: waits (if_unreachable: wait)" in h["placement"], h["placement"]
     listed = {t["id"] for t in get(f"{d.base}/api/v1/tasks?kind=site")["items"]}
     assert {first["task_id"], echo["task_id"], held["task_id"]} <= listed
+
+
+def _checkpoint(db: Path, task_id: str) -> dict[str, Any] | None:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+        row = c.execute("select record from tasks where id = ?", [task_id]).fetchone()
+    return None if row is None else cbor2.loads(row[0]).get("checkpoint")
+
+
+def test_a_site_task_moves_off_a_killed_device_and_resumes_from_its_checkpoint(
+    tmp_path: Path, procs: ProcessSet
+) -> None:
+    d = Deployment(tmp_path, procs, devices=2)
+    d.edit("dev-1", {"task_slots": 0})  # it submits, it does not run site work: dev-2 does
+    d.edit("dev-2", {"handlers": ["echo", "count"], "status_interval": 1.0})
+    d.start_cloud()
+    gw = d.start("gateway", d.topo.gateway)
+    d.start("agent", "dev-1")
+    dev2 = d.start("agent", "dev-2")
+    wait_for(lambda: d.online() == {"dev-1", "dev-2"}, timeout=30, message="devices online")
+    gw.wait_log(r"uplink connected", timeout=20)
+
+    sub = submit(d, "dev-1", "count", {"to": 80, "step": 0.1, "every": 10}, "long-1", wait=False)
+    tid = sub["task_id"]
+    gw.wait_log(rf"{tid}.*dev-2", timeout=30)  # placed on the least loaded device that runs it
+    db = d.lab.path("gateway", "site-tasks.db")
+    wait_for(lambda: ((_checkpoint(db, tid) or {}).get("n") or 0) >= 20, timeout=30,
+             message="a checkpoint of 20 or more from dev-2")
+    dev2.kill()  # SIGKILL: its will (death) reaches the gateway, which moves the task at once
+
+    done = wait_for(lambda: (r := submit(d, "dev-1", "count", {"to": 80, "step": 0.1, "every": 10}, "long-1",
+                                         wait=False))["state"] != "submitted" and r, timeout=60,
+                    message="the task finished elsewhere")
+    assert done["state"] == "succeeded" and done["node"] == d.topo.gateway, done
+    assert done["result"]["n"] == 80 and done["result"]["resumed_from"] >= 20, done["result"]
+    t = wait_for(lambda: site_task(d, tid), timeout=30, message="the moved task at the cloud")
+    assert "lease lost on dev-2" in t["placement"] and t["attempts"] == 2, t["placement"]
