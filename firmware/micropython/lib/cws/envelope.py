@@ -17,7 +17,8 @@ from cws.nacl import CryptoError, random_nonce, secretbox, secretbox_open
 
 PROTOCOL_VERSION = 1
 MAX_PAYLOAD = 256 * 1024
-KINDS = ("birth", "status", "death", "telemetry", "event", "task_cmd", "task_result", "ack", "config")
+KINDS = ("birth", "status", "death", "telemetry", "event", "task_cmd", "task_result", "ack", "config",
+         "task_submit", "task_done")
 _REQUIRED = (("v", int), ("id", bytes), ("from", str), ("to", str), ("seq", int), ("ts", int), ("kind", str))
 _OPTIONAL = (("tc", str), ("kv", int), ("exp", int))
 _ORDER = ("v", "id", "from", "to", "seq", "ts", "kind", "tc", "kv", "exp")
