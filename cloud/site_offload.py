@@ -79,7 +79,9 @@ class SiteOffloads:
     def offer(self, gateway: str, site: str, body: dict[str, Any], expires_ms: int | None = None) -> bool:
         """A gateway's stored offload (ingest checked ``task_id``, ``attempt``, ``cancel``, ``deadline`` and
         ``checkpoint``). True if a run started (or a cancel stopped one)."""
-        tid = body["task_id"]
+        # runs are kept per gateway (``gw-home/s-...``): one gateway can never cancel, supersede or block
+        # another's run of a task id, whatever ids it sends
+        tid = f"{gateway}/{body['task_id']}"
         attempt = body.get("attempt")
         if body.get("cancel") is True:  # a cancel never starts anything, stale or not
             stopped = self.workers.cancel(tid, attempt)
@@ -104,7 +106,8 @@ class SiteOffloads:
                 return False  # a repeat of one that runs: ignored like any repeat
             log.warning("site task %s (attempt %s) from %s refused: %s", tid, attempt, gateway, why)
             self._count("refused")
-            self._queue(gateway, site, {"task_id": tid, "attempt": attempt, "state": "failed", "result": None,
+            self._queue(gateway, site, {"task_id": body["task_id"], "attempt": attempt, "state": "failed",
+                                        "result": None,
                                         "error": why, "started": None, "finished": now_ms})
             return False
         checkpoint = body.get("checkpoint") if isinstance(body.get("checkpoint"), dict) else None
@@ -123,6 +126,7 @@ class SiteOffloads:
     def _report(self, body: dict[str, Any]) -> None:
         """A step of an offloaded run (from the pool): queued for its gateway, in order."""
         key = (body.get("task_id"), body.get("attempt"))
+        body = body | {"task_id": str(body.get("task_id")).split("/", 1)[-1]}  # the gateway's own task id
         state = body.get("state")
         owner = self._owner.pop(key, None) if state in FINAL_STATES else self._owner.get(key)
         if owner is None:

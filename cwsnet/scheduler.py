@@ -52,6 +52,7 @@ import bisect
 import dataclasses
 import heapq
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -375,7 +376,13 @@ DEFAULT_STATUS_INTERVAL = 10.0
 
 
 def _opt_num(v: Any) -> float | None:
-    return float(v) if _num(v) else None
+    if not _num(v):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # a CBOR bignum: no measurement
+        return None
+    return f if math.isfinite(f) else None
 
 
 def executor_status(node: str, role: str, site: str, body: dict[str, Any]) -> ExecutorStatus | None:

@@ -58,6 +58,8 @@ UNSTORED_MAX = 1000
 ROUTES_WAIT = 30.0  # seconds a first-boot device behind a gateway waits for its routes before its telemetry
 #: seconds between checks of the provisioning bundle for a rotated key
 BUNDLE_POLL = 1.0
+#: seconds between two re-sends of a site task submission the gateway took but has not answered
+RESUBMIT_EVERY = 300.0
 #: seconds after a token rotation during which a refused login tries the other token
 TOKEN_SETTLE = 60.0
 #: seconds between two systemd STATUS= updates when systemd asks for no watchdog
@@ -921,7 +923,10 @@ class Agent:
     def _submission_delivered(self, key: str, delivered: asyncio.Future[bool]) -> None:
         """The agent dropped a submission before the gateway took custody (outbox full, or it cannot be
         sealed): say so in its row rather than leave it ``submitted`` for ever."""
-        if delivered.cancelled() or delivered.result():
+        if delivered.cancelled():
+            return
+        if delivered.result():  # the gateway has it: from now on only a resubmission (below) sends it again
+            self._handed.discard(key)
             return
         error = ("dropped by the agent before the gateway took it (its outbox was full, or it could not be sealed: see "
                  "the agent's log); submit again")
@@ -937,12 +942,22 @@ class Agent:
     async def _submission_loop(self) -> None:
         """Send the submissions another process (``cwsnet task submit``) recorded as ``new``, within
         about a second. ``PRAGMA data_version`` tells cheaply whether another process wrote."""
+        asked = time.monotonic()
         while True:
             try:
                 if self.submissions.changed() or self._submissions_retry:
                     self._submissions_retry = False
                     for sub in self.submissions.take_new():
                         if sub.key not in self._handed:
+                            self._send_submission(sub)
+                if time.monotonic() - asked >= RESUBMIT_EVERY and self.link.connected.is_set():
+                    # the gateway took these long ago and has not answered: ask again (same key, same task).
+                    # It answers a finished one with its outcome again, so an outcome it could not hold for
+                    # us (a crash between storing and telling, an expired hold) is never lost for good.
+                    asked = time.monotonic()
+                    cutoff = int(time.time() * 1000) - int(RESUBMIT_EVERY * 1000)
+                    for sub in self.submissions.list("submitted"):
+                        if sub.key not in self._handed and sub.submitted_ms < cutoff:
                             self._send_submission(sub)
             except sqlite3.Error as exc:  # busy for longer than busy_timeout, disk trouble: look again
                 self._submissions_retry = True
@@ -964,8 +979,11 @@ class Agent:
         row = self.submissions.done(key, state, body.get("result"), None if error is None else str(error),
                                     node if isinstance(node, str) else None)
         if row is None:
-            log.warning("task_done from gateway %s for key %r, which this agent did not submit; ignored",
-                        self.gateway, key)
+            if self.submissions.get(key) is not None:  # its outcome is known: a repeat (e.g. of a re-sent submission)
+                log.info("task_done from gateway %s for key %r again; its outcome is already recorded", self.gateway, key)
+            else:
+                log.warning("task_done from gateway %s for key %r, which this agent did not submit; ignored",
+                            self.gateway, key)
             return
         log.info("site task %s (%s, %s): %s%s%s", key, row.task_id, row.handler, state,
                  f" on {row.node}" if row.node else "", f": {row.error}" if row.error else "")

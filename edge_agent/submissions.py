@@ -219,14 +219,16 @@ class Submissions:
 
     def done(self, key: str, state: str, result: Any = None, error: str | None = None, node: str | None = None,
              now_ms: int | None = None) -> Submission | None:
-        """Record the outcome (``state`` one of FINAL); None if ``key`` is not one of ours."""
+        """Record the outcome (``state`` one of FINAL); None if ``key`` is not one of ours or already has
+        its outcome (a repeated ``task_done`` changes nothing)."""
         if state not in FINAL:
             raise ValueError(f"state {state!r} is not a final state ({', '.join(sorted(FINAL))})")
         now = int(time.time() * 1000) if now_ms is None else now_ms
         with transaction(self.conn):
             cur = self.conn.execute(
-                "update submissions set state = ?, result = ?, error = ?, node = ?, done_ms = ? where key = ?",
-                [state, None if result is None else cbor2.dumps(result), error, node, now, key])
+                "update submissions set state = ?, result = ?, error = ?, node = ?, done_ms = ? where key = ? "
+                f"and state not in ({', '.join('?' * len(FINAL))})",
+                [state, None if result is None else cbor2.dumps(result), error, node, now, key, *sorted(FINAL)])
         return self.get(key) if cur.rowcount else None
 
     # ---- reading ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import re
 import sqlite3
 from pathlib import Path
@@ -270,7 +271,13 @@ class SiteTasks:
         """What the submitter says of its load is what ``origin.*`` reads until its next status."""
         def num(k: str, lo: float, hi: float) -> float | None:
             v = load.get(k)
-            return max(lo, min(hi, float(v))) if isinstance(v, int | float) and not isinstance(v, bool) else None
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                return None
+            try:
+                f = float(v)
+            except OverflowError:  # a CBOR bignum
+                return None
+            return max(lo, min(hi, f)) if math.isfinite(f) else None
 
         cpu, queue, mem = num("cpu", 0, 1), num("queue", 0, 1e6), num("mem_free", 0, 2**62)
         ex = self.sched.executors.get(device)
@@ -295,7 +302,7 @@ class SiteTasks:
             return
         try:
             status = executor_status(header.sender, "device", self.gw.site, opened.body)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             log.warning("site executor status from %s ignored: %s", header.sender, exc)
             return
         if status is not None:
@@ -375,7 +382,13 @@ class SiteTasks:
             for t in tasks:
                 await self._mirror(t)
             for c in cmds:
-                await self._carry(c)
+                try:
+                    await self._carry(c)
+                except Exception as exc:  # noqa: BLE001 - one command must not cost the rest of the batch
+                    log.error("site scheduler: %s not carried out: %s", c, exc)
+                    if isinstance(c, Assign):  # cannot be sent to it (revoked, no key...): it cannot run it
+                        self._apply(self.sched.executor_gone(c.node, self.gw.clock(),
+                                                             f"cannot be sent a task command ({exc})"))
 
     async def _carry(self, c: Cmd) -> None:
         gw = self.gw

@@ -65,3 +65,21 @@ def test_the_store_restores_open_tasks_and_never_reopens_a_finished_one(tmp_path
     assert store.get(t.id)["state"] == "succeeded"
     assert [Task.from_record(r).id for r in store.open_records()] == [u.id]
     assert store.sweep(2.5) == 1 and store.get(t.id) is None and store.get(u.id) is not None
+
+
+def test_a_bignum_measurement_is_no_measurement_not_a_crash() -> None:
+    from cwsnet.scheduler import executor_status
+
+    st = executor_status("dev-1", "device", "home", {"slots": 2, "cpu": 2**1100, "battery": 2**1100})
+    assert st is not None and st.cpu is None and st.battery is None and st.capacity == 2
+
+
+def test_a_repeated_outcome_never_overwrites_the_first(tmp_path: Path) -> None:
+    from edge_agent.submissions import Submissions
+
+    subs = Submissions(tmp_path / "submissions.db")
+    subs.add_new("dev-1", "job-1", "echo", {"x": 1})
+    assert subs.done("job-1", "succeeded", {"x": 1}, None, "dev-2").state == "succeeded"
+    assert subs.done("job-1", "failed", None, "submission refused", None) is None  # a late refusal, a repeat
+    row = subs.get("job-1")
+    assert (row.state, row.result, row.node) == ("succeeded", {"x": 1}, "dev-2")
