@@ -194,6 +194,7 @@ class SiteTasks:
         self._ready = asyncio.Event()
         self._reported: dict[str, str] = {}  # task id -> the state last mirrored to the cloud
         self._cloud_up = False
+        self._early: list[Any] = []  # the cloud's reports that arrived while the tasks were being restored
         self.stats = {"submitted": 0, "refused": 0, "done": 0, "offloaded": 0}
 
     # ---- policies ----
@@ -319,6 +320,8 @@ class SiteTasks:
         opened = self._open(msg, "a site task result")
         if opened is None or opened.header.kind != "task_result":
             self.gw.site_link.ack(msg)
+            if opened is not None:  # opened but not a result: never takeable, so the device must not send it for
+                self._custody(header)  # ever; one that did not open (a key it has not heard of yet) is retried
             return
         now = self.gw.clock()
         self._apply(self.sched.report(header.sender, opened.body, now),
@@ -335,8 +338,9 @@ class SiteTasks:
 
     def on_cloud_result(self, body: Any, seq: int) -> None:
         """The cloud's report on a site task it runs for us (kind ``task_result`` on our ``task/cmd``)."""
-        if not self._ready.is_set():
-            return  # restoring: the lease covers it
+        if not self._ready.is_set():  # restoring: applied once the tasks are back (its seq is taken already)
+            self._early.append(body)
+            return
         self._apply(self.sched.report("cloud", body, self.gw.clock()),
                     body.get("task_id") if isinstance(body, dict) else None)
 
@@ -372,6 +376,8 @@ class SiteTasks:
             cmds, self._out = self._out, []
             touched, self._touched = list(self._touched), {}
             tasks = [t for tid in touched if (t := self.sched.get(tid)) is not None]
+            # the reports say exactly what is stored: taken now, before awaiting (a result may arrive meanwhile)
+            reports = [r for t in tasks if (r := self._report_of(t)) is not None]
             if tasks:
                 try:
                     await self.gw.db_call(self.store.save, [self._row(t) for t in tasks], self.gw.clock())
@@ -379,8 +385,8 @@ class SiteTasks:
                     self._out[:0] = cmds
                     self._touched = dict.fromkeys(touched) | self._touched
                     raise
-            for t in tasks:
-                await self._mirror(t)
+            for body in reports:
+                await self._mirror(body)
             for c in cmds:
                 try:
                     await self._carry(c)
@@ -467,26 +473,28 @@ class SiteTasks:
         except (sqlite3.Error, EnvelopeError, LinkError) as exc:
             log.error("the outcome of site task %s was not sent to %s: %s", task.id, task.origin, exc)
 
-    async def _mirror(self, t: Task) -> None:
-        """Report the task to the cloud when its state changed since the last report."""
-        state = t.state  # what this report says (the task may move on while the report is being stored)
-        if self._reported.get(t.id) == state:
-            return
-        gw = self.gw
+    def _report_of(self, t: Task) -> dict[str, Any] | None:
+        """The mirror report of ``t`` (protocol §3), or None when its state has been reported already."""
+        if self._reported.get(t.id) == t.state:
+            return None
         node = (t.holders() or [None])[0] or next((c.node for c in reversed(t.copies) if c.node), None)
         key = (t.idempotency_key or "/").split("/", 1)[1]
-        body = {"task_id": t.id, "state": state, "result": t.result if state == "succeeded" else None,
+        return {"task_id": t.id, "state": t.state, "result": t.result if t.state == "succeeded" else None,
                 "error": t.error,
                 "site_task": {"origin": t.origin, "key": key, "handler": t.handler, "priority": t.priority,
                               "data_class": t.data_class, "node": node, "attempts": t.attempts,
-                              "submitted": int((t.submitted_at or gw.clock()) * 1000),
+                              "submitted": int((t.submitted_at or self.gw.clock()) * 1000),
                               "finished": None if t.finished_at is None else int(t.finished_at * 1000),
                               "explain": self.sched.explain(t.id)[:16_000]}}
+
+    async def _mirror(self, body: dict[str, Any]) -> None:
+        """Report a task to the cloud (its state changed since the last report)."""
+        gw = self.gw
         try:
             await gw.emit_own(topics.task_result(gw.site, gw.node), "task_result", body)
-            self._reported[t.id] = state
+            self._reported[body["task_id"]] = body["state"]
         except Exception as exc:  # noqa: BLE001 - disk full...: the next change reports it
-            log.warning("site task %s not mirrored to the cloud (%s)", t.id, exc)
+            log.warning("site task %s not mirrored to the cloud (%s)", body["task_id"], exc)
 
     # ---- executors the gateway knows by itself ----
     def _own_statuses(self, now: float) -> None:
@@ -520,6 +528,9 @@ class SiteTasks:
         if self._touched:
             log.info("restored %d open site task(s)", len(self._touched))
         self._ready.set()
+        early, self._early = self._early, []
+        for body in early:
+            self.on_cloud_result(body, 0)
         swept = 0.0
         while True:
             now = gw.clock()
