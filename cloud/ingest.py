@@ -796,7 +796,12 @@ class Ingest:
             _check_offload(body)
             return item  # no effect in the store: the stored body goes to the site offload runner
         if item.kind == "task_result" and "site_task" in body:
-            return replace(item, site_task=_site_task_report(body, item.sender, entry))
+            report = _site_task_report(body, item.sender, entry)
+            origin = self.directory.get(report.origin)
+            if origin is None or origin.role != "device" or origin.site != entry.site:
+                # a gateway reports only its own site's devices' tasks (it could otherwise claim another site's ids)
+                raise BodyError(f"site_task origin {report.origin!r} is not a device of site {entry.site!r}")
+            return replace(item, site_task=report)
         if item.kind in ("birth", "status", "death"):
             state = body.get("state", "offline" if item.kind == "death" else "online")
             if state not in ("online", "offline"):

@@ -763,6 +763,9 @@ class SqliteStore(Store):
             "attempts = excluded.attempts, node = excluded.node, placement = excluded.placement, "
             "sched = excluded.sched, handler = excluded.handler, origin = excluded.origin "
             "where tasks.kind = 'site' and tasks.site = excluded.site "
+            # a finished task stays finished (a late report of another gateway of the site cannot reopen it)
+            "and (tasks.state not in ('succeeded', 'failed', 'cancelled', 'expired') "
+            "or excluded.state in ('succeeded', 'failed', 'cancelled', 'expired')) "
             # another gateway's seq says nothing about this one's order: its report is taken as it comes
             "and (json_extract(tasks.sched, '$.gateway') is not json_extract(excluded.sched, '$.gateway') "
             "or coalesce(json_extract(tasks.sched, '$.seq'), -1) < json_extract(excluded.sched, '$.seq'))",

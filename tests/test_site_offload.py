@@ -338,13 +338,16 @@ def test_a_bad_mirror_is_acked_but_changes_nothing(d: Deployment, gw: Gateway) -
     bad_state = mirror_body(tid, key, "pondering", node=None, explain="x")
     bad_priority = mirror_body(tid, key, "queued", node=None, explain="x")
     bad_priority["site_task"]["priority"] = 11
-    seqs = [gw.mirror(b) for b in (wrong_id, bad_state, bad_priority)]
+    # a report about a node that is not a device of the gateway's own site (here: the gateway itself)
+    foreign = mirror_body(site_task_id(GW, key), key, "queued", node=None, explain="x")
+    foreign["site_task"]["origin"] = GW
+    seqs = [gw.mirror(b) for b in (wrong_id, bad_state, bad_priority, foreign)]
     wait_for(lambda: all(gw.acked(GW, s) for s in seqs), timeout=10, message="the bad reports acked")
-    for t in (tid, site_task_id("dev-2", key)):
+    for t in (tid, site_task_id("dev-2", key), site_task_id(GW, key)):
         with pytest.raises(urllib.error.HTTPError) as missing:
             get(f"{d.base}/api/v1/tasks/{t}")
         assert missing.value.code == 404
-    assert metric(d, 'cwsnet_cloud_messages_rejected_total{reason="malformed"}') >= malformed + 3
+    assert metric(d, 'cwsnet_cloud_messages_rejected_total{reason="malformed"}') >= malformed + 4
 
 
 # -- the reply queue, without a broker ----------------------------------------------------------------------------
