@@ -5,7 +5,11 @@ tasks per run, submitted through the REST API as fast as one client can:
 
 - ``direct``: the baseline, tasks sent to a named device (``target``), no scheduler involved;
 - ``device`` / ``gateway`` / ``cloud``: scheduled tasks (no target) that an offload policy sends to
-  that tier (by data class), so each run measures one kind of executor.
+  that tier (by data class), so each run measures one kind of executor;
+- ``site``: *site tasks* a device submits through its local agent (its ``submissions.db``, as
+  ``cwsnet task submit`` does) to its gateway, which schedules them by the shipped policy (on the
+  device itself while it has a free slot, else the least loaded device, the gateway, the cloud) and
+  sends the outcome back. Latency is from the submission row to its outcome, on the device's clock.
 
 Latency is from the API's ``created`` to the stored result (``updated``), both on the cloud's clock.
 Printed: tasks/s, p50/p99 latency per run, and each scheduled run's ratios against ``direct``.
@@ -108,6 +112,28 @@ def run_tier(api: Api, name: str, n: int, body: dict[str, Any]) -> dict[str, flo
             "executors": len(nodes), "submitted_per_s": n / max(submit_s, 1e-3)}
 
 
+def run_site(lab: HomeLab, device: str, n: int) -> dict[str, float]:
+    from cwsnet.cli_task import _agent_submissions
+
+    _cfg, bundle, subs = _agent_submissions(str(lab.config_path(device)))
+    t0 = time.monotonic()
+    keys = [subs.add_new(bundle.identity.node, f"bench-{i}", "echo", {"i": i})[0].key for i in range(n)]
+    submit_s = time.monotonic() - t0
+
+    def finished() -> list[Any] | None:
+        rows = [subs.get(k) for k in keys]
+        return rows if all(r is not None and r.state in TERMINAL for r in rows) else None
+
+    rows = wait_until(f"site: {n} site tasks finished", finished, timeout=60 + n * 0.5)
+    bad = [r for r in rows if r.state != "succeeded"]
+    if bad:
+        raise SystemExit(f"site: {len(bad)} site task(s) did not succeed, e.g. {bad[0].state}: {bad[0].error}")
+    lat = [r.done_ms - r.submitted_ms for r in rows]
+    span = (max(r.done_ms for r in rows) - min(r.submitted_ms for r in rows)) / 1000
+    return {"tasks_per_s": n / max(span, 1e-3), "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 99),
+            "executors": len({r.node for r in rows}), "submitted_per_s": n / max(submit_s, 1e-3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=200, help="tasks per run")
@@ -143,7 +169,9 @@ def main() -> None:
                     r = run_tier(api, name, args.tasks, body)
                     for k, v in r.items():
                         out[f"{name}_{k}"] = round(v, 2)
-                for tier in ("device", "gateway", "cloud"):
+                for k, v in run_site(lab, topo.devices[0], args.tasks).items():
+                    out[f"site_{k}"] = round(v, 2)
+                for tier in ("device", "gateway", "cloud", "site"):
                     out[f"{tier}_p50_ratio_vs_direct"] = round(out[f"{tier}_p50_ms"] / max(out["direct_p50_ms"], 0.1), 2)
                     out[f"{tier}_rate_ratio_vs_direct"] = round(
                         out[f"{tier}_tasks_per_s"] / max(out["direct_tasks_per_s"], 0.01), 2)

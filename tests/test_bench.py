@@ -51,7 +51,7 @@ def test_task_benchmark_runs_and_reports_every_tier() -> None:
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    for tier in ("direct", "device", "gateway", "cloud"):
+    for tier in ("direct", "device", "gateway", "cloud", "site"):
         assert out[f"{tier}_tasks_per_s"] > 0 and out[f"{tier}_p99_ms"] >= out[f"{tier}_p50_ms"] >= 0, tier
     assert out["device_executors"] >= 1 and out["gateway_executors"] == 1 and out["cloud_executors"] == 1
-    assert out["cloud_rate_ratio_vs_direct"] > 0
+    assert out["cloud_rate_ratio_vs_direct"] > 0 and out["site_executors"] >= 1

@@ -268,7 +268,7 @@ def test_the_gateway_stores_device_and_own_messages_with_their_class(tmp_path: P
     gw.custody = SimpleNamespace(stored=lambda s, q: None)
     gw._custody_wake = gw._pump_wake = asyncio.Event()
     gw.node, gw.site = "gw-home", "home"
-    gw.endpoint = SimpleNamespace(seal=lambda topic, kind, body, to: (b"sealed", SimpleNamespace(seq=1)))
+    gw.endpoint = SimpleNamespace(seal=lambda topic, kind, body, to, **kw: (b"sealed", SimpleNamespace(seq=1)))
 
     async def go() -> None:
         gw._custody_wake = gw._pump_wake = asyncio.Event()
