@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cwsnet import parts
 from cwsnet.envelope import MAX_CHECKPOINT, body_problem
 from edge_agent.handlers import TaskContext, TaskFailed, takes_context
 
@@ -43,9 +44,12 @@ class LocalWorkers:
     """See the module's docstring. ``slots``: handlers running at once (more wait for a slot)."""
 
     def __init__(self, handlers: dict[str, Any], slots: int, report: Report, *, node: str = "",
-                 clock: Callable[[], float] = time.time, max_seconds: float = 3600.0) -> None:
+                 clock: Callable[[], float] = time.time, max_seconds: float = 3600.0,
+                 in_process: bool = False) -> None:
         self.handlers, self.slots, self.node, self.clock = handlers, slots, node, clock
         self.max_seconds = max_seconds
+        # the cloud's pool: its reports never travel, so a result up to parts.MAX_PARTED goes as it is
+        self.in_process = in_process
         self._report_fn = report
         self._runs: dict[str, _Run] = {}
         self._seen: dict[tuple[str, int | None], None] = {}
@@ -64,8 +68,10 @@ class LocalWorkers:
             log.exception("reporting %s of task %s failed", body.get("state"), body.get("task_id"))
 
     def start(self, task_id: str, handler: str, args: dict[str, Any], *, attempt: int | None = None,
-              checkpoint: dict[str, Any] | None = None, deadline_ms: int | None = None) -> bool:
-        """Run it (False: this attempt already ran or runs here)."""
+              checkpoint: dict[str, Any] | None = None, deadline_ms: int | None = None,
+              parts_ok: bool = False) -> bool:
+        """Run it (False: this attempt already ran or runs here). ``parts_ok``: its assigner takes a
+        result too big for one message in parts (protocol §3, "Parts")."""
         key = (task_id, attempt)
         if key in self._seen:
             log.info("task %s attempt %s already run here; ignoring the repeat", task_id, attempt)
@@ -77,7 +83,7 @@ class LocalWorkers:
         if old is not None:  # an older attempt of it: superseded
             old.task.cancel()
         run = asyncio.get_running_loop().create_task(
-            self._run(task_id, handler, args, attempt, checkpoint, deadline_ms), name=f"task-{task_id}")
+            self._run(task_id, handler, args, attempt, checkpoint, deadline_ms, parts_ok), name=f"task-{task_id}")
         self._runs[task_id] = _Run(attempt, run)
         return True
 
@@ -102,8 +108,25 @@ class LocalWorkers:
             raise TaskFailed(why)
         await self._report({"task_id": task_id, "state": "checkpoint", "attempt": attempt, "checkpoint": data})
 
+    def _result_body(self, result: Any, parts_ok: bool) -> tuple[dict[str, Any], list[parts.Part]]:
+        """The final body of a result, and the parts to send before it (a result too big for one message)."""
+        result = result if isinstance(result, dict) else {"value": result}
+        try:
+            if self.in_process:
+                why = body_problem(result, "the handler's result", parts.MAX_PARTED)
+                if why is not None:
+                    raise parts.PartError(why)
+                ref, ps = None, []
+            else:
+                ref, ps = parts.plan(result, "the handler's result", allowed=parts_ok)
+        except parts.PartError as exc:
+            return {"state": "failed", "error": str(exc)}, []
+        if ref is None:
+            return {"state": "succeeded", "result": result}, []
+        return {"state": "succeeded", "result": None, "result_ref": ref.body()}, ps
+
     async def _run(self, task_id: str, name: str, args: dict[str, Any], attempt: int | None,
-                   checkpoint: dict[str, Any] | None, deadline_ms: int | None) -> None:
+                   checkpoint: dict[str, Any] | None, deadline_ms: int | None, parts_ok: bool = False) -> None:
         base = {"task_id": task_id, "attempt": attempt, "result": None, "error": None}
         started = None
         try:
@@ -136,10 +159,9 @@ class LocalWorkers:
                         tb = "".join(traceback.format_exception(exc, limit=-8))
                         body = {"state": "failed", "error": f"{type(exc).__name__}: {exc}\n{tb}".rstrip()}
                 else:
-                    result = result if isinstance(result, dict) else {"value": result}
-                    why = body_problem(result, "the handler's result")
-                    body = {"state": "failed", "error": f"{why} in one message (chunked results: not yet)"} if why \
-                        else {"state": "succeeded", "result": result}
+                    body, result_parts = self._result_body(result, parts_ok)
+                    for part in result_parts:  # before the final result, in order
+                        await self._report({"task_id": task_id, "attempt": attempt, "part": part.body()})
                 await self._report(base | body | {"started": started, "finished": int(self.clock() * 1000)})
         except asyncio.CancelledError:
             await asyncio.shield(self._report(base | {"state": "cancelled", "started": started,

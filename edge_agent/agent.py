@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 
 import cwsnet
-from cwsnet import custody, sdnotify, topics
+from cwsnet import custody, parts, sdnotify, topics
 from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import AgentConfig
@@ -127,6 +127,7 @@ class Agent:
         self.node = bundle.identity.node
         self.site = bundle.identity.site
         self.state = NodeState(cfg.data_dir / "agent.db")
+        self.parts = parts.PartStore(cfg.data_dir / "parts.db")  # large task args, until whole (§3, "Parts")
         self.gateway = bundle.gateway  # custody acks come from it; command receipts go to it
         self.endpoint = Endpoint(bundle.identity, self.state.seq_counter(), self._peer_key, clock,
                                  key_version=bundle.kv)
@@ -164,7 +165,8 @@ class Agent:
         self._draining = asyncio.Lock()
         # config fields of the scheduler work (cwsnet.config.AgentConfig), read so older configs still load
         self.slots: int = getattr(cfg, "task_slots", 4)
-        self.capabilities: list[str] = list(getattr(cfg, "capabilities", []))
+        # "parts": it takes task args too big for one message, in parts (protocol §3, built in)
+        self.capabilities: list[str] = list(dict.fromkeys([*getattr(cfg, "capabilities", []), parts.CAPABILITY]))
         self._task_slots = asyncio.Semaphore(max(self.slots, 1))  # 0 slots: direct tasks still run, one at a time
         self._tg: asyncio.TaskGroup | None = None
         self._task_runs: set[asyncio.Task[None]] = set()
@@ -661,7 +663,10 @@ class Agent:
         run it once per task id, or once per ``(task_id, attempt)`` for a scheduled one; a ``cancel``
         stops what runs here and never starts anything. Every result of the task is sealed to
         ``assigner``."""
-        body = opened.body if isinstance(opened.body, dict) else {}
+        self._take_command(opened.body if isinstance(opened.body, dict) else {}, opened.header.trace, topic,
+                           assigner)
+
+    def _take_command(self, body: dict[str, Any], trace: str | None, topic: str, assigner: str) -> None:
         task_id = body.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             log.warning("task command without task_id on %s; ignored", topic)
@@ -670,6 +675,10 @@ class Agent:
         if attempt is not None and not _uint(attempt):
             log.warning("task %s: command with attempt %r (not an unsigned integer); ignored", task_id, attempt)
             return
+        if "part" in body or "args_ref" in body:  # args too big for one message (protocol §3, "Parts")
+            body = self._args_from_parts(body, task_id, attempt, trace, topic, assigner)
+            if not body:
+                return
         if body.get("cancel") is True:
             self._cancel_task(task_id, attempt, assigner)
             return
@@ -687,9 +696,8 @@ class Agent:
             log.warning("task %s: lease %r is not a positive number of seconds; taken as none", task_id, lease)
             lease = None
         # recorded before it runs (at most once), with who gave it: a restart's report goes there too
-        self.state.mark_task(task_id, trace=opened.header.trace, attempt=attempt, assigner=assigner)
-        held = _Held(task_id, attempt, None if lease is None else float(lease), opened.header.trace, body,
-                     assigner=assigner)
+        self.state.mark_task(task_id, trace=trace, attempt=attempt, assigner=assigner)
+        held = _Held(task_id, attempt, None if lease is None else float(lease), trace, body, assigner=assigner)
         old = self._held.get(task_id)
         if old is not None:  # an older attempt still runs here: the scheduler moved on from it
             self._stop(old, f"superseded by attempt {attempt}")
@@ -701,6 +709,37 @@ class Agent:
         run.add_done_callback(self._task_runs.discard)
         if held.lease is not None:
             self._wake_status.set()  # the next status (a heartbeat listing it) within a third of its lease
+
+    def _args_from_parts(self, body: dict[str, Any], task_id: str, attempt: int | None, trace: str | None,
+                         topic: str, assigner: str) -> dict[str, Any]:
+        """A part of a task's args is kept (and a command it completes is taken now); a command whose
+        ``args_ref`` parts are all here comes back with its ``args``; one still missing parts waits for
+        them (empty map: nothing to take now). Storage errors propagate: the command is not receipted."""
+        now = self.clock()
+        if "part" in body:
+            try:
+                part = parts.Part.parse(body["part"], f"task {task_id} part")
+            except parts.PartError as exc:
+                log.warning("%s from %s on %s; ignored", exc, assigner, topic)
+                return {}
+            for _, waiting in self.parts.add(assigner, part, now):
+                self._take_command(waiting["body"], waiting.get("trace"), topic, assigner)
+            return {}
+        try:
+            ref = parts.Ref.parse(body["args_ref"], f"task {task_id} args_ref")
+            args = self.parts.take(assigner, ref, f"task {task_id}'s args")
+        except parts.PartError as exc:
+            log.warning("%s", exc)
+            if self.state.task_record(task_id) is None:
+                self.state.mark_task(task_id, trace=trace, attempt=attempt, assigner=assigner)
+                self._task_result(task_id, attempt, "failed", trace, to=assigner,
+                                  error=f"its args did not arrive whole: {exc}")
+            return {}
+        if args is None:
+            log.info("task %s (attempt %s): waiting for the rest of its %d args parts", task_id, attempt, ref.parts)
+            self.parts.wait(assigner, ref, f"{task_id}/{attempt}", {"body": body, "trace": trace}, now)
+            return {}
+        return {k: v for k, v in body.items() if k != "args_ref"} | {"args": args}
 
     def _cancel_task(self, task_id: str, attempt: int | None, assigner: str = "cloud") -> None:
         """Stop ``task_id`` (only that ``attempt``, if given) if it is held here and ``assigner`` gave
@@ -760,6 +799,15 @@ class Agent:
         delivered = self.hand_over(topics.task_result(self.site, self.node), "task_result", body, trace=trace, to=to)
         self._wake_flush.set()
         return delivered
+
+    def _task_part(self, held: _Held, part: parts.Part) -> None:
+        """One part of a result too big for one message (protocol §3, "Parts"): a task_result with
+        ``part`` and no state, sealed to the assigner like the rest of the task's results."""
+        body: dict[str, Any] = {"task_id": held.task_id, "part": part.body()}
+        if held.attempt is not None:
+            body["attempt"] = held.attempt
+        self.hand_over(topics.task_result(self.site, self.node), "task_result", body, trace=held.trace,
+                       to=held.assigner)
 
     def _final(self, held: _Held, state: str, **fields: Any) -> asyncio.Future[bool]:
         """The task's last result. It leaves the held tasks in the same step as it enters the outbox
@@ -842,7 +890,16 @@ class Agent:
                 else:
                     call = handler(args)
                 result = await asyncio.wait_for(call, timeout)
-                why = _encodable(result)
+                try:  # a result too big for one message goes in parts if the assigner takes them (§3)
+                    ref, result_parts = parts.plan(result, "the handler's result", allowed=body.get("parts") is True) \
+                        if isinstance(result, dict) else (None, [])
+                except parts.PartError as exc:
+                    raise TaskFailed(f"the handler's result cannot be sent ({exc})") from None
+                room = self.cfg.outbox.max_bytes // 2  # its parts must not push everything else out of the outbox
+                if ref is not None and ref.size > room:
+                    raise TaskFailed(f"the handler's result cannot be sent (it is {ref.size} bytes; this agent's "
+                                     f"outbox takes results of at most {room}: half its outbox.max_bytes)")
+                why = None if ref is not None else _encodable(result)
                 if why is not None:
                     raise TaskFailed(f"the handler's result cannot be sent ({why})")
             except TaskFailed as exc:
@@ -855,6 +912,10 @@ class Agent:
                 state, fields = "failed", {"error": f"{type(exc).__name__}: {exc}\n{tb}".rstrip()}
             else:
                 state, fields = "succeeded", {"result": result}
+                if ref is not None:
+                    for part in result_parts:  # handed over before the final result, in order
+                        self._task_part(held, part)
+                    fields = {"result": None, "result_ref": ref.body()}
             finally:
                 self.running_tasks -= 1
             log.info("task %s: %s", task_id, state)
@@ -1042,6 +1103,8 @@ class Agent:
                          tg.create_task(self._status_loop()), tg.create_task(self._bundle_watch())]
                 tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
                 tasks.append(tg.create_task(self._report_interrupted()))
+                with contextlib.suppress(sqlite3.Error):  # parts of args that never came whole: gone after a day
+                    self.parts.prune(self.clock())
                 tasks.append(tg.create_task(self._submission_loop()))
                 if self.systemd.enabled:
                     tasks.append(tg.create_task(self._systemd_loop()))
@@ -1056,5 +1119,6 @@ class Agent:
             self.systemd.close()
             self.outbox.close()
             self.submissions.close()
+            self.parts.close()
             self.state.close()
             log.info("agent %s stopped", self.node)

@@ -27,7 +27,7 @@ from typing import Any
 import nacl.public
 
 import cwsnet
-from cwsnet import custody, envelope, topics
+from cwsnet import custody, envelope, parts, topics
 from cwsnet.aio import wait_event
 from cwsnet.bundle import Bundle
 from cwsnet.config import GatewayConfig
@@ -61,6 +61,8 @@ class Gateway:
         self.state = NodeState(cfg.data_dir / "gateway-state.db")
         self.outbox = UplinkOutbox(cfg.data_dir / "uplink-outbox.db")
         self.downlink = DownlinkStore(cfg.data_dir / "downlink.db")
+        self.parts = parts.PartStore(cfg.data_dir / "parts.db")  # the cloud's large task args, until whole (§3)
+        self.parts.prune(clock())  # parts that never came whole: forgotten after a day
         self.cloud_key = bundle.cloud_public_key
         # the site's registry: device keys (versioned) and revocations, from registry_file and from
         # the cloud's sealed pushes (kept in data_dir, so a restart offline enforces the last one)
@@ -643,7 +645,8 @@ class Gateway:
                                   "pushes it again", reg.rev)
             return
         if opened.header.kind == "task_cmd":
-            self.task_command(opened.body)
+            for body in await self._whole_commands(opened.body):
+                self.task_command(body)
             return
         if opened.header.kind == "task_result":  # the cloud runs a site task of ours (task/offload)
             self.site_tasks.on_cloud_result(opened.body, opened.header.seq)
@@ -674,6 +677,35 @@ class Gateway:
             self._pump_wake.set()  # acks open the window
 
     # ---- scheduled tasks placed on the gateway ---------------------------------------------
+    async def _whole_commands(self, body: Any) -> list[Any]:
+        """The cloud's commands ready to take after ``body``: itself; or, for args too big for one message
+        (protocol §3, "Parts"), none while parts are missing (the command waits in ``parts.db``), the
+        command with its args once they are all here, or the waiting commands a last part completes."""
+        if not isinstance(body, dict) or not ("part" in body or "args_ref" in body):
+            return [body]
+        tid = body.get("task_id")
+        try:
+            if "part" in body:
+                part = parts.Part.parse(body["part"], f"task {tid} part")
+                done = await self._db_call(self.parts.add, "cloud", part, self.clock())
+                return [c for _, waiting in done for c in await self._whole_commands(waiting)]
+            ref = parts.Ref.parse(body["args_ref"], f"task {tid} args_ref")
+            args = await self._db_call(self.parts.take, "cloud", ref, f"task {tid}'s args")
+        except parts.PartError as exc:
+            log.warning("%s", exc)
+            if "args_ref" in body and isinstance(tid, str):
+                self._report_soon({"task_id": tid, "attempt": body.get("attempt"), "state": "failed", "result": None,
+                                   "error": f"its args did not arrive whole: {exc}"})
+            return []
+        except sqlite3.Error as exc:  # the lease covers it: the task is re-sent
+            self._storage_trouble("keeping task args parts", exc)
+            return []
+        if args is None:
+            await self._db_call(self.parts.wait, "cloud", ref, f"{tid}/{body.get('attempt')}", body, self.clock())
+            log.info("task %s: waiting for the rest of its %d args parts", tid, ref.parts)
+            return []
+        return [{k: v for k, v in body.items() if k != "args_ref"} | {"args": args}]
+
     def task_command(self, body: Any) -> None:
         """A task for the gateway's worker pool (or a cancel), from the cloud's scheduler or the site's;
         the cloud's replay window already made sure each of its commands is taken once, and the pool
@@ -704,7 +736,7 @@ class Gateway:
         checkpoint = body.get("checkpoint") if isinstance(body.get("checkpoint"), dict) else None
         idle = not self.workers.running()
         if self.workers.start(tid, body["handler"], args, attempt=attempt, checkpoint=checkpoint,
-                              deadline_ms=deadline):
+                              deadline_ms=deadline, parts_ok=body.get("parts") is True):
             log.info("task %s (%s, attempt %s) runs on the gateway", tid, body["handler"], attempt)
             if idle:  # the status loop was on its idle pace: heartbeats (listing it) start now
                 self._beat.set()
@@ -794,7 +826,8 @@ class Gateway:
             "handlers": sorted(self.workers.handlers) if self.cfg.task_slots > 0 else [],
             "slots": self.cfg.task_slots,
             "tasks": self.workers.running(),
-            "capabilities": list(self.cfg.capabilities),
+            # "parts": it takes task args too big for one message, in parts (protocol §3, built in)
+            "capabilities": list(dict.fromkeys([*self.cfg.capabilities, parts.CAPABILITY])),
             "interval": self.cfg.status_interval,
         }
 
@@ -906,6 +939,7 @@ class Gateway:
             self._db.submit(self.downlink.close).result()
             self._db.submit(self.local.close).result()
             self._db.submit(self.site_tasks.close).result()
+            self._db.submit(self.parts.close).result()
             self._db.shutdown()
             self.state.close()
             log.info("gateway %s stopped", self.node)

@@ -462,7 +462,7 @@ def test_each_status_goes_to_the_gateway_on_task_status(site: Site, tmp_path: Pa
             birth = next(s for s in site.sent(link) if s.kind == "birth")
             assert (first[0].kind, first[0].to, first[0].retain) == ("status", GW, False)
             assert first[0].body == birth.body and birth.to == "cloud"
-            assert (first[0].body["slots"], first[0].body["capabilities"]) == (3, ["camera"])
+            assert (first[0].body["slots"], first[0].body["capabilities"]) == (3, ["camera", "parts"])
             # a leased task from the gateway: heartbeats every third of the lease, each one to both
             await site.send(agent, GW, "task_cmd", {"task_id": "s-hb", "handler": "sleep", "args": {"seconds": 30},
                                                     "attempt": 1, "lease": 0.3})

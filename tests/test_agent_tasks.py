@@ -91,11 +91,11 @@ class Cloud:
         return [b for _s, k, b in self.sent(link) if k == "task_result" and task_id in (None, b["task_id"])]
 
     def states(self, link: FakeLink, task_id: str) -> list[tuple[int | None, str]]:
-        """(attempt, state) of each result of ``task_id``, in the order sent."""
-        return [(b.get("attempt"), b["state"]) for b in self.results(link, task_id)]
+        """(attempt, state) of each result of ``task_id``, in the order sent (a part of a result: "part")."""
+        return [(b.get("attempt"), b.get("state", "part")) for b in self.results(link, task_id)]
 
     def final(self, link: FakeLink, task_id: str, attempt: int | None = None) -> dict[str, Any] | None:
-        done = [b for b in self.results(link, task_id) if b["state"] in FINAL and b.get("attempt") == attempt]
+        done = [b for b in self.results(link, task_id) if b.get("state") in FINAL and b.get("attempt") == attempt]
         return done[-1] if done else None
 
     def statuses(self, link: FakeLink) -> list[tuple[int, dict[str, Any]]]:
@@ -332,7 +332,8 @@ def test_status_carries_slots_capabilities_and_tasks(cloud: Cloud, tmp_path: Pat
         cfg = config(cloud, tmp_path, task_slots=2, capabilities=["gpu", "camera"], status_interval=30.0)
         async with running(cfg) as (agent, link):
             birth = next(b for _s, k, b in cloud.sent(link) if k == "birth")
-            assert (birth["slots"], birth["capabilities"], birth["tasks"]) == (2, ["gpu", "camera"], [])
+            # "parts" is built in: it takes args too big for one message
+            assert (birth["slots"], birth["capabilities"], birth["tasks"]) == (2, ["gpu", "camera", "parts"], [])
             assert birth["interval"] == 30.0 and {"count", "burn"} <= set(birth["handlers"])
             await cloud.command(agent, {"task_id": "t", "handler": "sleep", "args": {"seconds": 30}, "attempt": 7,
                                         "lease": 1.5})
@@ -509,3 +510,49 @@ def test_node_state_attempts(tmp_path: Path) -> None:
     again.mark_task("x", attempt=1)
     assert again.task_record("x") == SeenTask(1, False)
     again.close()
+
+
+# ---- parts: args and results too big for one message (protocol §3) ---------------------------------
+
+
+def test_args_and_a_result_too_big_for_one_message_travel_in_parts(cloud: Cloud, tmp_path: Path) -> None:
+    import random
+
+    from cwsnet import parts
+
+    cfg = config(cloud, tmp_path)
+    args = {"blob": random.Random(5).randbytes(600_000)}
+    cmd = {"task_id": "big", "handler": "echo", "args": args, "attempt": 1, "lease": 30.0, "parts": True}
+    msgs = parts.command_messages(cmd)
+    assert len(msgs) == 6 and msgs[-1]["args"] is None
+
+    async def body() -> None:
+        async with running(cfg) as (agent, link):
+            await cloud.command(agent, msgs[0])
+            await cloud.command(agent, msgs[-1])  # it overtook most of its parts: it waits for them, durably
+            assert "big" not in agent.held_tasks() and cloud.results(link, "big") == []
+        async with running(cfg) as (agent, link):  # a restart between the parts
+            for m in msgs[1:-1]:
+                await cloud.command(agent, m)
+            final = await final_of(cloud, link, "big", 1)
+            assert final["result"] is None and final["state"] == "succeeded"
+            ref = parts.Ref.parse(final["result_ref"])
+            sent = cloud.results(link, "big")
+            assert [b.get("state", "part") for b in sent] == ["running"] + ["part"] * 5 + ["succeeded"]
+            assert parts.join(ref, [b["part"]["data"] for b in sent if "part" in b]) == args  # in order, before it
+            # an assigner that did not say it takes parts gets a failure that says why
+            plain = parts.command_messages({k: v for k, v in cmd.items() if k != "parts"} | {"task_id": "np"})
+            for m in plain:
+                await cloud.command(agent, m)
+            failed = await final_of(cloud, link, "np", 1)
+            assert failed["state"] == "failed" and "takes no parts" in failed["error"], failed
+            # parts that do not make the args fail the task, saying so
+            bad = parts.command_messages(cmd | {"task_id": "bad"})
+            bad[1] = bad[1] | {"part": bad[1]["part"] | {"data": b"x" * len(bad[1]["part"]["data"])}}
+            for m in bad:
+                await cloud.command(agent, m)
+            failed = await final_of(cloud, link, "bad", 1)
+            assert failed["state"] == "failed" and "did not arrive whole" in failed["error"], failed
+            assert agent.parts.conn.execute("select count(*) from parts").fetchone()[0] == 0
+
+    run(body())
