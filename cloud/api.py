@@ -66,6 +66,7 @@ from cloud.ingest import BodyError, check_storable
 from cloud.metrics import CONTENT_TYPE, CloudMetrics
 from cloud.store import NewEvent, Node, Store, Task
 from cloud.views import change, event_view, node_view, task_view, telemetry_view
+from cwsnet import parts
 from cwsnet.envelope import MAX_CHECKPOINT, MAX_PAYLOAD
 from cwsnet.policy.access import AccessEngine, Decision, DenyRecorder, Subject, shipped_access_engine
 from cwsnet.policy.watch import PolicyWatcher
@@ -77,8 +78,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 API_VERSION = "1"
 #: room the header, the sealed part's topic and hash, the nonce and the box tag take in a task command
 ENVELOPE_HEADROOM = 1024
-#: largest CBOR-encoded task_cmd body that still fits one envelope (cwsnet.envelope.MAX_PAYLOAD)
-MAX_TASK_BODY = MAX_PAYLOAD - ENVELOPE_HEADROOM
+#: largest CBOR-encoded task_cmd body that travels as one message; a bigger one's args go in parts
+#: (cwsnet.parts, protocol §3), to a node that takes them
+MAX_TASK_BODY = parts.INLINE_MAX
 
 #: the console's session cookie (HttpOnly, SameSite=Strict), set by POST /api/v1/auth/login
 COOKIE_NAME = "cws_session"
@@ -171,14 +173,14 @@ def _www_authenticate(error: str | None = None) -> dict[str, str]:
 
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    parts, details = [], []
+    said, details = [], []
     for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()))
         msg = str(err.get("msg", "invalid"))
         msg = msg[:1].lower() + msg[1:]
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        said.append(f"{loc}: {msg}" if loc else msg)
         details.append({"loc": list(err.get("loc", ())), "msg": msg, "type": err.get("type")})
-    return "; ".join(parts) or "invalid request", jsonable_encoder(details)
+    return "; ".join(said) or "invalid request", jsonable_encoder(details)
 
 
 # -- models ------------------------------------------------------------------------------------------
@@ -344,6 +346,9 @@ class TaskOut(ApiModel):
                                                           "`site:{gateway}:{origin}:{key}`)")
     disagreement: list[Any] | None = Field(None, description="scheduled, replicas: [[node, result], ...] when the "
                                            "replicas' results differ")
+    omitted: dict[str, int] | None = Field(None, description="in lists and live changes: `args` or `result` "
+                                           "left out (null) because its JSON is over 64 KiB, with its size in "
+                                           "bytes; `GET /api/v1/tasks/{id}` shows it whole")
 
 
 class ExecutorOut(ApiModel):
@@ -1003,9 +1008,12 @@ def create_app(state: CloudState) -> FastAPI:
             "until then the task stays queued here. With `timeout`, a task not finished by then expires "
             "(`state: expired` with the reason in `error`; a held command is dropped at that moment and never "
             "runs; a task still running has its late result ignored). 404 if the target is not "
-            "registered, 422 if it is not a device, 413 if the command would not fit in one envelope "
-            f"({MAX_TASK_BODY} bytes of CBOR-encoded task command) or the device's own limit (the `max_payload` "
-            "its agent announces: the ESP32 firmware takes 8 KB by default). Either kind: an `idempotency_key` "
+            "registered, 422 if it is not a device, 413 if the args are over 16 MiB encoded, if the command would "
+            f"not fit in one message ({MAX_TASK_BODY} bytes of CBOR-encoded task command) and the device does not "
+            "take args in parts (its status lists no `parts` capability: the CPython agent takes them, the ESP32 "
+            "firmware does not), or over the device's own limit (the `max_payload` "
+            "its agent announces: the ESP32 firmware takes 8 KB by default). Bigger args travel in parts, and "
+            "so does a result too big for one message (protocol §3, \"Parts\"). Either kind: an `idempotency_key` "
             "seen before answers 200 with the existing task's id and `duplicate: true` (409 if that task had "
             "another handler or other args); keys starting with `schedule:` are the schedules' own (422)."
         ),
@@ -1042,6 +1050,17 @@ def create_app(state: CloudState) -> FastAPI:
                 422, f"{exc} (args must be JSON without NaN or Infinity, integers 64-bit)", code="invalid_request"
             ) from None
 
+    def _parted_ok(req: TaskRequest, where: str, size: int, takes: bool, target: str) -> None:
+        """413 unless ``req.args``, too big for one message, can go in parts (protocol §3, "Parts")."""
+        args_size = len(cbor2.dumps(req.args))
+        if args_size > parts.MAX_PARTED:
+            raise ApiError(413, f"{where}.args: {args_size} bytes encoded; task args take at most "
+                                f"{parts.MAX_PARTED} (in parts of {parts.PART_BYTES})")
+        if not takes:
+            raise ApiError(413, f"{where}.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} "
+                                f"fit in one message (envelope limit {MAX_PAYLOAD} bytes), and {target} does not "
+                                f"take args in parts (its status lists no {parts.CAPABILITY!r} capability)")
+
     def submit_task(req: TaskRequest, request: Request | None, where: str = "body") -> tuple[str, bool]:
         """Queue a task (direct with a target, else scheduled): (id, duplicate). ``request``: the API call
         to authorize (None: a schedule's run, authorized when the schedule was made)."""
@@ -1064,14 +1083,12 @@ def create_app(state: CloudState) -> FastAPI:
         deadline = None if req.timeout is None else int((state.clock() + req.timeout) * 1000)
         task_id = uuid.uuid4().hex
         # the body exactly as TaskDispatcher.dispatch seals it
-        cmd = {"task_id": task_id, "handler": req.handler, "args": req.args, "deadline": deadline}
+        cmd = {"task_id": task_id, "handler": req.handler, "args": req.args, "deadline": deadline, "parts": True}
         size = len(cbor2.dumps(cmd))
-        if size > MAX_TASK_BODY:
-            raise ApiError(
-                413,
-                f"{where}.args: the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in one "
-                f"message (envelope limit {MAX_PAYLOAD} bytes)",
-            )
+        if size > MAX_TASK_BODY:  # args that do not fit one message go in parts, to a device that takes them
+            takes = parts.CAPABILITY in ((node.last_status or {}).get("capabilities") or ())
+            _parted_ok(req, where, size, takes, f"device {req.target!r}")
+            size = parts.PART_BYTES  # (each message of it is at most about a part)
         # a small device (the ESP32 firmware) announces the largest message it can take in its birth
         limit = (node.agent or {}).get("max_payload")
         if isinstance(limit, int) and not isinstance(limit, bool) and size + ENVELOPE_HEADROOM > limit:
@@ -1106,19 +1123,20 @@ def create_app(state: CloudState) -> FastAPI:
             authorize(request, "command", f"cws/v1/{_one_level(req.site or 'cloud')}/_scheduler/task/cmd", None)
         _args_ok(req, where)
         cmd = {"task_id": "0" * 32, "handler": req.handler, "args": req.args, "deadline": 2**62, "attempt": 1,
-               "lease": 5.0, "checkpoint": None}
+               "lease": 5.0, "checkpoint": None, "parts": True}
         size = len(cbor2.dumps(cmd))
-        # a re-assignment carries the task's last checkpoint too: room is kept for the largest one
+        # a re-assignment carries the task's last checkpoint too: room is kept for the largest one; args
+        # bigger than that go in parts, so only an executor that takes parts is offered the task
+        requirements = req.requirements.model_dump()
         if size + MAX_CHECKPOINT > MAX_TASK_BODY:
-            raise ApiError(413, f"{where}.args: the task command would be {size} bytes; a scheduled task's args "
-                                f"take at most {MAX_TASK_BODY - MAX_CHECKPOINT} (one message holds "
-                                f"{MAX_TASK_BODY}, with room for a {MAX_CHECKPOINT}-byte checkpoint)")
+            _parted_ok(req, where, size, True, "")
+            requirements["capabilities"] = sorted({*(requirements.get("capabilities") or ()), parts.CAPABILITY})
         spec = {"handler": req.handler, "args": req.args, "site": req.site or "", "origin": req.origin or "",
                 "origin_role": "app" if req.origin is None else (getattr(store.get_node(req.origin), "role", None)
                                                                  or "app"),
                 "data_class": req.data_class, "input_bytes": size, "priority": req.priority,
                 "replicas": req.replicas, "mode": req.mode, "max_attempts": req.max_attempts,
-                "requirements": req.requirements.model_dump(), "idempotency_key": req.idempotency_key,
+                "requirements": requirements, "idempotency_key": req.idempotency_key,
                 "timeout": req.timeout}
         try:
             task_id, duplicate = svc.submit_threadsafe(spec)
@@ -1130,9 +1148,9 @@ def create_app(state: CloudState) -> FastAPI:
 
     state.submit_task = submit_task
 
-    def _task_out(task: Task) -> dict[str, Any]:
+    def _task_out(task: Task, whole: bool = True) -> dict[str, Any]:
         """``task_view`` and the origin of a site task (the device that submitted it)."""
-        return {"origin": task.origin, **task_view(task)}
+        return {"origin": task.origin, **task_view(task, whole)}
 
     @app.get(
         "/api/v1/tasks",
@@ -1151,7 +1169,8 @@ def create_app(state: CloudState) -> FastAPI:
         kind: Literal["direct", "scheduled", "site"] | None = Query(None, description="only tasks of this kind"),
     ) -> Any:
         page = store.list_tasks(limit=limit, offset=offset, state=state_, target=target, kind=kind)
-        return {"items": [_task_out(t) for t in page.items], "total": page.total, "limit": limit, "offset": offset}
+        return {"items": [_task_out(t, whole=False) for t in page.items], "total": page.total, "limit": limit,
+                "offset": offset}
 
     @app.get(
         "/api/v1/tasks/{task_id}",

@@ -57,7 +57,7 @@ from cloud.site_offload import SiteOffloads
 from cloud.store import NewEvent, SqliteStore, Store, Task
 from cloud.tasks import TaskService, cloud_handlers
 from cloud.views import change, event_view, task_view
-from cwsnet import topics
+from cwsnet import parts, topics
 from cwsnet.broker import BrokerSettings, start_broker
 from cwsnet.bundle import Bundle
 from cwsnet.config import CloudConfig
@@ -287,12 +287,15 @@ class TaskDispatcher:
             log.info("task %s: cloud broker link is down; queued until it is back", task.id)
             return False
         topic = topics.task_cmd(site, task.target)
-        body = {"task_id": task.id, "handler": task.handler, "args": task.args, "deadline": task.deadline}
+        # "parts": its result may come in parts; args too big for one message go first, in parts (protocol §3)
+        body = {"task_id": task.id, "handler": task.handler, "args": task.args, "deadline": task.deadline,
+                "parts": True}
         trace = new_traceparent()
-        # the deadline also goes in the clear header, so a gateway holding the command can expire it
-        payload, header = self.endpoint.seal(topic, "task_cmd", body, to=task.target, trace=trace,
-                                             expires=task.deadline)
-        await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
+        for msg in parts.command_messages(body):
+            # the deadline also goes in the clear header, so a gateway holding the command can expire it
+            payload, header = self.endpoint.seal(topic, "task_cmd", msg, to=task.target, trace=trace,
+                                                 expires=task.deadline)
+            await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
         await asyncio.to_thread(self.store.mark_dispatched, task.id, now=int(self.clock() * 1000))
         log.info("task %s sent to %s (%s) seq=%d trace=%s", task.id, task.target, task.handler, header.seq, trace)
         return True
@@ -710,11 +713,13 @@ class CloudDaemon:
                 log.exception("automation tick failed; next in %g s", AUTOMATION_TICK)
 
     async def sweep_retention(self) -> None:
-        """Shortly after start, then every 10 minutes: delete telemetry past its qos retention."""
+        """Shortly after start, then every 10 minutes: delete telemetry past its qos retention, and parts of
+        task results that never came whole (after a day)."""
         await asyncio.sleep(RETENTION_FIRST)
         while True:
             try:
                 await asyncio.to_thread(self.retention.sweep, int(self.clock() * 1000))
+                await asyncio.to_thread(self.store.prune_parts, self.clock())  # parted results never made whole
             except Exception:
                 log.exception("retention sweep failed; next in %g s", RETENTION_EVERY)
             await asyncio.sleep(RETENTION_EVERY)

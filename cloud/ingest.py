@@ -70,6 +70,7 @@ from cwsnet.errors import (
     UnknownSender,
 )
 from cwsnet.identity import public_key_from_b64
+from cwsnet.parts import Part, PartError, Ref
 from cwsnet.registry import Entry as RegistryEntry
 from cwsnet.registry import KeyRing, PastKey
 
@@ -626,7 +627,11 @@ class Ingest:
             log.log(logging.INFO if item.trace else logging.DEBUG, "stored %s from=%s seq=%d kind=%s%s",
                     item.topic, item.sender, item.seq, item.kind, trace)
             results[p.index] = IngestResult("stored", **base)
-            if p.body is not None:
+            if item.part is not None or (item.task is not None and item.task.ref is not None):
+                # a parted result goes on only once whole (the final's body, with its result)
+                batch.for_apps.extend((item, body) for body in out.completed)
+                changed_tasks.extend(body["task_id"] for body in out.completed)
+            elif p.body is not None:
                 batch.for_apps.append((item, p.body))
             if item.readings:
                 self.metrics.readings.inc(len(item.readings))
@@ -865,6 +870,21 @@ class Ingest:
             task_id, state = body.get("task_id"), body.get("state")
             if not isinstance(task_id, str) or not task_id:
                 raise BodyError("task_result field 'task_id' must be non-empty text")
+            if body.get("attempt") is not None and not _uint(body["attempt"]):
+                raise BodyError("task_result field 'attempt' must be uint or null")
+            if "part" in body:  # one part of a result too big for one message (protocol §3, "Parts")
+                try:
+                    return replace(item, part=Part.parse(body["part"], "task_result part"))
+                except PartError as exc:
+                    raise BodyError(str(exc)) from None
+            ref = None
+            if body.get("result_ref") is not None:
+                if state != "succeeded" or body.get("result") is not None:
+                    raise BodyError("task_result field 'result_ref' goes only with state succeeded and no result")
+                try:
+                    ref = Ref.parse(body["result_ref"], "task_result result_ref")
+                except PartError as exc:
+                    raise BodyError(str(exc)) from None
             if state not in REPORTED_TASK_STATES:
                 raise BodyError(f"task_result state must be one of {REPORTED_TASK_STATES}, got {state!r}")
             error = body.get("error")
@@ -874,8 +894,6 @@ class Ingest:
                 if body.get(name) is not None and not _uint(body[name]):
                     raise BodyError(f"task_result field {name!r} must be uint ms below 2^63 or null")
             check_storable(body.get("result"), "task_result result")
-            if body.get("attempt") is not None and not _uint(body["attempt"]):
-                raise BodyError("task_result field 'attempt' must be uint or null")
             if state == "checkpoint" and not isinstance(body.get("checkpoint"), dict):
                 raise BodyError("task_result state checkpoint needs a map 'checkpoint'")
             check_storable(body.get("checkpoint"), "task_result checkpoint")
@@ -888,6 +906,8 @@ class Ingest:
                     error=error,
                     started=body.get("started"),
                     finished=body.get("finished"),
+                    ref=ref,
+                    body=body if ref is not None else None,
                 ),
             )
         raise BodyError(f"kind {item.kind!r} is not an uplink kind")  # unreachable: rule 7 checked it

@@ -19,12 +19,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import sqlite_utils
 
+from cwsnet import parts
 from cwsnet.identity import public_key_from_b64
 from cwsnet.topics import check_name
 
@@ -210,6 +211,17 @@ class TaskReport:
     error: str | None = None
     started: int | None = None
     finished: int | None = None
+    #: a result sent in parts (protocol §3, "Parts"): its ref, and the message body to keep until they are all here
+    ref: Any = None
+    body: dict[str, Any] | None = None
+
+
+def task_report(body: dict[str, Any]) -> TaskReport:
+    """The report of a task_result body ingest checked (a final waiting for its parts, stored as is)."""
+    ref = body.get("result_ref")
+    return TaskReport(task_id=body["task_id"], state=body["state"], result=body.get("result"), error=body.get("error"),
+                      started=body.get("started"), finished=body.get("finished"),
+                      ref=None if ref is None else parts.Ref.parse(ref), body=body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +269,7 @@ class IngestItem:
     event: NewEvent | None = None
     task: TaskReport | None = None
     site_task: SiteTaskReport | None = None  # a gateway's site-task mirror (its task_result with site_task)
+    part: Any = None  # a cwsnet.parts.Part: one part of a task result too big for one message
     expires: int | None = None  # the clear header's exp (ms), if any: an offload past it is not run
 
 
@@ -274,6 +287,8 @@ class IngestOutcome:
     node_changed: bool = False
     task_state: str | None = None
     site_task_changed: bool = False
+    #: task_result bodies made whole by this item (a parted result: its final message, with ``result``)
+    completed: tuple[dict[str, Any], ...] = ()
 
 
 # -- the interface ------------------------------------------------------------------------------
@@ -350,6 +365,10 @@ class Store(Protocol):
 
     def prune_events(self, keep: int) -> int:
         """Delete all but the newest ``keep`` events; return how many were deleted."""
+        ...
+
+    def prune_parts(self, now: float) -> int:
+        """Forget parts of task results that never came whole (cwsnet.parts.MAX_AGE); how many."""
         ...
 
     def telemetry_streams(self) -> list[str]:
@@ -496,6 +515,7 @@ class SqliteStore(Store):
             )
             db["telemetry"].create_index(["sender", "ts"], if_not_exists=True)
             db["telemetry"].create_index(["stream", "ts"], if_not_exists=True)  # retention (qos policies)
+            parts.create(db.conn)  # task results too big for one message, until whole (protocol §3, "Parts")
             db["events"].create(
                 {
                     "id": int,
@@ -715,25 +735,48 @@ class SqliteStore(Store):
                 if item.event is not None:
                     self._insert_events(conn, [item.event])
                 site_task_changed = item.site_task is not None and self._apply_site_task(conn, item)
-                if item.task is not None and item.task.state in DIRECT_REPORTS:
-                    t = item.task
-                    moved = self._transition(
-                        conn,
-                        t.task_id,
-                        t.state,
-                        result=t.result,
-                        error=t.error,
-                        started=t.started,
-                        finished=t.finished,
-                        target=item.sender,
-                        now=item.received,
-                    )
-                    task_state = t.state if moved else None
+                completed: list[dict[str, Any]] = []
+                reports = [item.task] if item.task is not None else []
+                if item.part is not None:  # a part of a result: it may complete a final that waits for it
+                    for _, body in parts.add(conn, item.sender, item.part, item.received / 1000):
+                        reports.append(task_report(body))
+                for t in reports:
+                    if t.ref is not None:
+                        whole = self._whole(conn, item, t)
+                        if whole is None:
+                            continue
+                        t = whole
+                        completed.append(t.body or {})
+                    if t.state in DIRECT_REPORTS:
+                        moved = self._transition(conn, t.task_id, t.state, result=t.result, error=t.error,
+                                                 started=t.started, finished=t.finished, target=item.sender,
+                                                 now=item.received)
+                        task_state = t.state if moved else task_state
                 outcomes.append(IngestOutcome("stored", node_changed=node_changed, task_state=task_state,
-                                              site_task_changed=site_task_changed))
+                                              site_task_changed=site_task_changed, completed=tuple(completed)))
             if telemetry_rows:
                 self.db["telemetry"].insert_all(telemetry_rows, ignore=True, batch_size=500)
         return outcomes
+
+    @staticmethod
+    def _whole(conn: sqlite3.Connection, item: IngestItem, t: TaskReport) -> TaskReport | None:
+        """A final result sent in parts, made whole (its body gets ``result``), or None: it waits for the
+        rest of its parts. Parts that do not make the value the ref names fail the task, saying so."""
+        body = dict(t.body or {})
+        body.pop("result_ref", None)
+        try:
+            value = parts.take(conn, item.sender, t.ref, f"task {t.task_id}'s result")
+        except parts.PartError as exc:
+            conn.execute("delete from parts where sender = ? and blob = ?", [item.sender, t.ref.sha256])
+            error = f"its result did not arrive whole from {item.sender}: {exc}"
+            body.update(state="failed", result=None, error=error)
+            return replace(t, state="failed", result=None, error=error, ref=None, body=body)
+        if value is None:
+            parts.wait(conn, item.sender, t.ref, f"{t.task_id}/{body.get('attempt')}", t.body or {},
+                       item.received / 1000)
+            return None
+        body["result"] = value
+        return replace(t, result=value, ref=None, body=body)
 
     @staticmethod
     def _apply_site_task(conn: sqlite3.Connection, item: IngestItem) -> bool:
@@ -875,6 +918,10 @@ class SqliteStore(Store):
                 f"select * from events{where} order by ts desc, id desc limit ? offset ?", [*params, limit, offset]
             )
         return Page([self._event(r) for r in rows], int(total))
+
+    def prune_parts(self, now: float) -> int:
+        with self._lock, self.db.atomic():
+            return parts.prune(self.db.conn, now)
 
     def prune_events(self, keep: int) -> int:
         """Delete all but the newest ``keep`` events; return how many were deleted."""

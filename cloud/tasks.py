@@ -30,7 +30,7 @@ from typing import Any
 
 from cloud.store import NewEvent, Store
 from cloud.views import change, event_view, task_view
-from cwsnet import topics
+from cwsnet import parts, topics
 from cwsnet.errors import CwsError
 from cwsnet.executor import LocalWorkers
 from cwsnet.mqtt import LinkError
@@ -86,7 +86,7 @@ class TaskService:
         # the cloud's own workers: their reports go straight to the scheduler
         # (the pool checks results and checkpoints like ingest does: one the store cannot keep fails the task)
         self.local = LocalWorkers(self.handlers, workers, lambda body: self._result(self.node, body, self.clock()),
-                                  node=node, clock=clock)
+                                  node=node, clock=clock, in_process=True)
         self._sending: dict[str, asyncio.Task[Any]] = {}  # node -> its last command's send (kept in order)
         self._ready = asyncio.Event()
         self._carrying = asyncio.Lock()
@@ -200,7 +200,8 @@ class TaskService:
                 else:
                     self._send(c.node, {"task_id": c.task_id, "handler": c.handler, "args": c.args,
                                         "deadline": None if c.deadline is None else int(c.deadline * 1000),
-                                        "attempt": c.attempt, "lease": self.lease, "checkpoint": c.checkpoint},
+                                        "attempt": c.attempt, "lease": self.lease, "checkpoint": c.checkpoint,
+                                        "parts": True},  # its result may come in parts (protocol §3)
                                # a command that cannot reach its executor within two leases is stale: the
                                # copy has been re-queued by then, so a gateway holding it drops it then
                                min(c.deadline or float("inf"), self.clock() + 2 * self.lease))
@@ -256,10 +257,11 @@ class TaskService:
                     log.warning("task command for %s not sent: not a registered node", node)
                     return
                 topic = topics.task_cmd(entry.site, node)
-                payload, _ = self.endpoint.seal(topic, "task_cmd", body, to=node,
-                                                expires=None if expires is None else int(expires * 1000))
-                await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
-            except (LinkError, CwsError, TimeoutError) as exc:
+                for msg in parts.command_messages(body):  # args too big for one message go first, in parts
+                    payload, _ = self.endpoint.seal(topic, "task_cmd", msg, to=node,
+                                                    expires=None if expires is None else int(expires * 1000))
+                    await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
+            except (LinkError, CwsError, TimeoutError, parts.PartError) as exc:
                 # the lease covers it: an assignment that never arrives is re-queued when it expires
                 log.warning("task command %s for %s not sent: %s", body.get("task_id"), node, exc)
 
@@ -279,7 +281,9 @@ class TaskService:
     def _cloud_status(self) -> ExecutorStatus:
         # it lists what it runs: a copy restored as held by the cloud (the previous process) is not run by
         # this one, so it is lost after the lease and moves, like any executor's unreported task
+        # its args never travel: it takes any size ("parts", protocol §3)
         return ExecutorStatus(self.node, "cloud", "", capacity=self.workers, handlers=frozenset(self.handlers),
+                              capabilities=frozenset({parts.CAPABILITY}),
                               queue=len(self.local.running()), running=tuple(self.local.running()))
 
     # ---- the loop ----

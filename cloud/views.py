@@ -6,9 +6,14 @@ change notifications ingest produces, so the console sees the same object from e
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from cloud.store import Event, NewEvent, Node, Task, TelemetryRow
+
+#: args or a result whose JSON is larger than this (bytes) is left out of task lists and live changes
+#: (``omitted`` says which, and how big): a task's own view has it (args and results up to 16 MiB travel in parts)
+LIST_MAX = 64 * 1024
 
 
 def node_view(node: Node) -> dict[str, Any]:
@@ -43,8 +48,10 @@ def event_view(event: Event | NewEvent) -> dict[str, Any]:
     }
 
 
-def task_view(task: Task) -> dict[str, Any]:
-    return {
+def task_view(task: Task, whole: bool = False) -> dict[str, Any]:
+    """A task as the API shows it; ``whole``: with args and result however big (one task's own view),
+    else those over :data:`LIST_MAX` are null and named in ``omitted`` (lists, live changes)."""
+    view = {
         "id": task.id,
         "target": task.target,
         "origin": task.origin,
@@ -67,6 +74,14 @@ def task_view(task: Task) -> dict[str, Any]:
         "idempotency_key": task.idempotency_key,
         "disagreement": task.disagreement,
     }
+    if not whole:
+        omitted = {}
+        for key in ("args", "result"):
+            if view[key] is not None and (size := len(json.dumps(view[key], separators=(",", ":")))) > LIST_MAX:
+                view[key], omitted[key] = None, size
+        if omitted:
+            view["omitted"] = omitted
+    return view
 
 
 def change(kind: str, payload: dict[str, Any]) -> dict[str, Any]:

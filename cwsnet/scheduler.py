@@ -1250,6 +1250,13 @@ class Scheduler:
             extra.append(f"{t.replicas} replicas ({t.mode})")
         if t.deadline is not None:
             extra.append(f"deadline {_t(t.deadline)}")
+        req = t.requirements
+        needs = [f"capabilit{'y' if len(req.capabilities) == 1 else 'ies'} {', '.join(sorted(req.capabilities))}"
+                 ] if req.capabilities else []
+        needs += [f"mem_free >= {_size(req.mem_free)}"] if req.mem_free is not None else []
+        needs += [f"cpu <= {req.cpu:g}"] if req.cpu is not None else []
+        if needs:
+            extra.append("needs " + ", ".join(needs))
         lines.append(f"  priority {t.priority}, {t.attempts} attempt(s) made, at most {t.max_attempts} used up "
                      f"per {'replica' if t.replicas > 1 else 'task'}, lease {self.lease:g} s"
                      + (", " + ", ".join(extra) if extra else ""))

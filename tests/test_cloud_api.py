@@ -239,12 +239,14 @@ def test_task_target_must_be_a_device(env: Env) -> None:
 
 def test_task_too_large_for_one_envelope(env: Env) -> None:
     from cloud.api import MAX_TASK_BODY
+    from cwsnet import parts
     from cwsnet.envelope import MAX_PAYLOAD
 
-    assert MAX_PAYLOAD - 2048 < MAX_TASK_BODY < MAX_PAYLOAD
+    assert MAX_TASK_BODY == parts.INLINE_MAX and MAX_PAYLOAD - 16384 < MAX_TASK_BODY < MAX_PAYLOAD
     r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": {"d": "x" * MAX_PAYLOAD}})
-    err = assert_error(r, 413, "too_large")
+    err = assert_error(r, 413, "too_large")  # dev-1 never said it takes args in parts
     assert str(MAX_PAYLOAD) in err["message"] and "args" in err["message"]
+    assert "does not take args in parts" in err["message"], err["message"]
     # just under the limit (the measured body includes task id, handler and deadline) is accepted
     fits = {"d": "x" * (MAX_TASK_BODY - 200)}
     r = env.client.post("/api/v1/tasks", json={"target": "dev-1", "handler": "echo", "args": fits, "timeout": 5})
@@ -384,3 +386,14 @@ def test_policies_are_listed_and_checked(env: Env, tmp_path: Path) -> None:
     assert r.json()["problems"][0].startswith("site.yaml:4:15: rules.0.actions.0: Input should be")
     assert_error(env.client.post("/api/v1/policies/check", json={"files": {"../x.yaml": good}}), 422,
                  "invalid_request")
+
+
+def test_a_big_result_is_left_out_of_task_lists_and_shown_whole_by_the_task_itself(env: Env) -> None:
+    task = env.store.create_task(target="dev-1", handler="echo", args={"small": 1})
+    big = {"blob": "x" * 100_000}
+    env.store.update_task(task.id, "succeeded", result=big, now=5)
+    (listed,) = env.client.get("/api/v1/tasks").json()["items"]
+    assert listed["result"] is None and listed["omitted"] == {"result": 100_011}  # {"blob":"x...x"}
+    assert listed["args"] == {"small": 1}
+    whole = env.client.get(f"/api/v1/tasks/{task.id}").json()
+    assert whole["result"] == big and whole.get("omitted") is None

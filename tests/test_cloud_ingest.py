@@ -543,3 +543,96 @@ def test_bookkeeping_failure_after_commit_keeps_the_batch_outcome(w: World, monk
     assert batch.births == ["dev-1"] and len(batch.acks) == 1  # not lost: a retry would see a duplicate
     node = w.store.get_node("dev-1")
     assert node is not None and node.online
+
+
+# ---- results in parts (protocol §3, "Parts") ---------------------------------------------------------
+
+
+def _parted(w: World, result: dict[str, Any]) -> tuple[Any, list[tuple[str, bytes]], tuple[str, bytes]]:
+    """A direct task for dev-1 and dev-1's sealed messages: its result's parts, then the final result."""
+    from cwsnet import parts
+
+    task = w.store.create_task(target="dev-1", handler="echo", args={})
+    dev, topic = w.nodes["dev-1"], topics.task_result("home", "dev-1")
+    ref, ps = parts.split(result)
+    msgs = [(topic, dev.seal(topic, "task_result", {"task_id": task.id, "part": p.body()})) for p in ps]
+    final = (topic, dev.seal(topic, "task_result", {"task_id": task.id, "state": "succeeded", "result": None,
+                                                     "result_ref": ref.body(), "finished": 9}))
+    return task, msgs, final
+
+
+def test_a_result_in_parts_is_stored_whole_when_its_final_comes_after_them(w: World) -> None:
+    result = {"image": random.Random(3).randbytes(700_000), "n": 1}
+    task, ps, final = _parted(w, result)
+    b = w.ingest.handle_batch(ps)
+    assert [r.status for r in b.results] == ["stored"] * 6 and not b.for_apps  # parts alone: nothing to take yet
+    assert w.store.get_task(task.id).state == "queued"  # type: ignore[union-attr]
+    b = w.ingest.handle_batch([final])
+    t = w.store.get_task(task.id)
+    assert t is not None and t.state == "succeeded" and t.finished == 9
+    assert t.result == {"image": __import__("base64").b64encode(result["image"]).decode(), "n": 1}
+    assert [c["task"]["state"] for c in b.changes if c["type"] == "task"] == ["succeeded"]
+    # the task service gets the final's body whole (a scheduled task's result goes to its scheduler so)
+    (item, body), = b.for_apps
+    assert body["result"] == result and "result_ref" not in body
+    assert w.store.db.conn.execute("select count(*) from parts").fetchone()[0] == 0  # forgotten once used
+
+
+def test_a_final_that_overtakes_its_parts_waits_for_them_even_across_a_restart(w: World, tmp_path: Path) -> None:
+    result = {"log": "x" * 400_000}
+    task, ps, final = _parted(w, result)
+    assert len(ps) == 4
+    b = w.ingest.handle_batch([ps[0], final, *ps[2:]])
+    assert [r.status for r in b.results] == ["stored"] * 4 and b.acks  # acked: kept until whole
+    assert w.store.get_task(task.id).state == "queued"  # type: ignore[union-attr]
+    w.store.close()
+    w.store = SqliteStore(tmp_path / "cloud.db")
+    w.ingest = Ingest(w.endpoint, w.store, w.metrics, directory=NodeDirectory(w.store, clock=w.mono), clock=w.clock,
+                      offline_after=60)
+    b = w.ingest.handle_batch([ps[1]])  # the last part completes the waiting final
+    t = w.store.get_task(task.id)
+    assert t is not None and t.state == "succeeded" and t.result == result
+    (item, body), = b.for_apps
+    assert item.kind == "task_result" and body["state"] == "succeeded" and body["result"] == result
+    assert w.ingest.handle_batch([ps[1]]).results[0].status == "duplicate"  # a repeat changes nothing
+
+
+def test_parts_that_do_not_make_the_result_fail_the_task_saying_so(w: World) -> None:
+    from cwsnet import parts
+
+    task, ps, final = _parted(w, {"log": "y" * 300_000})
+    dev, topic = w.nodes["dev-1"], topics.task_result("home", "dev-1")
+    wrong = parts.split({"log": "z" * 300_000})[1][0]  # a part of another blob, under this one's name
+    forged = parts.Part(parts.split({"log": "y" * 300_000})[0].sha256, 0, 3, wrong.data)
+    w.ingest.handle_batch([(topic, dev.seal(topic, "task_result", {"task_id": task.id, "part": forged.body()})),
+                           ps[1], ps[2]])
+    w.ingest.handle_batch([final])
+    t = w.store.get_task(task.id)
+    assert t is not None and t.state == "failed" and "did not arrive whole from dev-1" in (t.error or "")
+    assert "SHA-256" in (t.error or "")
+
+
+def test_another_nodes_parts_never_complete_a_result(w: World) -> None:
+    task, ps, final = _parted(w, {"log": "q" * 300_000})
+    dev2, topic2 = w.nodes["dev-2"], topics.task_result("home", "dev-2")
+    from cwsnet import parts
+
+    for p in parts.split({"log": "q" * 300_000})[1]:  # dev-2 sends the very same parts
+        w.ingest.handle_batch([(topic2, dev2.seal(topic2, "task_result", {"task_id": task.id, "part": p.body()}))])
+    w.ingest.handle_batch([final])
+    assert w.store.get_task(task.id).state == "queued"  # type: ignore[union-attr]
+    w.ingest.handle_batch(ps)
+    assert w.store.get_task(task.id).state == "succeeded"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    ({"task_id": "t", "part": {"blob": "a" * 64, "i": 3, "n": 2, "data": b"x"}}, "part.i must be 0..n-1"),
+    ({"task_id": "t", "state": "failed", "result_ref": {"sha256": "a" * 64, "size": 10, "parts": 1}},
+     "result_ref' goes only with state succeeded"),
+    ({"task_id": "t", "state": "succeeded", "result_ref": {"sha256": "a" * 64, "size": 10, "parts": 2}},
+     "result_ref.parts must be"),
+])
+def test_a_bad_part_or_ref_is_stored_without_effect_and_counted_malformed(w: World, body: dict, why: str) -> None:
+    topic = topics.task_result("home", "dev-1")
+    r = w.ingest.handle(topic, w.nodes["dev-1"].seal(topic, "task_result", body))
+    assert r.status == "rejected" and r.reason == "malformed" and why in (r.detail or "")
