@@ -55,3 +55,13 @@ def test_task_benchmark_runs_and_reports_every_tier() -> None:
         assert out[f"{tier}_tasks_per_s"] > 0 and out[f"{tier}_p99_ms"] >= out[f"{tier}_p50_ms"] >= 0, tier
     assert out["device_executors"] >= 1 and out["gateway_executors"] == 1 and out["cloud_executors"] == 1
     assert out["cloud_rate_ratio_vs_direct"] > 0 and out["site_executors"] >= 1
+
+
+def test_parts_benchmark_runs_and_reports_the_ratio_against_plain_mqtt() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "parts.py"
+    r = subprocess.run([sys.executable, str(bench), "--sizes", "0.5", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["echo_0.5MB_s"] > 0 and out["baseline_0.5MB_s"] > 0 and out["echo_0.5MB_goodput_MBps"] > 0
+    assert out["echo_0.5MB_ratio_vs_paho_mosquitto"] > 0
