@@ -40,7 +40,7 @@ import cbor2
 
 from cwsnet import topics
 from cwsnet.db import open_durable, transaction
-from cwsnet.envelope import MAX_BODY
+from cwsnet.envelope import MAX_BODY, storable_problem
 from cwsnet.errors import EnvelopeError
 from cwsnet.mqtt import LinkError, Message
 from cwsnet.policy.offload import OffloadEngine
@@ -102,6 +102,10 @@ def parse_submission(body: Any, device: str, site: str) -> tuple[str, Task, dict
         args = {}
     if not isinstance(args, dict):
         raise SubmitError("args must be a map")
+    why = storable_problem(args, "args")  # else the cloud could not store it if the task is offloaded there
+    if why is not None:
+        raise SubmitError(f"{why} (args must be what the cloud can store: finite floats, 64-bit integers, text "
+                          "keys)")
     priority = body.get("priority", 5)
     if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
         raise SubmitError("priority must be an integer 0..9")

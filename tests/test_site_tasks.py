@@ -44,6 +44,10 @@ def test_a_submission_becomes_a_task_of_its_device_with_a_stable_id() -> None:
     ({"key": "k", "handler": "echo", "requirements": {"cpu": 2}}, "requirements.cpu must be between 0 and 1"),
     ({"key": "k", "handler": "echo", "load": 3}, "load must be"),
     ({"key": "k", "handler": "echo", "args": {"data": "x" * 200_000}}, "args are"),
+    # what the cloud could not store if the task were offloaded there (review 11)
+    ({"key": "k", "handler": "echo", "args": {"x": float("nan")}}, "args.x: nan is not a finite number"),
+    ({"key": "k", "handler": "echo", "args": {"n": 2**64}}, "args.n: integer out of the signed 64-bit range"),
+    ({"key": "k", "handler": "echo", "args": {1: "int key"}}, "args"),
     ("not a map", "must be a map"),
 ])
 def test_a_bad_submission_is_refused_naming_the_field(body: object, field: str) -> None:
