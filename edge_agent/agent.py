@@ -598,6 +598,17 @@ class Agent:
             log.warning("rejected %s on %s: only the cloud sends commands", kind, msg.topic)
             return
         verdict = window.check(seq)
+        if verdict == "too_old" and kind == "task_done" and sender != "cloud":
+            # an outcome held for us longer than the window reaches back (the device was away while the gateway
+            # sent 1,024 newer messages): taking it is idempotent (an outcome never overwrites the first), so it
+            # is applied rather than lost (review 8); the window is not moved for it
+            try:
+                self._task_done(opened.body)
+            except sqlite3.Error as exc:  # no receipt: the gateway delivers it again
+                self._storage_failed(exc)
+                return
+            self._receipt(seq, sender)
+            return
         if verdict != "new":
             log.warning("rejected %s seq %d from %s: %s", kind, seq, sender, verdict)
             self._receipt(seq, sender)  # a copy the gateway held for us: it may forget it

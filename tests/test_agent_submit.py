@@ -345,6 +345,19 @@ def test_task_done_updates_the_row_calls_back_and_sends_an_of_receipt(site: Site
             cmd = await site.send(agent, "cloud", "task_cmd", {"task_id": "c", "handler": "echo", "args": {}})
             cseq = envelope.peek_header(cmd).seq
             await await_for(lambda: {"received": [[cseq, cseq]]} in site.receipts(link), message="a cloud receipt")
+            # an outcome the gateway held longer than the replay window reaches back is still applied (review 8)
+            agent.submit_task("echo", {"v": 3}, key="k3")
+            late = site.seal(GW, "task_done", done_body("k3", result={"v": 3}))
+            old_seq = envelope.peek_header(late).seq
+            newer, _ = site.gw_ep.seal(topics.task_cmd(SITE, NODE), "task_done", done_body("not-mine"), to=NODE,
+                                       seq=old_seq + 5000)
+            await site.deliver(agent, newer)
+            await site.deliver(agent, late)
+            assert agent.submissions.get("k3").result == {"v": 3}  # type: ignore[union-attr]
+            await await_for(lambda: {"received": [[old_seq, old_seq]], "of": GW} in site.receipts(link),
+                            message="the late outcome's receipt")
+            await site.deliver(agent, late)  # and again: nothing changes
+            assert calls[-1] == ("k3", "succeeded") and calls.count(("k3", "succeeded")) == 1
 
     run(body())
 
