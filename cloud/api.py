@@ -1204,20 +1204,32 @@ def create_app(state: CloudState) -> FastAPI:
             "A direct task: cancel it while it is still queued (409 if it already runs or finished; a command "
             "already published to the device cannot be recalled: its result, if any, is then ignored). A "
             "scheduled task: cancel it until it finishes; its executors are told to stop (409 once finished). "
-            "A site task: always 409, its gateway owns it (the cloud only shows what the gateway reports)."
+            "A site task: its gateway owns it, so the cancel is sent to that gateway and the answer is 202 with "
+            "the task as the cloud knows it now; it shows `cancelled` once the gateway reports it (409 once "
+            "finished). A gateway whose uplink is down when the cancel is sent does not get it: cancel again."
         ),
-        **needs("operator", {409: {"model": ErrorResponse, "description": "the task is no longer queued, or it is "
-                                                                          "a site task (its gateway owns it)"},
+        **needs("operator", {202: {"model": TaskOut, "description": "a site task: the cancel was sent to its "
+                                                                   "gateway"},
+                             409: {"model": ErrorResponse, "description": "the task is no longer queued (direct), "
+                                                                          "or finished"},
                              **_NOT_FOUND}),
         tags=["tasks"],
     )
     def cancel_task(task_id: str, request: Request) -> Any:
         existing = store.get_task(task_id)
         if existing is not None and existing.kind == "site":
-            gateway = (existing.sched or {}).get("gateway") or "?"
-            raise ApiError(409, f"task {task_id} is a site task owned by gateway {gateway}; the cloud neither "
-                                f"schedules nor cancels site tasks (it was submitted by {existing.origin or '?'} "
-                                f"of site {existing.site or '?'}, whose gateway decides where it runs)")
+            gateway = (existing.sched or {}).get("gateway")
+            origin = existing.origin or "+"
+            authorize(request, "command", f"cws/v1/{_one_level(existing.site)}/{_one_level(origin)}/task/cmd",
+                      existing.origin)
+            if existing.state in ("succeeded", "failed", "cancelled", "expired"):
+                raise ApiError(409, f"site task {task_id} is {existing.state}; it cannot be cancelled any more")
+            if state.tasks is None or not isinstance(gateway, str):
+                raise ApiError(503, f"site task {task_id}: its gateway is not known or the task service is not "
+                                    "running", code="unavailable")
+            state.tasks.cancel_site_threadsafe(gateway, task_id)
+            log.info("cancel of site task %s sent to its gateway %s", task_id, gateway)
+            return JSONResponse(status_code=202, content=jsonable_encoder(_task_out(existing)))
         if existing is not None and existing.kind == "scheduled":
             authorize(request, "command", f"cws/v1/{_one_level(existing.site or 'cloud')}/_scheduler/task/cmd", None)
             if state.tasks is None or not state.tasks.cancel_threadsafe(task_id):

@@ -420,6 +420,12 @@ class TaskService:
 
         return self._call(go)
 
+    def cancel_site_threadsafe(self, gateway: str, task_id: str) -> None:
+        """Ask ``gateway`` to cancel its site task ``task_id`` (protocol §3): a ``task_cmd`` with ``cancel``
+        and ``site_task`` on the gateway's own topic. The cloud's row changes when the gateway reports it."""
+        self._call(lambda: self._send(gateway, {"task_id": task_id, "cancel": True, "site_task": True},
+                                      self.clock() + 60.0))
+
     def drain_threadsafe(self, node: str, drain: bool = True) -> dict[str, Any]:
         """Drain (or undrain) an executor. ``KeyError`` if it is not a known executor."""
         def go() -> dict[str, Any]:

@@ -479,6 +479,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     t = _api(args).call("POST", f"/api/v1/tasks/{_quote(args.id)}/cancel")
     if args.json:
         _print_json(t)
+    elif t.get("kind") == "site" and t["state"] != "cancelled":
+        print(f"site task {t['id']} ({t['state']}): the cancel was sent to the gateway that owns it; it shows "
+              f"cancelled once the gateway reports it (`cwsnet task show {t['id']}`)")
     else:
         print(f"task {t['id']} {t['state']}" + (f": {t['error']}" if t.get("error") else ""))
     return 0
@@ -655,11 +658,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(row.to_json())
     elif finished:
-        print(f"site task {key} {row.state}" + (f" on {row.node}" if row.node else ""))
-        if row.result is not None:
-            print(f"result: {_compact(row.to_json()['result'])}")
-        if row.error:
-            print(f"error: {row.error}")
+        _print_row(key, row)
     if not finished:
         if row.state == "new":
             print(f"cwsnet: site task {key} was not picked up within {args.timeout:g} s: the agent may not be running "
@@ -670,6 +669,58 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   f"{bundle.gateway}'s outcome; it goes on (its outcome will be in {subs.path})", file=sys.stderr)
         return 2
     return 0 if row.state == "succeeded" else 1
+
+
+def _print_row(key: str, row: Any) -> None:
+    print(f"site task {key} {row.state}" + (f" on {row.node}" if row.node else ""))
+    if row.result is not None:
+        print(f"result: {_compact(row.to_json()['result'])}")
+    if row.error:
+        print(f"error: {row.error}")
+
+
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    if args.timeout is not None and not args.wait:
+        raise ConfigError("--timeout: only with --wait (how long to wait for the outcome)")
+    _cfg, bundle, subs = _agent_submissions(args.agent_config)
+    key = args.key
+    try:
+        try:
+            sub = subs.request_cancel(key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{subs.path}: cannot record the cancel: {exc} (run this as the agent's user)") from None
+        if sub.final:
+            if args.json:
+                _print_json(sub.to_json())
+            else:
+                print(f"site task {key} has already ended: nothing to cancel")
+                _print_row(key, sub)
+            return 0 if sub.state == "cancelled" else 1
+        if not args.json:
+            print(f"site task {key} (task id {sub.task_id}): cancel handed to the local agent of "
+                  f"{bundle.identity.node}, for gateway {bundle.gateway}", flush=True)
+        if not args.wait:
+            if args.json:
+                _print_json(sub.to_json())
+            return 0
+        row, finished = _wait_submission(subs, key, args.agent_config, args.timeout, args.json)
+    finally:
+        subs.close()
+    if row is None:
+        raise CwsError(f"{subs.path}: the submission {key!r} disappeared while waiting for it")
+    if args.json:
+        _print_json(row.to_json())
+    elif finished:
+        _print_row(key, row)
+    if not finished:
+        print(f"cwsnet: site task {key} is still {row.state} after {args.timeout:g} s; the cancel goes on (the "
+              f"outcome will be in {subs.path})", file=sys.stderr)
+        return 2
+    return 0 if row.state == "cancelled" else 1
 
 
 # -- parser ----------------------------------------------------------------------------------------------------
@@ -816,6 +867,24 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--json", action="store_true",
                     help="print the submission (with --wait: with its outcome) as JSON, as submissions.db holds it")
     sp.set_defaults(func=cmd_submit)
+
+    sp = tsub.add_parser(
+        "withdraw", help="cancel a site task this device submitted (by its key), through the local agent",
+        description="Cancel a *site task* this device submitted with `cwsnet task submit` (by its key): the local "
+                    "agent tells its gateway, which stops it wherever it runs (device, gateway or cloud) and "
+                    "reports it cancelled. A task that already ended keeps its outcome. No API token is needed (an "
+                    "operator cancels any site task with `cwsnet task cancel ID`, through the cloud).",
+        epilog="Examples: `cwsnet task withdraw --config agent.yaml nightly-1 --wait 30`. Exit codes: 0 the cancel "
+               "was handed over (with --wait: the task ended cancelled); 1 it ended otherwise (succeeded first...); "
+               "2 bad flags, an unknown key, or --wait ran out (the cancel goes on).")
+    sp.add_argument("key", metavar="KEY", help="the submission's key (as `cwsnet task submit` printed it)")
+    sp.add_argument("--config", dest="agent_config", required=True, metavar="AGENT_YAML",
+                    help="the agent's config file (as for `cwsnet agent --config`): its data_dir and bundle")
+    sp.add_argument("--wait", action="store_true", help="wait for the outcome: exit 0 if it ended cancelled")
+    sp.add_argument("--timeout", type=_seconds, metavar="S",
+                    help="with --wait: give up after S seconds, exit 2 (default: wait until the outcome comes)")
+    sp.add_argument("--json", action="store_true", help="print the submission (with its outcome) as JSON")
+    sp.set_defaults(func=cmd_withdraw)
 
     np_ = sub.add_parser(
         "node", help="list, drain and undrain the executors that run scheduled tasks",

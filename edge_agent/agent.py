@@ -965,6 +965,29 @@ class Agent:
             log.info("site task %s (%s) was already submitted (%s); nothing new sent", key, sub.task_id, sub.state)
         return key
 
+    def cancel_task(self, key: str) -> None:
+        """Cancel the site task this device submitted as ``key``: the gateway stops it wherever it runs and
+        its outcome comes back ``cancelled`` (one that finished first keeps its outcome). ValueError for a
+        key never submitted here."""
+        self.submissions.request_cancel(key)
+        self._submissions_retry = True  # (our own commit does not change PRAGMA data_version)
+
+    def _send_cancel(self, sub: Submission) -> None:
+        """Tell the gateway the device cancels ``sub`` (a ``task_submit`` with ``cancel``); one never sent
+        is simply cancelled here."""
+        if sub.state == "new" and sub.key not in self._handed:
+            row = self.submissions.done(sub.key, "cancelled", error="cancelled before it was sent to the gateway")
+            log.info("site task %s cancelled before it was sent", sub.key)
+            if row is not None:
+                self._notify_done(row)
+            return
+        if self.gateway is None:
+            return
+        self.hand_over(topics.task_submit(self.site, self.node), "task_submit", sub.cancel_body())
+        self._wake_flush.set()
+        log.info("site task %s (%s): cancel sent to gateway %s", sub.key, sub.task_id, self.gateway)
+        self.submissions.mark_cancel_sent(sub.key)
+
     def _load(self) -> dict[str, Any]:
         """What the submitter's load is now (the policy's ``origin.*``): CPU 0..1, tasks held, free memory."""
         cpu = psutil.cpu_percent(interval=None)
@@ -1019,6 +1042,8 @@ class Agent:
             try:
                 if self.submissions.changed() or self._submissions_retry:
                     self._submissions_retry = False
+                    for sub in self.submissions.take_cancels():  # first: a cancelled new one is never sent
+                        self._send_cancel(sub)
                     for sub in self.submissions.take_new():
                         if sub.key not in self._handed:
                             self._send_submission(sub)
@@ -1030,7 +1055,11 @@ class Agent:
                     cutoff = int(time.time() * 1000) - int(RESUBMIT_EVERY * 1000)
                     for sub in self.submissions.list("submitted"):
                         if sub.key not in self._handed and sub.submitted_ms < cutoff:
-                            self._send_submission(sub)
+                            if sub.cancel == "sent":  # cancelled: ask for the cancel (answered with the outcome)
+                                self.hand_over(topics.task_submit(self.site, self.node), "task_submit",
+                                               sub.cancel_body())
+                            else:
+                                self._send_submission(sub)
             except sqlite3.Error as exc:  # busy for longer than busy_timeout, disk trouble: look again
                 self._submissions_retry = True
                 log.warning("cannot read or update %s: %s; trying again", self.submissions.path, exc)

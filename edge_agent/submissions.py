@@ -124,10 +124,15 @@ class Submission:
     node: str | None  # where it ran (from the task_done)
     submitted_ms: int
     done_ms: int | None
+    cancel: str | None = None  # the device asked to cancel it: "new" (not sent yet), then "sent"
 
     @property
     def final(self) -> bool:
         return self.state in FINAL
+
+    def cancel_body(self) -> dict[str, Any]:
+        """The ``task_submit`` body that cancels it (protocol §3, site tasks)."""
+        return {"key": self.key, "cancel": True}
 
     def body(self) -> dict[str, Any]:
         """The ``task_submit`` body, without ``load`` (the agent adds what it measures when it sends)."""
@@ -138,7 +143,8 @@ class Submission:
         """The row as JSON-able data (byte strings in a result become base64)."""
         return _jsonable({"key": self.key, "task_id": self.task_id, "handler": self.handler, "args": self.args,
                           **self.options, "state": self.state, "result": self.result, "error": self.error,
-                          "node": self.node, "submitted_ms": self.submitted_ms, "done_ms": self.done_ms})
+                          "node": self.node, "submitted_ms": self.submitted_ms, "done_ms": self.done_ms,
+                          "cancel": self.cancel})
 
 
 def _jsonable(value: Any) -> Any:
@@ -153,13 +159,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-_COLUMNS = "key, task_id, handler, args, options, state, result, error, node, submitted_ms, done_ms"
+_COLUMNS = "key, task_id, handler, args, options, state, result, error, node, submitted_ms, done_ms, cancel"
 
 
 def _row(r: tuple[Any, ...]) -> Submission:
     return Submission(key=r[0], task_id=r[1], handler=r[2], args=cbor2.loads(r[3]), options=json.loads(r[4]),
                       state=r[5], result=None if r[6] is None else cbor2.loads(r[6]), error=r[7], node=r[8],
-                      submitted_ms=r[9], done_ms=r[10])
+                      submitted_ms=r[9], done_ms=r[10], cancel=r[11])
 
 
 class Submissions:
@@ -176,6 +182,9 @@ class Submissions:
                 "handler text not null, args blob not null, options text not null, state text not null, "
                 "result blob, error text, node text, submitted_ms integer not null, done_ms integer)")
             self.conn.execute("create index if not exists submissions_state on submissions (state, submitted_ms)")
+            columns = {r[1] for r in self.conn.execute("pragma table_info(submissions)")}
+            if "cancel" not in columns:  # files from before cancels
+                self.conn.execute("alter table submissions add column cancel text")
         self._data_version: int | None = None
 
     @classmethod
@@ -199,7 +208,8 @@ class Submissions:
             old = self._get(key)
             if old is None:
                 self.conn.execute(
-                    f"insert into submissions ({_COLUMNS}) values (?, ?, ?, ?, ?, 'new', null, null, null, ?, null)",
+                    f"insert into submissions ({_COLUMNS}) values (?, ?, ?, ?, ?, 'new', null, null, null, ?, null, "
+                    "null)",
                     [key, task_id_for(node, key), handler, cbor2.dumps(args), json.dumps(options), now])
         if old is None:
             got = self.get(key)
@@ -216,6 +226,25 @@ class Submissions:
         """The submission is in the agent's outbox (it goes to the gateway, and again until custody)."""
         with transaction(self.conn):
             self.conn.execute("update submissions set state = 'submitted' where key = ? and state = 'new'", [key])
+
+    def request_cancel(self, key: str) -> Submission:
+        """Ask the agent to cancel ``key`` (it tells the gateway within a second); the row as it is now.
+        ValueError for a key never submitted here; a finished one is left as it is."""
+        with transaction(self.conn):
+            self.conn.execute("update submissions set cancel = 'new' where key = ? and cancel is null "
+                              f"and state not in ({', '.join('?' * len(FINAL))})", [key, *sorted(FINAL)])
+        row = self.get(key)
+        if row is None:
+            raise ValueError(f"no site task with key {key!r} was submitted from here ({self.path})")
+        return row
+
+    def take_cancels(self) -> list[Submission]:
+        """The cancels asked for and not sent to the gateway yet, oldest first."""
+        return [r for r in self.list() if r.cancel == "new" and not r.final]
+
+    def mark_cancel_sent(self, key: str) -> None:
+        with transaction(self.conn):
+            self.conn.execute("update submissions set cancel = 'sent' where key = ? and cancel = 'new'", [key])
 
     def done(self, key: str, state: str, result: Any = None, error: str | None = None, node: str | None = None,
              now_ms: int | None = None) -> Submission | None:

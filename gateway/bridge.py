@@ -716,7 +716,10 @@ class Gateway:
         tid = body["task_id"]
         attempt = body.get("attempt") if isinstance(body.get("attempt"), int) else None
         if body.get("cancel") is True:
-            if self.workers.cancel(tid, attempt):
+            if body.get("site_task") is True:  # an operator cancels a site task of ours through the cloud's API
+                if not self.site_tasks.cancel(tid, "cancelled by an operator (through the cloud)"):
+                    log.info("cancel of site task %s from the cloud: not open here; ignored", tid)
+            elif self.workers.cancel(tid, attempt):
                 log.info("task %s cancelled by the cloud", tid)
             return
         if self.cfg.task_slots <= 0:

@@ -199,7 +199,7 @@ class SiteTasks:
         self._reported: dict[str, str] = {}  # task id -> the state last mirrored to the cloud
         self._cloud_up = False
         self._early: list[Any] = []  # the cloud's reports that arrived while the tasks were being restored
-        self.stats = {"submitted": 0, "refused": 0, "done": 0, "offloaded": 0}
+        self.stats = {"submitted": 0, "refused": 0, "done": 0, "offloaded": 0, "cancelled": 0}
 
     # ---- policies ----
     def use_policies(self, pset: Any) -> None:
@@ -208,6 +208,16 @@ class SiteTasks:
 
     def owns(self, task_id: Any) -> bool:
         return isinstance(task_id, str) and self.sched.get(task_id) is not None
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        """Cancel an open site task (its executors are told to stop, its device gets the outcome
+        ``cancelled`` with ``reason``); False if it is not open here."""
+        if self.sched.get(task_id) is None:
+            return False
+        log.info("site task %s: %s", task_id, reason)
+        self._apply(self.sched.cancel(task_id, self.gw.clock(), reason), task_id)
+        self.stats["cancelled"] += 1
+        return True
 
     # ---- from the site (called by the bridge for messages sealed to the gateway) ----
     def _open(self, msg: Message, what: str) -> Any:
@@ -232,6 +242,18 @@ class SiteTasks:
             self.gw.site_link.ack(msg)
             return
         device = header.sender
+        body = opened.body if isinstance(opened.body, dict) else {}
+        if body.get("cancel") is True and isinstance(body.get("key"), str) and KEY_RE.match(body["key"]):
+            try:
+                await self._withdraw(device, body["key"])  # the device cancels what it submitted (protocol §3)
+            except Exception:  # noqa: BLE001 - not stored: not custody-acked, the device sends it again
+                log.exception("the cancel of %s's site task %r was not stored; the device sends it again", device,
+                              body["key"])
+                self.gw.site_link.ack(msg)
+                return
+            self.gw.site_link.ack(msg)
+            self._custody(header)
+            return
         try:
             key, task, load = parse_submission(opened.body, device, self.gw.site)
         except SubmitError as exc:
@@ -271,6 +293,29 @@ class SiteTasks:
             return
         self.gw.site_link.ack(msg)
         self._custody(header)
+
+    async def _withdraw(self, device: str, key: str) -> None:
+        """The device's cancel of its submission ``key``: an open task is cancelled; a finished one's outcome
+        is told again (the device may have missed it); an unknown key is stored as cancelled and answered so
+        (the cancel overtook its submission, which is then answered with that outcome and never runs)."""
+        task_id = task_id_for(device, key)
+        if self.cancel(task_id, f"cancelled by its device {device}"):
+            try:
+                await self._carry_out()
+            except Exception:  # noqa: BLE001 - the scheduler holds it; the next tick stores and tells it
+                log.exception("site task %s: the cancel is not stored yet", task_id)
+            return
+        stored = await self.gw.db_call(self.store.get, task_id)
+        if stored is not None and stored.get("state") in TERMINAL:
+            await self._tell_done(Task.from_record(stored))
+            return
+        log.info("site task %s (key %s of %s): cancelled before it was submitted", task_id, key, device)
+        t = Task(task_id, "?", origin=device, site=self.gw.site, origin_role="device",
+                 idempotency_key=f"{device}/{key}")
+        t.state, t.error = "cancelled", f"cancelled by its device {device} before the gateway had it"
+        t.submitted_at = t.finished_at = self.gw.clock()
+        await self.gw.db_call(self.store.save, [self._row(t)], self.gw.clock())
+        await self._tell_done(t)
 
     def _origin_load(self, device: str, load: dict[str, Any], now: float) -> None:
         """What the submitter says of its load is what ``origin.*`` reads until its next status."""

@@ -602,7 +602,7 @@ def test_submissions_shared_between_two_connections(tmp_path: Path) -> None:
         assert row.to_json()["args"] == {"v": "AAE="} and b.list()[0] == row
         with sqlite3.connect(tmp_path / "s.db") as raw:  # a row written by hand that cannot be decoded
             raw.execute("insert into submissions values ('bad', 't', 'echo', x'ff', '{}', 'new', null, null, null, "
-                        "1, null)")
+                        "1, null, null)")
         raw.close()
         assert [s.key for s in a.list()] == ["k"] and a.take_new() == []  # skipped, the others still read
     finally:
@@ -627,3 +627,44 @@ def test_node_state_remembers_who_assigned_a_task(tmp_path: Path) -> None:
     again = NodeState(old)
     assert again.unfinished_runs() == [UnfinishedRun("x", None, 3, "cloud")]
     again.close()
+
+
+def test_a_cancel_is_recorded_for_the_agent_and_an_older_file_gains_the_column(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "old.db") as raw:  # a submissions.db from before cancels
+        raw.execute("create table submissions (key text primary key, task_id text not null, handler text not null, "
+                    "args blob not null, options text not null, state text not null, result blob, error text, "
+                    "node text, submitted_ms integer not null, done_ms integer)")
+    raw.close()
+    subs = Submissions(tmp_path / "old.db")
+    subs.add_new(NODE, "k1", "echo", {"x": 1})
+    subs.add_new(NODE, "k2", "echo", {"x": 2})
+    subs.done("k2", "succeeded", {"x": 2})
+    assert subs.request_cancel("k1").cancel == "new"
+    assert subs.request_cancel("k2").cancel is None  # ended: left as it is
+    with pytest.raises(ValueError, match="no site task with key 'nope'"):
+        subs.request_cancel("nope")
+    assert [r.key for r in subs.take_cancels()] == ["k1"]
+    subs.mark_cancel_sent("k1")
+    assert subs.take_cancels() == [] and subs.get("k1").cancel == "sent"  # type: ignore[union-attr]
+    subs.close()
+
+
+def test_a_submission_cancelled_before_the_agent_sent_it_never_goes(site: Site, tmp_path: Path) -> None:
+    async def body() -> None:
+        cfg = config(site, tmp_path)
+        subs = Submissions.in_dir(cfg.data_dir)  # as `cwsnet task submit` then `withdraw` would, agent stopped
+        subs.add_new(NODE, "early", "echo", {"x": 1})
+        subs.request_cancel("early")
+        subs.close()
+        async with running(cfg) as (agent, link):
+            row = await await_for(lambda: (r := agent.submissions.get("early")) is not None and r.final and r,
+                                  message="the cancel taken")
+            assert row.state == "cancelled" and row.error == "cancelled before it was sent to the gateway"
+            agent.submit_task("sleep", {"seconds": 30}, key="late")
+            agent.cancel_task("late")
+            await await_for(lambda: [s for s in site.sent(link) if s.kind == "task_submit"
+                                     and s.body.get("cancel") is True], message="the cancel sent to the gateway")
+            sent = [s.body for s in site.sent(link) if s.kind == "task_submit"]
+            assert [b["key"] for b in sent] == ["late", "late"] and sent[1] == {"key": "late", "cancel": True}
+
+    run(body())

@@ -13,10 +13,13 @@ import json
 import sqlite3
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import cbor2
+import pytest
 from harness import FaultProxy, ProcessSet, wait_for
 from harness.deploy import Deployment, get
 
@@ -130,3 +133,55 @@ def test_a_site_task_moves_off_a_killed_device_and_resumes_from_its_checkpoint(
     assert done["result"]["n"] == 80 and done["result"]["resumed_from"] >= 20, done["result"]
     t = wait_for(lambda: site_task(d, tid), timeout=30, message="the moved task at the cloud")
     assert "lease lost on dev-2" in t["placement"] and t["attempts"] == 2, t["placement"]
+
+
+def withdraw(d: Deployment, device: str, key: str) -> tuple[int, dict[str, Any]]:
+    cmd = [sys.executable, "-m", "cwsnet", "task", "withdraw", "--config", str(d.lab.config_path(device)), key,
+           "--json", "--wait", "--timeout", "60"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_a_site_task_is_cancelled_by_its_device_or_by_an_operator_through_the_cloud(
+    tmp_path: Path, procs: ProcessSet
+) -> None:
+    d = Deployment(tmp_path, procs, devices=2)
+    d.edit("dev-1", {"task_slots": 0})  # it submits; dev-2 runs the site's work
+    d.edit("dev-2", {"handlers": ["echo", "sleep"], "status_interval": 1.0})
+    d.start_cloud()
+    gw = d.start("gateway", d.topo.gateway)
+    d.start("agent", "dev-1")
+    dev2 = d.start("agent", "dev-2")
+    wait_for(lambda: d.online() == {"dev-1", "dev-2"}, timeout=30, message="devices online")
+    gw.wait_log(r"uplink connected", timeout=20)
+
+    # the device withdraws what it submitted: the gateway stops it on dev-2
+    first = submit(d, "dev-1", "sleep", {"seconds": 120}, "nap-1", wait=False)
+    dev2.wait_log(rf"task {first['task_id']}: running sleep", timeout=30)
+    code, row = withdraw(d, "dev-1", "nap-1")
+    assert code == 0 and row["state"] == "cancelled" and row["error"] == "cancelled by its device dev-1", row
+    dev2.wait_log(rf"task {first['task_id']} \(attempt 1\): cancelled by gateway {d.topo.gateway}", timeout=20)
+    t = wait_for(lambda: (x := get(f"{d.base}/api/v1/tasks/{first['task_id']}"))["state"] == "cancelled" and x,
+                 timeout=30, message="the cloud's row cancelled")
+    assert t["kind"] == "site" and "cancelled by its device dev-1" in (t["error"] or "")
+    assert withdraw(d, "dev-1", "nap-1") == (0, row)  # again: it has ended, nothing changes
+
+    # an operator cancels one through the cloud's API: sent to the gateway, which owns it
+    second = submit(d, "dev-1", "sleep", {"seconds": 120}, "nap-2", wait=False)
+    dev2.wait_log(rf"task {second['task_id']}: running sleep", timeout=30)
+    wait_for(lambda: get(f"{d.base}/api/v1/tasks/{second['task_id']}").get("state") == "running", timeout=30,
+             message="the cloud's row running")
+    req = urllib.request.Request(f"{d.base}/api/v1/tasks/{second['task_id']}/cancel", b"{}", method="POST",
+                                 headers={"content-type": "application/json",
+                                          "authorization": f"Bearer {d.token_file.read_text().strip()}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 202 and json.loads(r.read())["state"] == "running"
+    done = wait_for(lambda: (x := submit(d, "dev-1", "sleep", {"seconds": 120}, "nap-2", wait=False))["state"]
+                    != "submitted" and x, timeout=30, message="the device hears of the cancel")
+    assert done["state"] == "cancelled" and "cancelled by an operator (through the cloud)" in done["error"], done
+    wait_for(lambda: get(f"{d.base}/api/v1/tasks/{second['task_id']}")["state"] == "cancelled", timeout=30,
+             message="the cloud's row cancelled")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)
+    assert refused.value.code == 409
