@@ -104,7 +104,7 @@ def test_task_waits_for_birth_and_expires(tmp_path: Path) -> None:
                 payload, topic=topic, me="dev-1", my_key=dev.secret_key, sender_key=lambda n: cloud.public_key
             )
             assert opened.header.kind == "task_cmd" and opened.header.trace
-            assert opened.body == {"task_id": task.id, "handler": "echo", "args": {"x": 1}, "deadline": None}
+            assert opened.body == {"task_id": task.id, "handler": "echo", "args": {"x": 1}, "deadline": None, "parts": True}
             t = store.get_task(task.id)
             assert t is not None and t.state == "queued" and t.attempts == 1 and t.dispatched is not None
 

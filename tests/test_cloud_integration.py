@@ -216,7 +216,8 @@ def test_cloud_end_to_end(tmp_path: Path) -> None:
                 msg = await agent.next()
                 cmd = device.open(msg.payload, msg.topic)
                 assert cmd.header.kind == "task_cmd" and cmd.header.trace
-                assert cmd.body == {"task_id": task_id, "handler": "echo", "args": {"hi": 1}, "deadline": None}
+                assert cmd.body == {"task_id": task_id, "handler": "echo", "args": {"hi": 1}, "deadline": None,
+                                    "parts": True}
                 res_topic = topics.task_result("home", "dev-1")
                 result, _ = device.seal(res_topic, "task_result",
                                         {"task_id": task_id, "state": "succeeded", "result": {"hi": 1}, "error": None,
