@@ -54,6 +54,8 @@ MAX_AGE = 24 * 3600.0
 SENDER_MAX_BYTES = 4 * MAX_PARTED
 #: the capability every node that takes parted inputs lists in its status (protocol §3)
 CAPABILITY = "parts"
+#: a held command in parts may take this long per part to reach its node (a slow link: 128 KiB/s)
+SECONDS_PER_PART = 1.0
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -155,12 +157,18 @@ def join(ref: Ref, datas: Iterable[bytes], what: str = "the value") -> dict[str,
 # ---- the receiver's store (no commits: the caller's transaction) -------------------------------
 
 SCHEMA = """
-create table if not exists parts (sender text not null, blob text not null, i integer not null, n integer not null,
-    data blob not null, at real not null, primary key (sender, blob, i));
+create table if not exists parts (sender text not null, name text not null, blob text not null, i integer not null,
+    n integer not null, data blob not null, at real not null, primary key (sender, name, blob, i));
 create index if not exists parts_at on parts (at);
-create table if not exists parts_waiting (sender text not null, blob text not null, name text not null,
-    message blob not null, at real not null, primary key (sender, blob, name));
+create table if not exists parts_waiting (sender text not null, name text not null, blob text not null,
+    message blob not null, at real not null, primary key (sender, name, blob));
 """
+
+
+def name_of(task_id: Any, attempt: Any) -> str:
+    """What a message's parts are kept under, with the sender: its task and attempt (``t1/2``, ``t1/None``).
+    Parts are never shared between messages, so one message taking its value never takes another's."""
+    return f"{task_id}/{attempt}"
 
 
 def create(conn: sqlite3.Connection) -> None:
@@ -168,66 +176,114 @@ def create(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-def add(conn: sqlite3.Connection, sender: str, part: Part, now: float) -> list[tuple[str, dict[str, Any]]]:
-    """Keep ``part``; if it was the last one a waiting message needed, those messages, as ``(name,
-    message)`` (no longer waiting: the caller takes each with :func:`take`)."""
-    conn.execute("insert or ignore into parts (sender, blob, i, n, data, at) values (?, ?, ?, ?, ?, ?)",
-                 [sender, part.blob, part.i, part.n, part.data, now])
-    _bound(conn, sender, part.blob)
-    (have,) = conn.execute("select count(*) from parts where sender = ? and blob = ? and n = ?",
-                           [sender, part.blob, part.n]).fetchone()
+Dropped = list[tuple[str, str, dict[str, Any]]]  # (sender, name, message) of waiting messages given up on
+
+
+def add(conn: sqlite3.Connection, sender: str, name: str, part: Part, now: float
+        ) -> tuple[dict[str, Any] | None, Dropped]:
+    """Keep ``part`` (a repeat only refreshes its time). Returns the message waiting for it if this was its
+    last missing part (it stays waiting until :func:`take`), and the waiting messages of ``sender`` given up
+    on to keep it under :data:`SENDER_MAX_BYTES` (the caller fails their tasks)."""
+    conn.execute("insert into parts (sender, name, blob, i, n, data, at) values (?, ?, ?, ?, ?, ?, ?) "
+                 "on conflict (sender, name, blob, i) do update set at = excluded.at",
+                 [sender, name, part.blob, part.i, part.n, part.data, now])
+    dropped = _bound(conn, sender, (name, part.blob))
+    (have,) = conn.execute("select count(*) from parts where sender = ? and name = ? and blob = ? and n = ?",
+                           [sender, name, part.blob, part.n]).fetchone()
     if have < part.n:
-        return []
-    rows = conn.execute("select name, message from parts_waiting where sender = ? and blob = ?",
-                        [sender, part.blob]).fetchall()
-    conn.execute("delete from parts_waiting where sender = ? and blob = ?", [sender, part.blob])
-    return [(name, cbor2.loads(msg)) for name, msg in rows]
+        return None, dropped
+    row = conn.execute("select message from parts_waiting where sender = ? and name = ? and blob = ?",
+                       [sender, name, part.blob]).fetchone()
+    return (None if row is None else cbor2.loads(row[0])), dropped
 
 
-def take(conn: sqlite3.Connection, sender: str, ref: Ref, what: str = "the value") -> dict[str, Any] | None:
-    """The value, joined from ``sender``'s parts (then forgotten), or None while some are missing.
-    :class:`PartError` (the parts are forgotten too) if they do not make the value the ref names."""
-    rows = conn.execute("select i, data from parts where sender = ? and blob = ? and n = ? order by i",
-                        [sender, ref.sha256, ref.parts]).fetchall()
+def take(conn: sqlite3.Connection, sender: str, name: str, ref: Ref, what: str = "the value") -> dict[str, Any] | None:
+    """The value, joined from the parts ``sender`` sent under ``name``, or None while some are missing. Taking
+    it forgets the parts and the message waiting for them, in the caller's transaction. :class:`PartError`
+    (the parts and the waiting message are forgotten too) if they do not make the value the ref names."""
+    rows = conn.execute("select i, data from parts where sender = ? and name = ? and blob = ? and n = ? order by i",
+                        [sender, name, ref.sha256, ref.parts]).fetchall()
     if len(rows) < ref.parts:
         return None
-    waiting = conn.execute("select count(*) from parts_waiting where sender = ? and blob = ?",
-                           [sender, ref.sha256]).fetchone()[0]
-    if not waiting:  # (another message waiting for the same blob keeps the parts)
-        conn.execute("delete from parts where sender = ? and blob = ?", [sender, ref.sha256])
+    forget(conn, sender, name)
     return join(ref, (d for _, d in rows), what)
 
 
-def wait(conn: sqlite3.Connection, sender: str, ref: Ref, name: str, message: dict[str, Any], now: float) -> None:
-    """Keep ``message`` (named ``name``, e.g. the task id and attempt) until ``ref``'s parts are all here."""
-    conn.execute("insert or replace into parts_waiting (sender, blob, name, message, at) values (?, ?, ?, ?, ?)",
-                 [sender, ref.sha256, name, cbor2.dumps(message), now])
+def forget(conn: sqlite3.Connection, sender: str, name: str) -> None:
+    conn.execute("delete from parts where sender = ? and name = ?", [sender, name])
+    conn.execute("delete from parts_waiting where sender = ? and name = ?", [sender, name])
 
 
-def prune(conn: sqlite3.Connection, now: float, max_age: float = MAX_AGE) -> int:
-    """Forget parts and waiting messages older than ``max_age``; how many parts went."""
-    n = conn.execute("delete from parts where at < ?", [now - max_age]).rowcount
-    conn.execute("delete from parts_waiting where at < ?", [now - max_age])
-    return n
+def wait(conn: sqlite3.Connection, sender: str, name: str, ref: Ref, message: dict[str, Any], now: float) -> None:
+    """Keep ``message`` until ``ref``'s parts are all here (taken by the :func:`add` of its last part)."""
+    conn.execute("insert or replace into parts_waiting (sender, name, blob, message, at) values (?, ?, ?, ?, ?)",
+                 [sender, name, ref.sha256, cbor2.dumps(message), now])
 
 
-def _bound(conn: sqlite3.Connection, sender: str, keep: str) -> None:
-    """At most SENDER_MAX_BYTES of ``sender``'s parts: its oldest other blobs go first."""
-    (total,) = conn.execute("select coalesce(sum(length(data)), 0) from parts where sender = ?", [sender]).fetchone()
+def ready(conn: sqlite3.Connection) -> list[tuple[str, str, dict[str, Any]]]:
+    """Waiting messages whose parts are all here (a crash came between the last part and taking it)."""
+    rows = conn.execute(
+        "select w.sender, w.name, w.message from parts_waiting w where (select count(*) from parts p where "
+        "p.sender = w.sender and p.name = w.name and p.blob = w.blob) = (select max(n) from parts p where "
+        "p.sender = w.sender and p.name = w.name and p.blob = w.blob)").fetchall()
+    return [(sender, name, cbor2.loads(msg)) for sender, name, msg in rows]
+
+
+def waiting_names(conn: sqlite3.Connection, sender: str, since: float) -> list[str]:
+    """Names of ``sender``'s messages waiting for parts, one of which arrived since ``since``."""
+    rows = conn.execute("select distinct w.name from parts_waiting w join parts p on p.sender = w.sender and "
+                        "p.name = w.name and p.blob = w.blob where w.sender = ? and (p.at >= ? or w.at >= ?)",
+                        [sender, since, since]).fetchall()
+    return [r[0] for r in rows]
+
+
+def prune(conn: sqlite3.Connection, now: float, max_age: float = MAX_AGE) -> Dropped:
+    """Forget parts older than ``max_age`` and the messages waiting for them (returned: the caller fails
+    their tasks), and waiting messages that old whose parts never started."""
+    cut = now - max_age
+    stale = conn.execute("select distinct sender, name from parts where at < ? union select sender, name from "
+                         "parts_waiting where at < ? and not exists (select 1 from parts p where p.sender = "
+                         "parts_waiting.sender and p.name = parts_waiting.name and p.at >= ?)",
+                         [cut, cut, cut]).fetchall()
+    dropped: Dropped = []
+    for sender, name in stale:
+        for (msg,) in conn.execute("select message from parts_waiting where sender = ? and name = ?",
+                                   [sender, name]).fetchall():
+            dropped.append((sender, name, cbor2.loads(msg)))
+        forget(conn, sender, name)
+    return dropped
+
+
+def _bound(conn: sqlite3.Connection, sender: str, keep: tuple[str, str]) -> Dropped:
+    """At most SENDER_MAX_BYTES of ``sender``'s parts and waiting messages: its least recently fed other
+    names go first (their waiting messages are returned)."""
+    (total,) = conn.execute(
+        "select coalesce((select sum(length(data)) from parts where sender = ?), 0) + "
+        "coalesce((select sum(length(message)) from parts_waiting where sender = ?), 0)", [sender, sender]).fetchone()
+    dropped: Dropped = []
     while total > SENDER_MAX_BYTES:
-        row = conn.execute("select blob, sum(length(data)) from parts where sender = ? and blob != ? "
-                           "group by blob order by min(at) limit 1", [sender, keep]).fetchone()
+        row = conn.execute(
+            "select name, sum(length(data)), max(at) from parts where sender = ? and not (name = ? and blob = ?) "
+            "group by name order by max(at) limit 1", [sender, *keep]).fetchone()
         if row is None:
-            return
-        log.warning("parts of %s: over %d bytes kept; forgetting its oldest incomplete blob %s", sender,
-                    SENDER_MAX_BYTES, row[0][:12])
-        conn.execute("delete from parts where sender = ? and blob = ?", [sender, row[0]])
-        conn.execute("delete from parts_waiting where sender = ? and blob = ?", [sender, row[0]])
-        total -= row[1]
+            row = conn.execute("select name, 0, at from parts_waiting where sender = ? and name != ? order by at "
+                               "limit 1", [sender, keep[0]]).fetchone()
+            if row is None:
+                return dropped
+        name = row[0]
+        log.warning("parts of %s: over %d bytes kept; forgetting those of %s (the least recently fed)", sender,
+                    SENDER_MAX_BYTES, name)
+        for (msg,) in conn.execute("select message from parts_waiting where sender = ? and name = ?",
+                                   [sender, name]).fetchall():
+            dropped.append((sender, name, cbor2.loads(msg)))
+            total -= len(msg)
+        total -= row[1] or 0
+        forget(conn, sender, name)
+    return dropped
 
 
 class PartStore:
-    """:func:`add`/:func:`take`/:func:`wait` over a SQLite file of their own, one commit each (agents
+    """:func:`add`/:func:`take`/:func:`wait`... over a SQLite file of their own, one commit each (agents
     and gateways; thread-safe)."""
 
     def __init__(self, path: Path | str, *, max_age: float = MAX_AGE) -> None:
@@ -238,7 +294,18 @@ class PartStore:
         self.conn.execute("pragma synchronous=full")
         self.max_age = max_age
         self._lock = threading.Lock()
-        create(self.conn)
+        with self._lock:
+            self.conn.execute("begin immediate")
+            try:
+                old = {r[1] for r in self.conn.execute("pragma table_info(parts)")}
+                if old and "name" not in old:  # the first development layout: nothing of it is worth keeping
+                    self.conn.execute("drop table parts")
+                    self.conn.execute("drop table if exists parts_waiting")
+                create(self.conn)
+            except BaseException:
+                self.conn.execute("rollback")
+                raise
+            self.conn.execute("commit")
 
     def _tx(self, fn: Any, *args: Any) -> Any:
         with self._lock:
@@ -251,28 +318,31 @@ class PartStore:
             self.conn.execute("commit")
             return out
 
-    def add(self, sender: str, part: Part, now: float) -> list[tuple[str, dict[str, Any]]]:
-        return self._tx(add, sender, part, now)
+    def add(self, sender: str, name: str, part: Part, now: float) -> tuple[dict[str, Any] | None, Dropped]:
+        return self._tx(add, sender, name, part, now)
 
-    def take(self, sender: str, ref: Ref, what: str = "the value") -> dict[str, Any] | None:
-        with self._lock:
-            self.conn.execute("begin immediate")
+    def take(self, sender: str, name: str, ref: Ref, what: str = "the value") -> dict[str, Any] | None:
+        def go(conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, PartError | None]:
             try:
-                value = take(self.conn, sender, ref, what)
-            except PartError:
-                self.conn.execute("delete from parts where sender = ? and blob = ?", [sender, ref.sha256])
-                self.conn.execute("commit")
-                raise
-            except BaseException:
-                self.conn.execute("rollback")
-                raise
-            self.conn.execute("commit")
-            return value
+                return take(conn, sender, name, ref, what), None
+            except PartError as exc:  # the parts are forgotten (committed), then it is raised
+                return None, exc
 
-    def wait(self, sender: str, ref: Ref, name: str, message: dict[str, Any], now: float) -> None:
-        self._tx(wait, sender, ref, name, message, now)
+        value, error = self._tx(go)
+        if error is not None:
+            raise error
+        return value
 
-    def prune(self, now: float) -> int:
+    def wait(self, sender: str, name: str, ref: Ref, message: dict[str, Any], now: float) -> None:
+        self._tx(wait, sender, name, ref, message, now)
+
+    def ready(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return self._tx(ready)
+
+    def waiting_names(self, sender: str, since: float) -> list[str]:
+        return self._tx(waiting_names, sender, since)
+
+    def prune(self, now: float) -> Dropped:
         return self._tx(prune, now, self.max_age)
 
     def close(self) -> None:
@@ -289,10 +359,10 @@ def plan(value: dict[str, Any], what: str, *, allowed: bool) -> tuple[Ref | None
         size = encoded_size(value)
     except Exception as exc:  # noqa: BLE001 - any refusal of the encoder
         raise PartError(f"{what} cannot be encoded ({type(exc).__name__}: {exc})") from None
-    if size <= INLINE_MAX:
+    if size <= INLINE_MAX or (not allowed and size <= MAX_BODY - 1024):  # (room for the body's other fields)
         return None, []
     if not allowed:
-        raise PartError(f"{what} is {size} bytes; at most {INLINE_MAX} fit in one message, and its receiver "
+        raise PartError(f"{what} is {size} bytes; at most {MAX_BODY - 1024} fit in one message, and its receiver "
                         "takes no parts")
     return split(value, what)
 

@@ -34,6 +34,8 @@ def test_a_value_that_fits_one_message_goes_inline_and_a_bigger_one_in_parts_tha
 def test_what_cannot_travel_is_refused_with_its_reason() -> None:
     with pytest.raises(parts.PartError, match="takes no parts"):
         parts.plan(big(600_000), "the handler's result", allowed=False)
+    # without parts, what fits one message still goes (up to the body's limit, not the parts threshold)
+    assert parts.plan({"b": b"x" * (parts.INLINE_MAX + 100)}, "r", allowed=False) == (None, [])
     with pytest.raises(parts.PartError, match=f"at most {parts.MAX_PARTED} travel in parts"):
         parts.plan({"b": b"\0" * (parts.MAX_PARTED + 1)}, "the args", allowed=True)
     with pytest.raises(parts.PartError, match="not a finite number"):
@@ -81,64 +83,83 @@ def test_parts_in_any_order_complete_the_message_that_waits_for_them_and_survive
     value = big(400_000, seed=7)
     ref, ps = parts.split(value)
     store = parts.PartStore(tmp_path / "parts.db")
-    assert store.add("cloud", ps[2], 100.0) == []
-    assert store.take("cloud", ref) is None  # parts missing: the message waits
-    store.wait("cloud", ref, "t/1", {"task_id": "t", "args_ref": ref.body()}, 100.0)
-    assert store.add("cloud", ps[0], 101.0) == []
-    assert store.add("cloud", ps[0], 101.5) == []  # a repeat is absorbed
+    assert store.add("cloud", "t/1", ps[2], 100.0) == (None, [])
+    assert store.take("cloud", "t/1", ref) is None  # parts missing: the message waits
+    store.wait("cloud", "t/1", ref, {"task_id": "t", "args_ref": ref.body()}, 100.0)
+    assert store.add("cloud", "t/1", ps[0], 101.0) == (None, [])
+    assert store.add("cloud", "t/1", ps[0], 101.5) == (None, [])  # a repeat is absorbed
     store.close()
     store = parts.PartStore(tmp_path / "parts.db")  # a restart keeps what arrived
-    assert store.add("cloud", ps[3], 102.0) == []
-    done = store.add("cloud", ps[1], 103.0)
-    assert done == [("t/1", {"task_id": "t", "args_ref": ref.body()})]
-    assert store.take("cloud", ref) == value
-    assert store.conn.execute("select count(*) from parts").fetchone()[0] == 0  # forgotten once used
+    assert store.add("cloud", "t/1", ps[3], 102.0) == (None, [])
+    assert store.ready() == []
+    waiting, dropped = store.add("cloud", "t/1", ps[1], 103.0)
+    assert waiting == {"task_id": "t", "args_ref": ref.body()} and dropped == []
+    assert store.ready() == [("cloud", "t/1", waiting)]  # (until taken: a crash now loses nothing)
+    assert store.take("cloud", "t/1", ref) == value
+    assert store.conn.execute("select count(*) from parts").fetchone()[0] == 0  # forgotten once taken
+    assert store.ready() == [] and store.waiting_names("cloud", 0.0) == []
     store.close()
+
+
+def test_two_messages_with_the_same_big_value_each_keep_their_own_parts(tmp_path: Path) -> None:
+    """Two tasks with the same large args (or two results that happen to be equal), interleaved."""
+    value = big(300_000, seed=9)
+    ref, ps = parts.split(value)
+    store = parts.PartStore(tmp_path / "parts.db")
+    for p in ps:
+        store.add("cloud", "t1/1", p, 1.0)
+        store.add("cloud", "t2/1", p, 1.0)
+    store.wait("cloud", "t2/1", ref, {"task_id": "t2"}, 1.0)
+    assert store.take("cloud", "t1/1", ref) == value
+    assert store.take("cloud", "t2/1", ref) == value  # not taken away by t1
 
 
 def test_parts_are_kept_per_sender_so_one_peer_cannot_complete_anothers(tmp_path: Path) -> None:
     value = big(200_000)
     ref, ps = parts.split(value)
     store = parts.PartStore(tmp_path / "parts.db")
-    store.add("dev-1", ps[0], 1.0)
-    store.add("dev-2", ps[1], 1.0)
-    assert store.take("dev-1", ref) is None and store.take("dev-2", ref) is None
-    store.add("dev-1", ps[1], 2.0)
-    assert store.take("dev-1", ref) == value
+    store.add("dev-1", "t/1", ps[0], 1.0)
+    store.add("dev-2", "t/1", ps[1], 1.0)
+    assert store.take("dev-1", "t/1", ref) is None and store.take("dev-2", "t/1", ref) is None
+    store.add("dev-1", "t/1", ps[1], 2.0)
+    assert store.take("dev-1", "t/1", ref) == value
 
 
 def test_parts_that_do_not_make_the_value_fail_once_and_are_forgotten(tmp_path: Path) -> None:
     ref, ps = parts.split(big(200_000))
     store = parts.PartStore(tmp_path / "parts.db")
-    store.add("dev-1", ps[0], 1.0)
-    store.add("dev-1", parts.Part(ps[1].blob, 1, 2, ps[1].data[:-1] + b"!"), 1.0)
+    store.add("dev-1", "t/1", ps[0], 1.0)
+    store.add("dev-1", "t/1", parts.Part(ps[1].blob, 1, 2, ps[1].data[:-1] + b"!"), 1.0)
     with pytest.raises(parts.PartError, match="SHA-256"):
-        store.take("dev-1", ref)
+        store.take("dev-1", "t/1", ref)
     assert store.conn.execute("select count(*) from parts").fetchone()[0] == 0
 
 
-def test_incomplete_parts_age_out_and_a_sender_is_bounded_oldest_blob_first(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_incomplete_parts_age_out_and_a_sender_is_bounded_least_recently_fed_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = parts.PartStore(tmp_path / "parts.db", max_age=60.0)
-    _, old = parts.split(big(300_000, seed=1))
-    store.add("dev-1", old[0], 0.0)
-    store.wait("dev-1", parts.Ref(old[0].blob, 300_000, 3), "t/1", {"task_id": "t"}, 0.0)
+    ref_old, old = parts.split(big(300_000, seed=1))
+    store.add("dev-1", "old/1", old[0], 0.0)
+    store.wait("dev-1", "old/1", ref_old, {"task_id": "old"}, 0.0)
     _, new = parts.split(big(300_000, seed=2))
-    store.add("dev-1", new[0], 50.0)
-    assert store.prune(70.0) == 1
-    rows = store.conn.execute("select blob from parts").fetchall()
-    assert rows == [(new[0].blob,)]
+    store.add("dev-1", "new/1", new[0], 50.0)
+    # the waiting message whose parts stopped coming is given back, so its task fails rather than waits
+    assert store.prune(70.0) == [("dev-1", "old/1", {"task_id": "old"})]
+    assert store.conn.execute("select name from parts").fetchall() == [("new/1",)]
     assert store.conn.execute("select count(*) from parts_waiting").fetchone()[0] == 0
 
     monkeypatch.setattr(parts, "SENDER_MAX_BYTES", 3 * parts.PART_BYTES)
-    _, third = parts.split(big(300_000, seed=3))
-    store.add("dev-1", third[0], 80.0)
-    store.add("dev-1", third[1], 81.0)
-    store.add("dev-2", third[0], 81.0)  # another sender's parts do not count against dev-1
-    store.add("dev-1", third[2], 82.0)  # over the bound: dev-1's oldest other blob goes
-    blobs = {b for (b,) in store.conn.execute("select blob from parts where sender = 'dev-1'")}
-    assert blobs == {third[0].blob}
+    ref3, third = parts.split(big(300_000, seed=3))
+    store.wait("dev-1", "new/1", parts.Ref(new[0].blob, 300_000, 3), {"task_id": "new"}, 50.0)
+    dropped = store.add("dev-1", "third/1", third[0], 80.0)[1]
+    assert store.add("dev-2", "third/1", third[0], 81.0) == (None, [])  # another sender's do not count for dev-1
+    dropped += store.add("dev-1", "third/1", third[1], 81.0)[1]
+    dropped += store.add("dev-1", "third/1", third[2], 82.0)[1]  # over the bound: dev-1's stalest other goes
+    assert dropped == [("dev-1", "new/1", {"task_id": "new"})]
+    names = {n for (n,) in store.conn.execute("select name from parts where sender = 'dev-1'")}
+    assert names == {"third/1"}
     assert store.conn.execute("select count(*) from parts where sender = 'dev-2'").fetchone()[0] == 1
+    assert store.waiting_names("dev-1", 0.0) == []
 
 
 def test_command_messages_send_the_parts_first_and_the_command_last_with_its_ref() -> None:
@@ -160,6 +181,6 @@ def test_the_store_never_commits_half_a_call(tmp_path: Path) -> None:
     _, ps = parts.split(big(200_000))
     store.conn.execute("create trigger boom after insert on parts begin select raise(abort, 'disk full'); end")
     with pytest.raises(sqlite3.IntegrityError, match="disk full"):
-        store.add("dev-1", ps[0], 1.0)
+        store.add("dev-1", "t/1", ps[0], 1.0)
     assert store.conn.execute("select count(*) from parts").fetchone()[0] == 0
     assert os.path.exists(tmp_path / "parts.db")
