@@ -65,7 +65,7 @@ from cloud.fanout import Fanout
 from cloud.ingest import BodyError, check_storable
 from cloud.metrics import CONTENT_TYPE, CloudMetrics
 from cloud.store import NewEvent, Node, Store, Task
-from cloud.views import change, event_view, node_view, task_view, telemetry_view
+from cloud.views import LIST_MAX, change, event_view, node_view, task_view, telemetry_view
 from cwsnet import parts
 from cwsnet.envelope import MAX_CHECKPOINT, MAX_PAYLOAD
 from cwsnet.policy.access import AccessEngine, Decision, DenyRecorder, Subject, shipped_access_engine
@@ -999,8 +999,10 @@ def create_app(state: CloudState) -> FastAPI:
         description=(
             "**Scheduled** (no `target`): the scheduler places the task on a device or gateway of `site` or on "
             "the cloud's workers, as the offload policy says, leases it, moves it when its executor dies and "
-            "explains every decision in the task's `placement` (docs/tasks.md). 422 if no executor of the site "
-            "or the cloud offers the handler, 404 if the site has no node, 503 if the scheduler is not running. "
+            "explains every decision in the task's `placement` (docs/tasks.md). Args too big for one message "
+            "(with room for a checkpoint) go in parts, so the task gets the requirement `capabilities: [parts]`. "
+            "422 if no executor of the site or the cloud offers the handler (or, for such args, takes parts), "
+            "404 if the site has no node, 503 if the scheduler is not running. "
             "**Direct** (with `target`): queue a task for that device. The cloud seals a task command to the device and publishes it "
             "on `cws/v1/{site}/{target}/task/cmd`. A device behind a gateway may be offline: its gateway "
             "holds the command durably and delivers it when the device connects, even if the cloud is "
@@ -1019,7 +1021,9 @@ def create_app(state: CloudState) -> FastAPI:
         ),
         **needs("operator", {
             409: {"model": ErrorResponse, "description": "the idempotency key was used for a different task"},
-            413: {"model": ErrorResponse, "description": "the args make the task command too large for one message"},
+            413: {"model": ErrorResponse, "description": "the args are over 16 MiB encoded, or too large for one "
+                                                         "message for a device that takes no parts (or over its "
+                                                         "max_payload)"},
             503: {"model": ErrorResponse, "description": "scheduled: the scheduler is not running"},
             **_NOT_FOUND,
         }),
@@ -1131,6 +1135,13 @@ def create_app(state: CloudState) -> FastAPI:
         if size + MAX_CHECKPOINT > MAX_TASK_BODY:
             _parted_ok(req, where, size, True, "")
             requirements["capabilities"] = sorted({*(requirements.get("capabilities") or ()), parts.CAPABILITY})
+            site = req.site or ""
+            if not any(parts.CAPABILITY in ex["capabilities"] for ex in svc.executors_threadsafe()
+                       if ex["tier"] == "cloud" or (ex["site"] or "") == site):
+                raise ApiError(422, f"{where}.args: {size} bytes must go in parts, and no executor of "
+                                    f"{'site ' + repr(site) if site else 'the cloud'} takes args in parts (none lists "
+                                    f"the {parts.CAPABILITY!r} capability: the ESP32 firmware does not, the CPython "
+                                    "agent, the gateway and the cloud's workers do)", code="invalid_request")
         spec = {"handler": req.handler, "args": req.args, "site": req.site or "", "origin": req.origin or "",
                 "origin_role": "app" if req.origin is None else (getattr(store.get_node(req.origin), "role", None)
                                                                  or "app"),
@@ -1168,7 +1179,7 @@ def create_app(state: CloudState) -> FastAPI:
         target: str | None = Query(None, description="only tasks for this node"),
         kind: Literal["direct", "scheduled", "site"] | None = Query(None, description="only tasks of this kind"),
     ) -> Any:
-        page = store.list_tasks(limit=limit, offset=offset, state=state_, target=target, kind=kind)
+        page = store.list_tasks(limit=limit, offset=offset, state=state_, target=target, kind=kind, light=LIST_MAX)
         return {"items": [_task_out(t, whole=False) for t in page.items], "total": page.total, "limit": limit,
                 "offset": offset}
 

@@ -399,7 +399,9 @@ class CloudAutomation:
             self.stats["duplicates"] += 1
             return None, None
         deadline = None if self.task_timeout is None else now_ms + int(self.task_timeout * 1000)
-        size = len(cbor2.dumps({"task_id": task_id, "handler": handler, "args": args, "deadline": deadline}))
+        # the body exactly as the dispatcher seals it; an automation's task travels as one message (no parts)
+        size = len(cbor2.dumps({"task_id": task_id, "handler": handler, "args": args, "deadline": deadline,
+                                "parts": True}))
         if size > MAX_TASK_BODY:
             return f"the task command would be {size} bytes; at most {MAX_TASK_BODY} fit in one message", None
         limit = (node.agent or {}).get("max_payload")

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import uvicorn
 from amqtt.errors import AMQTTError, BrokerError
 from pydantic import ValidationError
@@ -140,6 +141,15 @@ def new_traceparent() -> str:
 # -- tasks ------------------------------------------------------------------------------------------
 
 
+def _for_apps(item: Any, body: Any) -> Any:
+    """What an app gets of a stored message: a task result made whole from parts (protocol §3) too big
+    for one message goes with ``result`` null and its size in ``result_omitted`` (GET the task for it)."""
+    if item.kind != "task_result" or not isinstance(body, dict) or body.get("result") is None:
+        return body
+    size = len(cbor2.dumps(body["result"]))
+    return body if size <= parts.INLINE_MAX else body | {"result": None, "result_omitted": size}
+
+
 class TaskDispatcher:
     """Sends queued tasks to their devices as sealed ``task_cmd`` messages.
 
@@ -200,7 +210,7 @@ class TaskDispatcher:
     def on_birth(self, node: str) -> None:
         entry = self.store.get_node(node)
         if entry is not None and entry.role == "gateway":  # back after an outage: it holds for its devices
-            for task in self.store.list_tasks(state="queued", kind="direct", limit=100_000).items:
+            for task in self.store.list_tasks(state="queued", kind="direct", limit=100_000, light=0).items:
                 target = self.store.get_node(task.target)
                 if target is not None and target.site == entry.site:
                     self.request(task.id)
@@ -209,7 +219,7 @@ class TaskDispatcher:
             self.request(task.id)
 
     def on_connect(self) -> None:
-        for task in self.store.list_tasks(state="queued", kind="direct", limit=100_000).items:
+        for task in self.store.list_tasks(state="queued", kind="direct", limit=100_000, light=0).items:
             self.request(task.id)
 
     def _enqueue(self, task_id: str) -> None:
@@ -515,9 +525,14 @@ class CloudDaemon:
             if not self.coalescer.reject(site, sender, seq, reason, digest):
                 log.debug("rejection notice for %s seq %d dropped: too many pending for site %s", sender, seq, site)
         if result.for_apps:
-            for_apps = [(item, body) for item, body in result.for_apps if self.apps.wants(item.topic)]
+            for_apps = [(item, _for_apps(item, body)) for item, body in result.for_apps if self.apps.wants(item.topic)]
             if for_apps:
                 self.apps.offer(for_apps)
+        for sender, task_id, attempt in result.progress:  # parts of a result: its sender is still delivering it
+            try:
+                self.tasks.renew(sender, task_id, attempt)
+            except Exception:
+                log.exception("renewing the lease of %s on task %s failed", sender, task_id)
         try:
             self.fanout.publish_many(result.changes)
         except Exception:
@@ -719,7 +734,11 @@ class CloudDaemon:
         while True:
             try:
                 await asyncio.to_thread(self.retention.sweep, int(self.clock() * 1000))
-                await asyncio.to_thread(self.store.prune_parts, self.clock())  # parted results never made whole
+                # parted results never made whole: their tasks fail (a scheduled one's scheduler hears of it)
+                for sender, body in await asyncio.to_thread(self.store.prune_parts, self.clock()):
+                    entry = self.directory.get(sender)
+                    if entry is not None:
+                        self.tasks.observe(sender, entry.role, entry.site, "task_result", body)
             except Exception:
                 log.exception("retention sweep failed; next in %g s", RETENTION_EVERY)
             await asyncio.sleep(RETENTION_EVERY)

@@ -70,7 +70,7 @@ from cwsnet.errors import (
     UnknownSender,
 )
 from cwsnet.identity import public_key_from_b64
-from cwsnet.parts import Part, PartError, Ref
+from cwsnet.parts import Part, PartError, Ref, name_of
 from cwsnet.registry import Entry as RegistryEntry
 from cwsnet.registry import KeyRing, PastKey
 
@@ -361,11 +361,14 @@ class BatchResult:
     rejections: list[tuple[str, str, int, str, bytes]] = field(default_factory=list)
     #: newly stored messages and their opened bodies, for the apps granted their topics
     for_apps: list[tuple[IngestItem, Any]] = field(default_factory=list)
+    #: (sender, task id, attempt) of each stored part of a task result: the sender is still delivering it
+    progress: list[tuple[str, Any, Any]] = field(default_factory=list)
 
     def extend(self, other: BatchResult) -> None:
         """Append ``other`` (the result of a later part of the same batch)."""
         self.results.extend(other.results)
         self.for_apps.extend(other.for_apps)
+        self.progress.extend(other.progress)
         self.acks.extend(other.acks)
         self.changes.extend(other.changes)
         self.births.extend(other.births)
@@ -628,9 +631,12 @@ class Ingest:
                     item.topic, item.sender, item.seq, item.kind, trace)
             results[p.index] = IngestResult("stored", **base)
             if item.part is not None or (item.task is not None and item.task.ref is not None):
-                # a parted result goes on only once whole (the final's body, with its result)
+                # a parted result goes on only once whole (the final's body, with its result); each part
+                # renews the sender's lease on a scheduled task while the rest of it comes
                 batch.for_apps.extend((item, body) for body in out.completed)
                 changed_tasks.extend(body["task_id"] for body in out.completed)
+                if item.part is not None and p.body is not None:
+                    batch.progress.append((item.sender, p.body.get("task_id"), p.body.get("attempt")))
             elif p.body is not None:
                 batch.for_apps.append((item, p.body))
             if item.readings:
@@ -685,9 +691,10 @@ class Ingest:
                 log.debug("site task report %s -> %s from %s seq %d changes nothing (an older report than the one "
                           "applied, or the id is another site's or kind's)", item.site_task.task_id,
                           item.site_task.state, item.sender, item.seq)
-            if out.task_state is not None and item.task is not None:
+            if out.task_state is not None:  # (a part can complete a final that waited for it)
                 self.metrics.tasks.labels(state=out.task_state).inc()
-                changed_tasks.append(item.task.task_id)
+                if item.task is not None:
+                    changed_tasks.append(item.task.task_id)
             elif item.task is not None:  # a scheduled task's report is the scheduler's (cloud/tasks.py)
                 log.debug(
                     "task report %s -> %s from %s not a direct task's move (scheduled, unknown, other target or "
@@ -874,7 +881,8 @@ class Ingest:
                 raise BodyError("task_result field 'attempt' must be uint or null")
             if "part" in body:  # one part of a result too big for one message (protocol §3, "Parts")
                 try:
-                    return replace(item, part=Part.parse(body["part"], "task_result part"))
+                    return replace(item, part=(name_of(task_id, body.get("attempt")),
+                                               Part.parse(body["part"], "task_result part")))
                 except PartError as exc:
                     raise BodyError(str(exc)) from None
             ref = None

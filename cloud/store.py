@@ -170,6 +170,8 @@ class Task:
     idempotency_key: str | None = None
     disagreement: Any = None  # replicas (majority) that returned different results: [[node, result], ...]
     origin: str | None = None  # site: the device that submitted it
+    #: a light listing's args/result left out (None here) because their stored JSON is over the limit: their sizes
+    omitted: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +216,15 @@ class TaskReport:
     #: a result sent in parts (protocol §3, "Parts"): its ref, and the message body to keep until they are all here
     ref: Any = None
     body: dict[str, Any] | None = None
+
+
+def given_up(body: dict[str, Any], sender: str, why: str) -> TaskReport:
+    """A final result that waited for its parts in vain (``why``): the task fails, saying so."""
+    error = f"its result's parts never all came from {sender} ({why})"
+    return TaskReport(task_id=body["task_id"], state="failed", error=error, started=body.get("started"),
+                      finished=body.get("finished"),
+                      body={k: v for k, v in body.items() if k != "result_ref"} | {"state": "failed", "result": None,
+                                                                                   "error": error})
 
 
 def task_report(body: dict[str, Any]) -> TaskReport:
@@ -269,7 +280,7 @@ class IngestItem:
     event: NewEvent | None = None
     task: TaskReport | None = None
     site_task: SiteTaskReport | None = None  # a gateway's site-task mirror (its task_result with site_task)
-    part: Any = None  # a cwsnet.parts.Part: one part of a task result too big for one message
+    part: Any = None  # (name, cwsnet.parts.Part): one part of a task result too big for one message
     expires: int | None = None  # the clear header's exp (ms), if any: an offload past it is not run
 
 
@@ -367,8 +378,9 @@ class Store(Protocol):
         """Delete all but the newest ``keep`` events; return how many were deleted."""
         ...
 
-    def prune_parts(self, now: float) -> int:
-        """Forget parts of task results that never came whole (cwsnet.parts.MAX_AGE); how many."""
+    def prune_parts(self, now: float) -> list[tuple[str, dict[str, Any]]]:
+        """Forget parts of task results that never came whole (cwsnet.parts.MAX_AGE): the tasks whose final
+        result waited for them fail (direct ones here); returns ``(sender, failed final body)`` of each."""
         ...
 
     def telemetry_streams(self) -> list[str]:
@@ -413,8 +425,11 @@ class Store(Protocol):
 
     def list_tasks(
         self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None,
-        kind: str | None = None,
-    ) -> Page[Task]: ...
+        kind: str | None = None, light: int | None = None,
+    ) -> Page[Task]:
+        """Tasks, newest first. ``light``: args and results whose stored JSON is longer than this many
+        bytes are not read (None in the tasks, their sizes in ``omitted``): lists stay cheap."""
+        ...
 
     def queued_tasks_for(self, node: str) -> list[Task]: ...
 
@@ -738,8 +753,12 @@ class SqliteStore(Store):
                 completed: list[dict[str, Any]] = []
                 reports = [item.task] if item.task is not None else []
                 if item.part is not None:  # a part of a result: it may complete a final that waits for it
-                    for _, body in parts.add(conn, item.sender, item.part, item.received / 1000):
-                        reports.append(task_report(body))
+                    name, part = item.part
+                    waiting, dropped = parts.add(conn, item.sender, name, part, item.received / 1000)
+                    if waiting is not None:
+                        reports.append(task_report(waiting))
+                    reports += [given_up(body, item.sender, "over the sender's bound of parts kept")
+                                for _, _, body in dropped]
                 for t in reports:
                     if t.ref is not None:
                         whole = self._whole(conn, item, t)
@@ -764,16 +783,15 @@ class SqliteStore(Store):
         rest of its parts. Parts that do not make the value the ref names fail the task, saying so."""
         body = dict(t.body or {})
         body.pop("result_ref", None)
+        name = parts.name_of(t.task_id, body.get("attempt"))
         try:
-            value = parts.take(conn, item.sender, t.ref, f"task {t.task_id}'s result")
-        except parts.PartError as exc:
-            conn.execute("delete from parts where sender = ? and blob = ?", [item.sender, t.ref.sha256])
+            value = parts.take(conn, item.sender, name, t.ref, f"task {t.task_id}'s result")
+        except parts.PartError as exc:  # (its parts are forgotten)
             error = f"its result did not arrive whole from {item.sender}: {exc}"
             body.update(state="failed", result=None, error=error)
             return replace(t, state="failed", result=None, error=error, ref=None, body=body)
         if value is None:
-            parts.wait(conn, item.sender, t.ref, f"{t.task_id}/{body.get('attempt')}", t.body or {},
-                       item.received / 1000)
+            parts.wait(conn, item.sender, name, t.ref, t.body or {}, item.received / 1000)
             return None
         body["result"] = value
         return replace(t, result=value, ref=None, body=body)
@@ -919,9 +937,16 @@ class SqliteStore(Store):
             )
         return Page([self._event(r) for r in rows], int(total))
 
-    def prune_parts(self, now: float) -> int:
+    def prune_parts(self, now: float) -> list[tuple[str, dict[str, Any]]]:
         with self._lock, self.db.atomic():
-            return parts.prune(self.db.conn, now)
+            conn = self.db.conn
+            failed = []
+            for sender, _name, body in parts.prune(conn, now):
+                t = given_up(body, sender, f"none for {parts.MAX_AGE / 3600:g} h")
+                self._transition(conn, t.task_id, "failed", result=None, error=t.error, started=t.started,
+                                 finished=t.finished, target=sender, now=int(now * 1000))
+                failed.append((sender, t.body or {}))
+            return failed
 
     def prune_events(self, keep: int) -> int:
         """Delete all but the newest ``keep`` events; return how many were deleted."""
@@ -1122,7 +1147,7 @@ class SqliteStore(Store):
 
     def list_tasks(
         self, *, limit: int = 100, offset: int = 0, state: str | None = None, target: str | None = None,
-        kind: str | None = None,
+        kind: str | None = None, light: int | None = None,
     ) -> Page[Task]:
         clauses, params = [], []
         if state is not None:
@@ -1137,10 +1162,25 @@ class SqliteStore(Store):
         where = " where " + " and ".join(clauses) if clauses else ""
         with self._lock:
             total = self._scalar(f"select count(*) from tasks{where}", params)
-            rows = self._rows(
-                f"select * from tasks{where} order by created desc, id limit ? offset ?", [*params, limit, offset]
-            )
-        return Page([self._task(r) for r in rows], int(total))
+            if light is None:
+                rows = self._rows(f"select * from tasks{where} order by created desc, id limit ? offset ?",
+                                  [*params, limit, offset])
+            else:  # (the big JSON is never read: SQLite measures it)
+                rows = self._rows(
+                    "select id, target, handler, case when length(args) > ? then null else args end as args, "
+                    "length(args) as args_len, state, created, updated, "
+                    "case when length(result) > ? then null else result end as result, length(result) as result_len, "
+                    "error, started, finished, deadline, dispatched, attempts, kind, site, node, placement, sched, "
+                    f"idempotency_key, disagreement, origin from tasks{where} order by created desc, id "
+                    "limit ? offset ?", [light, light, *params, limit, offset])
+        tasks = [self._task(r) for r in rows]
+        if light is not None:
+            for i, r in enumerate(rows):
+                omitted = {k: r[f"{k}_len"] for k in ("args", "result") if (r[f"{k}_len"] or 0) > light}
+                if omitted:
+                    tasks[i] = replace(tasks[i], args=None if "args" in omitted else tasks[i].args,  # type: ignore
+                                       result=None if "result" in omitted else tasks[i].result, omitted=omitted)
+        return Page(tasks, int(total))
 
     def queued_tasks_for(self, node: str) -> list[Task]:
         rows = self._rows("select * from tasks where target = ? and state = 'queued' order by created, id", [node])

@@ -131,6 +131,12 @@ class TaskService:
         elif kind == "task_result":
             self._result(sender, body, now)
 
+    def renew(self, sender: str, task_id: Any, attempt: Any) -> None:
+        """A part of ``task_id``'s result from ``sender`` was stored: it is still delivering it, so its lease
+        holds (a big result on a slow link takes longer than a lease to arrive)."""
+        if self._ready.is_set() and isinstance(task_id, str) and (attempt is None or isinstance(attempt, int)):
+            self._apply(self.sched.renew(task_id, sender, self.clock(), attempt))
+
     def _result(self, sender: str, body: dict[str, Any], now: float) -> None:
         # a direct task's (ingest stored it) or one unknown here: no command
         self._apply(self.sched.report(sender, body, now), body.get("task_id") if isinstance(body, dict) else None)
@@ -257,9 +263,11 @@ class TaskService:
                     log.warning("task command for %s not sent: not a registered node", node)
                     return
                 topic = topics.task_cmd(entry.site, node)
-                for msg in parts.command_messages(body):  # args too big for one message go first, in parts
+                msgs = parts.command_messages(body)  # args too big for one message go first, in parts
+                exp = None if expires is None else expires + (len(msgs) - 1) * parts.SECONDS_PER_PART
+                for msg in msgs:
                     payload, _ = self.endpoint.seal(topic, "task_cmd", msg, to=node,
-                                                    expires=None if expires is None else int(expires * 1000))
+                                                    expires=None if exp is None else int(exp * 1000))
                     await self.link.publish(topic, payload, qos=1, timeout=self.publish_timeout)
             except (LinkError, CwsError, TimeoutError, parts.PartError) as exc:
                 # the lease covers it: an assignment that never arrives is re-queued when it expires

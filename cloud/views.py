@@ -74,7 +74,9 @@ def task_view(task: Task, whole: bool = False) -> dict[str, Any]:
         "idempotency_key": task.idempotency_key,
         "disagreement": task.disagreement,
     }
-    if not whole:
+    if task.omitted:  # a light listing left them out (cloud.store list_tasks)
+        view["omitted"] = dict(task.omitted)
+    elif not whole:
         omitted = {}
         for key in ("args", "result"):
             if view[key] is not None and (size := len(json.dumps(view[key], separators=(",", ":")))) > LIST_MAX:

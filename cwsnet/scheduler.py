@@ -881,6 +881,18 @@ class Scheduler:
             self._out.append(Cancel(task_id, node, why, attempt))
         return task, None
 
+    def renew(self, task_id: str, node: str, now: float, attempt: int | None = None) -> list[Cmd]:
+        """``node`` is still delivering the task (a part of its result arrived: protocol §3, "Parts"): if it
+        holds it under ``attempt``, its lease is renewed; anything else changes nothing."""
+        task = self.tasks.get(task_id)
+        copy = self._held(task, node) if task is not None else None
+        if task is not None and copy is not None and not task.terminal and attempt in (None, copy.attempt):
+            copy.renewed = max(copy.renewed, now)
+            ex = self.executors.get(node)
+            if ex is not None:
+                self._alive(ex, now)
+        return self._flush()
+
     def finished(self, task_id: str, node: str, ok: bool, result: Any, error: str | None, now: float,
                  attempt: int | None = None) -> list[Cmd]:
         """``node`` finished the task: ``ok`` with ``result``, or failed with ``error``. Only the lease

@@ -636,3 +636,31 @@ def test_a_bad_part_or_ref_is_stored_without_effect_and_counted_malformed(w: Wor
     topic = topics.task_result("home", "dev-1")
     r = w.ingest.handle(topic, w.nodes["dev-1"].seal(topic, "task_result", body))
     assert r.status == "rejected" and r.reason == "malformed" and why in (r.detail or "")
+
+
+def test_two_tasks_with_the_same_big_result_interleaved_both_succeed(w: World) -> None:
+    """A gateway's pool finishing two tasks with equal results at once interleaves their parts."""
+    from cwsnet import parts
+
+    result = {"log": "same" * 100_000}
+    dev, topic = w.nodes["dev-1"], topics.task_result("home", "dev-1")
+    ref, ps = parts.split(result)
+    tasks = [w.store.create_task(target="dev-1", handler="echo", args={}) for _ in range(2)]
+    msgs = []
+    for p in ps:
+        msgs += [(topic, dev.seal(topic, "task_result", {"task_id": t.id, "part": p.body()})) for t in tasks]
+    msgs += [(topic, dev.seal(topic, "task_result", {"task_id": t.id, "state": "succeeded", "result": None,
+                                                      "result_ref": ref.body()})) for t in tasks]
+    w.ingest.handle_batch(msgs)
+    assert [w.store.get_task(t.id).result for t in tasks] == [result, result]  # type: ignore[union-attr]
+
+
+def test_a_result_whose_parts_never_all_come_fails_its_task_after_a_day(w: World) -> None:
+    task, ps, final = _parted(w, {"log": "z" * 300_000})
+    w.ingest.handle_batch([ps[0], final])  # the rest never comes
+    assert w.store.get_task(task.id).state == "queued"  # type: ignore[union-attr]
+    assert w.store.prune_parts(w.clock() + 3600) == []  # an hour: it still waits
+    (sender, body), = w.store.prune_parts(w.clock() + 25 * 3600)
+    t = w.store.get_task(task.id)
+    assert t is not None and t.state == "failed" and "never all came from dev-1" in (t.error or "")
+    assert sender == "dev-1" and body["state"] == "failed" and body["task_id"] == task.id
