@@ -127,7 +127,7 @@ def main() -> None:
                     out[f"echo_{mb:g}MB_goodput_MBps"] = round(2 * mb / seconds, 2)
             finally:
                 stop_processes(agents)
-        for i, size in enumerate(sizes):
+        for size in sizes:
             mb = size / MB
             base = statistics.median(baseline_seconds(2 * size, Path(tmp)) for _ in range(3))  # (noisy: median of 3)
             out[f"baseline_{mb:g}MB_s"] = round(base, 3)

@@ -66,6 +66,10 @@ TOKEN_SETTLE = 60.0
 SYSTEMD_STATUS_EVERY = 5.0
 #: seconds between checks of submissions.db for submissions another process (`cwsnet task submit`) added
 SUBMISSION_POLL = 1.0
+#: a command waiting for its args' parts is listed as held (its lease holds) while a part came this recently
+PARTS_STALL = 30.0
+#: seconds between two upkeeps of the parts store (whole ones taken, day-old ones given up on)
+PARTS_UPKEEP_EVERY = 3600.0
 
 #: called with (key, row) when the gateway reports how a site task this agent submitted ended
 TaskDoneCallback = Callable[[str, Submission], None]
@@ -171,6 +175,7 @@ class Agent:
         self._tg: asyncio.TaskGroup | None = None
         self._task_runs: set[asyncio.Task[None]] = set()
         self._held: dict[str, _Held] = {}  # task_id -> its run here, until its final result is handed over
+        self._parts_lost: set[tuple[str, int | None]] = set()  # results a part of which the outbox dropped
         self._wake_status = asyncio.Event()  # the status period may have shrunk (a leased task arrived)
         self.systemd = sdnotify.Notifier()  # a no-op unless run by systemd (Type=notify)
         self.link = link_for(
@@ -279,8 +284,15 @@ class Agent:
         }
 
     def held_tasks(self) -> list[str]:
-        """The scheduled (leased) tasks accepted here and not finished, in the order they came."""
-        return [h.task_id for h in self._held.values() if h.scheduled]
+        """The scheduled (leased) tasks accepted here and not finished, in the order they came, and those
+        whose command waits for its args' parts while they still come (protocol §3, "Parts")."""
+        held = [h.task_id for h in self._held.values() if h.scheduled]
+        try:
+            waiting = {n.rsplit("/", 1)[0] for sender in {"cloud", self.gateway} if sender
+                       for n in self.parts.waiting_names(sender, self.clock() - PARTS_STALL)}
+        except sqlite3.Error:
+            waiting = set()
+        return held + sorted(waiting - set(held))
 
     def status_every(self) -> float:
         """Seconds between statuses: a third of the shortest lease held (the heartbeat), at most
@@ -609,6 +621,16 @@ class Agent:
                 return
             self._receipt(seq, sender)
             return
+        if verdict == "too_old" and kind == "task_cmd" and isinstance(opened.body, dict) and "part" in opened.body:
+            # a part held for us longer than the window reaches back (a big command to a device that was away):
+            # keeping a part is idempotent, so it is kept rather than lost; the window is not moved for it
+            try:
+                self._take_command(opened.body, opened.header.trace, msg.topic, sender)
+            except sqlite3.Error as exc:  # no receipt: the gateway delivers it again
+                self._storage_failed(exc)
+                return
+            self._receipt(seq, sender)
+            return
         if verdict != "new":
             log.warning("rejected %s seq %d from %s: %s", kind, seq, sender, verdict)
             self._receipt(seq, sender)  # a copy the gateway held for us: it may forget it
@@ -686,21 +708,23 @@ class Agent:
         if attempt is not None and not _uint(attempt):
             log.warning("task %s: command with attempt %r (not an unsigned integer); ignored", task_id, attempt)
             return
-        if "part" in body or "args_ref" in body:  # args too big for one message (protocol §3, "Parts")
-            body = self._args_from_parts(body, task_id, attempt, trace, topic, assigner)
-            if not body:
-                return
         if body.get("cancel") is True:
             self._cancel_task(task_id, attempt, assigner)
             return
         seen = self.state.task_record(task_id)
         if seen is not None and (attempt is None or (seen.attempt or 0) >= attempt):
+            if "part" in body:  # a part of a command already taken (a repeat of a re-sent one): nothing to keep
+                return
             if attempt is None:
                 log.info("task %s already run here; ignoring the repeat", task_id)
             else:
                 log.info("task %s attempt %d: attempt %s already taken here; ignoring the repeat", task_id,
                          attempt, seen.attempt)
             return
+        if "part" in body or "args_ref" in body:  # args too big for one message (protocol §3, "Parts")
+            body = self._args_from_parts(body, task_id, attempt, trace, topic, assigner)
+            if not body:
+                return
         lease = body.get("lease")
         if lease is not None and (isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0
                                   or lease == float("inf")):
@@ -723,34 +747,63 @@ class Agent:
 
     def _args_from_parts(self, body: dict[str, Any], task_id: str, attempt: int | None, trace: str | None,
                          topic: str, assigner: str) -> dict[str, Any]:
-        """A part of a task's args is kept (and a command it completes is taken now); a command whose
-        ``args_ref`` parts are all here comes back with its ``args``; one still missing parts waits for
-        them (empty map: nothing to take now). Storage errors propagate: the command is not receipted."""
+        """A part of a task's args is kept (and the command it completes is taken now); a command whose
+        ``args_ref`` parts are all here comes back with its ``args`` (its parts forgotten); one still missing
+        parts waits for them (empty map: nothing to take now). Storage errors propagate: no receipt."""
         now = self.clock()
+        name = parts.name_of(task_id, attempt)
         if "part" in body:
             try:
                 part = parts.Part.parse(body["part"], f"task {task_id} part")
             except parts.PartError as exc:
                 log.warning("%s from %s on %s; ignored", exc, assigner, topic)
                 return {}
-            for _, waiting in self.parts.add(assigner, part, now):
+            waiting, dropped = self.parts.add(assigner, name, part, now)
+            self._given_up(assigner, dropped, "over the bound of parts kept for it")
+            if waiting is not None:
                 self._take_command(waiting["body"], waiting.get("trace"), topic, assigner)
             return {}
         try:
             ref = parts.Ref.parse(body["args_ref"], f"task {task_id} args_ref")
-            args = self.parts.take(assigner, ref, f"task {task_id}'s args")
+            args = self.parts.take(assigner, name, ref, f"task {task_id}'s args")
         except parts.PartError as exc:
             log.warning("%s", exc)
-            if self.state.task_record(task_id) is None:
-                self.state.mark_task(task_id, trace=trace, attempt=attempt, assigner=assigner)
-                self._task_result(task_id, attempt, "failed", trace, to=assigner,
-                                  error=f"its args did not arrive whole: {exc}")
+            self._fail_untaken(task_id, attempt, trace, assigner, f"its args did not arrive whole: {exc}")
             return {}
         if args is None:
             log.info("task %s (attempt %s): waiting for the rest of its %d args parts", task_id, attempt, ref.parts)
-            self.parts.wait(assigner, ref, f"{task_id}/{attempt}", {"body": body, "trace": trace}, now)
+            self.parts.wait(assigner, name, ref, {"body": body, "trace": trace}, now)
+            self._wake_status.set()  # listed as held while its parts come, so its lease holds
             return {}
         return {k: v for k, v in body.items() if k != "args_ref"} | {"args": args}
+
+    def _fail_untaken(self, task_id: str, attempt: int | None, trace: str | None, assigner: str, error: str) -> None:
+        """Report a task that cannot be taken ``failed`` to its assigner, once (recorded as taken)."""
+        seen = self.state.task_record(task_id)
+        if seen is not None and (attempt is None or (seen.attempt or 0) >= attempt):
+            return
+        self.state.mark_task(task_id, trace=trace, attempt=attempt, assigner=assigner)
+        self._task_result(task_id, attempt, "failed", trace, to=assigner, error=error)
+
+    def _given_up(self, assigner: str, dropped: list[tuple[str, str, dict[str, Any]]], why: str) -> None:
+        """Commands that waited in vain for their args' parts (pruned after a day, or pushed out by newer
+        parts): their tasks are reported failed, so their assigner knows rather than waits."""
+        for sender, _name, waiting in dropped:
+            body = waiting.get("body") or {}
+            task_id, attempt = body.get("task_id"), body.get("attempt")
+            if isinstance(task_id, str) and (attempt is None or _uint(attempt)):
+                log.warning("task %s (attempt %s): its args' parts never all came (%s)", task_id, attempt, why)
+                self._fail_untaken(task_id, attempt, waiting.get("trace"), sender if sender else assigner,
+                                   f"its args' parts never all came from {sender} ({why})")
+
+    def _parts_upkeep(self) -> None:
+        """At start and hourly: take the commands whose parts all came before a crash, and give up on those
+        that waited a day."""
+        now = self.clock()
+        for sender, _name, waiting in self.parts.ready():
+            self._take_command(waiting["body"], waiting.get("trace"), "(parts kept across a restart)", sender)
+        for sender, name, waiting in self.parts.prune(now):
+            self._given_up(sender, [(sender, name, waiting)], f"none for {parts.MAX_AGE / 3600:g} h")
 
     def _cancel_task(self, task_id: str, attempt: int | None, assigner: str = "cloud") -> None:
         """Stop ``task_id`` (only that ``attempt``, if given) if it is held here and ``assigner`` gave
@@ -817,8 +870,21 @@ class Agent:
         body: dict[str, Any] = {"task_id": held.task_id, "part": part.body()}
         if held.attempt is not None:
             body["attempt"] = held.attempt
-        self.hand_over(topics.task_result(self.site, self.node), "task_result", body, trace=held.trace,
-                       to=held.assigner)
+        delivered = self.hand_over(topics.task_result(self.site, self.node), "task_result", body, trace=held.trace,
+                                   to=held.assigner)
+        delivered.add_done_callback(lambda fut: self._part_dropped(held, fut))
+
+    def _part_dropped(self, held: _Held, delivered: asyncio.Future[bool]) -> None:
+        """The outbox dropped a part of a result (it was full) before the gateway took it: the result can
+        never be made whole, so the task is reported failed (once), rather than left waiting for it."""
+        if delivered.cancelled() or delivered.result() or (held.task_id, held.attempt) in self._parts_lost:
+            return
+        self._parts_lost.add((held.task_id, held.attempt))
+        log.warning("task %s (attempt %s): a part of its result was dropped by the outbox; reported failed",
+                    held.task_id, held.attempt)
+        self._task_result(held.task_id, held.attempt, "failed", held.trace, to=held.assigner,
+                          error="its result's parts were dropped by the agent's outbox before the gateway took "
+                                "them (the outbox was full)")
 
     def _final(self, held: _Held, state: str, **fields: Any) -> asyncio.Future[bool]:
         """The task's last result. It leaves the held tasks in the same step as it enters the outbox
@@ -1037,8 +1103,14 @@ class Agent:
     async def _submission_loop(self) -> None:
         """Send the submissions another process (``cwsnet task submit``) recorded as ``new``, within
         about a second. ``PRAGMA data_version`` tells cheaply whether another process wrote."""
-        asked = time.monotonic()
+        asked = upkeep = time.monotonic()
         while True:
+            if time.monotonic() - upkeep >= PARTS_UPKEEP_EVERY:
+                upkeep = time.monotonic()
+                try:
+                    self._parts_upkeep()
+                except sqlite3.Error as exc:
+                    self._storage_failed(exc)
             try:
                 if self.submissions.changed() or self._submissions_retry:
                     self._submissions_retry = False
@@ -1143,8 +1215,10 @@ class Agent:
                          tg.create_task(self._status_loop()), tg.create_task(self._bundle_watch())]
                 tasks += [tg.create_task(self._sensor_loop(s)) for s in self.sensors]
                 tasks.append(tg.create_task(self._report_interrupted()))
-                with contextlib.suppress(sqlite3.Error):  # parts of args that never came whole: gone after a day
-                    self.parts.prune(self.clock())
+                try:  # parts kept across a restart: taken if whole, given up on after a day
+                    self._parts_upkeep()
+                except sqlite3.Error as exc:
+                    self._storage_failed(exc)
                 tasks.append(tg.create_task(self._submission_loop()))
                 if self.systemd.enabled:
                     tasks.append(tg.create_task(self._systemd_loop()))

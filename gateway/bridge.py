@@ -62,7 +62,6 @@ class Gateway:
         self.outbox = UplinkOutbox(cfg.data_dir / "uplink-outbox.db")
         self.downlink = DownlinkStore(cfg.data_dir / "downlink.db")
         self.parts = parts.PartStore(cfg.data_dir / "parts.db")  # the cloud's large task args, until whole (§3)
-        self.parts.prune(clock())  # parts that never came whole: forgotten after a day
         self.cloud_key = bundle.cloud_public_key
         # the site's registry: device keys (versioned) and revocations, from registry_file and from
         # the cloud's sealed pushes (kept in data_dir, so a restart offline enforces the last one)
@@ -680,31 +679,65 @@ class Gateway:
     async def _whole_commands(self, body: Any) -> list[Any]:
         """The cloud's commands ready to take after ``body``: itself; or, for args too big for one message
         (protocol §3, "Parts"), none while parts are missing (the command waits in ``parts.db``), the
-        command with its args once they are all here, or the waiting commands a last part completes."""
-        if not isinstance(body, dict) or not ("part" in body or "args_ref" in body):
+        command with its args once they are all here, or the waiting command a last part completes."""
+        if not isinstance(body, dict) or not ("part" in body or "args_ref" in body) or body.get("cancel") is True:
             return [body]
-        tid = body.get("task_id")
+        tid, attempt = body.get("task_id"), body.get("attempt")
+        name = parts.name_of(tid, attempt)
         try:
             if "part" in body:
                 part = parts.Part.parse(body["part"], f"task {tid} part")
-                done = await self._db_call(self.parts.add, "cloud", part, self.clock())
-                return [c for _, waiting in done for c in await self._whole_commands(waiting)]
+                waiting, dropped = await self._db_call(self.parts.add, "cloud", name, part, self.clock())
+                self._parts_given_up(dropped, "over the bound of parts kept")
+                return [] if waiting is None else await self._whole_commands(waiting)
             ref = parts.Ref.parse(body["args_ref"], f"task {tid} args_ref")
-            args = await self._db_call(self.parts.take, "cloud", ref, f"task {tid}'s args")
+            args = await self._db_call(self.parts.take, "cloud", name, ref, f"task {tid}'s args")
         except parts.PartError as exc:
             log.warning("%s", exc)
             if "args_ref" in body and isinstance(tid, str):
-                self._report_soon({"task_id": tid, "attempt": body.get("attempt"), "state": "failed", "result": None,
+                self._report_soon({"task_id": tid, "attempt": attempt, "state": "failed", "result": None,
                                    "error": f"its args did not arrive whole: {exc}"})
             return []
         except sqlite3.Error as exc:  # the lease covers it: the task is re-sent
             self._storage_trouble("keeping task args parts", exc)
             return []
         if args is None:
-            await self._db_call(self.parts.wait, "cloud", ref, f"{tid}/{body.get('attempt')}", body, self.clock())
+            await self._db_call(self.parts.wait, "cloud", name, ref, body, self.clock())
             log.info("task %s: waiting for the rest of its %d args parts", tid, ref.parts)
             return []
         return [{k: v for k, v in body.items() if k != "args_ref"} | {"args": args}]
+
+    def _held_tasks(self) -> list[str]:
+        """What the pool runs, and the cloud's tasks whose command waits for its args' parts while they still
+        come (listed so their lease holds, protocol §3 "Parts")."""
+        held = self.workers.running()
+        try:
+            waiting = {n.rsplit("/", 1)[0] for n in self.parts.waiting_names("cloud", self.clock() - 30.0)}
+        except sqlite3.Error:
+            waiting = set()
+        return held + sorted(waiting - set(held))
+
+    def _parts_given_up(self, dropped: list[tuple[str, str, dict[str, Any]]], why: str) -> None:
+        """Commands that waited in vain for their args' parts: reported failed to the cloud."""
+        for _sender, _name, body in dropped:
+            if isinstance(body.get("task_id"), str):
+                log.warning("task %s: its args' parts never all came (%s)", body["task_id"], why)
+                self._report_soon({"task_id": body["task_id"], "attempt": body.get("attempt"), "state": "failed",
+                                   "result": None, "error": f"its args' parts never all came from the cloud ({why})"})
+
+    async def _parts_upkeep(self) -> None:
+        """At start, then hourly: commands whose parts all came before a restart are taken; those that
+        waited a day for them are given up on."""
+        while True:
+            try:
+                for _sender, _name, body in await self._db_call(self.parts.ready):
+                    for whole in await self._whole_commands(body):
+                        self.task_command(whole)
+                self._parts_given_up(await self._db_call(self.parts.prune, self.clock()),
+                                     f"none for {parts.MAX_AGE / 3600:g} h")
+            except sqlite3.Error as exc:
+                self._storage_trouble("keeping task args parts", exc)
+            await asyncio.sleep(3600.0)
 
     def task_command(self, body: Any) -> None:
         """A task for the gateway's worker pool (or a cancel), from the cloud's scheduler or the site's;
@@ -828,7 +861,7 @@ class Gateway:
             # an executor for scheduled tasks: its slots and what it holds (a heartbeat), how often it reports
             "handlers": sorted(self.workers.handlers) if self.cfg.task_slots > 0 else [],
             "slots": self.cfg.task_slots,
-            "tasks": self.workers.running(),
+            "tasks": self._held_tasks(),
             # "parts": it takes task args too big for one message, in parts (protocol §3, built in)
             "capabilities": list(dict.fromkeys([*self.cfg.capabilities, parts.CAPABILITY])),
             "interval": self.cfg.status_interval,
@@ -922,6 +955,7 @@ class Gateway:
                     tg.create_task(self._downlink_sweeper()),
                     tg.create_task(self._status_loop()),
                     tg.create_task(self._registry_watch()),
+                    tg.create_task(self._parts_upkeep()),
                     tg.create_task(self.site_policy.run()),
                     tg.create_task(self.site_tasks.run()),
                 ]

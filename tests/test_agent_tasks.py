@@ -530,7 +530,8 @@ def test_args_and_a_result_too_big_for_one_message_travel_in_parts(cloud: Cloud,
         async with running(cfg) as (agent, link):
             await cloud.command(agent, msgs[0])
             await cloud.command(agent, msgs[-1])  # it overtook most of its parts: it waits for them, durably
-            assert "big" not in agent.held_tasks() and cloud.results(link, "big") == []
+            # not run yet, but listed as held while its parts come, so the scheduler's lease holds
+            assert agent.held_tasks() == ["big"] and cloud.results(link, "big") == []
         async with running(cfg) as (agent, link):  # a restart between the parts
             for m in msgs[1:-1]:
                 await cloud.command(agent, m)
@@ -554,5 +555,44 @@ def test_args_and_a_result_too_big_for_one_message_travel_in_parts(cloud: Cloud,
             failed = await final_of(cloud, link, "bad", 1)
             assert failed["state"] == "failed" and "did not arrive whole" in failed["error"], failed
             assert agent.parts.conn.execute("select count(*) from parts").fetchone()[0] == 0
+
+    run(body())
+
+
+def test_a_result_whose_part_the_full_outbox_dropped_is_reported_failed(cloud: Cloud, tmp_path: Path) -> None:
+    """The outbox's overflow policy drops the oldest results first: a parted result that lost a part can
+    never be made whole, so the agent reports its task failed instead of leaving the cloud waiting."""
+    import random
+
+    from cwsnet import parts
+
+    class NoAcks(FakeLink):  # the cloud never acks: everything stays in the outbox
+        async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                          timeout: float = 10) -> None:  # noqa: ASYNC109
+            self.published.append((topic, payload))
+
+    cfg = config(cloud, tmp_path, outbox={"max_messages": 10_000, "max_bytes": 1_000_000})
+
+    async def body() -> None:
+        agent = Agent(cfg)
+        link = NoAcks(agent)
+        agent.link = link  # type: ignore[assignment]
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await await_for(lambda: agent._tg is not None and link.connected.is_set(), message="the agent to start")
+        try:
+            for i in range(3):  # three results of 390 KB: each within half the outbox, together over it
+                cmd = {"task_id": f"r{i}", "handler": "echo", "args": {"b": random.Random(i).randbytes(390_000)},
+                       "parts": True}
+                for m in parts.command_messages(cmd):
+                    await cloud.command(agent, m)
+                await await_for(lambda i=i: cloud.final(link, f"r{i}"), message=f"r{i}'s final")
+            failed = await await_for(lambda: [b for b in cloud.results(link, "r0") if b.get("state") == "failed"],
+                                     message="r0 reported failed")
+            assert "dropped by the agent's outbox" in failed[0]["error"], failed
+            assert not [b for b in cloud.results(link, "r2") if b.get("state") == "failed"]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
 
     run(body())
