@@ -678,3 +678,19 @@ def test_pardon_gives_every_executor_a_full_lease_after_the_scheduler_could_not_
     s.pardon(9.0)  # the I/O layer's own link was down from 1 s to 9 s: gw-1 could not be heard
     assert not of(s.tick(13.0), ExecutorLost)
     assert [x.node for x in of(s.tick(14.0), ExecutorLost)] == ["gw-1"]
+
+
+def test_parts_of_a_result_renew_the_holders_lease_and_nobody_elses() -> None:
+    """A big result travels in parts (protocol §3): while they come the executor no longer lists the task
+    (its final is in its outbox), and each stored part keeps its lease."""
+    s = sched()
+    up(s, 0.0, dev("dev-1", running=()), gw("gw-1"))
+    s.submit(task("t-big", backoff=0), 0.0)
+    assert assigned(s.tick(0.0)) == {"t-big": "dev-1"}
+    s.started("t-big", "dev-1", 0.5, attempt=1)
+    s.heartbeat("dev-1", [], 1.0)  # its final result is in its outbox: it stops listing the task
+    for t in (4.0, 8.0, 12.0):  # parts keep coming
+        assert s.renew("t-big", "dev-1", t, attempt=1) == []
+        assert not of(s.tick(t + 1.0), Requeued)
+    assert s.renew("t-big", "gw-1", 13.0) == [] and s.renew("t-big", "dev-1", 13.0, attempt=7) == []
+    assert of(s.tick(17.5), Requeued)  # no part for over a lease: taken back
