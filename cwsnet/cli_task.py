@@ -620,36 +620,14 @@ def _wait_submission(subs: Any, key: str, config: str, limit: float | None, quie
         time.sleep(POLL if deadline is None else max(0.0, min(POLL, deadline - now)))
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    import sqlite3
-
-    from edge_agent.submissions import new_key
-
-    if args.timeout is not None and not args.wait:
-        raise ConfigError("--timeout: only with --wait (how long to wait for the outcome)")
-    task_args = _submit_args(args.submit_args)
-    _cfg, bundle, subs = _agent_submissions(args.agent_config)
+def _waited(subs: Any, sub: Any, key: str, args: argparse.Namespace) -> tuple[Any, bool] | None:
+    """After recording ``sub``: without --wait, None (printed as JSON if asked); with it, poll the outcome,
+    print it, and return the row and whether it ended. Closes ``subs`` either way."""
     try:
-        key = args.key if args.key is not None else new_key()
-        try:
-            sub, added = subs.add_new(bundle.identity.node, key, args.handler, task_args, priority=args.priority,
-                                      max_attempts=args.max_attempts, data_class=args.data_class)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        except sqlite3.Error as exc:
-            raise ConfigError(f"{subs.path}: cannot record the submission: {exc} (run this as the agent's user)") \
-                from None
-        if not args.json:
-            if added:
-                print(f"site task {key} (task id {sub.task_id}) submitted to the local agent of {bundle.identity.node}, "
-                      f"for gateway {bundle.gateway}", flush=True)
-            else:
-                print(f"site task {key} (task id {sub.task_id}) was already submitted ({sub.state}); nothing new was "
-                      "made", flush=True)
         if not args.wait:
             if args.json:
                 _print_json(sub.to_json())
-            return 0
+            return None
         row, finished = _wait_submission(subs, key, args.agent_config, args.timeout, args.json)
     finally:
         subs.close()
@@ -659,6 +637,45 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _print_json(row.to_json())
     elif finished:
         _print_row(key, row)
+    return row, finished
+
+
+def _record(subs: Any, what: str, fn: Any) -> Any:
+    """``fn()`` on the agent's submissions.db: its refusal a clear error naming the file (``subs`` closed)."""
+    import sqlite3
+
+    try:
+        return fn()
+    except ValueError as exc:
+        subs.close()
+        raise ConfigError(str(exc)) from None
+    except sqlite3.Error as exc:
+        subs.close()
+        raise ConfigError(f"{subs.path}: cannot record the {what}: {exc} (run this as the agent's user)") from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from edge_agent.submissions import new_key
+
+    if args.timeout is not None and not args.wait:
+        raise ConfigError("--timeout: only with --wait (how long to wait for the outcome)")
+    task_args = _submit_args(args.submit_args)
+    _cfg, bundle, subs = _agent_submissions(args.agent_config)
+    key = args.key if args.key is not None else new_key()
+    sub, added = _record(subs, "submission", lambda: subs.add_new(
+        bundle.identity.node, key, args.handler, task_args, priority=args.priority, max_attempts=args.max_attempts,
+        data_class=args.data_class))
+    if not args.json:
+        if added:
+            print(f"site task {key} (task id {sub.task_id}) submitted to the local agent of {bundle.identity.node}, "
+                  f"for gateway {bundle.gateway}", flush=True)
+        else:
+            print(f"site task {key} (task id {sub.task_id}) was already submitted ({sub.state}); nothing new was "
+                  "made", flush=True)
+    got = _waited(subs, sub, key, args)
+    if got is None:
+        return 0
+    row, finished = got
     if not finished:
         if row.state == "new":
             print(f"cwsnet: site task {key} was not picked up within {args.timeout:g} s: the agent may not be running "
@@ -680,42 +697,26 @@ def _print_row(key: str, row: Any) -> None:
 
 
 def cmd_withdraw(args: argparse.Namespace) -> int:
-    import sqlite3
-
     if args.timeout is not None and not args.wait:
         raise ConfigError("--timeout: only with --wait (how long to wait for the outcome)")
     _cfg, bundle, subs = _agent_submissions(args.agent_config)
     key = args.key
-    try:
-        try:
-            sub = subs.request_cancel(key)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        except sqlite3.Error as exc:
-            raise ConfigError(f"{subs.path}: cannot record the cancel: {exc} (run this as the agent's user)") from None
-        if sub.final:
-            if args.json:
-                _print_json(sub.to_json())
-            else:
-                print(f"site task {key} has already ended: nothing to cancel")
-                _print_row(key, sub)
-            return 0 if sub.state == "cancelled" else 1
-        if not args.json:
-            print(f"site task {key} (task id {sub.task_id}): cancel handed to the local agent of "
-                  f"{bundle.identity.node}, for gateway {bundle.gateway}", flush=True)
-        if not args.wait:
-            if args.json:
-                _print_json(sub.to_json())
-            return 0
-        row, finished = _wait_submission(subs, key, args.agent_config, args.timeout, args.json)
-    finally:
+    sub = _record(subs, "cancel", lambda: subs.request_cancel(key))
+    if sub.final:
         subs.close()
-    if row is None:
-        raise CwsError(f"{subs.path}: the submission {key!r} disappeared while waiting for it")
-    if args.json:
-        _print_json(row.to_json())
-    elif finished:
-        _print_row(key, row)
+        if args.json:
+            _print_json(sub.to_json())
+        else:
+            print(f"site task {key} has already ended: nothing to cancel")
+            _print_row(key, sub)
+        return 0 if sub.state == "cancelled" else 1
+    if not args.json:
+        print(f"site task {key} (task id {sub.task_id}): cancel handed to the local agent of "
+              f"{bundle.identity.node}, for gateway {bundle.gateway}", flush=True)
+    got = _waited(subs, sub, key, args)
+    if got is None:
+        return 0
+    row, finished = got
     if not finished:
         print(f"cwsnet: site task {key} is still {row.state} after {args.timeout:g} s; the cancel goes on (the "
               f"outcome will be in {subs.path})", file=sys.stderr)

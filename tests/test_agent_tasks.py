@@ -114,9 +114,9 @@ def config(cloud: Cloud, tmp: Path, **over: Any) -> AgentConfig:
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: AgentConfig) -> AsyncIterator[tuple[Agent, FakeLink]]:
+async def running(cfg: AgentConfig, link_type: type[FakeLink] | None = None) -> AsyncIterator[tuple[Agent, FakeLink]]:
     agent = Agent(cfg)
-    link = FakeLink(agent)
+    link = (link_type or FakeLink)(agent)
     agent.link = link  # type: ignore[assignment]
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -574,13 +574,7 @@ def test_a_result_whose_part_the_full_outbox_dropped_is_reported_failed(cloud: C
     cfg = config(cloud, tmp_path, outbox={"max_messages": 10_000, "max_bytes": 1_000_000})
 
     async def body() -> None:
-        agent = Agent(cfg)
-        link = NoAcks(agent)
-        agent.link = link  # type: ignore[assignment]
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        await await_for(lambda: agent._tg is not None and link.connected.is_set(), message="the agent to start")
-        try:
+        async with running(cfg, NoAcks) as (agent, link):
             for i in range(3):  # three results of 390 KB: each within half the outbox, together over it
                 cmd = {"task_id": f"r{i}", "handler": "echo", "args": {"b": random.Random(i).randbytes(390_000)},
                        "parts": True}
@@ -591,8 +585,5 @@ def test_a_result_whose_part_the_full_outbox_dropped_is_reported_failed(cloud: C
                                      message="r0 reported failed")
             assert "dropped by the agent's outbox" in failed[0]["error"], failed
             assert not [b for b in cloud.results(link, "r2") if b.get("state") == "failed"]
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 10)
 
     run(body())

@@ -23,8 +23,10 @@ import pytest
 from harness import FaultProxy, ProcessSet, wait_for
 from harness.deploy import Deployment, get
 
+# (named to sort before default-offload: policies are tried in name order, so its saturated-device rule
+# cannot decide first when the machine is loaded and dev-1's CPU is high)
 SITE_OFFLOAD = """kind: offload
-name: site-offload
+name: cloud-offload
 rules:
   - name: hashes-go-to-the-cloud
     match: {handler: sha256, origin_role: device}
@@ -55,7 +57,7 @@ def test_site_tasks_go_to_the_cloud_and_wait_or_run_locally_while_the_uplink_is_
 ) -> None:
     d = Deployment(tmp_path, procs, devices=1)
     (d.lab.path("policies")).mkdir(exist_ok=True)
-    d.lab.path("policies", "site-offload.yaml").write_text(SITE_OFFLOAD)
+    d.lab.path("policies", "cloud-offload.yaml").write_text(SITE_OFFLOAD)
     proxy: FaultProxy = fault_proxy(d.topo.cloud_mqtts_port)  # the uplink is TLS: the proxy carries it
     d.edit(d.topo.gateway, {"uplink": {"port": proxy.port, "keepalive": 5}, "retransmit_after": 2.0})
     d.start_cloud()
@@ -70,7 +72,7 @@ def test_site_tasks_go_to_the_cloud_and_wait_or_run_locally_while_the_uplink_is_
     assert first["result"]["sha256"] == hashlib.sha256(b"hello site").hexdigest()
     shown = wait_for(lambda: site_task(d, first["task_id"]), timeout=20, message="the site task at the cloud")
     assert shown["origin"] == "dev-1" and shown["node"] == "cloud" and shown["site"] == d.topo.site
-    assert "site-offload/hashes-go-to-the-cloud" in shown["placement"]
+    assert "cloud-offload/hashes-go-to-the-cloud" in shown["placement"]
 
     # the uplink is cut: the cloud is unreachable for the gateway's scheduler
     proxy.cut()
@@ -99,6 +101,27 @@ def test_site_tasks_go_to_the_cloud_and_wait_or_run_locally_while_the_uplink_is_
     assert {first["task_id"], echo["task_id"], held["task_id"]} <= listed
 
 
+def submitter_and_worker(tmp_path: Path, procs: ProcessSet, handler: str) -> tuple[Deployment, Any, Any]:
+    """A lab where dev-1 submits site tasks and does not run them, and dev-2 runs ``handler``: (lab, the
+    gateway's process, dev-2's process), everything up."""
+    d = Deployment(tmp_path, procs, devices=2)
+    d.edit("dev-1", {"task_slots": 0})
+    d.edit("dev-2", {"handlers": ["echo", handler], "status_interval": 1.0})
+    # devices first, then the gateway, whatever dev-1's CPU says (named to sort before default-offload, whose
+    # saturated-device rule would send the work to the gateway when the machine running the test is busy)
+    d.lab.path("policies").mkdir(exist_ok=True)
+    d.lab.path("policies", "any-device-first.yaml").write_text(
+        "kind: offload\nname: any-device-first\nrules:\n  - name: devices-then-gateway\n"
+        "    match: {origin_role: device}\n    run_on: [device, gateway]\n    if_unreachable: wait\n")
+    d.start_cloud()
+    gw = d.start("gateway", d.topo.gateway)
+    d.start("agent", "dev-1")
+    dev2 = d.start("agent", "dev-2")
+    wait_for(lambda: d.online() == {"dev-1", "dev-2"}, timeout=30, message="devices online")
+    gw.wait_log(r"uplink connected", timeout=20)
+    return d, gw, dev2
+
+
 def _checkpoint(db: Path, task_id: str) -> dict[str, Any] | None:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
         row = c.execute("select record from tasks where id = ?", [task_id]).fetchone()
@@ -108,15 +131,7 @@ def _checkpoint(db: Path, task_id: str) -> dict[str, Any] | None:
 def test_a_site_task_moves_off_a_killed_device_and_resumes_from_its_checkpoint(
     tmp_path: Path, procs: ProcessSet
 ) -> None:
-    d = Deployment(tmp_path, procs, devices=2)
-    d.edit("dev-1", {"task_slots": 0})  # it submits, it does not run site work: dev-2 does
-    d.edit("dev-2", {"handlers": ["echo", "count"], "status_interval": 1.0})
-    d.start_cloud()
-    gw = d.start("gateway", d.topo.gateway)
-    d.start("agent", "dev-1")
-    dev2 = d.start("agent", "dev-2")
-    wait_for(lambda: d.online() == {"dev-1", "dev-2"}, timeout=30, message="devices online")
-    gw.wait_log(r"uplink connected", timeout=20)
+    d, gw, dev2 = submitter_and_worker(tmp_path, procs, "count")
 
     sub = submit(d, "dev-1", "count", {"to": 80, "step": 0.1, "every": 10}, "long-1", wait=False)
     tid = sub["task_id"]
@@ -146,15 +161,7 @@ def withdraw(d: Deployment, device: str, key: str) -> tuple[int, dict[str, Any]]
 def test_a_site_task_is_cancelled_by_its_device_or_by_an_operator_through_the_cloud(
     tmp_path: Path, procs: ProcessSet
 ) -> None:
-    d = Deployment(tmp_path, procs, devices=2)
-    d.edit("dev-1", {"task_slots": 0})  # it submits; dev-2 runs the site's work
-    d.edit("dev-2", {"handlers": ["echo", "sleep"], "status_interval": 1.0})
-    d.start_cloud()
-    gw = d.start("gateway", d.topo.gateway)
-    d.start("agent", "dev-1")
-    dev2 = d.start("agent", "dev-2")
-    wait_for(lambda: d.online() == {"dev-1", "dev-2"}, timeout=30, message="devices online")
-    gw.wait_log(r"uplink connected", timeout=20)
+    d, gw, dev2 = submitter_and_worker(tmp_path, procs, "sleep")
 
     # the device withdraws what it submitted: the gateway stops it on dev-2
     first = submit(d, "dev-1", "sleep", {"seconds": 120}, "nap-1", wait=False)
