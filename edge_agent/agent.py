@@ -801,7 +801,10 @@ class Agent:
         that waited a day."""
         now = self.clock()
         for sender, _name, waiting in self.parts.ready():
-            self._take_command(waiting["body"], waiting.get("trace"), "(parts kept across a restart)", sender)
+            if "done" in waiting:  # a site task's outcome
+                self._task_done(waiting["done"])
+            else:
+                self._take_command(waiting["body"], waiting.get("trace"), "(parts kept across a restart)", sender)
         for sender, name, waiting in self.parts.prune(now):
             self._given_up(sender, [(sender, name, waiting)], f"none for {parts.MAX_AGE / 3600:g} h")
 
@@ -1142,6 +1145,10 @@ class Agent:
     def _task_done(self, body: Any) -> None:
         """The gateway's ``task_done``: how a site task this device submitted ended. Stored in its row
         (only for a key of ours), logged, passed to :attr:`on_task_done`."""
+        if isinstance(body, dict) and ("part" in body or body.get("result_ref") is not None):
+            body = self._done_from_parts(body)
+            if body is None:
+                return
         key = body.get("key") if isinstance(body, dict) else None
         state = body.get("state") if isinstance(body, dict) else None
         if not isinstance(key, str) or state not in SUBMISSION_FINAL:
@@ -1161,6 +1168,27 @@ class Agent:
         log.info("site task %s (%s, %s): %s%s%s", key, row.task_id, row.handler, state,
                  f" on {row.node}" if row.node else "", f": {row.error}" if row.error else "")
         self._notify_done(row)
+
+    def _done_from_parts(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """An outcome whose result came in parts (protocol §3, "Parts"): None for a part (kept) or while the
+        outcome waits for the rest; the outcome made whole once its parts are all here."""
+        assert self.gateway is not None
+        name, now = f"done/{body.get('key')}", self.clock()
+        try:
+            if "part" in body:
+                waiting, _ = self.parts.add(self.gateway, name, parts.Part.parse(body["part"], "task_done part"), now)
+                return None if waiting is None else self._done_from_parts(waiting["done"])
+            ref = parts.Ref.parse(body["result_ref"], "task_done result_ref")
+            value = self.parts.take(self.gateway, name, ref, f"site task {body.get('key')}'s result")
+        except parts.PartError as exc:
+            log.warning("%s", exc)
+            if "part" in body:
+                return None
+            return body | {"state": "failed", "result": None, "error": f"its result did not arrive whole: {exc}"}
+        if value is None:  # (a day without its parts: forgotten, and the submission is asked again)
+            self.parts.wait(self.gateway, name, ref, {"done": body}, now)
+            return None
+        return {k: v for k, v in body.items() if k != "result_ref"} | {"result": value}
 
     def _notify_done(self, row: Submission) -> None:
         if self.on_task_done is None:

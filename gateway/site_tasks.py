@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import cbor2
 
-from cwsnet import topics
+from cwsnet import parts, topics
 from cwsnet.db import open_durable, transaction
 from cwsnet.envelope import MAX_BODY, storable_problem
 from cwsnet.errors import EnvelopeError
@@ -373,8 +373,16 @@ class SiteTasks:
                 self._custody(header)  # ever; one that did not open (a key it has not heard of yet) is retried
             return
         now = self.gw.clock()
-        self._apply(self.sched.report(header.sender, opened.body, now),
-                    opened.body.get("task_id") if isinstance(opened.body, dict) else None)
+        body = opened.body
+        try:
+            body = await self._whole_result(header.sender, body)
+        except sqlite3.Error as exc:  # not custody-acked: the device sends it again
+            self.gw.storage_trouble("keeping a site task result's parts", exc)  # type: ignore[arg-type]
+            self.gw.site_link.ack(msg)
+            return
+        if body is not None:
+            self._apply(self.sched.report(header.sender, body, now),
+                        body.get("task_id") if isinstance(body, dict) else None)
         self._apply(self.sched.heartbeat(header.sender, (), now))
         try:
             await self._carry_out()
@@ -395,7 +403,45 @@ class SiteTasks:
 
     async def local_report(self, body: dict[str, Any]) -> None:
         """A step of a site task the gateway's own pool runs."""
-        self._apply(self.sched.report(self.gw.node, body, self.gw.clock()), body.get("task_id"))
+        whole = await self._whole_result(self.gw.node, body)
+        if whole is not None:
+            self._apply(self.sched.report(self.gw.node, whole, self.gw.clock()), body.get("task_id"))
+
+    async def _whole_result(self, sender: str, body: Any) -> Any:
+        """A result (protocol §3, "Parts"): as it is; for one in parts, None for a part (kept; it renews the
+        sender's lease) or for a final still missing parts (it waits), and the final made whole once they
+        are all here (a final that waited comes back with the part that completes it)."""
+        if not isinstance(body, dict) or not ("part" in body or body.get("result_ref") is not None):
+            return body
+        tid, attempt = body.get("task_id"), body.get("attempt")
+        name, now = parts.name_of(tid, attempt), self.gw.clock()
+        try:
+            if "part" in body:
+                part = parts.Part.parse(body["part"], f"task {tid} part")
+                waiting, dropped = await self.gw.db_call(self.gw.parts.add, sender, name, part, now)
+                for _s, _n, given_up in dropped:
+                    self._given_up(sender, given_up, "over the sender's bound of parts kept")
+                if isinstance(tid, str):
+                    self._apply(self.sched.renew(tid, sender, now, attempt if isinstance(attempt, int) else None))
+                return None if waiting is None else await self._whole_result(sender, waiting)
+            ref = parts.Ref.parse(body["result_ref"], f"task {tid} result_ref")
+            value = await self.gw.db_call(self.gw.parts.take, sender, name, ref, f"task {tid}'s result")
+        except parts.PartError as exc:
+            log.warning("site task %s from %s: %s", tid, sender, exc)
+            if "part" in body:
+                return None
+            return {k: v for k, v in body.items() if k != "result_ref"} | {
+                "state": "failed", "result": None, "error": f"its result did not arrive whole from {sender}: {exc}"}
+        if value is None:
+            await self.gw.db_call(self.gw.parts.wait, sender, name, ref, body, now)
+            return None
+        return {k: v for k, v in body.items() if k != "result_ref"} | {"result": value}
+
+    def _given_up(self, sender: str, body: dict[str, Any], why: str) -> None:
+        """A final result that waited in vain for its parts: the task's attempt fails, saying so."""
+        self._apply(self.sched.report(sender, {k: v for k, v in body.items() if k != "result_ref"} | {
+            "state": "failed", "result": None, "error": f"its result's parts never all came from {sender} ({why})"},
+            self.gw.clock()), body.get("task_id"))
 
     async def receipt(self, device: str, ranges: list[tuple[int, int]]) -> int:
         return int(await self.gw.db_call(self.commands.received, device, ranges))
@@ -451,7 +497,9 @@ class SiteTasks:
             log.info("%s", c.describe())
             body = {"task_id": c.task_id, "handler": c.handler, "args": c.args,
                     "deadline": None if c.deadline is None else int(c.deadline * 1000),
-                    "attempt": c.attempt, "lease": self.lease, "checkpoint": c.checkpoint}
+                    "attempt": c.attempt, "lease": self.lease, "checkpoint": c.checkpoint,
+                    # its result may come in parts (protocol §3), except from the cloud (offloads answer in one)
+                    "parts": c.node != "cloud"}
             await self._command(c.node, body)
         elif isinstance(c, Cancel):
             log.info("%s", c.describe())
@@ -510,7 +558,16 @@ class SiteTasks:
             await gw.deliver([(device, header.seq, topic, payload)], self.commands)
 
     async def _tell(self, device: str, body: dict[str, Any]) -> None:
-        await self._hold(device, "task_done", body, self.gw.clock() + self.gw.cfg.downlink.max_age)
+        """The outcome to the device that submitted the task; a result too big for one message goes first,
+        in parts (task_done messages with ``part``; protocol §3, "Parts")."""
+        expires = self.gw.clock() + self.gw.cfg.downlink.max_age
+        result = body.get("result")
+        ref, ps = parts.plan(result, "the result", allowed=True) if isinstance(result, dict) else (None, [])
+        for p in ps:
+            await self._hold(device, "task_done", {"key": body["key"], "task_id": body["task_id"], "part": p.body()},
+                             expires)
+        await self._hold(device, "task_done", body if ref is None else body | {"result": None,
+                                                                              "result_ref": ref.body()}, expires)
 
     async def _tell_done(self, task: Task) -> None:
         node = next((c.node for c in task.copies if c.state == "succeeded"), None) or \
@@ -528,8 +585,12 @@ class SiteTasks:
             return None
         node = (t.holders() or [None])[0] or next((c.node for c in reversed(t.copies) if c.node), None)
         key = (t.idempotency_key or "/").split("/", 1)[1]
-        return {"task_id": t.id, "state": t.state, "result": t.result if t.state == "succeeded" else None,
-                "error": t.error,
+        result = t.result if t.state == "succeeded" else None
+        size = len(cbor2.dumps(result)) if isinstance(result, dict) else 0
+        if size > parts.INLINE_MAX - 20_000:  # (room for the explanation): the device has it, the cloud its size
+            result = None
+        return {"task_id": t.id, "state": t.state, "result": result, "error": t.error,
+                **({"result_omitted": size} if result is None and size else {}),
                 "site_task": {"origin": t.origin, "key": key, "handler": t.handler, "priority": t.priority,
                               "data_class": t.data_class, "node": node, "attempts": t.attempts,
                               "submitted": int((t.submitted_at or self.gw.clock()) * 1000),

@@ -146,3 +146,40 @@ def test_the_gateway_takes_big_args_and_returns_a_big_result_and_a_device_that_t
     with pytest.raises(urllib.error.HTTPError) as refused:
         post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {"b": "x" * 17_000_000}})
     assert refused.value.code == 413 and "at most 16777216" in refused.value.read().decode()
+
+
+def test_a_site_tasks_big_result_comes_back_to_the_device_that_submitted_it(
+        tmp_path: Path, procs: ProcessSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dev-1 submits a site task; dev-2 runs it and returns 1 MB: up to the gateway in parts, back down to
+    dev-1 in parts (held by the gateway like any outcome); the cloud's mirror shows it succeeded."""
+    import base64
+    import json
+    import subprocess
+    import sys
+
+    d = Deployment(tmp_path, procs, devices=2)
+    d.edit("dev-1", {"task_slots": 0})
+    d.edit("dev-2", {"handlers": ["echo", "photo"], "status_interval": 1.0})
+    d.lab.path("policies").mkdir(exist_ok=True)
+    d.lab.path("policies", "any-device-first.yaml").write_text(  # (sorts before default-offload: see site e2e)
+        "kind: offload\nname: any-device-first\nrules:\n  - name: devices-then-gateway\n"
+        "    match: {origin_role: device}\n    run_on: [device, gateway]\n    if_unreachable: wait\n")
+    monkeypatch.setenv("PYTHONPATH", str(plugin(tmp_path / "plugin")))
+    d.start_cloud()
+    gw = d.start("gateway", d.topo.gateway)
+    d.start("agent", "dev-1")
+    d.start("agent", "dev-2")
+    wait_for(lambda: d.online() == {"dev-1", "dev-2"}, timeout=30, message="devices online")
+    gw.wait_log(r"uplink connected", timeout=20)
+    out = subprocess.run([sys.executable, "-m", "cwsnet", "task", "submit", "--config", str(d.lab.config_path("dev-1")),
+                          "photo", "--args", json.dumps({"seed": 7, "bytes": 1_000_000}), "--key", "snap-1", "--json",
+                          "--wait", "--timeout", "60"], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["state"] == "succeeded" and row["node"] == "dev-2", row
+    data = photo_bytes(7, 1_000_000)
+    assert base64.b64decode(row["result"]["jpeg"]) == data
+    assert row["result"]["sha256"] == hashlib.sha256(data).hexdigest()
+    t = wait_for(lambda: (x := task(d, row["task_id"]))["state"] == "succeeded" and x, timeout=30,
+                 message="the cloud's mirror")
+    assert t["kind"] == "site" and t["result"] is None  # the device has it; the mirror says only that it succeeded
