@@ -348,6 +348,7 @@ class ExecutorStatus:
     bandwidth_kbps: float | None = None
     running: tuple[str, ...] | None = None  # the task ids it runs, when the status lists them (a heartbeat)
     interval: float | None = None  # seconds between its statuses while idle (None: it heartbeats within the lease)
+    max_payload: int | None = None  # the largest message it takes (the ESP32's 8 KB), when it says
 
     def __post_init__(self) -> None:
         if self.interval is not None and (not _num(self.interval) or self.interval <= 0):
@@ -371,6 +372,8 @@ class ExecutorStatus:
                            self.latency_ms, self.bandwidth_kbps, self.capabilities, self.handlers)
 
 
+#: bytes a sealed task command takes besides its args and checkpoint (header, ids, lease, the box)
+COMMAND_OVERHEAD = 1024
 #: an executor that does not say how often it reports is assumed to every this many seconds
 DEFAULT_STATUS_INTERVAL = 10.0
 
@@ -397,6 +400,8 @@ def executor_status(node: str, role: str, site: str, body: dict[str, Any]) -> Ex
     tasks = body.get("tasks")
     interval = _opt_num(body.get("interval"))
     mem_free = body.get("mem_free")
+    agent = body.get("agent")
+    max_payload = agent.get("max_payload") if isinstance(agent, dict) else None
     return ExecutorStatus(
         node, role, site, capacity=min(slots, 1024),
         capabilities=frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else frozenset(),
@@ -407,6 +412,7 @@ def executor_status(node: str, role: str, site: str, body: dict[str, Any]) -> Ex
         queue=len(tasks) if isinstance(tasks, list) else None,
         running=tuple(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else None,
         interval=min(interval, 3600.0) if interval and interval > 0 else DEFAULT_STATUS_INTERVAL,
+        max_payload=max_payload if isinstance(max_payload, int) and not isinstance(max_payload, bool) else None,
     )
 
 
@@ -431,6 +437,7 @@ class Executor:
     drain_reported: bool = False
     interval: float | None = None  # its idle status interval (see ExecutorStatus)
     busy_since: float = 0.0  # when it was last given a task while holding none
+    max_payload: int | None = None  # the largest message it takes, when it says (ExecutorStatus)
     _pm: NodeMetrics | None = field(default=None, repr=False)
 
     def silent_limit(self, lease: float) -> float:
@@ -451,6 +458,7 @@ class Executor:
 
     def update(self, s: ExecutorStatus) -> None:
         self.tier, self.site, self.capacity, self.interval = s.tier, s.site, s.capacity, s.interval
+        self.max_payload = s.max_payload
         self.capabilities, self.handlers, self.measured = s.capabilities, s.handlers, s.metrics()
         self._pm = None
 
@@ -743,7 +751,7 @@ class Scheduler:
         if ex is None:
             ex = self.executors[status.node] = Executor(status.node, status.tier, status.site, status.capacity,
                                                         status.capabilities, status.handlers, status.metrics(), now,
-                                                        interval=status.interval)
+                                                        interval=status.interval, max_payload=status.max_payload)
         else:
             ex.update(status)
         self._dirty = True
@@ -1156,7 +1164,7 @@ class Scheduler:
                 if ex.capacity > 0 and req.refuses(ex) is None:
                     busy.append(ex.metrics())
             else:
-                why = req.refuses(ex)
+                why = req.refuses(ex) or self._too_big_for(task, ex)
             if why is None:
                 cands.append(ex.metrics())
                 continue
@@ -1173,6 +1181,16 @@ class Scheduler:
             if q.action == "run":
                 note = f"waits for a free slot on {q.node} (busy now; the policy would run it there)"
         return Decision(now, p, tuple(held), copy.index, None, note)
+
+    @staticmethod
+    def _too_big_for(task: Task, ex: Executor) -> str | None:
+        """Why ``ex`` cannot even receive the task's command (a small device's message limit), or None."""
+        if ex.max_payload is None:
+            return None
+        need = task.input_bytes + COMMAND_OVERHEAD + (len(canonical(task.checkpoint)) if task.checkpoint else 0)
+        if need <= ex.max_payload:
+            return None
+        return f"takes messages of at most {ex.max_payload} bytes; this task's command is about {need}"
 
     def _give(self, task: Task, copy: Copy, ex: Executor, d: Decision, now: float) -> None:
         # attempt numbers are task-wide (1, 2, 3... over all its replicas), so an executor that ran one

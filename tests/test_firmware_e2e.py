@@ -226,3 +226,47 @@ def test_the_firmware_seals_a_stream_its_site_keeps_to_its_gateway(tmp_path: Pat
     # what it sealed to the cloud before it heard its routes was dropped at the gateway, never forwarded
     assert cloud_rows(d, "select count(*) from telemetry where stream = 'health'") == [(0,)]
     wait_for(lambda: buffered(board) == 0, timeout=30, message="everything custody-acked")
+
+
+def test_the_firmware_is_an_executor_of_scheduled_tasks_with_heartbeats_and_cancels(
+        tmp_path: Path, procs: ProcessSet) -> None:
+    """The ESP32 firmware offers one slot to the scheduler: it runs a scheduled task once per attempt, echoes
+    the attempt, keeps the lease with heartbeats every third of it (its idle status pace is 30 s here), and
+    stops a task the operator cancels."""
+    import time
+
+    d = Deployment(tmp_path, procs, devices=1)
+    d.edit("cloud", {"cloud_workers": 0})
+    d.edit(d.topo.gateway, {"task_slots": 0})  # the firmware is the site's only executor
+    d.start_cloud()
+    d.start("gateway", d.topo.gateway)
+    board = board_for(d, tmp_path, settings={"status_interval": 30})
+    board.start(procs)
+    node = wait_for(lambda: next((n for n in get(f"{d.base}/api/v1/nodes") if n["node"] == "dev-1" and n["live"]),
+                                 None), timeout=60, message="the firmware as an executor")
+    assert node["slots"] == 1 and node["tier"] == "device" and "echo" in node["handlers"], node
+
+    def scheduled(handler: str, args: dict) -> str:
+        return post(f"{d.base}/api/v1/tasks", {"handler": handler, "args": args, "site": d.topo.site})["id"]
+
+    def task(tid: str) -> dict:
+        return get(f"{d.base}/api/v1/tasks/{tid}")
+
+    tid = scheduled("echo", {"n": 1})
+    t = wait_for(lambda: (x := task(tid))["state"] == "succeeded" and x, timeout=40, message="the echo")
+    assert t["node"] == "dev-1" and t["result"] == {"n": 1} and t["attempts"] == 1, t
+    # a long one: its lease (5 s) holds through heartbeats, though the board's idle status pace is 30 s
+    tid = scheduled("sleep", {"seconds": 120})
+    wait_for(lambda: task(tid)["state"] == "running", timeout=40, message="sleep running on the firmware")
+    time.sleep(12)  # more than two leases: the span under test, not a synchronisation
+    t = task(tid)
+    assert t["state"] == "running" and t["node"] == "dev-1" and t["attempts"] == 1, t["placement"]
+    assert tid in next(n for n in get(f"{d.base}/api/v1/nodes") if n["node"] == "dev-1")["running"]
+    # cancelled: the firmware stops it, reports it (running + succeeded of the echo, running + cancelled of the
+    # sleep: four results), and its next heartbeat lists nothing
+    assert post(f"{d.base}/api/v1/tasks/{tid}/cancel", {})["state"] == "cancelled"
+    wait_for(lambda: cloud_rows(d, "select count(*) from messages where sender = 'dev-1' and kind = 'task_result'"
+                                )[0][0] == 4, timeout=30, message="the firmware's cancelled report")
+    wait_for(lambda: not next(n for n in get(f"{d.base}/api/v1/nodes") if n["node"] == "dev-1")["running"],
+             timeout=30, message="the firmware holds nothing")
+    assert board.resets() == 0

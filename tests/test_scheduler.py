@@ -27,6 +27,7 @@ from cwsnet.scheduler import (
     Submitted,
     Task,
     canonical,
+    executor_status,
 )
 
 LEASE = 5.0
@@ -694,3 +695,18 @@ def test_parts_of_a_result_renew_the_holders_lease_and_nobody_elses() -> None:
         assert not of(s.tick(t + 1.0), Requeued)
     assert s.renew("t-big", "gw-1", 13.0) == [] and s.renew("t-big", "dev-1", 13.0, attempt=7) == []
     assert of(s.tick(17.5), Requeued)  # no part for over a lease: taken back
+
+
+def test_a_small_device_is_not_given_a_command_it_could_not_receive() -> None:
+    """The ESP32 firmware takes messages of 8 KB (its status's agent.max_payload): a task whose command is
+    bigger goes elsewhere, and the explanation says why."""
+    s = sched()
+    esp = executor_status("esp-1", "device", "home", {"slots": 1, "tasks": [], "handlers": ["echo", "sha256"],
+                                                      "agent": {"kind": "micropython", "max_payload": 8192}})
+    assert esp is not None and esp.max_payload == 8192
+    up(s, 0.0, esp, gw("gw-1"))
+    s.submit(task("big", handler="echo", origin="app-1", role="app", input_bytes=20_000), 0.0)
+    assert assigned(s.tick(0.0)) == {"big": "gw-1"}  # (the device tier first, by the policy: not this one)
+    assert "esp-1: takes messages of at most 8192 bytes; this task's command is about 21024" in s.explain("big")
+    s.submit(task("small", handler="echo", origin="app-1", role="app", input_bytes=100), 0.1)
+    assert assigned(s.tick(0.1)) == {"small": "esp-1"}

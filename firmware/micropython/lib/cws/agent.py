@@ -201,6 +201,8 @@ class Agent:
             "agent": {"version": VERSION, "platform": sys.platform, "kind": "micropython",
                       "max_payload": self.s.max_packet},
             "handlers": sorted(self.handlers),
+            # an executor of scheduled tasks (protocol §3): one at a time, those it holds, its idle pace
+            "slots": 1, "tasks": self.tasks.held() if self.tasks else [], "interval": self.s.status_interval,
             "sensor_errors": self.stats["sensor_errors"],
             "clock": "set" if clock_is_set() else "unset",
         }
@@ -453,8 +455,15 @@ class Agent:
         log("connection lost:", self.mqtt.error)
 
     async def status_loop(self):
+        last = ticks_ms()
         while True:
-            await sleep_ms(int(self.s.status_interval * 1000))
+            await sleep_ms(500)
+            every, t = self.s.status_interval, self.tasks
+            if t and t.lease and t.held():  # a leased task held: a heartbeat every third of its lease
+                every = min(every, t.lease / 3)
+            if ticks_diff(ticks_ms(), last) < every * 1000:
+                continue
+            last = ticks_ms()
             if self.mqtt.connected:
                 try:
                     await self.send_status()

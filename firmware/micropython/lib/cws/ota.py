@@ -184,8 +184,11 @@ class Updater:
         return tasks.running if tasks is not None else None
 
     async def _reboot_soon(self):
-        for _ in range(50):  # let the 'running' result reach the gateway first (at most 5 s)
-            if not self.agent.inflight and not len(self.agent.buf):
+        # let the task runner record the handler's PENDING (else the next boot reports the task interrupted)
+        # and the 'running' result reach the gateway first (at most 5 s)
+        for _ in range(50):
+            tasks = self.agent.tasks
+            if not self.agent.inflight and not len(self.agent.buf) and (tasks is None or tasks.running is None):
                 break
             await sleep_ms(100)
         self.board.reset()

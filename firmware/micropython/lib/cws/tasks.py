@@ -7,6 +7,11 @@ board (``lib/cws_handlers.py``) can add more: ``def register(handlers): handlers
 ``cwsnet/state/tasks.json`` remembers the recent task ids and the one running, so a command
 delivered twice runs once, and a task cut short by a reset is reported ``failed`` ("interrupted")
 at the next start instead of running again.
+
+A scheduled task's command has an ``attempt`` and a ``lease`` (docs/protocol.md §3): each
+``(task id, attempt)`` runs once (kept as ``id/attempt``; a higher attempt runs again), its results
+echo the attempt, the status lists it in ``tasks`` while it is held (every third of the lease), and
+a cancel stops it, queued or running.
 """
 
 import asyncio
@@ -42,6 +47,11 @@ async def h_sleep(args):
     return {"slept": seconds}
 
 
+def _split(key):
+    t, _, a = key.partition("/")
+    return t, int(a) if a else None
+
+
 def builtin_handlers():
     return {"echo": h_echo, "sha256": h_sha256, "sleep": h_sleep}
 
@@ -53,6 +63,8 @@ class TaskRunner:
         self.path = path
         self.keep = keep
         self.queue = []
+        self.lease = None  # the last lease given: while it holds a leased task, the status goes every third of it
+        self.job = None  # the running handler's asyncio task (a cancel stops it)
         self.ev = asyncio.Event()
         self.done, self.running, queued = [], None, []
         try:
@@ -67,14 +79,13 @@ class TaskRunner:
         # with the RAM; its receipt was sent, so the gateway will not deliver it again)
         if isinstance(self.running, str):
             self._report_lost(self.running, "interrupted: the device restarted while running it")
-        for task_id in queued:
-            self._report_lost(task_id, "interrupted: the device restarted before running it")
+        for key in queued:
+            self._report_lost(key, "interrupted: the device restarted before running it")
         self.running = None
         self._save()
 
-    def _report_lost(self, task_id, why):
-        self.result(task_id, "failed", error=why)
-        self._remember(task_id)
+    def _report_lost(self, key, why):
+        self._finish(key, "failed", error=why)
 
     def _save(self):
         """Persist done, running and queued ids; a flash that refuses is reported, not fatal."""
@@ -82,7 +93,7 @@ class TaskRunner:
         try:
             with open(tmp, "w") as f:
                 json.dump({"done": self.done, "running": self.running,
-                           "queued": [b["task_id"] for b in self.queue]}, f)
+                           "queued": [b["key"] for b in self.queue]}, f)
             os.rename(tmp, self.path)
         except OSError as e:
             print("tasks: could not save %s: %r" % (self.path, e))
@@ -94,8 +105,11 @@ class TaskRunner:
             del self.done[:-self.keep]
 
     def result(self, task_id, state, result=None, error=None, started=None):
+        task_id, attempt = _split(task_id)  # (a key: id or id/attempt)
         body = {"task_id": task_id, "state": state, "result": result, "error": error,
                 "started": started, "finished": now_ms() if state != "running" else None}
+        if attempt is not None:
+            body["attempt"] = attempt
         if self.agent.store("task/result", "task_result", body, CLS_RESULT) is None and result is not None:
             # a result that cannot be sealed or stored (too big, not encodable): say so instead
             body["state"], body["result"] = "failed", None
@@ -105,12 +119,26 @@ class TaskRunner:
     def submit(self, body):
         """Queue a command (saved before the caller sends the gateway its receipt)."""
         task_id = body.get("task_id") if isinstance(body, dict) else None
-        if not isinstance(task_id, str):
-            print("task command without a task_id ignored")
+        a = body.get("attempt") if isinstance(body, dict) else None
+        if not isinstance(task_id, str) or "/" in task_id or not (a is None or type(a) is int):
+            print("bad task command ignored")
             return
-        if task_id in self.done or task_id == self.running or any(b["task_id"] == task_id for b in self.queue):
-            print("task", task_id, "already run or queued: not run again")
+        if body.get("cancel") is True:
+            for b in self.queue:
+                if b["task_id"] == task_id and a in (None, b.get("attempt")):
+                    self.queue.remove(b)
+                    self._finish(b["key"], "cancelled", error="cancelled by the cloud")
+            if self.job and _split(self.running)[0] == task_id:
+                self.job.cancel()
             return
+        for k in self.done + [self.running or ""] + [b["key"] for b in self.queue]:
+            t, b = _split(k)
+            if t == task_id and (a is None or (b or 0) >= a):
+                print("task", k, "already taken")
+                return
+        body["key"] = task_id if a is None else "%s/%d" % (task_id, a)
+        if a is not None:
+            self.lease = body.get("lease")
         self.queue.append(body)
         self._save()
         self.ev.set()
@@ -125,8 +153,12 @@ class TaskRunner:
             while self.queue:
                 await self.execute(self.queue.pop(0))
 
+    def held(self):
+        """The leased tasks held (queued or running): listed in the status."""
+        return [_split(k)[0] for k in [self.running or ""] + [b["key"] for b in self.queue] if "/" in k]
+
     async def execute(self, body):
-        task_id, name = body["task_id"], body.get("handler")
+        task_id, name = body["key"], body.get("handler")
         args, deadline = body.get("args"), body.get("deadline")
         if args is None:
             args = {}
@@ -150,15 +182,19 @@ class TaskRunner:
         try:
             out = fn(args)
             if out is not None and hasattr(out, "send"):
-                out = await out
+                self.job = asyncio.create_task(out)
+                out = await self.job
             if out is PENDING:
                 state = None
             elif out is not None and not isinstance(out, dict):
                 state, out, err = "failed", None, "handler returned %s, not a map" % type(out).__name__
             else:
                 state, err = "succeeded", None
+        except asyncio.CancelledError:
+            state, out, err = "cancelled", None, "cancelled by the cloud"
         except Exception as e:  # noqa: BLE001 - a failing handler is a failed task, not a dead agent
             state, out, err = "failed", None, "%s: %s" % (type(e).__name__, e)
+        self.job = None
         if state is None:  # PENDING: reported later by whoever finishes it
             self.running = None
             self._remember(task_id)
