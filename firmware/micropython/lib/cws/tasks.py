@@ -22,6 +22,7 @@ from cws.compat import clock_is_set, now_ms
 
 PENDING = object()  # a handler's return value: its result will be reported later (OTA, after a reboot)
 CLS_RESULT = 2
+CANCELLED = "cancelled by the cloud"
 
 
 def h_echo(args):
@@ -78,9 +79,9 @@ class TaskRunner:
         # a reset cut these short: report them, never run them (a queued task's command is gone
         # with the RAM; its receipt was sent, so the gateway will not deliver it again)
         if isinstance(self.running, str):
-            self._report_lost(self.running, "interrupted: the device restarted while running it")
+            self._report_lost(self.running, "interrupted: restarted while running it")
         for key in queued:
-            self._report_lost(key, "interrupted: the device restarted before running it")
+            self._report_lost(key, "interrupted: restarted before running it")
         self.running = None
         self._save()
 
@@ -93,7 +94,7 @@ class TaskRunner:
         try:
             with open(tmp, "w") as f:
                 json.dump({"done": self.done, "running": self.running,
-                           "queued": [b["key"] for b in self.queue]}, f)
+                           "queued": self._keys()[1:]}, f)
             os.rename(tmp, self.path)
         except OSError as e:
             print("tasks: could not save %s: %r" % (self.path, e))
@@ -117,23 +118,23 @@ class TaskRunner:
             self.agent.store("task/result", "task_result", body, CLS_RESULT)
 
     def submit(self, body):
-        """Queue a command (saved before the caller sends the gateway its receipt)."""
-        task_id = body.get("task_id") if isinstance(body, dict) else None
-        a = body.get("attempt") if isinstance(body, dict) else None
-        if not isinstance(task_id, str) or "/" in task_id or not (a is None or type(a) is int):
+        """Queue a command (saved before the caller sends the gateway its receipt), or cancel one."""
+        if not isinstance(body, dict) or type(body.get("task_id")) is not str or type(body.get("attempt") or 0) \
+                is not int:
             print("bad task command ignored")
             return
+        task_id, a = body["task_id"], body.get("attempt")
         if body.get("cancel") is True:
             for b in self.queue:
-                if b["task_id"] == task_id and a in (None, b.get("attempt")):
+                if b["task_id"] == task_id:
                     self.queue.remove(b)
-                    self._finish(b["key"], "cancelled", error="cancelled by the cloud")
+                    self._finish(b["key"], "cancelled", error=CANCELLED)
             if self.job and _split(self.running)[0] == task_id:
                 self.job.cancel()
             return
-        for k in self.done + [self.running or ""] + [b["key"] for b in self.queue]:
+        for k in self.done + self._keys():
             t, b = _split(k)
-            if t == task_id and (a is None or (b or 0) >= a):
+            if t == task_id and (b or 0) >= (a or 0):
                 print("task", k, "already taken")
                 return
         body["key"] = task_id if a is None else "%s/%d" % (task_id, a)
@@ -142,6 +143,13 @@ class TaskRunner:
         self.queue.append(body)
         self._save()
         self.ev.set()
+
+    def _keys(self):
+        return [self.running or ""] + [b["key"] for b in self.queue]
+
+    def held(self):
+        """The leased tasks held (queued or running): listed in the status."""
+        return [_split(k)[0] for k in self._keys() if "/" in k]
 
     def connected(self):
         pass
@@ -152,10 +160,6 @@ class TaskRunner:
             self.ev.clear()
             while self.queue:
                 await self.execute(self.queue.pop(0))
-
-    def held(self):
-        """The leased tasks held (queued or running): listed in the status."""
-        return [_split(k)[0] for k in [self.running or ""] + [b["key"] for b in self.queue] if "/" in k]
 
     async def execute(self, body):
         task_id, name = body["key"], body.get("handler")
@@ -191,7 +195,7 @@ class TaskRunner:
             else:
                 state, err = "succeeded", None
         except asyncio.CancelledError:
-            state, out, err = "cancelled", None, "cancelled by the cloud"
+            state, out, err = "cancelled", None, CANCELLED
         except Exception as e:  # noqa: BLE001 - a failing handler is a failed task, not a dead agent
             state, out, err = "failed", None, "%s: %s" % (type(e).__name__, e)
         self.job = None
