@@ -409,6 +409,8 @@ class TaskService:
     def _handler_problem(self, handler: str, site: str = "") -> str | None:
         """Why no executor that may run a task of ``site`` will take ``handler`` (None: one of the site's or
         the cloud's executors offers it, or one does not say what it offers)."""
+        if handler == "ota":  # it replaces one named device's firmware: never placed by the scheduler
+            return "handler: ota updates one device's firmware: submit it as a direct task (with target)"
         executors = [ex for ex in self.sched.executors.values() if ex.tier == "cloud" or (site and ex.site == site)]
         offered = set().union(*(ex.handlers or () for ex in executors))
         if handler in offered or any(ex.handlers is None for ex in executors):

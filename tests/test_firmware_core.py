@@ -215,3 +215,21 @@ def test_the_whole_agent_fits_the_esp32_heap_budget(tmp_path: Path) -> None:
     print(f"agent heap on the 32-bit port: {used} bytes; .mpy total {fp['mpy_bytes']['total']} bytes")
     assert fp["wasm"]["buffered_messages"] == 30
     assert used <= 60 * 1024, f"the agent uses {used} bytes of heap, over the 60 KB budget"
+
+
+def test_the_task_runner_is_a_scheduled_executor_under_micropython(tmp_path: Path) -> None:
+    """Protocol §3 on the firmware: each (task, attempt) once, a newer attempt supersedes the one running
+    (reported cancelled, "superseded by attempt 2"), a late older attempt is refused, a cancel stops only
+    its own attempt, and a lease that is not a positive number is taken as none."""
+    env = dict(os.environ, MICROPYPATH=f"{mpdata.FIRMWARE_LIB}:.frozen")
+    r = subprocess.run([str(VENV_BIN / "micropython"), "-X", "heapsize=256k",
+                        str(mpdata.MP_SCRIPTS / "tasks_checks.py"), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    out = r.stdout
+    assert r.returncode == 0 and out.strip().endswith("END"), out + r.stderr
+    assert "held ['t1']" in out
+    assert ("t1 [1, 2] [('running', 1), ('cancelled', 1), ('running', 2), ('succeeded', 2)] "
+            "['superseded by attempt 2']") in out, out
+    assert "t2 after a cancel of attempt 1 [('running', 2)] 3" in out, out
+    assert "t2 [('running', 2), ('cancelled', 2)] []" in out, out
+    assert "lease 3" in out, out

@@ -448,8 +448,6 @@ class Agent:
             await self.mqtt.subscribe(self.base + channel, 1)
         self.inflight = {}  # resend everything unacked at once (the gateway dedupes)
         await self.send_status("birth")
-        if self.tasks is not None:
-            self.tasks.connected()
         self.wake.set()
         await self.mqtt.down.wait()
         log("connection lost:", self.mqtt.error)

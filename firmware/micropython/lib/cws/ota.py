@@ -176,19 +176,20 @@ class Updater:
         finally:
             self.busy = False
         print("ota: %s staged (%d files, %d bytes); rebooting into it" % (version, len(files), total))
-        asyncio.create_task(self._reboot_soon())
+        asyncio.create_task(self._reboot_soon(self._task_id(args)))
         return PENDING
 
     def _task_id(self, args):
         tasks = self.agent.tasks
         return tasks.running if tasks is not None else None
 
-    async def _reboot_soon(self):
-        # let the task runner record the handler's PENDING (else the next boot reports the task interrupted)
-        # and the 'running' result reach the gateway first (at most 5 s)
+    async def _reboot_soon(self, key):
+        # let the task runner record this task's PENDING (else the next boot reports it interrupted; the next
+        # queued task may start at once, and is then interrupted by the reset, which reports it so) and the
+        # 'running' result reach the gateway first (at most 5 s)
         for _ in range(50):
             tasks = self.agent.tasks
-            if not self.agent.inflight and not len(self.agent.buf) and (tasks is None or tasks.running is None):
+            if not self.agent.inflight and not len(self.agent.buf) and (tasks is None or tasks.running != key):
                 break
             await sleep_ms(100)
         self.board.reset()

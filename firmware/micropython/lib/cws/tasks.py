@@ -65,7 +65,7 @@ class TaskRunner:
         self.keep = keep
         self.queue = []
         self.lease = None  # the last lease given: while it holds a leased task, the status goes every third of it
-        self.job = None  # the running handler's asyncio task (a cancel stops it)
+        self.job = self.why = None  # the running handler's asyncio task, and why a cancel stopped it
         self.ev = asyncio.Event()
         self.done, self.running, queued = [], None, []
         try:
@@ -121,28 +121,37 @@ class TaskRunner:
         """Queue a command (saved before the caller sends the gateway its receipt), or cancel one."""
         if not isinstance(body, dict) or type(body.get("task_id")) is not str or type(body.get("attempt") or 0) \
                 is not int:
-            print("bad task command ignored")
+            print("bad task command")
             return
         task_id, a = body["task_id"], body.get("attempt")
         if body.get("cancel") is True:
-            for b in self.queue:
-                if b["task_id"] == task_id:
-                    self.queue.remove(b)
-                    self._finish(b["key"], "cancelled", error=CANCELLED)
-            if self.job and _split(self.running)[0] == task_id:
-                self.job.cancel()
+            self._stop(task_id, a, CANCELLED)
             return
         for k in self.done + self._keys():
             t, b = _split(k)
             if t == task_id and (b or 0) >= (a or 0):
-                print("task", k, "already taken")
+                print("repeat", k)
                 return
         body["key"] = task_id if a is None else "%s/%d" % (task_id, a)
         if a is not None:
-            self.lease = body.get("lease")
+            self._stop(task_id, None, "superseded by attempt %d" % a)  # an older attempt of it still held here
+            lease = body.get("lease")
+            if type(lease) in (int, float) and lease > 0:
+                self.lease = lease
         self.queue.append(body)
         self._save()
         self.ev.set()
+
+    def _stop(self, task_id, a, why):
+        """Stop ``task_id`` (only attempt ``a`` if given), queued or running: reported cancelled, ``why``."""
+        for b in list(self.queue):
+            if b["task_id"] == task_id and a in (None, b.get("attempt")):
+                self.queue.remove(b)
+                self._finish(b["key"], "cancelled", error=why)
+        t, r = _split(self.running or "")
+        if self.job and t == task_id and a in (None, r):
+            self.why = why
+            self.job.cancel()
 
     def _keys(self):
         return [self.running or ""] + [b["key"] for b in self.queue]
@@ -150,9 +159,6 @@ class TaskRunner:
     def held(self):
         """The leased tasks held (queued or running): listed in the status."""
         return [_split(k)[0] for k in self._keys() if "/" in k]
-
-    def connected(self):
-        pass
 
     async def run(self):
         while True:
@@ -195,10 +201,12 @@ class TaskRunner:
             else:
                 state, err = "succeeded", None
         except asyncio.CancelledError:
-            state, out, err = "cancelled", None, CANCELLED
+            if not self.why:  # the agent is stopping, not a cancel
+                raise
+            state, out, err = "cancelled", None, self.why
         except Exception as e:  # noqa: BLE001 - a failing handler is a failed task, not a dead agent
             state, out, err = "failed", None, "%s: %s" % (type(e).__name__, e)
-        self.job = None
+        self.job = self.why = None
         if state is None:  # PENDING: reported later by whoever finishes it
             self.running = None
             self._remember(task_id)
