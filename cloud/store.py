@@ -757,8 +757,10 @@ class SqliteStore(Store):
                     waiting, dropped = parts.add(conn, item.sender, name, part, item.received / 1000)
                     if waiting is not None:
                         reports.append(task_report(waiting))
-                    reports += [given_up(body, item.sender, "over the sender's bound of parts kept")
-                                for _, _, body in dropped]
+                    for _, _, body in dropped:  # (told to the scheduler too, through ``completed``)
+                        g = given_up(body, item.sender, "over the sender's bound of parts kept")
+                        reports.append(g)
+                        completed.append(g.body or {})
                 for t in reports:
                     if t.ref is not None:
                         whole = self._whole(conn, item, t)

@@ -1161,7 +1161,7 @@ class Scheduler:
                 why = "its last attempt was lost or failed there: another executor first"
             elif ex.free <= 0:
                 why = f"busy ({len(ex.running)}/{ex.capacity} slots)"
-                if ex.capacity > 0 and req.refuses(ex) is None:
+                if ex.capacity > 0 and req.refuses(ex) is None and self._too_big_for(task, ex) is None:
                     busy.append(ex.metrics())
             else:
                 why = req.refuses(ex) or self._too_big_for(task, ex)

@@ -718,9 +718,12 @@ class Gateway:
         return held + sorted(waiting - set(held))
 
     def _parts_given_up(self, dropped: list[tuple[str, str, dict[str, Any]]], why: str) -> None:
-        """Commands that waited in vain for their args' parts: reported failed to the cloud."""
-        for _sender, _name, body in dropped:
-            if isinstance(body.get("task_id"), str):
+        """The cloud's commands that waited in vain for their args' parts: reported failed to the cloud. (A
+        site task's result that did: its attempt fails at the site scheduler.)"""
+        for sender, _name, body in dropped:
+            if sender != "cloud":
+                self.site_tasks.given_up(sender, body, why)
+            elif isinstance(body.get("task_id"), str):
                 log.warning("task %s: its args' parts never all came (%s)", body["task_id"], why)
                 self._report_soon({"task_id": body["task_id"], "attempt": body.get("attempt"), "state": "failed",
                                    "result": None, "error": f"its args' parts never all came from the cloud ({why})"})
@@ -728,9 +731,13 @@ class Gateway:
     async def _parts_upkeep(self) -> None:
         """At start, then hourly: commands whose parts all came before a restart are taken; those that
         waited a day for them are given up on."""
+        await self.site_tasks.ready()
         while True:
             try:
-                for _sender, _name, body in await self._db_call(self.parts.ready):
+                for sender, _name, body in await self._db_call(self.parts.ready):
+                    if sender != "cloud":  # a site task's result (a device's, or our pool's)
+                        await self.site_tasks.whole_result_ready(sender, body)
+                        continue
                     for whole in await self._whole_commands(body):
                         self.task_command(whole)
                 self._parts_given_up(await self._db_call(self.parts.prune, self.clock()),

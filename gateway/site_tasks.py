@@ -196,6 +196,7 @@ class SiteTasks:
         self._out: list[Cmd] = []
         self._lock = asyncio.Lock()
         self._ready = asyncio.Event()
+        self._early_cancels: list[tuple[str, str]] = []  # cancels from the cloud that came during the restore
         self._reported: dict[str, str] = {}  # task id -> the state last mirrored to the cloud
         self._cloud_up = False
         self._early: list[Any] = []  # the cloud's reports that arrived while the tasks were being restored
@@ -209,9 +210,17 @@ class SiteTasks:
     def owns(self, task_id: Any) -> bool:
         return isinstance(task_id, str) and self.sched.get(task_id) is not None
 
+    async def ready(self) -> None:
+        """Returns once the open site tasks are restored."""
+        await self._ready.wait()
+
     def cancel(self, task_id: str, reason: str) -> bool:
         """Cancel an open site task (its executors are told to stop, its device gets the outcome
-        ``cancelled`` with ``reason``); False if it is not open here."""
+        ``cancelled`` with ``reason``); False if it is not open here. One that comes while the tasks are
+        being restored is applied once they are."""
+        if not self._ready.is_set():
+            self._early_cancels.append((task_id, reason))
+            return True
         if self.sched.get(task_id) is None:
             return False
         log.info("site task %s: %s", task_id, reason)
@@ -300,10 +309,7 @@ class SiteTasks:
         (the cancel overtook its submission, which is then answered with that outcome and never runs)."""
         task_id = task_id_for(device, key)
         if self.cancel(task_id, f"cancelled by its device {device}"):
-            try:
-                await self._carry_out()
-            except Exception:  # noqa: BLE001 - the scheduler holds it; the next tick stores and tells it
-                log.exception("site task %s: the cancel is not stored yet", task_id)
+            await self._carry_out()  # (if it cannot be stored, no custody ack: the device sends the cancel again)
             return
         stored = await self.gw.db_call(self.store.get, task_id)
         if stored is not None and stored.get("state") in TERMINAL:
@@ -420,7 +426,7 @@ class SiteTasks:
                 part = parts.Part.parse(body["part"], f"task {tid} part")
                 waiting, dropped = await self.gw.db_call(self.gw.parts.add, sender, name, part, now)
                 for _s, _n, given_up in dropped:
-                    self._given_up(sender, given_up, "over the sender's bound of parts kept")
+                    self.given_up(sender, given_up, "over the sender's bound of parts kept")
                 if isinstance(tid, str):
                     self._apply(self.sched.renew(tid, sender, now, attempt if isinstance(attempt, int) else None))
                 return None if waiting is None else await self._whole_result(sender, waiting)
@@ -437,7 +443,13 @@ class SiteTasks:
             return None
         return {k: v for k, v in body.items() if k != "result_ref"} | {"result": value}
 
-    def _given_up(self, sender: str, body: dict[str, Any], why: str) -> None:
+    async def whole_result_ready(self, sender: str, body: dict[str, Any]) -> None:
+        """A result whose parts all came before a restart (found in ``parts.db``): taken now."""
+        whole = await self._whole_result(sender, body)
+        if whole is not None:
+            self._apply(self.sched.report(sender, whole, self.gw.clock()), whole.get("task_id"))
+
+    def given_up(self, sender: str, body: dict[str, Any], why: str) -> None:
         """A final result that waited in vain for its parts: the task's attempt fails, saying so."""
         self._apply(self.sched.report(sender, {k: v for k, v in body.items() if k != "result_ref"} | {
             "state": "failed", "result": None, "error": f"its result's parts never all came from {sender} ({why})"},
@@ -641,6 +653,9 @@ class SiteTasks:
         early, self._early = self._early, []
         for body in early:
             self.on_cloud_result(body, 0)
+        for task_id, reason in self._early_cancels:
+            self.cancel(task_id, reason)
+        self._early_cancels.clear()
         swept = 0.0
         while True:
             now = gw.clock()
