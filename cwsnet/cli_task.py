@@ -875,7 +875,7 @@ def add_parser(sub: Any) -> None:
                     "agent tells its gateway, which stops it wherever it runs (device, gateway or cloud) and "
                     "reports it cancelled. A task that already ended keeps its outcome. No API token is needed (an "
                     "operator cancels any site task with `cwsnet task cancel ID`, through the cloud).",
-        epilog="Examples: `cwsnet task withdraw --config agent.yaml nightly-1 --wait 30`. Exit codes: 0 the cancel "
+        epilog="Examples: `cwsnet task withdraw --config agent.yaml nightly-1 --wait --timeout 30`. Exit codes: 0 the cancel "
                "was handed over (with --wait: the task ended cancelled); 1 it ended otherwise (succeeded first...); "
                "2 bad flags, an unknown key, or --wait ran out (the cancel goes on).")
     sp.add_argument("key", metavar="KEY", help="the submission's key (as `cwsnet task submit` printed it)")

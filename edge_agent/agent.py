@@ -289,7 +289,8 @@ class Agent:
         held = [h.task_id for h in self._held.values() if h.scheduled]
         try:
             waiting = {n.rsplit("/", 1)[0] for sender in {"cloud", self.gateway} if sender
-                       for n in self.parts.waiting_names(sender, self.clock() - PARTS_STALL)}
+                       for n in self.parts.waiting_names(sender, self.clock() - PARTS_STALL)
+                       if not n.startswith("done/")}  # (a site task's outcome coming in parts: not a task held)
         except sqlite3.Error:
             waiting = set()
         return held + sorted(waiting - set(held))
@@ -1049,7 +1050,8 @@ class Agent:
             log.info("site task %s cancelled before it was sent", sub.key)
             if row is not None:
                 self._notify_done(row)
-            return
+            # told to the gateway all the same: a copy of it may be in the outbox (a row left `new` by a storage
+            # error after it was handed over); the gateway then refuses it as cancelled
         if self.gateway is None:
             return
         self.hand_over(topics.task_submit(self.site, self.node), "task_submit", sub.cancel_body())

@@ -240,7 +240,9 @@ class Submissions:
 
     def take_cancels(self) -> list[Submission]:
         """The cancels asked for and not sent to the gateway yet, oldest first."""
-        return [r for r in self.list() if r.cancel == "new" and not r.final]
+        rows = self.conn.execute(f"select {_COLUMNS} from submissions where cancel = 'new' and state not in "
+                                 f"({', '.join('?' * len(FINAL))}) order by submitted_ms, key", sorted(FINAL))
+        return [_row(r) for r in rows.fetchall()]
 
     def mark_cancel_sent(self, key: str) -> None:
         with transaction(self.conn):
