@@ -181,6 +181,19 @@ def test_sha256_task_returns_the_digest(lab: Lab) -> None:
     task = wait_for(lambda: (t := api(lab.base, f"/api/v1/tasks/{created['id']}"))["state"] == "succeeded" and t,
                     timeout=20, message="task succeeded")
     assert task["result"]["sha256"] == hashlib.sha256(data).hexdigest()
+    # issue 8: the task's trace id follows it through every daemon's log: the cloud sent it, the device ran it,
+    # the gateway stored its results for the cloud, and the cloud stored them
+    logs = lab.dir / "logs"
+    sent = wait_for(lambda: re.search(rf"task {created['id']} sent to dev-2 .* trace=(\S+)",
+                                      (logs / "cloud.log").read_text()), timeout=10, message="the cloud's log line")
+    trace = sent.group(1)
+    wait_for(lambda: all(trace in (logs / f"{name}.log").read_text() for name in ("dev-2", "gw-home")) and
+             (logs / "cloud.log").read_text().count(trace) >= 2, timeout=20, message=f"trace {trace} in every log")
+    assert re.search(rf"running sha256 .*trace={trace}",
+                     (logs / "dev-2.log").read_text())
+    assert re.search(rf"stored task_result .* from dev-2 trace={trace}", (logs / "gw-home.log").read_text())
+    assert re.search(rf"stored cws/v1/home/dev-2/task/result from=dev-2 .*trace={trace}",
+                     (logs / "cloud.log").read_text())
 
 
 def test_brokers_carry_only_sealed_envelopes(lab: Lab) -> None:
