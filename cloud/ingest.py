@@ -47,6 +47,7 @@ import nacl.public
 
 from cloud.metrics import CloudMetrics
 from cloud.store import (
+    TERMINAL_TASK_STATES,
     IngestItem,
     NewEvent,
     NodeKey,
@@ -718,6 +719,9 @@ class Ingest:
                 task = self.store.get_task(task_id)
                 if task is not None:
                     batch.changes.append(change("task", task_view(task)))
+                    if task.kind == "direct" and task.state in TERMINAL_TASK_STATES:  # (its device's final report)
+                        self.metrics.task_seconds.labels(kind="direct", state=task.state).observe(
+                            max(0, task.updated - task.created) / 1000)
             if changed_nodes:
                 self._update_online_gauge()
         except Exception:

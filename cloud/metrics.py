@@ -85,6 +85,14 @@ class CloudMetrics:
             ["state"],
             registry=r,
         )
+        self.task_seconds = Histogram(
+            "cwsnet_cloud_task_seconds",
+            "Time from a task's creation to its final state (succeeded, failed, cancelled, expired), by kind "
+            "(direct: sent to a named device; scheduled: placed by the scheduler) and final state",
+            ["kind", "state"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0),
+            registry=r,
+        )
         self.site_offloads = Counter(
             "cwsnet_cloud_site_offloads",
             "Site tasks gateways offloaded to the cloud's workers (protocol §3, site tasks), by outcome: started "

@@ -222,6 +222,10 @@ class TaskService:
             elif isinstance(c, Completed):
                 if self.metrics is not None:
                     self.metrics.tasks.labels(state=c.state).inc()
+                    t = self.sched.get(c.task_id)
+                    if t is not None and t.submitted_at is not None:
+                        self.metrics.task_seconds.labels(kind="scheduled", state=c.state).observe(
+                            max(0.0, (t.finished_at or self.clock()) - t.submitted_at))
                 log.info("%s", c.describe())
                 if c.disagreement:
                     said = "; ".join(f"{n} said {r!r}"[:200] for n, r in c.disagreement)

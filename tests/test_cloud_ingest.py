@@ -261,6 +261,7 @@ def test_event_and_task_result(w: World) -> None:
     t = w.store.get_task(task.id)
     assert t is not None and t.state == "succeeded" and t.result == {"x": 1} and t.started == 5 and t.finished == 9
     assert w.metric("cwsnet_cloud_tasks_total", state="succeeded") == 1
+    assert w.metric("cwsnet_cloud_task_seconds_count", kind="direct", state="succeeded") == 1
     assert rt  # topic helper used above
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from harness import ProcessSet, free_port, wait_for
-from harness.deploy import OPENER, Deployment, request
+from harness.deploy import OPENER, Deployment, get, post, prometheus, request
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -45,6 +45,17 @@ def test_every_documented_metric_exists_with_its_type_and_the_pages_parse(tmp_pa
     d.start("gateway", d.topo.gateway)
     d.start("agent", "dev-1")
     wait_for(lambda: d.online() == {"dev-1"}, timeout=30, message="dev-1 online")
+    # a direct task on dev-1 and a scheduled one on the cloud's workers: both finish, so both are timed
+    direct = post(f"{d.base}/api/v1/tasks", {"target": "dev-1", "handler": "echo", "args": {"a": 1}})["id"]
+    scheduled = post(f"{d.base}/api/v1/tasks", {"handler": "echo", "args": {"b": 2}})["id"]
+    for tid in (direct, scheduled):
+        wait_for(lambda tid=tid: get(f"{d.base}/api/v1/tasks/{tid}")["state"] == "succeeded", timeout=30,
+                 message=f"task {tid}")
+    counts = wait_for(lambda: (c := {k: v for k, v in prometheus(f"{d.base}/metrics").items()
+                                     if k.startswith("cwsnet_cloud_task_seconds_count")}) and len(c) >= 2 and c,
+                      timeout=10, message="both timings")  # (the scheduler counts just after storing the state)
+    assert counts.get('cwsnet_cloud_task_seconds_count{kind="direct",state="succeeded"}') == 1, counts
+    assert counts.get('cwsnet_cloud_task_seconds_count{kind="scheduled",state="succeeded"}') == 1, counts
     cloud = families(f"{d.base}/metrics")
     gateway = wait_for(lambda: families(f"http://127.0.0.1:{mport}/metrics"), timeout=20, message="gateway metrics")
     missing, wrong = [], []
