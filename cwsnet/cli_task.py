@@ -830,7 +830,9 @@ def add_parser(sub: Any) -> None:
 
     sp = tsub.add_parser("cancel", help="cancel a task",
                          description="Cancel a task. A scheduled one until it finishes (its executors are told to "
-                                     "stop); a direct one only while still queued. Exit 1 with the API's message "
+                                     "stop); a direct one only while still queued; a site task (submitted by a "
+                                     "device) until it finishes: the cancel goes to the gateway that owns it, and it "
+                                     "shows cancelled once that gateway reports it. Exit 1 with the API's message "
                                      "if it can no longer be cancelled.", epilog=EXIT_CODES)
     sp.add_argument("id", metavar="ID", help="the task's id")
     _json_flag(sp, "the cancelled task")
